@@ -1,0 +1,3 @@
+from nanodb.cli import main
+
+raise SystemExit(main())

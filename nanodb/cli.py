@@ -1,0 +1,104 @@
+"""Command line: NanoDB's flags, as a thin layer over the NanoDB Python API."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from nanodb import __version__
+from nanodb.config import load_settings
+from nanodb.console import Console, format_validation
+from nanodb.database import NanoDB
+from nanodb.model import ModelLoadError
+from nanodb.storage import DatabaseError
+
+EPILOG = """\
+examples:
+  nanodb --scan ~/Pictures --path ~/.nanodb/pictures --autosave
+  nanodb --path ~/.nanodb/pictures --server --port 7860
+  printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
+
+Defaults come from configs/default.yaml; --config FILE overrides them, and flags override both."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nanodb",
+        description="Search your images by text or by image, with CLIP embeddings.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--path", required=True, help="database folder (created if missing, loaded if present)")
+    p.add_argument("--scan", action="append", default=[], metavar="DIR",
+                   help="add the images under a folder (recursively) or a single file; repeatable")
+    p.add_argument("--autosave", action="store_true",
+                   help="save after each scan and after every `autosave_every` (1000) new images")
+    p.add_argument("--validate", action="store_true",
+                   help="check that every stored vector finds itself first; list duplicate groups")
+    p.add_argument("--k", type=_positive, default=None, help="results per query (default 8)")
+    p.add_argument("--model", help="open_clip model name (default from config: ViT-B-32)")
+    p.add_argument("--pretrained", metavar="TAG|FILE|none",
+                   help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights")
+    p.add_argument("--seed", type=int, default=None, help="seed of the random weights with --pretrained none")
+    p.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/, e.g. 'test')")
+    p.add_argument("--batch-size", type=_positive, default=None, help="images per CLIP forward pass")
+    p.add_argument("--workers", type=int, default=None, help="image decode processes (0 = one per core)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
+    p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")
+    p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--version", action="version", version=f"nanodb {__version__}")
+    return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+    )
+    if not args.verbose:  # open_clip warns about random weights on every load
+        logging.getLogger("root").setLevel(logging.ERROR)
+    try:
+        return asyncio.run(run(args))
+    except (DatabaseError, ModelLoadError, ValueError) as e:
+        print(f"nanodb: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device
+    )
+    db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings, autosave=args.autosave)
+    try:
+        print(f"nanodb: {db}", file=sys.stderr)
+        for folder in args.scan:
+            report = await db.scan_async(folder, progress=True)
+            print(report.summary(), file=sys.stderr)
+        if args.validate:
+            print(format_validation(db, await asyncio.to_thread(db.validate)))
+        if args.server:
+            print("nanodb: the web UI is not part of this build yet", file=sys.stderr)
+        await Console(db, settings.k).run()
+        if db.unsaved:
+            await asyncio.to_thread(db.save)
+            print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
+    finally:
+        db.close()
+    return 0

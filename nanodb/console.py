@@ -1,0 +1,147 @@
+"""The interactive `> ` console (prompt_toolkit), and the same commands read line by line from a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+from typing import Callable
+
+from nanodb.database import NanoDB
+
+HELP = """\
+commands:
+  TEXT                 search by text, e.g.  a girl riding a horse
+  PATH                 an existing folder or image file: scan it into the database
+  similar PATH|INDEX   images similar to an image file or to a stored item
+  scan PATH            scan a folder or file (also when the name could be read as text)
+  save                 save the database now
+  validate             check that every stored vector finds itself first
+  help                 this text
+  exit                 save and quit (also Ctrl-D)"""
+
+
+class Console:
+    """Reads commands and runs them against `db`. Output goes through `write` (print by default)."""
+
+    def __init__(self, db: NanoDB, k: int, write: Callable[[str], None] = print):
+        self.db = db
+        self.k = k
+        self.write = write
+
+    async def run(self) -> None:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            await self._interactive()
+        else:
+            await self._scripted()
+
+    async def _interactive(self) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.patch_stdout import patch_stdout
+
+        session: PromptSession = PromptSession()
+        with patch_stdout():
+            while True:
+                try:
+                    line = await session.prompt_async("> ")
+                except KeyboardInterrupt:
+                    continue
+                except EOFError:
+                    return
+                if not await self.execute(line):
+                    return
+
+    async def _scripted(self) -> None:
+        try:
+            sys.stdin.reconfigure(errors="surrogateescape")  # non-UTF-8 file names stay usable
+        except (AttributeError, ValueError):
+            pass
+        while line := await asyncio.to_thread(sys.stdin.readline):
+            if not await self.execute(line.rstrip("\n")):
+                return
+
+    async def execute(self, line: str) -> bool:
+        """Run one command; returns False when the console should exit. Never raises for bad input."""
+        line = line.strip()
+        if not line:
+            return True
+        word, _, rest = line.partition(" ")
+        word = word.lower()
+        try:
+            if word in ("exit", "quit"):
+                return False
+            if word == "help":
+                self.write(HELP)
+            elif word == "save":
+                saved = await asyncio.to_thread(self.db.save)
+                self.write(f"saved {len(self.db)} items to {self.db.path}" if saved else "nothing to save")
+            elif word == "validate":
+                self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
+            elif word == "similar":
+                await self._search(_image_or_index(rest))
+            elif word == "scan":
+                await self._scan(_unquote(rest))
+            elif _is_existing_path(line):
+                await self._scan(_unquote(line))
+            else:
+                await self._search(line)
+        except (ValueError, TypeError, OSError) as e:
+            self.write(f"error: {e}")
+        except Exception as e:  # the console must outlive any single bad command
+            self.write(f"error: {type(e).__name__}: {e}")
+        return True
+
+    async def _search(self, query) -> None:
+        results = await asyncio.to_thread(self.db.search, query, self.k)
+        if not results:
+            self.write("no results: the database is empty")
+        for r in results:
+            self.write(str(r))
+
+    async def _scan(self, path: str) -> None:
+        if not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"no such file or folder: {path}")
+        report = await self.db.scan_async(path, progress=True)
+        self.write(report.summary())
+
+
+def format_validation(db: NanoDB, report) -> str:
+    lines = [
+        f"validated {report.checked} items: {report.checked - len(report.failures)} found themselves first, "
+        f"{len(report.failures)} did not; {len(report.duplicates)} groups of exact duplicates"
+    ]
+    for item, found in report.failures:
+        lines.append(f"  FAILED index={item} {db.path_of(item)} -> found index={found} {db.path_of(found)} first")
+    for group in report.duplicates:
+        lines.append("  duplicates: " + "  ".join(f"[{i}] {db.path_of(i)}" for i in group))
+    return "\n".join(lines)
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        try:
+            return shlex.split(text)[0]
+        except ValueError:
+            pass
+    return text
+
+
+def _is_existing_path(line: str) -> bool:
+    path = os.path.expanduser(_unquote(line))
+    return (os.sep in path or path.startswith(".")) and os.path.exists(path)
+
+
+def _image_or_index(arg: str):
+    arg = _unquote(arg)
+    if not arg:
+        raise ValueError("similar needs an image path or an item index")
+    if arg.isdigit():
+        return int(arg)
+    path = os.path.expanduser(arg)
+    if not os.path.isfile(path):
+        raise ValueError(f"no such image file: {arg}")
+    from pathlib import Path
+
+    return Path(path)

@@ -1,0 +1,181 @@
+"""The CLIP model: one factory that builds an open_clip model from a name and a pretrained tag or file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model or its weights could not be loaded; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What identifies the embedding space of a database: model name, weights and (for random weights) seed."""
+
+    name: str
+    pretrained: str  # an open_clip tag, a checkpoint file path, or "none"
+    seed: int = 0
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained.lower() in ("none", "")
+
+    @property
+    def is_file(self) -> bool:
+        return not self.random_weights and (os.sep in self.pretrained or Path(self.pretrained).is_file())
+
+    @property
+    def weights_id(self) -> str:
+        """Stable id of the weights: the tag, 'none@seed', or a checkpoint's file name and size."""
+        if self.random_weights:
+            return f"none@{self.seed}"
+        if self.is_file:
+            p = Path(self.pretrained)
+            size = p.stat().st_size if p.exists() else "?"
+            return f"file:{p.name}:{size}"
+        return self.pretrained
+
+    def describe(self) -> str:
+        return f"{self.name} ({'random weights, seed %d' % self.seed if self.random_weights else self.pretrained})"
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for, but torch finds no CUDA GPU")
+    return device
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _offline_hub():
+    """Use only locally cached weights: without this, huggingface_hub retries an unreachable host for ~45 s."""
+    import huggingface_hub.constants as hf
+
+    saved = hf.HF_HUB_OFFLINE
+    hf.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hf.HF_HUB_OFFLINE = saved
+
+
+class ClipModel:
+    """An open_clip model with the image pre-processing split in two halves.
+
+    `pixel_transform` (resize, crop, RGB) runs on PIL images in the decode workers and yields uint8
+    pixels; `encode_pixels` does the rest (scale, normalise) batched, then the forward pass. Together
+    they equal open_clip's own `preprocess`, so stored vectors match the model's output for the file.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str = "auto"):
+        import open_clip
+        import torch
+
+        self.spec = spec
+        self.device = resolve_device(device)
+        if spec.name not in open_clip.list_models():
+            raise ModelLoadError(
+                f"unknown model {spec.name!r}; choose one of open_clip.list_models(), e.g. ViT-B-32, ViT-L-14-336"
+            )
+        pretrained = None if spec.random_weights else spec.pretrained
+        if pretrained and not spec.is_file:
+            tags = open_clip.list_pretrained_tags_by_model(spec.name)
+            if pretrained not in tags:
+                raise ModelLoadError(
+                    f"unknown pretrained tag {pretrained!r} for {spec.name}; known tags: {', '.join(tags) or 'none'}; "
+                    "or pass a local checkpoint file, or 'none' for random weights"
+                )
+        if spec.is_file and not Path(spec.pretrained).is_file():
+            raise ModelLoadError(f"checkpoint file not found: {spec.pretrained}")
+        offline = pretrained is not None and not spec.is_file and not _hub_reachable()
+        try:
+            with torch.random.fork_rng(devices=[]), (_offline_hub() if offline else nullcontext()):
+                torch.manual_seed(spec.seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    spec.name, pretrained=pretrained, device=self.device
+                )
+        except Exception as e:  # open_clip raises RuntimeError/OSError/ValueError depending on the failure
+            if spec.is_file:
+                raise ModelLoadError(f"cannot load checkpoint {spec.pretrained} into {spec.name}: {e}") from e
+            why = "no network connection to the model hub" if offline else str(e).splitlines()[0]
+            raise ModelLoadError(
+                f"cannot get the weights {spec.name}/{pretrained}: {why}. Download open_clip_pytorch_model.bin "
+                f"for that tag on a connected machine and pass it with --pretrained /path/to/file "
+                f"(or --pretrained none for random weights, for testing)"
+            ) from e
+        model.eval()
+        self.model = model.half() if self.device == "cuda" else model
+        self.tokenizer = open_clip.get_tokenizer(spec.name)
+        self.preprocess = preprocess
+        steps = list(preprocess.transforms)
+        split = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
+        self.pixel_transform = type(preprocess)(steps[:split])
+        normalize = steps[-1]
+        self._mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
+        self.image_size = tuple(model.visual.image_size) if hasattr(model.visual, "image_size") else (224, 224)
+        with torch.no_grad():
+            self.dim = int(self.encode_text(["x"]).shape[1])
+
+    def _finish(self, features) -> np.ndarray:
+        features = features.float()
+        features = features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return features.cpu().numpy()
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels (N, H, W, 3) from `pixel_transform` -> unit float32 vectors (N, dim)."""
+        import torch
+
+        with torch.no_grad():
+            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255)
+            x = (x - self._mean) / self._std
+            if self.device == "cuda":
+                x = x.half()
+            return self._finish(self.model.encode_image(x))
+
+    def encode_images(self, images) -> np.ndarray:
+        """PIL images -> unit float32 vectors, through the same two halves as a scan."""
+        from pipeline.decode import to_rgb
+
+        pixels = np.stack([np.asarray(self.pixel_transform(to_rgb(im))) for im in images])
+        return self.encode_pixels(pixels)
+
+    def encode_text(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            tokens = self.tokenizer(list(texts)).to(self.device)
+            return self._finish(self.model.encode_text(tokens))
+
+
+_cache: dict[tuple[ModelSpec, str], ClipModel] = {}
+
+
+def load_model(spec: ModelSpec, device: str = "auto") -> ClipModel:
+    """Build (once per process) the model for `spec`."""
+    key = (spec, device)
+    if key not in _cache:
+        log.info("loading %s", spec.describe())
+        _cache[key] = ClipModel(spec, device)
+    return _cache[key]

@@ -1,0 +1,25 @@
+"""Stage 4, the index appender: adds embedded batches to the database and autosaves."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class IndexAppender:
+    """Consumes (images, vectors) batches (None ends the stream) into `db`; saves every
+    `autosave_every` new items when autosave is on."""
+
+    def __init__(self, db, report, autosave_every: int | None):
+        self.db = db
+        self.report = report
+        self.autosave_every = autosave_every
+
+    async def run(self, inbox: asyncio.Queue) -> None:
+        while (batch := await inbox.get()) is not None:
+            images, vectors = batch
+            added, updated = self.db._add_scanned(images, vectors)
+            self.report.added += added
+            self.report.updated += updated
+            self.report.changed()
+            if self.autosave_every and self.db.unsaved >= self.autosave_every:
+                await asyncio.to_thread(self.db.save)

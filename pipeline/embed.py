@@ -1,0 +1,45 @@
+"""Stage 3, the CLIP stage: gathers decoded images into batches and embeds them with the model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from pipeline.decode import DecodedImage, DecodeFailure
+
+# A partial batch is embedded once no further image has arrived for this long, so a trickle
+# of new files (a watched folder) is searchable quickly.
+FLUSH_AFTER_S = 0.25
+
+
+class ClipStage:
+    """Consumes DecodedImage / DecodeFailure (None ends the stream); emits (images, vectors) batches."""
+
+    def __init__(self, model, batch_size: int, report):
+        self.model = model
+        self.batch_size = batch_size
+        self.report = report
+
+    async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
+        batch: list[DecodedImage] = []
+        done = False
+        while not done:
+            try:
+                item = await asyncio.wait_for(inbox.get(), FLUSH_AFTER_S) if batch else await inbox.get()
+            except TimeoutError:
+                item = ...
+            if item is None:
+                done = True
+            elif isinstance(item, DecodeFailure):
+                self.report.fail(item.path, item.reason)
+            elif isinstance(item, DecodedImage):
+                batch.append(item)
+            if batch and (done or item is ... or len(batch) >= self.batch_size):
+                vectors = await asyncio.to_thread(self._embed, batch)
+                await outbox.put((batch, vectors))
+                batch = []
+        await outbox.put(None)
+
+    def _embed(self, batch: list[DecodedImage]) -> np.ndarray:
+        return self.model.encode_pixels(np.stack([b.pixels for b in batch]))

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# nanodb launcher: makes its own environment on first use, then runs nanodb.
+#   ./run.sh --scan ~/Pictures --path ~/.nanodb     run nanodb (python -m nanodb ARGS)
+#   ./run.sh test [PYTEST ARGS]                     run the default test suite
+#   ./run.sh test --slow                            also run the slow tests
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="${NANODB_VENV:-$here/.venv}"
+python="${PYTHON:-python3}"
+stamp="$venv/.nanodb-installed"
+want="$(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "nanodb: setting up the environment in $venv (first run only, a few minutes)..." >&2
+    log="$(mktemp)"
+    if ! { "$python" -m venv "$venv" &&
+           "$venv/bin/python" -m pip install -c "$here/constraints.txt" -e "$here[test]"; } >"$log" 2>&1; then
+        tail -n 30 "$log" >&2
+        echo "nanodb: setting up the environment failed (full log: $log)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+    echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = "test" ]; then
+    shift
+    cd "$here"
+    if [ "${1:-}" = "--slow" ]; then
+        shift
+        set -- -m "slow or not slow" "$@"
+    fi
+    exec "$venv/bin/python" -m pytest "$@"
+fi
+exec "$venv/bin/python" -m nanodb "$@"

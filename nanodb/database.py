@@ -17,6 +17,7 @@ import numpy as np
 from nanodb.config import Settings, load_settings
 from nanodb.index import VectorIndex
 from nanodb.model import ClipModel, ModelSpec, load_model
+from nanodb.query import combined_vector, is_combined
 from nanodb.storage import (
     DATA_FILES,
     ITEM_DTYPE,
@@ -94,6 +95,7 @@ class NanoDB:
         self._model: ClipModel | None = None
         self._decode_pool = None
         self._path_index: dict[str, int] | None = None
+        self.active_scans: list = []  # ScanReports of the scans running now, for live progress displays
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
         if manifest is None:
@@ -417,9 +419,11 @@ class NanoDB:
             autosave_every=self.settings.autosave_every if self.autosave else None,
             report=report,
         )
+        self.active_scans.append(report)
         try:
             await pipeline.run()
         finally:
+            self.active_scans.remove(report)
             if bar is not None:
                 bar.close()
         if self.autosave:
@@ -457,7 +461,7 @@ class NanoDB:
             text = query.strip()
             if not text:
                 raise ValueError("empty query: type some words, or give an image path")
-            v = self.model.encode_text([text])[0]
+            v = combined_vector(text, self.embed_query) if is_combined(text) else self.model.encode_text([text])[0]
         elif hasattr(query, "convert") and hasattr(query, "size"):  # a PIL image
             v = self.model.encode_images([query])[0]
         else:

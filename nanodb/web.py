@@ -1,0 +1,91 @@
+"""The web UI (Gradio Blocks): search by text as you type or by a dropped image, browse, click for neighbours.
+
+The gallery shows thumbnails served by the HTTP API (/api/items/N/thumbnail), so the browser loads
+small cached JPEGs in parallel and the search itself returns at once.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from nanodb.search_service import BadRequest, Outcome, SearchService, stats_line
+
+DEFAULT_K = 64
+HINT = "Try `dog + beach - snow` or `2:dog + cat`. Click a result to see images similar to it."
+
+
+def build_ui(service: SearchService) -> gr.Blocks:
+    with gr.Blocks(title="nanodb", analytics_enabled=False) as ui:
+        gr.Markdown(f"## nanodb\n{HINT}")
+        with gr.Row(equal_height=True):
+            query = gr.Textbox(
+                label="Search by text", placeholder="a girl riding a horse", scale=3, elem_id="query",
+                max_length=service.max_query_chars,
+            )
+            image = gr.Image(
+                label="Search by image (drop, upload or paste)", type="filepath",
+                sources=["upload", "clipboard"], height=140, scale=1, elem_id="image-query",
+            )
+        with gr.Row():
+            k = gr.Slider(1, 256, value=DEFAULT_K, step=1, label="Results", elem_id="k")
+            min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
+                                       elem_id="min-similarity")
+        status = gr.Markdown(elem_id="status")
+        gallery = gr.Gallery(
+            label="Results", columns=8, height="auto", object_fit="cover", allow_preview=False,
+            elem_id="results", interactive=False,
+        )
+        selected = gr.Markdown(elem_id="selected")
+        stats = gr.Markdown(stats_line(service.stats()), elem_id="stats")
+        shown = gr.State([])  # item index of each gallery tile, for clicks
+
+        def show(outcome: Outcome, what: str, request: gr.Request):
+            base = str(request.request.base_url).rstrip("/") if request and request.request else ""
+            tiles = [(f"{base}/api/items/{r.index}/thumbnail", f"{r.similarity:.3f}") for r in outcome.results]
+            note = (f"{len(tiles)} results for {what} · encode {outcome.encode_ms:.1f} ms · "
+                    f"search {outcome.search_ms:.1f} ms")
+            return tiles, [r.index for r in outcome.results], note, ""
+
+        def failed(message: str):
+            return gr.skip(), gr.skip(), f"⚠️ {message}", ""
+
+        def on_text(text, k, min_similarity, request: gr.Request):
+            if not (text or "").strip():
+                return [], [], "", ""
+            try:
+                return show(service.by_text(text, k, min_similarity), f"“{text.strip()[:80]}”", request)
+            except BadRequest as e:
+                return failed(str(e))
+
+        def on_image(path, k, min_similarity, request: gr.Request):
+            if not path:
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(service.max_upload_bytes + 1)
+                return show(service.by_image(data, k, min_similarity), "the image", request)
+            except BadRequest as e:
+                return failed(str(e))
+
+        def on_select(indices, k, min_similarity, evt: gr.SelectData, request: gr.Request):
+            if evt.index is None or not 0 <= evt.index < len(indices):
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            index = indices[evt.index]
+            caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
+            try:
+                tiles, new_indices, note, _ = show(service.by_item(index, k, min_similarity), f"item {index}", request)
+            except BadRequest as e:
+                return failed(str(e))
+            path = service.db.path_of(index)
+            line = f"**Selected** item {index} · similarity {caption or '?'} · `{path}` — showing its neighbours"
+            return tiles, new_indices, note, line
+
+        outputs = [gallery, shown, status, selected]
+        text_inputs = [query, k, min_similarity]
+        # as the user types: `always_last` keeps one search in flight per browser and runs the latest text next
+        query.input(on_text, text_inputs, outputs, trigger_mode="always_last", show_progress="hidden")
+        query.submit(on_text, text_inputs, outputs, show_progress="hidden")
+        image.change(on_image, [image, k, min_similarity], outputs, show_progress="minimal")
+        gallery.select(on_select, [shown, k, min_similarity], outputs, show_progress="hidden")
+        gr.Timer(1.0).tick(lambda: stats_line(service.stats()), None, stats, show_progress="hidden")
+    return ui

@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")
     p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
+    p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
     return p
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("root").setLevel(logging.ERROR)
     try:
         return asyncio.run(run(args))
-    except (DatabaseError, ModelLoadError, ValueError) as e:
+    except (DatabaseError, ModelLoadError, ValueError, OSError) as e:
         print(f"nanodb: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -86,19 +87,28 @@ async def run(args: argparse.Namespace) -> int:
         args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device
     )
     db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings, autosave=args.autosave)
+    server = None
     try:
         print(f"nanodb: {db}", file=sys.stderr)
+        if args.server:  # first, so the web UI serves while the scans below run
+            from nanodb.server import parse_auth, start_server
+
+            server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None)
+            print(f"nanodb: web UI at {server.url} , HTTP API docs at {server.url}docs", file=sys.stderr)
         for folder in args.scan:
             report = await db.scan_async(folder, progress=True)
             print(report.summary(), file=sys.stderr)
         if args.validate:
             print(format_validation(db, await asyncio.to_thread(db.validate)))
-        if args.server:
-            print("nanodb: the web UI is not part of this build yet", file=sys.stderr)
         await Console(db, settings.k).run()
         if db.unsaved:
             await asyncio.to_thread(db.save)
             print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
+        if server is not None and not sys.stdin.isatty():  # e.g. run as a service with no input
+            print("nanodb: input ended; serving until Ctrl-C", file=sys.stderr)
+            await asyncio.to_thread(server.thread.join)
     finally:
+        if server is not None:
+            server.stop()
         db.close()
     return 0

@@ -13,7 +13,7 @@ from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from nanodb.search_service import MAX_K, BadRequest, Outcome, SearchService
 from nanodb.thumbnails import NotServable, ThumbnailCache, original_file
@@ -37,6 +37,12 @@ class SearchResponse(BaseModel):
     items: int
     encode_ms: float
     search_ms: float
+
+
+class TextQuery(BaseModel):
+    q: str = Field(description="words, or a combined query such as `dog + beach - snow` or `2:dog`")
+    k: int = Field(64, description=f"number of results, 1..{MAX_K}")
+    min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)")
 
 
 class ItemInfo(BaseModel):
@@ -83,6 +89,10 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache) -> APIRouter:
         min_similarity: float = MIN_SIMILARITY,
     ):
         return _response(service.by_text(q, k, min_similarity), len(db))
+
+    @router.post("/search/text", response_model=SearchResponse, summary="Search by text (long queries)")
+    def search_text_post(body: TextQuery):
+        return _response(service.by_text(body.q, body.k, body.min_similarity), len(db))
 
     @router.post("/search/image", response_model=SearchResponse, summary="Search by an uploaded image")
     async def search_image(

@@ -30,62 +30,74 @@ def build_ui(service: SearchService) -> gr.Blocks:
             k = gr.Slider(1, 256, value=DEFAULT_K, step=1, label="Results", elem_id="k")
             min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
                                        elem_id="min-similarity")
+        stats = gr.Markdown(stats_line(service.stats()), elem_id="stats")
         status = gr.Markdown(elem_id="status")
         gallery = gr.Gallery(
-            label="Results", columns=8, height="auto", object_fit="cover", allow_preview=False,
-            elem_id="results", interactive=False,
+            label="Results", columns=8, height=720, object_fit="cover", allow_preview=False,
+            elem_id="results", interactive=False, buttons=[],
         )
         selected = gr.Markdown(elem_id="selected")
-        stats = gr.Markdown(stats_line(service.stats()), elem_id="stats")
         shown = gr.State([])  # item index of each gallery tile, for clicks
+        last = gr.State(None)  # the last search as (kind, query), rerun when a slider moves
 
         def show(outcome: Outcome, what: str, request: gr.Request):
             base = str(request.request.base_url).rstrip("/") if request and request.request else ""
             tiles = [(f"{base}/api/items/{r.index}/thumbnail", f"{r.similarity:.3f}") for r in outcome.results]
             note = (f"{len(tiles)} results for {what} · encode {outcome.encode_ms:.1f} ms · "
                     f"search {outcome.search_ms:.1f} ms")
-            return tiles, [r.index for r in outcome.results], note, ""
+            return tiles, [r.index for r in outcome.results], note
 
-        def failed(message: str):
-            return gr.skip(), gr.skip(), f"⚠️ {message}", ""
+        def run(kind: str, query, k, min_similarity, request: gr.Request) -> list:
+            """Search; returns the new values of [gallery, shown, status, selected, last]."""
+            try:
+                if kind == "text":
+                    found = show(service.by_text(query, k, min_similarity), f"“{query.strip()[:80]}”", request)
+                elif kind == "image":
+                    with open(query, "rb") as f:
+                        data = f.read(service.max_upload_bytes + 1)
+                    found = show(service.by_image(data, k, min_similarity), "the image", request)
+                else:
+                    found = show(service.by_item(query, k, min_similarity), f"item {query}", request)
+            except (BadRequest, OSError) as e:
+                return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
+            return [*found, "", (kind, query)]
+
+        unchanged = [gr.skip()] * 5
 
         def on_text(text, k, min_similarity, request: gr.Request):
             if not (text or "").strip():
-                return [], [], "", ""
-            try:
-                return show(service.by_text(text, k, min_similarity), f"“{text.strip()[:80]}”", request)
-            except BadRequest as e:
-                return failed(str(e))
+                return [[], [], "", "", None]
+            return run("text", text, k, min_similarity, request)
 
         def on_image(path, k, min_similarity, request: gr.Request):
-            if not path:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(service.max_upload_bytes + 1)
-                return show(service.by_image(data, k, min_similarity), "the image", request)
-            except BadRequest as e:
-                return failed(str(e))
+            return run("image", path, k, min_similarity, request) if path else unchanged
 
         def on_select(indices, k, min_similarity, evt: gr.SelectData, request: gr.Request):
             if evt.index is None or not 0 <= evt.index < len(indices):
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return unchanged
             index = indices[evt.index]
-            caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
-            try:
-                tiles, new_indices, note, _ = show(service.by_item(index, k, min_similarity), f"item {index}", request)
-            except BadRequest as e:
-                return failed(str(e))
-            path = service.db.path_of(index)
-            line = f"**Selected** item {index} · similarity {caption or '?'} · `{path}` — showing its neighbours"
-            return tiles, new_indices, note, line
+            values = run("item", index, k, min_similarity, request)
+            if isinstance(values[4], tuple):  # the search ran
+                caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
+                values[3] = (f"**Selected** item {index} · similarity {caption or '?'} · "
+                             f"`{service.db.path_of(index)}` · showing its neighbours")
+            return values
 
-        outputs = [gallery, shown, status, selected]
+        def on_slider(searched, k, min_similarity, request: gr.Request):
+            if not searched:
+                return unchanged
+            values = run(*searched, k, min_similarity, request)
+            values[3] = gr.skip()  # keep the line about the selected item
+            return values
+
+        outputs = [gallery, shown, status, selected, last]
         text_inputs = [query, k, min_similarity]
         # as the user types: `always_last` keeps one search in flight per browser and runs the latest text next
         query.input(on_text, text_inputs, outputs, trigger_mode="always_last", show_progress="hidden")
         query.submit(on_text, text_inputs, outputs, show_progress="hidden")
         image.change(on_image, [image, k, min_similarity], outputs, show_progress="minimal")
         gallery.select(on_select, [shown, k, min_similarity], outputs, show_progress="hidden")
+        for slider in (k, min_similarity):
+            slider.release(on_slider, [last, k, min_similarity], outputs, show_progress="hidden")
         gr.Timer(1.0).tick(lambda: stats_line(service.stats()), None, stats, show_progress="hidden")
     return ui

@@ -71,8 +71,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
     )
-    if not args.verbose:  # open_clip warns about random weights on every load
-        logging.getLogger("root").setLevel(logging.ERROR)
     try:
         return asyncio.run(run(args))
     except (DatabaseError, ModelLoadError, ValueError, OSError) as e:

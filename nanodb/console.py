@@ -13,6 +13,7 @@ from nanodb.database import NanoDB
 HELP = """\
 commands:
   TEXT                 search by text, e.g.  a girl riding a horse
+  A + B - C            combined query, e.g.  dog + beach - snow  (weights: 2:dog + cat)
   PATH                 an existing folder or image file: scan it into the database
   similar PATH|INDEX   images similar to an image file or to a stored item
   scan PATH            scan a folder or file (also when the name could be read as text)

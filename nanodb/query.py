@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 # An operator is a + or - with whitespace on both sides, so `t-shirt` or `x+y` stay one term.
-_OPERATOR = re.compile(r"\s+([+-])\s+")
+_OPERATOR = re.compile(r"\s+([+-])(?=\s)")
 _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):\s*(\S.*)$", re.DOTALL)
 
 

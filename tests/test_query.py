@@ -1,0 +1,66 @@
+"""Combined queries (`dog + beach - snow`, `2:dog`): parsing, and searching with them from the console."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from nanodb.console import Console
+from nanodb.database import NanoDB
+from nanodb.query import combined_vector, is_combined, parse_query
+
+
+@pytest.mark.parametrize(
+    "text, terms",
+    [
+        ("a dog", [(1.0, "a dog")]),
+        ("dog + beach - snow", [(1.0, "dog"), (1.0, "beach"), (-1.0, "snow")]),
+        ("2:dog + 0.5:beach", [(2.0, "dog"), (0.5, "beach")]),
+        ("  dog   -  1.5: snow ", [(1.0, "dog"), (-1.5, "snow")]),
+        ("a t-shirt + x+y", [(1.0, "a t-shirt"), (1.0, "x+y")]),
+        ("-1:cat", [(-1.0, "cat")]),
+    ],
+)
+def test_parse_query(text, terms):
+    assert parse_query(text) == terms
+
+
+def test_plain_text_is_not_combined():
+    assert not is_combined("a girl riding a horse")
+    assert not is_combined("well-lit room")
+    assert is_combined("dog + cat") and is_combined("2:dog")
+
+
+@pytest.mark.parametrize("text", ["dog + ", "+ dog", "dog + - cat"])
+def test_a_missing_term_is_a_clear_error(text):
+    with pytest.raises(ValueError, match="missing"):
+        parse_query(text)
+
+
+def test_combined_vector_is_the_normalised_weighted_sum():
+    basis = {"dog": np.eye(4)[0], "beach": np.eye(4)[1], "snow": np.eye(4)[2]}
+    v = combined_vector("2:dog + beach - snow", basis.__getitem__)
+    assert np.allclose(v, np.array([2, 1, -1, 0]) / np.sqrt(6))
+    with pytest.raises(ValueError, match="cancel out"):
+        combined_vector("dog - dog", basis.__getitem__)
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    with NanoDB(tmp_path_factory.mktemp("query") / "db", config="test") as db:
+        db.add(np.random.default_rng(0).standard_normal((50, db.dim)).astype(np.float32))
+        yield db
+
+
+def test_search_and_console_use_combined_queries(db):
+    d, b, s = (db.embed_query(t) for t in ("dog", "beach", "snow"))
+    expected = db.search((2 * d + b - s).astype(np.float32), k=5)
+    assert [r.index for r in db.search("2:dog + beach - snow", k=5)] == [r.index for r in expected]
+    lines: list[str] = []
+    asyncio.run(Console(db, 5, lines.append).execute("2:dog + beach - snow"))
+    assert lines == [str(r) for r in expected]
+    lines.clear()
+    asyncio.run(Console(db, 5, lines.append).execute("dog - dog"))
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cancel out" in lines[0]

@@ -98,11 +98,12 @@ async def run(args: argparse.Namespace) -> int:
             print(report.summary(), file=sys.stderr)
         if args.validate:
             print(format_validation(db, await asyncio.to_thread(db.validate)))
-        await Console(db, settings.k).run()
+        console = Console(db, settings.k)
+        await console.run()
         if db.unsaved:
             await asyncio.to_thread(db.save)
             print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
-        if server is not None and not sys.stdin.isatty():  # e.g. run as a service with no input
+        if server is not None and not console.quit and not sys.stdin.isatty():  # e.g. a service with no input
             print("nanodb: input ended; serving until Ctrl-C", file=sys.stderr)
             await asyncio.to_thread(server.thread.join)
     finally:

@@ -30,6 +30,7 @@ class Console:
         self.db = db
         self.k = k
         self.write = write
+        self.quit = False  # set by the exit command (as opposed to the input ending)
 
     async def run(self) -> None:
         if sys.stdin.isatty() and sys.stdout.isatty():
@@ -71,6 +72,7 @@ class Console:
         word = word.lower()
         try:
             if word in ("exit", "quit"):
+                self.quit = True
                 return False
             if word == "help":
                 self.write(HELP)

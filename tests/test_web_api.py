@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -285,3 +288,34 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
     assert db.index.count == start + 40
     assert len({a[2] for a in answers}) > 1, "the queries did not overlap the scan"
     assert scans_seen, "the stats never showed the running scan"
+
+
+def test_cli_serves_while_its_scan_runs_and_exits_on_command(tmp_path):
+    """`nanodb --server --scan DIR`: the API answers during the scan; `exit` saves and stops the server."""
+    photos = copy_photos(tmp_path / "photos", 20, skip=200)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanodb", "--path", str(tmp_path / "db"), "--config", "test", "--server",
+         "--host", "127.0.0.1", "--port", "0", "--scan", str(photos[0].parent)],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        url = None
+        for line in proc.stderr:
+            if m := re.search(r"web UI at (http://\S+)", line):
+                url = m.group(1)
+                break
+        assert url, "the server did not start"
+        counts = []
+        while not counts or counts[-1] < 20:
+            assert proc.poll() is None
+            counts.append(httpx.get(url + "api/stats", timeout=60).json()["items"])
+            time.sleep(0.2)
+        out, err = proc.communicate("a red car\nexit\n", timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert counts[0] < 20, "the scan ended before the server answered"
+    assert out.count("* index=") == 8 and "saved 20 items" in err
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "api/stats")

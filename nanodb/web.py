@@ -13,6 +13,13 @@ from nanodb.search_service import BadRequest, Outcome, SearchService, stats_line
 DEFAULT_K = 64
 HINT = "Try `dog + beach - snow` or `2:dog + cat`. Click a result to see images similar to it."
 
+# Runs in the browser before each keystroke's search: waits 250 ms, then sends the text only if no
+# later keystroke came meanwhile (else None, which the server answers at once with no change).
+DEBOUNCE = """(text, k, minSimilarity) => new Promise(resolve => {
+    const typed = (window.nanodbTyped = (window.nanodbTyped || 0) + 1);
+    setTimeout(() => resolve([typed === window.nanodbTyped ? text : null, k, minSimilarity]), 250);
+})"""
+
 
 def build_ui(service: SearchService) -> gr.Blocks:
     with gr.Blocks(title="nanodb", analytics_enabled=False) as ui:
@@ -65,7 +72,9 @@ def build_ui(service: SearchService) -> gr.Blocks:
         unchanged = [gr.skip()] * 5
 
         def on_text(text, k, min_similarity, request: gr.Request):
-            if not (text or "").strip():
+            if text is None:  # superseded by a later keystroke (see DEBOUNCE)
+                return unchanged
+            if not text.strip():
                 return [[], [], "", "", None]
             return run("text", text, k, min_similarity, request)
 
@@ -92,8 +101,8 @@ def build_ui(service: SearchService) -> gr.Blocks:
 
         outputs = [gallery, shown, status, selected, last]
         text_inputs = [query, k, min_similarity]
-        # as the user types: `always_last` keeps one search in flight per browser and runs the latest text next
-        query.input(on_text, text_inputs, outputs, trigger_mode="always_last", show_progress="hidden")
+        # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
+        query.input(on_text, text_inputs, outputs, js=DEBOUNCE, trigger_mode="always_last", show_progress="hidden")
         query.submit(on_text, text_inputs, outputs, show_progress="hidden")
         image.change(on_image, [image, k, min_similarity], outputs, show_progress="minimal")
         gallery.select(on_select, [shown, k, min_similarity], outputs, show_progress="hidden")

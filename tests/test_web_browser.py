@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from nanodb.database import NanoDB
@@ -63,6 +64,12 @@ def page(browser, site):
     page.close()
 
 
+def db_searches(site) -> int:
+    """Searches the server has run so far."""
+    _, url, _ = site
+    return httpx.get(url + "api/stats").json()["searches"]
+
+
 def set_results(page, k: int) -> None:
     box = page.locator("#k input[type=number]")
     box.fill(str(k))
@@ -93,8 +100,11 @@ def wait_for_images(page) -> None:
 def test_typing_a_query_shows_k_images_with_similarities(page, site):
     db, _, _ = site
     set_results(page, 8)
-    page.locator("#query textarea").press_sequentially("a dog on the beach", delay=30)  # searched as typed
+    searches = db_searches(site)
+    text = "a dog on the beach"
+    page.locator("#query textarea").press_sequentially(text, delay=30)  # searched as typed, debounced
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('on the beach')")
+    assert 1 <= db_searches(site) - searches < len(text)
     assert tiles(page).count() == 8
     wait_for_images(page)
     sims = captions(page)

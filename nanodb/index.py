@@ -157,8 +157,8 @@ class VectorIndex:
 
         cp = self._cp
         q = cp.asarray(queries)
-        floor = cp.asarray(margins) * 0 + float(np.finfo(np.float32).min)
         gmargins = cp.asarray(margins)
+        floor = float(np.finfo(np.float32).min)  # deleted rows (-inf) never qualify
         parts = []
         for lo in range(0, n, GPU_CHUNK_ROWS):
             hi = min(n, lo + GPU_CHUNK_ROWS)

@@ -183,15 +183,12 @@ def search_threads() -> int:
 
 
 def _search_pool() -> ThreadPoolExecutor:
-    """One worker per core, each with single-threaded torch: nested thread pools oversubscribe."""
+    """One worker per core. Their torch thread count is left alone: torch.set_num_threads in any
+    thread changes it for every thread started later (the CLIP model's included)."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            import torch
-
-            _pool = ThreadPoolExecutor(
-                search_threads(), "nanodb-search", initializer=torch.set_num_threads, initargs=(1,)
-            )
+            _pool = ThreadPoolExecutor(search_threads(), "nanodb-search")
         return _pool
 
 

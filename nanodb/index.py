@@ -250,7 +250,13 @@ def _exact_top_k(buf, queries, k, margins, parts):
     kth = s32[starts + kk - 1]
     keep = s32 >= kth[qi] - margins[qi]
     qi, rows = qi[keep], rows[keep]
-    exact = (buf[rows].astype(np.float64) * queries[qi].astype(np.float64)).sum(axis=1)
+    q64 = queries.astype(np.float64)
+    exact = np.concatenate(  # in slices: many exact ties (duplicate rows) make many candidates
+        [
+            (buf[rows[a : a + 8192]].astype(np.float64) * q64[qi[a : a + 8192]]).sum(axis=1)
+            for a in range(0, len(rows), 8192)
+        ]
+    )
     best_i = np.empty((nq, kk), np.int64)
     best_s = np.empty((nq, kk), np.float32)
     bounds = np.searchsorted(qi, np.arange(nq + 1))

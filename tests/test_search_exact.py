@@ -62,6 +62,16 @@ def test_near_duplicates_and_exact_ties_go_to_the_lower_index():
     assert top[0, 0] == 100
 
 
+def test_thousands_of_identical_rows_return_the_lowest_indices():
+    rng = np.random.default_rng(5)
+    x = np.repeat(unit(rng, 1, 64), 20_000, axis=0)
+    x[::1000] = unit(rng, 20, 64)
+    index = VectorIndex(64, "numpy")
+    index.append(x)
+    top, _ = index.search(x[1][None], 5)
+    assert top.tolist() == [[1, 2, 3, 4, 5]]
+
+
 def test_deleted_rows_are_never_returned():
     rng = np.random.default_rng(2)
     x = unit(rng, 9000, 64)

@@ -80,6 +80,7 @@ def main(argv=None) -> None:
         for n in sorted(args.sizes):
             grow(db, n, rng)
             db.close()
+            del db  # free its memory before the child process opens the database
             opened = measure_open(path)
             db = NanoDB(path, **opts)
             db.add(random_units(rng, 1000, db.dim))

@@ -1,0 +1,192 @@
+"""Exact k-NN search speed: nanodb (float16) against faiss IndexFlatIP (float32) and plain NumPy.
+
+    python benchmarks/bench_search.py                  # CPU: N in 10K, 100K, 1M; dim 512 and 768
+    python benchmarks/bench_search.py --sizes 5000000 --dims 512
+    python benchmarks/bench_search.py --gpu            # nanodb's CuPy path against torch (and faiss-gpu)
+
+Vectors are random unit vectors stored as float16. Every method's results are checked against a
+float64 brute-force top k (recall@k). Prints one markdown table: single-query latency (median, p99),
+batch-of-64 throughput, and the effective GB/s read against a large array copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanodb.index import VectorIndex  # noqa: E402
+
+GB = 1e9
+
+
+def random_index(n: int, dim: int, backend: str, seed: int = 0) -> VectorIndex:
+    """An index of n random unit vectors, generated in chunks so no float32 copy of all N exists."""
+    rng = np.random.default_rng(seed)
+    index = VectorIndex(dim, backend)
+    index.reserve(n)
+    for lo in range(0, n, 100_000):
+        x = rng.standard_normal((min(n, lo + 100_000) - lo, dim), dtype=np.float32)
+        index.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+    return index
+
+
+def unit_queries(n: int, dim: int, seed: int) -> np.ndarray:
+    q = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def reference_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Float64 brute force, in chunks, ties to the lower index."""
+    q64 = queries.astype(np.float64)
+    scores = np.concatenate([vectors[lo : lo + 65536].astype(np.float64) @ q64.T for lo in range(0, len(vectors), 65536)])
+    return np.array([np.lexsort((np.arange(len(s)), -s))[:k] for s in scores.T])
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth)]))
+
+
+def timed(fn, reps: int) -> np.ndarray:
+    fn(0)  # warm up: thread pools, scratch buffers, page faults
+    out = []
+    for r in range(reps):
+        t = time.perf_counter()
+        fn(r)
+        out.append(time.perf_counter() - t)
+    return np.array(out)
+
+
+def copy_bandwidth(gpu: bool) -> float:
+    """GB/s of a 1 GiB array copy, counting bytes read plus bytes written."""
+    if gpu:
+        import cupy as cp
+
+        src = cp.ones(1 << 28, cp.float32)
+        dst = cp.empty_like(src)
+        cp.copyto(dst, src)
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        for _ in range(10):
+            cp.copyto(dst, src)
+        end.record()
+        end.synchronize()
+        return 10 * 2 * src.nbytes / (cp.cuda.get_elapsed_time(start, end) / 1e3) / GB
+    src = np.ones(1 << 28, np.float32)
+    dst = np.empty_like(src)
+    t = timed(lambda _: np.copyto(dst, src), 5)
+    return 2 * src.nbytes / np.median(t) / GB
+
+
+class Method:
+    """One search implementation: name, bytes it reads per query, and search(queries, k) -> indices."""
+
+    def __init__(self, name: str, bytes_per_query: int, search):
+        self.name, self.bytes_per_query, self.search = name, bytes_per_query, search
+
+
+def cpu_methods(index: VectorIndex, use_faiss: bool) -> list[Method]:
+    n, dim = index.count, index.dim
+    methods = [Method("nanodb float16", n * dim * 2, lambda q, k: index.search(q, k)[0])]
+    if not use_faiss:
+        return methods
+    need = n * dim * 4
+    if need > psutil.virtual_memory().available * 0.8:
+        print(f"# skipping faiss/numpy float32 at N={n}, dim={dim}: {need / GB:.1f} GB does not fit", file=sys.stderr)
+        return methods
+    import faiss
+
+    flat = faiss.IndexFlatIP(dim)
+    for lo in range(0, n, 100_000):
+        flat.add(index.vectors[lo : lo + 100_000].astype(np.float32))
+    rows32 = faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)  # faiss's own float32 copy
+
+    def numpy_search(q, k):
+        scores = q @ rows32.T
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(part, order, axis=1)
+
+    methods.append(Method("faiss IndexFlatIP float32", need, lambda q, k: flat.search(q, k)[1]))
+    methods.append(Method("numpy float32 matmul", need, numpy_search))
+    return methods
+
+
+def gpu_methods(index: VectorIndex) -> list[Method]:
+    import cupy as cp
+    import torch
+
+    n, dim = index.count, index.dim
+    rows = torch.from_dlpack(index._gpu[:n])  # the same float16 rows on the device, no copy
+
+    def torch_search(q, k):
+        scores = rows @ torch.from_numpy(q).to("cuda", torch.float16).T
+        return torch.topk(scores, k, dim=0).indices.T.cpu().numpy()
+
+    methods = [
+        Method("nanodb cupy float16", n * dim * 2, lambda q, k: index.search(q, k)[0]),
+        Method("torch fp16 matmul+topk", n * dim * 2, torch_search),
+    ]
+    try:
+        import faiss
+
+        resources = faiss.StandardGpuResources()
+        flat = faiss.GpuIndexFlatIP(resources, dim)
+        for lo in range(0, n, 100_000):
+            flat.add(index.vectors[lo : lo + 100_000].astype(np.float32))
+        methods.append(Method("faiss GpuIndexFlatIP float32", n * dim * 4, lambda q, k: flat.search(q, k)[1]))
+    except (ImportError, AttributeError):
+        print("# faiss-gpu not installed: skipping it", file=sys.stderr)
+    cp.cuda.Device().synchronize()
+    return methods
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--dims", type=int, nargs="+", default=[512, 768])
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--gpu", action="store_true", help="benchmark the CuPy backend on a CUDA GPU")
+    ap.add_argument("--no-faiss", action="store_true", help="nanodb only")
+    args = ap.parse_args(argv)
+
+    bandwidth = copy_bandwidth(args.gpu)
+    vm = psutil.virtual_memory()
+    print(f"# {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, {vm.total / 2**30:.0f} GiB RAM, "
+          f"load average {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
+    print(f"# {'device' if args.gpu else 'memory'} copy bandwidth (read + write): {bandwidth:.1f} GB/s")
+    print()
+    print(f"| method | N | dim | recall@{args.k} | 1 query median ms | p99 ms | GB/s read | % of copy | "
+          f"batch-{args.batch} queries/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for n in args.sizes:
+            index = random_index(n, dim, "cupy" if args.gpu else "numpy")
+            methods = gpu_methods(index) if args.gpu else cpu_methods(index, not args.no_faiss)
+            check = unit_queries(8, dim, seed=1)
+            truth = reference_top_k(index.vectors, check, args.k)
+            single_reps = max(10, min(200, int(2e9 / (n * dim))))
+            singles = unit_queries(single_reps + 1, dim, seed=2)
+            batch = unit_queries(args.batch, dim, seed=3)
+            batch_reps = 3 if n * dim <= 1e8 else 1
+            for m in methods:
+                rec = recall(m.search(check, args.k), truth)
+                lat = timed(lambda r: m.search(singles[r : r + 1], args.k), single_reps)
+                thr = timed(lambda r: m.search(batch, args.k), batch_reps)
+                med = float(np.median(lat))
+                gbs = m.bytes_per_query / med / GB
+                print(f"| {m.name} | {n:,} | {dim} | {rec:.3f} | {med * 1e3:.2f} | {np.percentile(lat, 99) * 1e3:.2f} | "
+                      f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {args.batch / np.median(thr):,.0f} |", flush=True)
+            del methods, index
+
+
+if __name__ == "__main__":
+    main()

@@ -33,7 +33,7 @@ from nanodb.storage import (
     write_manifest,
 )
 from pipeline.decode import DecodeFailure, _init_worker, decode_file, to_rgb
-from pipeline.walk import is_image_name
+from pipeline.walk import is_image_name, printable
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class SearchResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return f"* index={self.index}  {self.path}  similarity={self.similarity:.4f}"
+        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
 
 
 @dataclass

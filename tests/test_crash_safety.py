@@ -49,7 +49,9 @@ def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
         else:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0), after_line="nanodb.database: saving")
         rows = check_after_kill(db_path, run, folder_files, rng)
-        outcomes.append(f"trial {trial}: {'killed' if run.killed else 'finished'}, {rows} rows committed")
+        in_flight = run.saves()[1]
+        during = f" inside the save of {in_flight} rows" if in_flight else ""
+        outcomes.append(f"trial {trial}: {'killed' if run.killed else 'finished'}{during}, {rows} rows committed")
     final = run_to_end(args, tmp_path / "rescan.log")
     assert final.returncode == 0, final.log[-3000:]
     with NanoDB(db_path, read_only=True) as db:

@@ -4,12 +4,16 @@ every good one indexed as the image a viewer shows, and the scan never hangs."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import hostile_corpus
+from killharness import REPO
 from nanodb.database import NanoDB
 from pipeline.walk import printable
 
@@ -22,11 +26,15 @@ def scanned(tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("pipeline").addHandler(handler)
+    logger = logging.getLogger("pipeline")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
     try:
         report = db.scan(root / "files")
     finally:
-        logging.getLogger("pipeline").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     yield db, report, good, bad, records
     db.close()
 
@@ -91,3 +99,21 @@ def test_saved_names_survive_reopening(scanned, tmp_path):
     db.save()
     with NanoDB(db.path, read_only=True) as reopened:
         assert all(reopened.index_of(p) == db.index_of(p) for p in good)
+
+
+@pytest.mark.timeout(300)
+def test_the_command_line_scan_reports_each_skipped_file_on_one_line(scanned, tmp_path):
+    _, _, good, bad, _ = scanned
+    files = scanned[0].path.parent / "files"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nanodb", "--path", str(tmp_path / "db"), "--config", "test", "--scan", str(files)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, capture_output=True,
+        timeout=280,
+    )
+    err = proc.stderr.decode("utf-8")
+    assert proc.returncode == 0, err[-3000:]
+    lines = err.splitlines()
+    for path in bad:
+        assert sum(printable(path) in line and "skipped" in line for line in lines) == 1, path
+    assert f"{len(good)} added" in err and f"{len(bad)} skipped" in err
+    assert "Traceback" not in err

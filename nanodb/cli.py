@@ -74,10 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
     )
-    if not args.verbose:  # open_clip warns about random weights on every load, through the root logger
-        logging.getLogger().setLevel(logging.ERROR)
-        for ours in ("nanodb", "pipeline"):  # ours still report skipped files and failed autosaves
-            logging.getLogger(ours).setLevel(logging.WARNING)
     try:
         return asyncio.run(run(args))
     except (DatabaseError, ModelLoadError, ValueError) as e:

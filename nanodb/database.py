@@ -112,6 +112,8 @@ class NanoDB:
             spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
             self._check_same_model(manifest, model, pretrained, seed)
         self.spec = spec
+        if manifest is None:
+            self.model  # a new database needs the model (for its dimension): fail before creating files
         if not read_only:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -121,8 +123,7 @@ class NanoDB:
             self._write_lock.acquire()
         try:
             if manifest is None:
-                dim = self.model.dim  # a new database needs the model to know its dimension
-                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, self.model.dim)
                 self._manifest = manifest
                 self._load_empty()
                 self._commit_manifest(manifest)

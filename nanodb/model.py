@@ -80,6 +80,19 @@ def _offline_hub():
         hf.HF_HUB_OFFLINE = saved
 
 
+@contextmanager
+def _quiet_open_clip():
+    """open_clip logs its own (root-logger) errors and warnings on load; ours say what to do instead."""
+    if log.isEnabledFor(logging.INFO):
+        yield
+        return
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 class ClipModel:
     """An open_clip model with the image pre-processing split in two halves.
 
@@ -110,7 +123,7 @@ class ClipModel:
             raise ModelLoadError(f"checkpoint file not found: {spec.pretrained}")
         offline = pretrained is not None and not spec.is_file and not _hub_reachable()
         try:
-            with torch.random.fork_rng(devices=[]), (_offline_hub() if offline else nullcontext()):
+            with torch.random.fork_rng(devices=[]), (_offline_hub() if offline else nullcontext()), _quiet_open_clip():
                 torch.manual_seed(spec.seed)
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     spec.name, pretrained=pretrained, device=self.device
@@ -148,7 +161,7 @@ class ClipModel:
         import torch
 
         with torch.no_grad():
-            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255)
+            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device).permute(0, 3, 1, 2).float().div(255)
             x = (x - self._mean) / self._std
             if self.device == "cuda":
                 x = x.half()

@@ -12,6 +12,8 @@ import logging
 import multiprocessing
 import os
 import stat
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -75,6 +77,19 @@ def _init_worker(transform, max_pixels: int) -> None:
         pass
 
 
+def _init_pool_worker(transform, max_pixels: int) -> None:
+    _init_worker(transform, max_pixels)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose scan was killed (kill -9) is not told; without this it would wait, holding
+    its memory, forever."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def decode_file(path: str) -> DecodedImage | DecodeFailure:
     """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
     from PIL import Image, UnidentifiedImageError
@@ -124,7 +139,7 @@ class ImageDecodePool:
             self._executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
+                initializer=_init_pool_worker,
                 initargs=self._args,
             )
         return self._executor

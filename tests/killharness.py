@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -30,6 +31,7 @@ class KilledRun:
     returncode: int
     killed: bool  # True when we killed it; False when it finished first
     log: str  # its stderr (run with -v, so every save is logged before and after)
+    orphans: int = 0  # its child processes (decode workers) still alive 10 s after the kill
 
     def saves(self) -> tuple[list[int], int | None]:
         """Row counts of the completed saves, and of the save in flight when it died (None if none).
@@ -72,12 +74,16 @@ def kill_after(args: list[str], log_path: Path, delay: float, *, after_line: str
             time.sleep(0.01)
     try:
         proc.wait(timeout=delay)
-        killed = False
+        killed, children = False, []
     except subprocess.TimeoutExpired:
+        children = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         killed = True
-    return KilledRun(proc.returncode, killed, log_path.read_text(errors="replace"))
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:  # leave no stragglers on the machine, even when the test fails
+        child.kill()
+    return KilledRun(proc.returncode, killed, log_path.read_text(errors="replace"), len(alive))
 
 
 def run_to_end(args: list[str], log_path: Path, timeout: float = 300.0) -> KilledRun:

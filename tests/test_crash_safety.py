@@ -49,6 +49,7 @@ def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
         else:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0), after_line="nanodb.database: saving")
         rows = check_after_kill(db_path, run, folder_files, rng)
+        assert run.orphans == 0, "a decode worker outlived its killed scan"
         in_flight = run.saves()[1]
         during = f" inside the save of {in_flight} rows" if in_flight else ""
         outcomes.append(f"trial {trial}: {'killed' if run.killed else 'finished'}{during}, {rows} rows committed")

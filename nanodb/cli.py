@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add the images under a folder (recursively) or a single file; repeatable")
     p.add_argument("--autosave", action="store_true",
                    help="save after each scan and after every `autosave_every` (1000) new images")
+    p.add_argument("--read-only", action="store_true",
+                   help="open for searching only: no lock, no scans or saves (another process may be writing)")
+    p.add_argument("--repair", action="store_true",
+                   help="make a damaged database openable: keep its longest consistent part, then rescan")
     p.add_argument("--validate", action="store_true",
                    help="check that every stored vector finds itself first; list duplicate groups")
     p.add_argument("--k", type=_positive, default=None, help="results per query (default 8)")
@@ -84,7 +88,15 @@ async def run(args: argparse.Namespace) -> int:
     settings = load_settings(
         args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device
     )
-    db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings, autosave=args.autosave)
+    if args.repair:
+        report = await asyncio.to_thread(
+            NanoDB.repair, args.path, args.model, args.pretrained, seed=args.seed, settings=settings
+        )
+        print(f"nanodb: {report.summary()}", file=sys.stderr)
+    if args.read_only and (args.scan or args.autosave):
+        raise ValueError("--read-only cannot be combined with --scan or --autosave")
+    db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
+                autosave=args.autosave, read_only=args.read_only)
     server = None
     try:
         print(f"nanodb: {db}", file=sys.stderr)

@@ -9,6 +9,7 @@ import sys
 from typing import Callable
 
 from nanodb.database import NanoDB
+from pipeline.walk import is_image_name, printable
 
 HELP = """\
 commands:
@@ -33,6 +34,10 @@ class Console:
         self.quit = False  # set by the exit command (as opposed to the input ending)
 
     async def run(self) -> None:
+        try:  # a file name with undecodable bytes is printed escaped, not a crash
+            sys.stdout.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
         if sys.stdin.isatty() and sys.stdout.isatty():
             await self._interactive()
         else:
@@ -65,8 +70,11 @@ class Console:
 
     async def execute(self, line: str) -> bool:
         """Run one command; returns False when the console should exit. Never raises for bad input."""
+        if not line:  # a bare Enter
+            return True
         line = line.strip()
         if not line:
+            self.write("error: empty query: type some words, or give an image path")
             return True
         word, _, rest = line.partition(" ")
         word = word.lower()
@@ -87,12 +95,14 @@ class Console:
                 await self._scan(_unquote(rest))
             elif _is_existing_path(line):
                 await self._scan(_unquote(line))
+            elif _looks_like_image_path(line):
+                raise ValueError(f"no such image file: {_unquote(line)}")
             else:
                 await self._search(line)
         except (ValueError, TypeError, OSError) as e:
-            self.write(f"error: {e}")
+            self.write(f"error: {printable(str(e))}")
         except Exception as e:  # the console must outlive any single bad command
-            self.write(f"error: {type(e).__name__}: {e}")
+            self.write(f"error: {type(e).__name__}: {printable(str(e))}")
         return True
 
     async def _search(self, query) -> None:
@@ -134,6 +144,12 @@ def _unquote(text: str) -> str:
 def _is_existing_path(line: str) -> bool:
     path = os.path.expanduser(_unquote(line))
     return (os.sep in path or path.startswith(".")) and os.path.exists(path)
+
+
+def _looks_like_image_path(line: str) -> bool:
+    """A missing image file typed as a path, which must not silently become a text search."""
+    path = _unquote(line)
+    return path.startswith(("/", "~/", "./", "../")) and is_image_name(path)
 
 
 def _image_or_index(arg: str):

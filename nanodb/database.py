@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -21,16 +22,19 @@ from nanodb.query import combined_vector, is_combined
 from nanodb.storage import (
     DATA_FILES,
     ITEM_DTYPE,
+    REPAIR_HINT,
     DatabaseError,
     Manifest,
+    RepairReport,
     WriteLock,
     append_at,
     read_exact,
     read_manifest,
+    repair,
     write_manifest,
 )
 from pipeline.decode import DecodeFailure, _init_worker, decode_file, to_rgb
-from pipeline.walk import is_image_name
+from pipeline.walk import is_image_name, printable
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class SearchResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return f"* index={self.index}  {self.path}  similarity={self.similarity:.4f}"
+        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
 
 
 @dataclass
@@ -158,13 +162,19 @@ class NanoDB:
         self._load_empty()
         self.index.reserve(m.count)
         self.index.count = m.count
-        self.index.load(lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view))
+        crc = m.checksums or {}
+        self.index.load(
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+        )
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
-            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, memoryview(self._items[: m.count]).cast("B"))
-        self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes))
-        self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes))
-        deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8), "<i8")
+            items_view = memoryview(self._items[: m.count]).cast("B")
+            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, items_view, crc.get("items"))
+        self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")))
+        self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")))
+        deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8, checksum=crc.get("deleted")), "<i8")
+        if ((deleted < 0) | (deleted >= m.count)).any():
+            raise DatabaseError(f"{m.file(root, 'deleted')} names items that do not exist; {REPAIR_HINT}")
         self._deleted = deleted.tolist()
         if self._deleted:
             self.index.delete(self._deleted)
@@ -173,7 +183,9 @@ class NanoDB:
             int((items["path_off"] + items["path_len"]).max()) > m.paths_bytes
             or int((items["meta_off"] + items["meta_len"]).max()) > m.meta_bytes
         ):
-            raise DatabaseError(f"{m.file(root, 'items')} points past the end of its path or metadata file")
+            raise DatabaseError(
+                f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
+            )
 
     def _commit_manifest(self, manifest: Manifest) -> None:
         try:
@@ -529,8 +541,12 @@ class NanoDB:
                 deleted = np.asarray(self._deleted[m.deleted :], "<i8")
                 new.count, new.paths_bytes, new.meta_bytes = n, m.paths_bytes + len(paths), m.meta_bytes + len(meta)
                 new.deleted = len(self._deleted)
+            log.info("saving %s: %d items", self.path, n)
+            appended = {"vectors": vecs.astype("<f2"), "items": items, "paths": paths, "meta": meta, "deleted": deleted}
+            if m.checksums is not None:
+                new.checksums = {k: zlib.crc32(memoryview(appended[k]).cast("B"), m.checksums[k]) for k in DATA_FILES}
             try:
-                append_at(m.file(self.path, "vectors"), m.count * m.dim * 2, vecs.astype("<f2"))
+                append_at(m.file(self.path, "vectors"), m.count * m.dim * 2, appended["vectors"])
                 append_at(m.file(self.path, "items"), m.count * ITEM_DTYPE.itemsize, items)
                 append_at(m.file(self.path, "paths"), m.paths_bytes, paths)
                 append_at(m.file(self.path, "meta"), m.meta_bytes, meta)
@@ -544,6 +560,33 @@ class NanoDB:
             self._manifest = new
             log.info("saved %s: %d items", self.path, len(self))
             return True
+
+    @classmethod
+    def repair(cls, path: str | os.PathLike, model: str | None = None, pretrained: str | None = None, *,
+               seed: int | None = None, settings: Settings | None = None) -> RepairReport:
+        """Make a damaged database openable: commit the longest consistent prefix of its items.
+
+        `model`/`pretrained`/`seed` (else the settings) are used only when the manifest is unreadable.
+        Items lost this way come back by rescanning their folders."""
+        root = Path(path).expanduser().absolute()
+        settings = settings or load_settings()
+        if not root.is_dir():
+            raise DatabaseError(f"no nanodb database at {root}")
+        lock = WriteLock(root)
+        lock.acquire()
+        try:
+            def from_settings() -> Manifest:
+                spec = ModelSpec(model or settings.model, _as_pretrained(pretrained or settings.pretrained),
+                                 settings.seed if seed is None else seed)
+                dim = load_model(spec, settings.device).dim
+                return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+
+            try:
+                return repair(root, from_settings)
+            except OSError as e:
+                raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
+        finally:
+            lock.release()
 
     def _check_writable(self) -> None:
         if self.read_only:

@@ -20,17 +20,21 @@ pointing at complete data. Opening reads each file with one binary read: no per-
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import time
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 FORMAT_VERSION = 1
 MANIFEST = "nanodb.json"
+DATA_FILES = ("vectors", "items", "paths", "meta", "deleted")
 LOCK = ".lock"
 
 ITEM_DTYPE = np.dtype(
@@ -65,13 +69,13 @@ class Manifest:
     saved_at: float = 0.0
     version: int = FORMAT_VERSION
     dtype: str = "float16"
+    # CRC-32 of the committed bytes of each data file, extended at each save (cost ~ new bytes), so a
+    # corrupted file is caught at opening. None when a writer did not record them (then not checked).
+    checksums: dict[str, int] | None = field(default_factory=lambda: dict.fromkeys(DATA_FILES, 0))
 
     def file(self, root: Path, kind: str) -> Path:
         ext = {"vectors": "f16", "items": "bin", "paths": "bin", "meta": "jsonl", "deleted": "bin"}[kind]
         return root / f"{kind}.{self.generation}.{ext}"
-
-
-DATA_FILES = ("vectors", "items", "paths", "meta", "deleted")
 
 
 def read_manifest(root: Path) -> Manifest | None:
@@ -80,18 +84,54 @@ def read_manifest(root: Path) -> Manifest | None:
     if not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise DatabaseError(f"cannot read {path}: {e}") from None
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DatabaseError(f"cannot read {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DatabaseError(f"{path} is corrupted ({e}); {REPAIR_HINT}") from None
+    if not isinstance(data, dict):
+        raise DatabaseError(f"{path} is corrupted (not a JSON object); {REPAIR_HINT}")
     version = data.get("version")
-    if version != FORMAT_VERSION:
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise DatabaseError(
-            f"{path} is format version {version}; this nanodb reads version {FORMAT_VERSION}: upgrade nanodb"
+            f"{path} was written by a newer nanodb (format version {version}); this nanodb reads version "
+            f"{FORMAT_VERSION}: upgrade nanodb"
         )
+    if version != FORMAT_VERSION:
+        raise DatabaseError(f"{path} has an unknown format version {version!r}; {REPAIR_HINT}")
     try:
-        return Manifest(**data)
+        manifest = Manifest(**data)
     except TypeError as e:
-        raise DatabaseError(f"{path} is not a nanodb manifest ({e})") from None
+        raise DatabaseError(f"{path} is not a nanodb manifest ({e}); {REPAIR_HINT}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DatabaseError(f"{path} is corrupted ({problem}); {REPAIR_HINT}")
+    return manifest
+
+
+REPAIR_HINT = "run `nanodb --path DB --repair` to keep what is consistent, then rescan your folders"
+
+
+def _manifest_problem(m: Manifest) -> str | None:
+    """What is wrong with a parsed manifest's fields, if anything."""
+    for name in ("model", "pretrained", "weights_id"):
+        if not isinstance(getattr(m, name), str):
+            return f"{name} is not a string"
+    for name in ("seed", "dim", "count", "generation", "paths_bytes", "meta_bytes", "deleted"):
+        value = getattr(m, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"{name} is not a non-negative whole number"
+    if m.dim == 0:
+        return "dim is 0"
+    if m.deleted > m.count:
+        return "more deleted items than items"
+    if m.checksums is not None and (
+        not isinstance(m.checksums, dict)
+        or set(m.checksums) != set(DATA_FILES)
+        or not all(isinstance(v, int) for v in m.checksums.values())
+    ):
+        return "checksums are malformed"
+    return None
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
@@ -114,8 +154,11 @@ def fsync_dir(root: Path) -> None:
         os.close(fd)
 
 
-def read_exact(path: Path, nbytes: int, into: memoryview | None = None) -> bytes | memoryview:
-    """Read the first `nbytes` of a data file, or fail naming the file: never a silent partial load."""
+def read_exact(
+    path: Path, nbytes: int, into: memoryview | None = None, checksum: int | None = None
+) -> bytes | memoryview:
+    """Read the first `nbytes` of a data file, or fail naming the file: never a silent partial load.
+    With `checksum`, the bytes must have that CRC-32 (a corrupted file is refused, not loaded)."""
     try:
         with open(path, "rb") as f:
             if into is not None:
@@ -127,14 +170,15 @@ def read_exact(path: Path, nbytes: int, into: memoryview | None = None) -> bytes
     except FileNotFoundError:
         if nbytes == 0:
             return b"" if into is None else into
-        raise DatabaseError(f"{path} is missing; the database is damaged (rescan into a new --path)") from None
+        raise DatabaseError(f"{path} is missing; the database is damaged: {REPAIR_HINT}") from None
     except OSError as e:
         raise DatabaseError(f"cannot read {path}: {e.strerror}") from None
     if got < nbytes:
         raise DatabaseError(
-            f"{path} is truncated ({got} of {nbytes} committed bytes); the database is damaged "
-            "(rescan into a new --path)"
+            f"{path} is truncated ({got} of {nbytes} committed bytes); the database is damaged: {REPAIR_HINT}"
         )
+    if checksum is not None and zlib.crc32(data) != checksum:
+        raise DatabaseError(f"{path} is corrupted (its checksum does not match); {REPAIR_HINT}")
     return data
 
 
@@ -161,7 +205,15 @@ class WriteLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise DatabaseError(
+                    f"cannot open {self.path.parent} for writing ({e.strerror}: {self.path}); "
+                    "open it read-only (--read-only) to search it"
+                ) from None
+            raise DatabaseError(f"cannot create {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -180,3 +232,79 @@ class WriteLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+@dataclass
+class RepairReport:
+    """What `repair` kept of a damaged database."""
+
+    committed: int  # items the old manifest committed (or rows found in the files, if it was unreadable)
+    kept: int  # the longest consistent prefix, now committed
+    deleted: int  # tombstones kept
+    manifest_rebuilt: bool  # the manifest was unreadable and was rebuilt from the data files
+
+    def summary(self) -> str:
+        how = "rebuilt the manifest from the data files; " if self.manifest_rebuilt else ""
+        lost = self.committed - self.kept
+        return (
+            f"repair: {how}kept {self.kept} of {self.committed} items"
+            + (f" ({lost} damaged items dropped)" if lost else "")
+            + "; rescan your folders to add back anything missing"
+        )
+
+
+def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
+    """Commit the longest consistent prefix of the items in the data files.
+
+    An item is consistent when its record points inside the path and metadata files, its metadata
+    parses, and its vector is finite and unit length. The manifest is kept if readable (nothing past
+    its committed count is resurrected), else rebuilt from `fallback()` (model and dim) and the data
+    files of the latest generation. The caller holds the write lock.
+    """
+    try:
+        committed = read_manifest(root)
+    except DatabaseError:
+        committed = None
+    rebuilt = committed is None
+    m = fallback() if rebuilt else Manifest(**committed.__dict__)
+    if rebuilt:
+        m.generation = max((int(p.name.split(".")[1]) for p in root.glob("vectors.*.f16")
+                            if p.name.split(".")[1].isdigit()), default=0)
+    files = {kind: m.file(root, kind) for kind in DATA_FILES}
+    raw = {kind: files[kind].read_bytes() if files[kind].exists() else b"" for kind in DATA_FILES}
+    rows = min(len(raw["vectors"]) // (m.dim * 2), len(raw["items"]) // ITEM_DTYPE.itemsize)
+    if not rebuilt:
+        rows = min(rows, m.count)
+    vectors = np.frombuffer(raw["vectors"], "<f2", rows * m.dim).reshape(rows, m.dim).astype(np.float32)
+    items = np.frombuffer(raw["items"], ITEM_DTYPE, rows)
+    path_end = items["path_off"].astype(np.uint64) + items["path_len"]
+    meta_end = items["meta_off"].astype(np.uint64) + items["meta_len"]
+    norms = np.linalg.norm(vectors, axis=1)
+    ok = (path_end <= len(raw["paths"])) & (meta_end <= len(raw["meta"])) & (np.abs(norms - 1) < 0.01)
+    for i in np.flatnonzero(ok & (items["meta_len"] > 0)):
+        try:
+            ok[i] = isinstance(json.loads(raw["meta"][int(items["meta_off"][i]) : int(meta_end[i])]), dict)
+        except ValueError:
+            ok[i] = False
+    kept = int(np.argmin(ok)) if not ok.all() else rows
+    deleted = np.frombuffer(raw["deleted"], "<i8", len(raw["deleted"]) // 8)
+    if not rebuilt:
+        deleted = deleted[: m.deleted]
+    deleted = np.unique(deleted[(deleted >= 0) & (deleted < kept)]).astype("<i8")
+
+    m.count, m.deleted = kept, len(deleted)
+    m.paths_bytes = int(path_end[:kept].max()) if kept else 0
+    m.meta_bytes = int(meta_end[:kept].max()) if kept else 0
+    committed_bytes = {
+        "vectors": raw["vectors"][: kept * m.dim * 2],
+        "items": raw["items"][: kept * ITEM_DTYPE.itemsize],
+        "paths": raw["paths"][: m.paths_bytes],
+        "meta": raw["meta"][: m.meta_bytes],
+        "deleted": deleted.tobytes(),
+    }
+    append_at(files["deleted"], 0, committed_bytes["deleted"])
+    m.checksums = {kind: zlib.crc32(data) for kind, data in committed_bytes.items()}
+    if rebuilt and (root / MANIFEST).exists():
+        os.replace(root / MANIFEST, root / (MANIFEST + ".damaged"))
+    write_manifest(root, m)
+    return RepairReport(committed.count if committed else rows, kept, len(deleted), rebuilt)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+from nanodb.storage import DatabaseError
+
+log = logging.getLogger(__name__)
 
 
 class IndexAppender:
@@ -22,4 +27,7 @@ class IndexAppender:
             self.report.updated += updated
             self.report.changed()
             if self.autosave_every and self.db.unsaved >= self.autosave_every:
-                await asyncio.to_thread(self.db.save)
+                try:
+                    await asyncio.to_thread(self.db.save)
+                except DatabaseError as e:  # e.g. a full disk: keep scanning, the next autosave retries
+                    log.error("autosave failed, scanning goes on: %s", e)

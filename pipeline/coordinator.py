@@ -14,7 +14,7 @@ from typing import Callable
 from pipeline.append import IndexAppender
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from pipeline.embed import ClipStage
-from pipeline.walk import DirectoryWalker, FoundFile
+from pipeline.walk import DirectoryWalker, FoundFile, printable
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class ScanReport:
         return (self.finished or time.monotonic()) - self.started
 
     def fail(self, path: str, reason: str) -> None:
-        log.warning("skipped %s: %s", path, reason)
+        log.warning("skipped %s: %s", printable(path), reason)
         self.failures.append((path, reason))
         self.changed()
 

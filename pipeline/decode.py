@@ -11,6 +11,9 @@ import io
 import logging
 import multiprocessing
 import os
+import stat
+import threading
+import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +23,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole would hurt
+# Resizing the short side to the model's input multiplies the pixels by the aspect ratio: a 1x100000
+# strip (a small file) would become gigabytes. Real panoramas stay far below this.
+MAX_ASPECT_RATIO = 200
 
 
 @dataclass
@@ -71,17 +77,33 @@ def _init_worker(transform, max_pixels: int) -> None:
         pass
 
 
+def _init_pool_worker(transform, max_pixels: int) -> None:
+    _init_worker(transform, max_pixels)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose scan was killed (kill -9) is not told; without this it would wait, holding
+    its memory, forever."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+
+
 def decode_file(path: str) -> DecodedImage | DecodeFailure:
     """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        st = os.stat(path)
-        if st.st_size == 0:
-            return DecodeFailure(path, "empty file")
-        if st.st_size > MAX_FILE_BYTES:
-            return DecodeFailure(path, f"file too large ({st.st_size >> 20} MiB)")
-        with open(path, "rb") as f:
+        # Non-blocking, then checked: a file swapped for a FIFO since the walk must not hang the worker.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return DecodeFailure(path, "not a regular file")
+            if st.st_size == 0:
+                return DecodeFailure(path, "empty file")
+            if st.st_size > MAX_FILE_BYTES:
+                return DecodeFailure(path, f"file too large ({st.st_size >> 20} MiB)")
             data = f.read()
     except OSError as e:
         return DecodeFailure(path, f"unreadable: {e.strerror or e}")
@@ -90,6 +112,8 @@ def decode_file(path: str) -> DecodedImage | DecodeFailure:
             w, h = image.size
             if w * h > Image.MAX_IMAGE_PIXELS:
                 return DecodeFailure(path, f"image too large ({w}x{h} pixels, decompression bomb?)")
+            if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+                return DecodeFailure(path, f"absurd dimensions ({w}x{h} pixels)")
             image.load()
             pixels = np.asarray(_transform(to_rgb(image)), np.uint8)
     except UnidentifiedImageError:
@@ -115,7 +139,7 @@ class ImageDecodePool:
             self._executor = ProcessPoolExecutor(
                 self.workers,
                 mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
+                initializer=_init_pool_worker,
                 initargs=self._args,
             )
         return self._executor

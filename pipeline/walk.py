@@ -21,6 +21,12 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def printable(path: str) -> str:
+    """A file name fit for one log or console line: newlines, control characters and undecodable
+    bytes (surrogate escapes) shown as Python escapes, so no name can split or garble the output."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
 @dataclass(frozen=True)
 class FoundFile:
     path: str  # absolute, normalised, symlinks kept as named
@@ -53,7 +59,7 @@ class DirectoryWalker:
         return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(path, pat) for pat in self.excludes)
 
     def _problem(self, path: str, reason: str) -> None:
-        log.warning("skipped %s: %s", path, reason)
+        log.warning("skipped %s: %s", printable(path), reason)
         self.problems.append(WalkProblem(path, reason))
 
     def __iter__(self) -> Iterator[FoundFile]:

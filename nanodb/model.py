@@ -143,7 +143,7 @@ class ClipModel:
         self.preprocess = preprocess
         steps = list(preprocess.transforms)
         split = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
-        self.pixel_transform = type(preprocess)(steps[:split])
+        self.pixel_transform = pillow_transform(steps[:split]) or type(preprocess)(steps[:split])
         normalize = steps[-1]
         self._mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
@@ -180,6 +180,30 @@ class ClipModel:
         with torch.no_grad():
             tokens = self.tokenizer(list(texts)).to(self.device)
             return self._finish(self.model.encode_text(tokens))
+
+
+def pillow_transform(steps) -> "ResizeCenterCrop | None":
+    """The Pillow-only equivalent of open_clip's usual resize + crop + RGB steps, if that is what they are."""
+    from torchvision.transforms import CenterCrop, InterpolationMode, Resize
+
+    from pipeline.decode import ResizeCenterCrop
+
+    if len(steps) != 3 or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
+        return None
+    resize, crop, convert = steps
+    size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+    filters = {InterpolationMode.BICUBIC: 3, InterpolationMode.BILINEAR: 2}  # PIL.Image.Resampling values
+    crop_h, crop_w = crop.size
+    if (
+        len(size) != 1
+        or resize.max_size is not None
+        or resize.interpolation not in filters
+        or type(convert).__name__ != "MaybeConvertMode"
+        or getattr(convert, "mode", None) != "RGB"
+        or max(crop_h, crop_w) > size[0]
+    ):
+        return None
+    return ResizeCenterCrop(size[0], (crop_h, crop_w), filters[resize.interpolation])
 
 
 _cache: dict[tuple[ModelSpec, str], ClipModel] = {}

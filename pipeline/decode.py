@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -59,6 +60,30 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """open_clip's usual pixel steps (torchvision Resize of the short side, CenterCrop, RGB) in plain
+    Pillow, with torchvision's arithmetic, pixel for pixel: so decode workers need not import torch,
+    which would cost each of them about 500 MB."""
+
+    short_side: int
+    crop: tuple[int, int]  # (height, width), at most short_side
+    resample: int  # a PIL.Image.Resampling filter
+
+    def __call__(self, image):
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.short_side * long / short)
+        new_w, new_h = (self.short_side, new_long) if w <= h else (new_long, self.short_side)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), self.resample)
+        crop_h, crop_w = self.crop
+        if (crop_w, crop_h) != (new_w, new_h):
+            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
 _transform = None
 
 
@@ -69,12 +94,8 @@ def _init_worker(transform, max_pixels: int) -> None:
     _transform = transform
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.simplefilter("error", Image.DecompressionBombWarning)  # skip bombs, do not just warn
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    if "torch" in sys.modules:  # a torchvision transform: one thread per worker, the pool is the parallelism
+        sys.modules["torch"].set_num_threads(1)
 
 
 def _init_pool_worker(transform, max_pixels: int) -> None:

@@ -397,7 +397,7 @@ class NanoDB:
         """
         return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes))
 
-    async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None):
+    async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None, running=None):
         from pipeline.coordinator import ScanPipeline, ScanReport
 
         self._check_writable()
@@ -423,6 +423,7 @@ class NanoDB:
             excludes=excludes,
             autosave_every=self.settings.autosave_every if self.autosave else None,
             report=report,
+            running=running,
         )
         try:
             await pipeline.run()

@@ -110,6 +110,8 @@ class NanoDB:
             spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
             self._check_same_model(manifest, model, pretrained, seed)
         self.spec = spec
+        if manifest is None:
+            self.model  # a new database needs the model (for its dimension): fail before creating files
         if not read_only:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -119,8 +121,7 @@ class NanoDB:
             self._write_lock.acquire()
         try:
             if manifest is None:
-                dim = self.model.dim  # a new database needs the model to know its dimension
-                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, self.model.dim)
                 self._manifest = manifest
                 self._load_empty()
                 self._commit_manifest(manifest)
@@ -162,7 +163,8 @@ class NanoDB:
         self.index.count = m.count
         self.index.load(lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view))
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
-        read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, memoryview(self._items[: m.count]).cast("B"))
+        if m.count:
+            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, memoryview(self._items[: m.count]).cast("B"))
         self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes))
         self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes))
         deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8), "<i8")

@@ -89,7 +89,7 @@ class VectorIndex:
 
     def load(self, read_into) -> None:
         """Fill a fresh index from storage: `read_into(buffer_view)` writes count x dim float16 rows."""
-        if self.count:  # an empty view cannot be cast
+        if self.count:
             read_into(memoryview(self._buf[: self.count]).cast("B"))
         if self._gpu is not None:
             self._gpu[: self.count] = self._cp.asarray(self._buf[: self.count])

@@ -148,7 +148,7 @@ class ClipModel:
         import torch
 
         with torch.no_grad():
-            x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div(255)
+            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device).permute(0, 3, 1, 2).float().div(255)
             x = (x - self._mean) / self._std
             if self.device == "cuda":
                 x = x.half()

@@ -1,0 +1,66 @@
+"""The command line and the console, driven as a user scripts them: over stdin, in a subprocess."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nanodb.model import _hub_reachable
+
+RESULT_LINE = re.compile(r"^\* index=(\d+)  (.+)  similarity=(-?\d\.\d+)$")
+
+
+def nanodb(*args, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "nanodb", *args],
+        input=stdin.encode(),
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def test_scripted_console_prints_nanodb_result_lines(tmp_path, photo_tree):
+    db = tmp_path / "db"
+    photo = sorted((photo_tree / "set1").rglob("*.jpg"))[0]
+    run = nanodb("--path", str(db), "--config", "test", "--scan", str(photo_tree), "--k", "3",
+                 stdin=f"a dog on a beach\nsimilar {photo}\nsave\n")
+    out = run.stdout.decode()
+    assert run.returncode == 0, run.stderr.decode()
+    lines = [m for m in map(RESULT_LINE.match, out.splitlines()) if m]
+    assert len(lines) == 6
+    sims = [float(m.group(3)) for m in lines[:3]]
+    assert sims == sorted(sims, reverse=True)
+    assert lines[3].group(2) == str(photo)
+    assert "saved 40 items" in out
+    assert "6 skipped" in run.stderr.decode()
+    # Reopened later, with no scan: the same database answers, and a bad command does not end it.
+    again = nanodb("--path", str(db), stdin=f"similar /no/such/file.jpg\nsimilar {photo}\n")
+    out = again.stdout.decode()
+    assert "error: no such image file" in out
+    assert [m.group(2) for m in map(RESULT_LINE.match, out.splitlines()) if m][0] == str(photo)
+
+
+def test_validate_reports_every_item_finds_itself(tmp_path, photo_tree):
+    run = nanodb("--path", str(tmp_path / "db"), "--config", "test", "--scan", str(photo_tree / "set0"), "--validate")
+    assert run.returncode == 0, run.stderr.decode()
+    assert re.search(r"validated (\d+) items: \1 found themselves first, 0 did not", run.stdout.decode())
+
+
+def test_bad_arguments_give_one_line_errors(tmp_path):
+    run = nanodb("--path", str(tmp_path / "db"), "--model", "No-Such-Model", "--pretrained", "none")
+    assert run.returncode == 2 and "unknown model 'No-Such-Model'" in run.stderr.decode()
+    run = nanodb("--path", str(tmp_path / "db"), "--k", "0")
+    assert run.returncode == 2 and "--k: must be at least 1" in run.stderr.decode()
+    assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.skipif(_hub_reachable(), reason="the model hub is reachable: weights would be downloaded")
+def test_missing_weights_without_network_is_a_clear_error(tmp_path):
+    run = nanodb("--path", str(tmp_path / "db"), "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", timeout=120)
+    err = run.stderr.decode()
+    assert run.returncode == 2
+    assert "cannot get the weights ViT-B-32/laion2b_s34b_b79k" in err and "--pretrained /path/to/file" in err
+    assert len(err.strip().splitlines()) == 1

@@ -109,6 +109,8 @@ async def run(args: argparse.Namespace) -> int:
         show = lambda report: print(report.summary(), file=sys.stderr)  # noqa: E731
         for folder in args.scan:
             service.scan(folder, on_done=show)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            await service.wait_scans()  # a script's commands expect the --scan results (`scan` does not wait)
         if args.watch:
             service.watch(args.watch, on_ready=show)
         if args.validate:

@@ -18,7 +18,7 @@ import pytest
 
 from nanodb import NanoDB
 from nanodb.service import IngestService
-from tests.conftest import coco_photos, data_dir
+from conftest import coco_photos, data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 WATCH_BOUND_S = 5.0  # the promise: searchable within 5 s of the last write

@@ -75,7 +75,8 @@ class IngestService:
             self.watch_report = ScanReport(walking=False)
             pipeline = ScanPipeline(
                 self.db, [], self.db.decode_pool, self.db.settings.batch_size, excludes=self.excludes,
-                autosave_every=self.db.settings.autosave_every, report=self.watch_report, feed=feed,
+                autosave_every=self.db.settings.autosave_every if self.db.autosave else None,
+                report=self.watch_report, feed=feed,
                 running=self.running,
             )
             async with asyncio.TaskGroup() as tg:

@@ -82,6 +82,8 @@ class IngestService:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(pipeline.run())
                 tg.create_task(self.watcher.run())
+        except Exception as e:  # logged, not raised: queries and the other tasks go on
+            log.error("watching %s stopped: %s", ", ".join(folders), e)
         finally:
             self.watcher.stop()
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+
+from nanodb.storage import DatabaseError
+
+log = logging.getLogger(__name__)
 
 
 class IndexAppender:
@@ -30,4 +35,7 @@ class IndexAppender:
             self.report.updated += updated
             self.report.changed()
             if self.autosave_every and self.db.unsaved >= self.autosave_every:
-                await asyncio.to_thread(self.db.save)
+                try:
+                    await asyncio.to_thread(self.db.save)
+                except DatabaseError as e:  # e.g. a full disk: nothing is lost from memory, go on
+                    log.error("autosave failed: %s", e)

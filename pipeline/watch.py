@@ -62,6 +62,7 @@ class FolderWatcher:
         self.changes = 0  # events applied, for the status line
         self._events: asyncio.Queue = asyncio.Queue()
         self._observer = None
+        self._walks: set[asyncio.Task] = set()  # folders moved in, being looked through
 
     def start(self) -> None:
         """Start receiving events (they queue up until run(), so none is lost during a first scan)."""
@@ -158,7 +159,9 @@ class FolderWatcher:
             return
         self.changes += self.db.move_folder(src, dest)
         # Files of the folder that were not indexed yet: look at them under their new path.
-        asyncio.get_running_loop().create_task(self._mark_folder(dest))
+        walk = asyncio.get_running_loop().create_task(self._mark_folder(dest))
+        self._walks.add(walk)
+        walk.add_done_callback(self._walks.discard)
 
     # ------------------------------------------------------------------ settling
     async def _settle(self) -> None:
@@ -179,7 +182,10 @@ class FolderWatcher:
                     del self.pending[path]
                     ready.append(FoundFile(path, st.st_size, st.st_mtime))
             for found in ready:
-                await self._hand_on(found)
+                try:
+                    await self._hand_on(found)
+                except Exception as e:  # e.g. a database error: report it, keep watching
+                    log.error("could not index %s: %s", found.path, e)
 
     async def _hand_on(self, found: FoundFile) -> None:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""

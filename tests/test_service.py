@@ -243,6 +243,24 @@ def test_watch_reflects_every_kind_of_change_and_survives_a_restart(tmp_path, ph
         assert db.validate().ok
 
 
+def test_pause_holds_ingestion_and_resume_finishes_it(tmp_path, photos):
+    async def scenario(db):
+        service = IngestService(db)
+        service.pause()
+        task = service.scan(str(photos))
+        await asyncio.sleep(3)
+        paused = (task.done(), len(db), service.status())
+        service.resume()
+        await task
+        await service.stop()
+        return paused, task.result()
+
+    with NanoDB(tmp_path / "db", config="test") as db:
+        (finished, items, status), report = asyncio.run(scenario(db))
+        assert (finished, items) == (False, 0) and "PAUSED" in status
+        assert report.added == 6 and searchable_paths(db) == folder_files(photos)
+
+
 # ---------------------------------------------------------------------------------------- console
 def start_nanodb(*args, stdin=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}

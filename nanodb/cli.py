@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 
 from nanodb import __version__
@@ -12,12 +13,15 @@ from nanodb.config import load_settings
 from nanodb.console import Console, format_validation
 from nanodb.database import NanoDB
 from nanodb.model import ModelLoadError
+from nanodb.service import IngestService
 from nanodb.storage import DatabaseError
+from pipeline.walk import DEFAULT_EXCLUDES
 
 EPILOG = """\
 examples:
   nanodb --scan ~/Pictures --path ~/.nanodb/pictures --autosave
   nanodb --path ~/.nanodb/pictures --server --port 7860
+  nanodb --path ~/.nanodb/pictures --watch ~/Pictures --watch /mnt/camera --exclude '*.tmp.jpg'
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
 
 Defaults come from configs/default.yaml; --config FILE overrides them, and flags override both."""
@@ -33,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, help="database folder (created if missing, loaded if present)")
     p.add_argument("--scan", action="append", default=[], metavar="DIR",
                    help="add the images under a folder (recursively) or a single file; repeatable")
+    p.add_argument("--watch", action="append", default=[], metavar="DIR",
+                   help="scan a folder, then keep indexing what changes in it until Ctrl-C/SIGTERM "
+                        "(repeatable; implies --autosave)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="skip files and folders whose name or path matches (repeatable; hidden folders, "
+                        "@eaDir, .thumbnails and the database folder are always skipped)")
     p.add_argument("--autosave", action="store_true",
                    help="save after each scan and after every `autosave_every` (1000) new images")
     p.add_argument("--read-only", action="store_true",
@@ -82,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except asyncio.CancelledError:  # SIGTERM: stopped and saved
+        return 0
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -93,11 +105,14 @@ async def run(args: argparse.Namespace) -> int:
             NanoDB.repair, args.path, args.model, args.pretrained, seed=args.seed, settings=settings
         )
         print(f"nanodb: {report.summary()}", file=sys.stderr)
-    if args.read_only and (args.scan or args.autosave):
-        raise ValueError("--read-only cannot be combined with --scan or --autosave")
+    if args.read_only and (args.scan or args.watch or args.autosave):
+        raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
     db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                autosave=args.autosave, read_only=args.read_only)
-    server = None
+                autosave=args.autosave or bool(args.watch), read_only=args.read_only)
+    # SIGTERM stops like Ctrl-C: ingestion is cancelled (in-flight batches dropped) and what was
+    # indexed is saved below.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    server = service = None
     try:
         print(f"nanodb: {db}", file=sys.stderr)
         if args.server:  # first, so the web UI serves while the scans below run
@@ -105,21 +120,33 @@ async def run(args: argparse.Namespace) -> int:
 
             server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None)
             print(f"nanodb: web UI at {server.url} , HTTP API docs at {server.url}docs", file=sys.stderr)
+        service = IngestService(db, [*DEFAULT_EXCLUDES, *args.exclude] if args.exclude else None)
+        show = lambda report: print(report.summary(), file=sys.stderr)  # noqa: E731
         for folder in args.scan:
-            report = await db.scan_async(folder, progress=True)
-            print(report.summary(), file=sys.stderr)
+            service.scan(folder, on_done=show)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            await service.wait_scans()  # a script's commands expect the --scan results (`scan` does not wait)
+        if args.watch:
+            service.watch(args.watch, on_ready=show)
         if args.validate:
+            await service.wait_scans()
             print(format_validation(db, await asyncio.to_thread(db.validate)))
-        console = Console(db, settings.k)
+        console = Console(db, settings.k, service=service)
         await console.run()
-        if db.unsaved:
-            await asyncio.to_thread(db.save)
-            print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
-        if server is not None and not console.quit and not sys.stdin.isatty():  # e.g. a service with no input
-            print("nanodb: input ended; serving until Ctrl-C", file=sys.stderr)
-            await asyncio.to_thread(server.thread.join)
+        if not console.exited:  # end of input: let the scans finish; a watch runs until stopped
+            if args.watch:
+                print(f"nanodb: watching {', '.join(args.watch)}; Ctrl-C or SIGTERM to stop", file=sys.stderr)
+            await service.wait()
+            if server is not None and not sys.stdin.isatty():  # e.g. a service with no input
+                print("nanodb: input ended; serving until Ctrl-C", file=sys.stderr)
+                await asyncio.to_thread(server.thread.join)
     finally:
+        if service is not None:
+            await service.stop()
         if server is not None:
             server.stop()
+        if db.unsaved:
+            db.save()
+            print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
         db.close()
     return 0

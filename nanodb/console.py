@@ -6,10 +6,12 @@ import asyncio
 import os
 import shlex
 import sys
+import threading
 from typing import Callable
 
 from nanodb.database import NanoDB
 from pipeline.walk import is_image_name, printable
+from nanodb.service import IngestService
 
 HELP = """\
 commands:
@@ -17,7 +19,10 @@ commands:
   A + B - C            combined query, e.g.  dog + beach - snow  (weights: 2:dog + cat)
   PATH                 an existing folder or image file: scan it into the database
   similar PATH|INDEX   images similar to an image file or to a stored item
-  scan PATH            scan a folder or file (also when the name could be read as text)
+  scan PATH            scan a folder or file in the background (also when the name could be read as text)
+  status               what ingestion is doing: files done/total, images/s, errors, ETA, queues
+  pause / resume       pause or resume ingestion (scans and watches); queries keep working
+  wait                 wait until the running scans are done
   save                 save the database now
   validate             check that every stored vector finds itself first
   help                 this text
@@ -27,11 +32,19 @@ commands:
 class Console:
     """Reads commands and runs them against `db`. Output goes through `write` (print by default)."""
 
-    def __init__(self, db: NanoDB, k: int, write: Callable[[str], None] = print):
+    def __init__(self, db: NanoDB, k: int, write: Callable[[str], None] = print,
+                 service: IngestService | None = None):
         self.db = db
         self.k = k
         self.write = write
-        self.quit = False  # set by the exit command (as opposed to the input ending)
+        self._service = service
+        self.exited = False  # `exit` typed, rather than the end of input
+
+    @property
+    def service(self) -> IngestService:
+        if self._service is None:
+            self._service = IngestService(self.db)
+        return self._service
 
     async def run(self) -> None:
         try:  # a file name with undecodable bytes is printed escaped, not a crash
@@ -47,7 +60,10 @@ class Console:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.patch_stdout import patch_stdout
 
-        session: PromptSession = PromptSession()
+        # The bottom toolbar is the live status line: redrawn in place, below the line being typed.
+        session: PromptSession = PromptSession(
+            bottom_toolbar=lambda: self.service.status(), refresh_interval=0.5
+        )
         with patch_stdout():
             while True:
                 try:
@@ -64,7 +80,17 @@ class Console:
             sys.stdin.reconfigure(errors="surrogateescape")  # non-UTF-8 file names stay usable
         except (AttributeError, ValueError):
             pass
-        while line := await asyncio.to_thread(sys.stdin.readline):
+        # A daemon thread reads stdin, so a SIGTERM never waits for a line that may never come.
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue = asyncio.Queue()
+
+        def read() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            loop.call_soon_threadsafe(lines.put_nowait, "")
+
+        threading.Thread(target=read, name="nanodb-stdin", daemon=True).start()
+        while line := await lines.get():
             if not await self.execute(line.rstrip("\n")):
                 return
 
@@ -80,7 +106,7 @@ class Console:
         word = word.lower()
         try:
             if word in ("exit", "quit"):
-                self.quit = True
+                self.exited = True
                 return False
             if word == "help":
                 self.write(HELP)
@@ -91,6 +117,17 @@ class Console:
                 self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
             elif word == "similar":
                 await self._search(_image_or_index(rest))
+            elif word == "status":
+                self.write(self.service.status())
+            elif word == "pause":
+                self.service.pause()
+                self.write("ingestion paused (queries still work); `resume` to go on")
+            elif word == "resume":
+                self.service.resume()
+                self.write("ingestion resumed")
+            elif word == "wait":
+                await self.service.wait_scans()
+                self.write(self.service.status())
             elif word == "scan":
                 await self._scan(_unquote(rest))
             elif _is_existing_path(line):
@@ -113,10 +150,8 @@ class Console:
             self.write(str(r))
 
     async def _scan(self, path: str) -> None:
-        if not os.path.exists(os.path.expanduser(path)):
-            raise ValueError(f"no such file or folder: {path}")
-        report = await self.db.scan_async(path, progress=True)
-        self.write(report.summary())
+        self.service.scan(path, on_done=lambda report: self.write(report.summary()))
+        self.write(f"scanning {path} in the background (`status` to follow it)")
 
 
 def format_validation(db: NanoDB, report) -> str:

@@ -31,6 +31,8 @@ from nanodb.storage import (
     read_exact,
     read_manifest,
     repair,
+    remove_other_generations,
+    write_generation,
     write_manifest,
 )
 from pipeline.decode import DecodeFailure, _init_worker, decode_file, to_rgb
@@ -132,6 +134,8 @@ class NanoDB:
             else:
                 self._manifest = manifest
                 self._load()
+                if not read_only:
+                    remove_other_generations(self.path, manifest.generation)
         except BaseException:
             self.close()
             raise
@@ -154,6 +158,7 @@ class NanoDB:
         self._paths = bytearray()
         self._meta = bytearray()
         self._deleted: list[int] = []
+        self._hash_index: dict[bytes, int] | None = None
 
     def _load(self) -> None:
         """Read the committed part of each data file with one binary read (no per-item parsing)."""
@@ -297,6 +302,8 @@ class NanoDB:
                 row["size"], row["mtime"], row["hash"] = rec.get("size", -1), rec.get("mtime", 0.0), rec["hash"]
                 if path and path_index is not None:
                     path_index[path] = start + i
+                if self._hash_index is not None:
+                    self._hash_index[bytes(rec["hash"])] = start + i
             self.index.append(vectors)  # last: a concurrent search sees complete rows only
         return list(range(start, n))
 
@@ -406,7 +413,7 @@ class NanoDB:
         """
         return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes))
 
-    async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None):
+    async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None, running=None):
         from pipeline.coordinator import ScanPipeline, ScanReport
 
         self._check_writable()
@@ -432,6 +439,7 @@ class NanoDB:
             excludes=excludes,
             autosave_every=self.settings.autosave_every if self.autosave else None,
             report=report,
+            running=running,
         )
         self.active_scans.append(report)
         try:
@@ -497,11 +505,12 @@ class NanoDB:
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
         queries = list(query) if batched else [query]
         vectors = np.stack([self.embed_query(q) for q in queries]) if queries else np.zeros((0, self.dim))
-        indices, scores = self.index.search(vectors, k)
-        results = [
-            [SearchResult(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
-            for ri, rs in zip(indices, scores)
-        ]
+        with self._lock:  # a compaction renumbers rows: indices and paths must come from one state
+            indices, scores = self.index.search(vectors, k)
+            results = [
+                [SearchResult(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
+                for ri, rs in zip(indices, scores)
+            ]
         return results if batched else results[0]
 
     def validate(self, batch: int = 256) -> "ValidationReport":
@@ -533,6 +542,9 @@ class NanoDB:
                 n = self.index.count
                 if n == m.count and len(self._deleted) == m.deleted:
                     return False
+                if len(self._deleted) > self.settings.compact_dead_fraction * n:
+                    self._compact()
+                    return True
                 new = Manifest(**{**m.__dict__})
                 vecs = self.index.vectors[m.count : n].copy()
                 items = self._items[m.count : n].copy()
@@ -588,6 +600,117 @@ class NanoDB:
         finally:
             lock.release()
 
+    def _compact(self) -> None:
+        """Rewrite the database without its deleted rows as generation G+1; the caller holds both locks.
+
+        Crash-safe: the new files are complete and fsynced before the manifest names them, and the old
+        generation is deleted only after. Renumbers the items (indices shown earlier become stale).
+        """
+        m = self._manifest
+        live = np.flatnonzero(~self.index.dead)
+        dropped = self.index.count - len(live)
+        vectors = self.index.vectors[live]
+        items = np.zeros(max(len(live), 1024), ITEM_DTYPE)
+        items[: len(live)] = self._items[live]
+        paths, meta = bytearray(), bytearray()
+        for row in items[: len(live)]:
+            for off, length, data, old in (("path_off", "path_len", paths, self._paths), ("meta_off", "meta_len", meta, self._meta)):
+                start = int(row[off])
+                row[off] = len(data)
+                data += old[start : start + int(row[length])]
+        new = Manifest(**{**m.__dict__})
+        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.paths_bytes, new.meta_bytes = len(paths), len(meta)
+        data = {
+            "vectors": vectors.astype("<f2"), "items": items[: len(live)], "paths": bytes(paths),
+            "meta": bytes(meta), "deleted": b"",
+        }
+        new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
+        try:
+            write_generation(self.path, new, data)
+            write_manifest(self.path, new)
+        except OSError as e:
+            raise DatabaseError(
+                f"compacting {self.path} failed ({e.strerror or e}); the previous save is intact and "
+                f"nothing is lost from memory: free some space and save again"
+            ) from None
+        index = VectorIndex(self.dim, self.index.backend)
+        index.append(vectors)
+        self.index, self._items, self._paths, self._meta = index, items, paths, meta
+        self._deleted, self._path_index, self._hash_index = [], None, None
+        self._manifest = new
+        try:
+            remove_other_generations(self.path, new.generation)
+        except OSError as e:  # harmless: they are removed at the next open
+            log.warning("could not remove old data files in %s: %s", self.path, e)
+        log.info("compacted %s: %d deleted rows dropped, %d kept", self.path, dropped, len(live))
+
+    # ----------------------------------------------------------------- changes seen in watched folders
+    def move_paths(self, moves: Iterable[tuple[str, str]]) -> int:
+        """Re-point items to new file paths (renames, moves) without re-embedding: each gets a new row
+        that copies its vector and record, and the old row is deleted. Returns how many moved."""
+        self._check_writable()
+        with self._lock:
+            paths = self._paths_to_index()
+            rows, records, replaced = [], [], []
+            for old, new in moves:
+                i = paths.get(_absolute(old))
+                if i is None:
+                    continue
+                new = _absolute(new)
+                rec = self._items[i]
+                try:
+                    st = os.stat(new)
+                    size, mtime = st.st_size, st.st_mtime
+                except OSError:
+                    size, mtime = int(rec["size"]), float(rec["mtime"])
+                rows.append(i)
+                if new in paths:
+                    replaced.append(paths[new])
+                records.append({"path": new, "size": size, "mtime": mtime, "hash": bytes(rec["hash"]),
+                                "metadata": self.metadata_of(i) or None})
+            if rows:
+                self._append(self.index.vectors[rows], records)
+                self._delete_rows(rows + replaced)
+        return len(rows)
+
+    def move_folder(self, old: str, new: str) -> int:
+        """Re-point every item under folder `old` to the same place under `new`."""
+        old, new = _absolute(old) + os.sep, _absolute(new) + os.sep
+        with self._lock:
+            moves = [(p, new + p[len(old):]) for p in self._paths_to_index() if p.startswith(old)]
+        return self.move_paths(moves)
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Delete the items of these files, and of every file under those that are folders."""
+        self._check_writable()
+        with self._lock:
+            index = self._paths_to_index()
+            rows = []
+            for p in paths:
+                p = _absolute(p)
+                if p in index:
+                    rows.append(index[p])
+                prefix = p + os.sep
+                rows.extend(i for q, i in index.items() if q.startswith(prefix))
+            self._delete_rows(rows)
+        return len(rows)
+
+    def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
+        """Index a file whose exact bytes are already known (a copy, or a move that arrived as a delete
+        then a create) with the stored vector, without decoding. Returns its index, None if unknown."""
+        self._check_writable()
+        with self._lock:
+            if self._hash_index is None:  # deleted rows too: their vectors stay until compaction
+                hashes = self._items["hash"][: self.index.count]
+                self._hash_index = {bytes(h): i for i, h in enumerate(hashes)}
+            i = self._hash_index.get(bytes(content_hash))
+            if i is None:
+                return None
+            found = DecodedFile(_absolute(path), size, mtime, bytes(content_hash))
+            self._add_scanned([found], self.index.vectors[i : i + 1])
+            return self._paths_to_index()[found.path]
+
     def _check_writable(self) -> None:
         if self.read_only:
             raise DatabaseError(f"{self.path} is open read-only")
@@ -619,6 +742,20 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+
+@dataclass
+class DecodedFile:
+    """What the appender needs to know of a file, besides its vector."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: bytes
+
+
+def _absolute(path: str | os.PathLike) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def _as_pretrained(value: str) -> str:

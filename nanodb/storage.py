@@ -308,3 +308,23 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
         os.replace(root / MANIFEST, root / (MANIFEST + ".damaged"))
     write_manifest(root, m)
     return RepairReport(committed.count if committed else rows, kept, len(deleted), rebuilt)
+
+
+def write_generation(root: Path, manifest: Manifest, data: dict[str, bytes | memoryview]) -> None:
+    """Write every data file of `manifest.generation` from scratch (a compaction), fsynced.
+
+    Files left by a compaction that crashed before its manifest are simply overwritten; the old
+    generation stays committed until the caller replaces the manifest.
+    """
+    for kind in DATA_FILES:
+        append_at(manifest.file(root, kind), 0, data[kind])
+
+
+def remove_other_generations(root: Path, generation: int) -> None:
+    """Delete data files of generations other than the committed one: the old files of a finished
+    compaction, or the partial files of one that crashed. Called only with the write lock held."""
+    for kind in DATA_FILES:
+        for path in root.glob(f"{kind}.*.*"):
+            parts = path.name.split(".")
+            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) != generation:
+                path.unlink(missing_ok=True)

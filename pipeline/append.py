@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from nanodb.storage import DatabaseError
 
@@ -22,6 +23,13 @@ class IndexAppender:
     async def run(self, inbox: asyncio.Queue) -> None:
         while (batch := await inbox.get()) is not None:
             images, vectors = batch
+            # A file deleted or moved away while it was being embedded is not added: the watcher,
+            # which runs on this same event loop, handled its event already or will find it indexed.
+            present = [i for i, im in enumerate(images) if os.path.exists(im.path)]
+            if len(present) < len(images):
+                images, vectors = [images[i] for i in present], vectors[present]
+            if not images:
+                continue
             added, updated = self.db._add_scanned(images, vectors)
             self.report.added += added
             self.report.updated += updated

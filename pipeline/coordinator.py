@@ -1,10 +1,12 @@
-"""The asyncio coordinator: walker -> decode pool -> CLIP stage -> index appender, joined by bounded
-queues so memory stays flat however large the folder, and every stage runs while the others wait."""
+"""The asyncio coordinator: walker (or a folder watcher's feed) -> decode pool -> CLIP stage -> index
+appender, joined by bounded queues so memory stays flat however large the folder, and every stage runs
+while the others wait."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -27,11 +29,13 @@ class ScanReport:
     unchanged: int = 0  # already indexed with the same size and mtime: not decoded again
     added: int = 0
     updated: int = 0  # changed files, re-embedded
+    dropped: int = 0  # indexed files gone from a rescanned folder
     failures: list[tuple[str, str]] = field(default_factory=list)
     walking: bool = True
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     on_change: Callable[["ScanReport"], None] | None = field(default=None, repr=False)
+    queues: dict[str, asyncio.Queue] = field(default_factory=dict, repr=False)  # for the status line
 
     @property
     def failed(self) -> int:
@@ -54,35 +58,69 @@ class ScanReport:
         if self.on_change:
             self.on_change(self)
 
+    @property
+    def rate(self) -> float:
+        """Images embedded per second."""
+        return (self.added + self.updated) / self.seconds if self.seconds > 0 else 0.0
+
+    def status(self) -> str:
+        """One line for a live display: files done/total, images/s, errors, ETA, queue depths."""
+        total = f"{self.found}{'+' if self.walking else ''}"
+        left = self.found - self.done
+        eta = f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else ""
+        queues = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
+        return (
+            f"{self.done}/{total} files, {self.rate:.1f} images/s, {self.failed} errors{eta}"
+            + (f", queued: {queues}" if queues and self.finished is None else "")
+        )
+
     def summary(self) -> str:
-        rate = (self.added + self.updated) / self.seconds if self.seconds > 0 else 0.0
+        dropped = f", {self.dropped} gone" if self.dropped else ""
         return (
             f"scanned {self.found} images in {self.seconds:.1f}s: {self.added} added, {self.updated} updated, "
-            f"{self.unchanged} unchanged, {self.failed} skipped ({rate:.1f} images/s)"
+            f"{self.unchanged} unchanged{dropped}, {self.failed} skipped ({self.rate:.1f} images/s)"
         )
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 class ScanPipeline:
-    """Runs one scan of `roots` into `db`."""
+    """Runs one scan of `roots` into `db`, or, given a `feed`, indexes the FoundFiles put on it until
+    it yields None (a folder watcher keeps one running for as long as it watches).
+
+    A rescan drops the items of files gone from its folders. Stages wait while `running` is clear
+    (pause); in-flight work finishes first.
+    """
 
     def __init__(self, db, roots, decode_pool: ImageDecodePool, batch_size: int, *,
-                 excludes=None, autosave_every: int | None = None, report: ScanReport | None = None):
+                 excludes=None, autosave_every: int | None = None, report: ScanReport | None = None,
+                 feed: asyncio.Queue | None = None, running: asyncio.Event | None = None):
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(db.path),), **kwargs)
         self.db = db
         self.pool = decode_pool
+        self.feed = feed
         self.report = report or ScanReport()
-        self.clip = ClipStage(db.model, batch_size, self.report)
+        if running is None:
+            running = asyncio.Event()
+            running.set()
+        self.running = running
+        self.clip = ClipStage(db.model, batch_size, self.report, running)
         self.appender = IndexAppender(db, self.report, autosave_every)
         self.queue_size = max(64, 4 * batch_size)
+        self._alone = asyncio.Lock()
 
     async def run(self) -> ScanReport:
         found: asyncio.Queue = asyncio.Queue(self.queue_size)
         decoded: asyncio.Queue = asyncio.Queue(self.queue_size)
         embedded: asyncio.Queue = asyncio.Queue(4)
+        self.report.queues.update(found=found, decoded=decoded, embedded=embedded)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._walk(found))
+                tg.create_task(self._walk(found) if self.feed is None else self._follow(self.feed, found))
                 tg.create_task(self._decode(found, decoded))
                 tg.create_task(self.clip.run(decoded, embedded))
                 tg.create_task(self.appender.run(embedded))
@@ -90,13 +128,28 @@ class ScanPipeline:
             self.report.finished = time.monotonic()
         return self.report
 
+    async def _follow(self, feed: asyncio.Queue, outbox: asyncio.Queue) -> None:
+        """The watch mode's first stage: files a watcher saw change, instead of a walk."""
+        while (f := await feed.get()) is not None:
+            self.report.found += 1
+            if self.db._is_unchanged(f):
+                self.report.unchanged += 1
+            else:
+                await outbox.put(f)
+            self.report.changed()
+        await outbox.put(None)
+
     async def _walk(self, outbox: asyncio.Queue) -> None:
         files = iter(self.walker)
+        seen: set[str] = set()
+        problems: list[str] = []
         while chunk := await asyncio.to_thread(lambda: list(islice(files, 256))):
             for problem in self.walker.problems:
                 self.report.failures.append((problem.path, problem.reason))
+                problems.append(problem.path)
             self.walker.problems.clear()
             for f in chunk:
+                seen.add(f.path)
                 self.report.found += 1
                 if self.db._is_unchanged(f):
                     self.report.unchanged += 1
@@ -105,9 +158,24 @@ class ScanPipeline:
             self.report.changed()
         for problem in self.walker.problems:
             self.report.failures.append((problem.path, problem.reason))
+            problems.append(problem.path)
+        self.report.dropped = self._drop_missing(seen, problems)
         self.report.walking = False
         self.report.changed()
         await outbox.put(None)
+
+    def _drop_missing(self, seen: set[str], problems: list[str]) -> int:
+        """Forget indexed files under the scanned folders that the walk did not find and that no longer
+        exist, except below a folder it could not read (an unmounted disk loses nothing)."""
+        folders = [os.path.abspath(os.path.expanduser(r)) for r in self.walker.roots]
+        folders = [r + os.sep for r in folders if os.path.isdir(r)]
+        blind = tuple(p.rstrip(os.sep) + os.sep for p in problems) + tuple(problems)
+        gone = [
+            p for p in list(self.db._paths_to_index())
+            if p.startswith(tuple(folders)) and p not in seen and not p.startswith(blind)
+            and not os.path.lexists(p)
+        ]
+        return self.db.forget(gone) if gone else 0
 
     async def _decode(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
@@ -116,18 +184,31 @@ class ScanPipeline:
 
         async def decode_one(f: FoundFile) -> None:
             try:
-                result = await loop.run_in_executor(self.pool.executor, decode_file, f.path)
-            except BrokenProcessPool:
-                self.pool.restart()
-                result = DecodeFailure(f.path, "the decoder process crashed on this file")
+                executor = self.pool.executor
+                try:
+                    result = await loop.run_in_executor(executor, decode_file, f.path)
+                except BrokenProcessPool:  # some worker died: every file in flight lands here
+                    self.pool.replace(executor)
+                    result = await self._decode_alone(f.path)
             finally:
                 slots.release()
             await outbox.put(result)
 
         while (f := await inbox.get()) is not None:
+            await self.running.wait()
             await slots.acquire()
             task = asyncio.create_task(decode_one(f))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
         await outbox.put(None)
+
+    async def _decode_alone(self, path: str):
+        """Retry a file that was in flight when a decode worker died, one file at a time in a separate
+        process, so only the file that kills its decoder is reported."""
+        async with self._alone:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self.pool.solo, decode_file, path)
+            except BrokenProcessPool:
+                self.pool.replace(self.pool.solo)
+                return DecodeFailure(path, "the decoder process crashed on this file")

@@ -153,25 +153,36 @@ class ImageDecodePool:
         self.workers = workers
         self._args = (transform, max_pixels)
         self._executor: ProcessPoolExecutor | None = None
+        self._solo: ProcessPoolExecutor | None = None
+
+    def _start(self, workers: int) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_pool_worker, initargs=self._args
+        )
 
     @property
     def executor(self) -> ProcessPoolExecutor:
         if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_pool_worker,
-                initargs=self._args,
-            )
+            self._executor = self._start(self.workers)
         return self._executor
 
-    def restart(self) -> None:
-        """Replace a pool whose worker died; the next submit starts fresh workers."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    @property
+    def solo(self) -> ProcessPoolExecutor:
+        """A one-process pool for retrying, one by one, the files in flight when a worker died."""
+        if self._solo is None:
+            self._solo = self._start(1)
+        return self._solo
+
+    def replace(self, broken: ProcessPoolExecutor) -> None:
+        """Drop a pool whose worker died (once, however many of its files report it); the next use
+        starts fresh workers."""
+        for name in ("_executor", "_solo"):
+            if getattr(self, name) is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                setattr(self, name, None)
 
     def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        for name in ("_executor", "_solo"):
+            if (executor := getattr(self, name)) is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+                setattr(self, name, None)

@@ -16,10 +16,11 @@ FLUSH_AFTER_S = 0.25
 class ClipStage:
     """Consumes DecodedImage / DecodeFailure (None ends the stream); emits (images, vectors) batches."""
 
-    def __init__(self, model, batch_size: int, report):
+    def __init__(self, model, batch_size: int, report, running: asyncio.Event):
         self.model = model
         self.batch_size = batch_size
         self.report = report
+        self.running = running  # cleared while ingestion is paused
 
     async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
         batch: list[DecodedImage] = []
@@ -36,6 +37,7 @@ class ClipStage:
             elif isinstance(item, DecodedImage):
                 batch.append(item)
             if batch and (done or item is ... or len(batch) >= self.batch_size):
+                await self.running.wait()
                 vectors = await asyncio.to_thread(self._embed, batch)
                 await outbox.put((batch, vectors))
                 batch = []

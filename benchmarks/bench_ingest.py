@@ -1,0 +1,175 @@
+"""Ingestion benchmark: model-only vs the full nanodb pipeline vs a sequential loop, one process run.
+
+1. model-only: the CLIP stage alone on pre-decoded pixels at the production batch size;
+2. pipeline:   NanoDB.scan (walk -> decode pool -> CLIP stage -> appender), pool and model warm;
+3. sequential: decode one image, embed it, append it (NanoDB.add per file), as NanoDB and rclip do.
+
+Then, optionally, a rescan of an unchanged folder vs its first scan (--rescan), and the peak RSS of
+`nanodb --scan` over synthetic trees of hard links to small real JPEGs (--rss-trees).
+
+    python benchmarks/bench_ingest.py --limit 640                      # throughput table
+    python benchmarks/bench_ingest.py --limit 0 --rescan --rescan-model ViT-S-32
+    python benchmarks/bench_ingest.py --limit 0 --rss-trees 2000 20000
+
+Random weights (--pretrained none): no download, same speed as trained ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nanodb import NanoDB  # noqa: E402
+from pipeline.decode import DecodedImage, _init_worker, decode_file  # noqa: E402
+from pipeline.walk import DirectoryWalker  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "caltech101"
+
+
+def subset(files: list[str], n: int) -> list[str]:
+    """n files spread evenly over the sorted list (every category represented)."""
+    if n <= 0 or n >= len(files):
+        return files
+    return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
+
+
+def link_tree(files: list[str], root: Path) -> Path:
+    root.mkdir(parents=True)
+    for i, f in enumerate(files):
+        os.symlink(f, root / f"{i:06d}_{Path(f).name}")
+    return root
+
+
+def decode_then_model(db: NanoDB, files: list[str], batch: int) -> tuple[float, float]:
+    """(images/s of decoding in one process, images/s of the CLIP stage on the decoded pixels)."""
+    _init_worker(db.model.pixel_transform, db.settings.max_image_pixels)
+    start = time.perf_counter()
+    pixels = [r.pixels for f in files if isinstance(r := decode_file(f), DecodedImage)]
+    decode_rate = len(files) / (time.perf_counter() - start)
+    db.model.encode_pixels(np.stack(pixels[:batch]))  # warm-up
+    start = time.perf_counter()
+    for lo in range(0, len(pixels), batch):
+        db.model.encode_pixels(np.stack(pixels[lo : lo + batch]))
+    return decode_rate, len(pixels) / (time.perf_counter() - start)
+
+
+def pipeline(db: NanoDB, folder: Path, warmup: Path) -> float:
+    db.scan(warmup)  # starts the decode workers and loads the model before the clock starts
+    start = time.perf_counter()
+    report = db.scan(folder)
+    return (report.added + report.updated) / (time.perf_counter() - start)
+
+
+def sequential(db: NanoDB, files: list[str]) -> float:
+    db.add(files[0])  # warm-up
+    start = time.perf_counter()
+    done = 0
+    for f in files:
+        try:
+            db.add(f)
+            done += 1
+        except ValueError:
+            pass
+    return done / (time.perf_counter() - start)
+
+
+def peak_rss_of_scan(tree: Path, db_path: Path, model_args: list[str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS of nanodb itself, peak RSS of nanodb + its decode workers) in MiB."""
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "nanodb", "--path", str(db_path), *model_args, "--scan", str(tree)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    ps = psutil.Process(proc.pid)
+    main_peak = total_peak = 0
+    while proc.poll() is None:
+        try:
+            main = ps.memory_info().rss
+            total = main + sum(c.memory_info().rss for c in ps.children(recursive=True))
+        except psutil.Error:
+            continue
+        main_peak, total_peak = max(main_peak, main), max(total_peak, total)
+        time.sleep(0.2)
+    if proc.returncode:
+        raise RuntimeError(f"nanodb --scan failed with exit status {proc.returncode}")
+    return time.perf_counter() - start, main_peak / 2**20, total_peak / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DATA, help="image folder (default ../shared/data/caltech101)")
+    p.add_argument("--limit", type=int, default=640, help="images in the throughput runs (0 = skip them)")
+    p.add_argument("--model", default="ViT-B-32")
+    p.add_argument("--batch-size", type=int, default=None, help="default: configs/default.yaml")
+    p.add_argument("--workers", type=int, default=0, help="decode processes (0 = one per core)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rescan", action="store_true", help="time a first scan of --data, then a rescan")
+    p.add_argument("--rescan-model", default=None, help="model for --rescan (default --model)")
+    p.add_argument("--rss-trees", type=int, nargs="*", default=[], metavar="N",
+                   help="peak RSS of `nanodb --scan` over trees of N hard links to small JPEGs (test model)")
+    args = p.parse_args()
+
+    files = [f.path for f in DirectoryWalker([str(args.data)])]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, {args.data} ({len(files)} images)")
+    opts = dict(pretrained="none", workers=args.workers, batch_size=args.batch_size, device=args.device)
+    print("load average at start: %.1f %.1f %.1f (other processes share these cores)" % os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="nanodb-bench-") as tmp:
+        tmp = Path(tmp)
+        if args.limit:
+            chosen = subset(files, args.limit)
+            folder = link_tree(chosen, tmp / "subset")
+            warmup = link_tree(subset([f for f in files if f not in set(chosen)], 64), tmp / "warmup")
+            with NanoDB(tmp / "db-model", args.model, **opts) as db:
+                batch = db.settings.batch_size
+                decode_rate, model_rate = decode_then_model(db, chosen, batch)
+                rows = [("model-only (CLIP stage on pre-decoded pixels)", model_rate)]
+            with NanoDB(tmp / "db-pipeline", args.model, **opts) as db:
+                rows.append((f"full pipeline ({db.settings.decode_workers} decode workers)", pipeline(db, folder, warmup)))
+            with NanoDB(tmp / "db-sequential", args.model, **opts) as db:
+                rows.append(("sequential loop (decode, embed, append one by one)", sequential(db, chosen)))
+            print(f"\n{args.model}, random weights, {args.device}, batch {batch}, {len(chosen)} images of {args.data.name}")
+            print("| run | images/s | vs model-only |\n|---|---:|---:|")
+            for name, rate in rows:
+                print(f"| {name} | {rate:.1f} | {rate / rows[0][1]:.0%} |")
+            print(f"(decoding alone, one process: {decode_rate:.1f} images/s)")
+        if args.rescan:
+            with NanoDB(tmp / "db-rescan", args.rescan_model or args.model, **opts) as db:
+                first = db.scan(args.data)
+                again = db.scan(args.data)
+            print(f"\nrescan of unchanged {args.data} ({first.found} images, {args.rescan_model or args.model}): "
+                  f"first scan {first.seconds:.1f}s, rescan {again.seconds:.2f}s "
+                  f"({again.seconds / first.seconds:.2%} of the first; {again.unchanged} unchanged, "
+                  f"{again.added + again.updated} embedded)")
+        if args.rss_trees:
+            small = sorted(files, key=os.path.getsize)[:200]
+            print("\n| files | scan s | peak RSS nanodb MiB | peak RSS nanodb + workers MiB |\n|---:|---:|---:|---:|")
+            for n in args.rss_trees:
+                tree = tmp / f"tree{n}"
+                for i in range(n):
+                    d = tree / f"{i // 1000:03d}"
+                    d.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(small[i % len(small)], d / f"{i:06d}.jpg")
+                    except OSError:  # another filesystem: copy (the files are small)
+                        shutil.copyfile(small[i % len(small)], d / f"{i:06d}.jpg")
+                seconds, main_mib, total_mib = peak_rss_of_scan(tree, tmp / f"db-rss{n}", ["--config", "test"])
+                print(f"| {n} | {seconds:.0f} | {main_mib:.0f} | {total_mib:.0f} |")
+    print("load average at end: %.1f %.1f %.1f" % os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Stage 1 of the watch mode, the folder watcher: turns watchdog events into database changes.
+
+New and modified files are handed to the scan pipeline (through `feed`) once their size and mtime
+have been stable for `settle_seconds`, so a file still being copied is indexed once, complete.
+Deletions drop items; renames and moves, of files or folders, re-point items to their new path
+without re-embedding. A move that arrives as a delete then a create (another filesystem, some sync
+tools) is caught by content hash: a file whose exact bytes are known reuses the stored vector.
+
+Events are applied on the event loop thread, the thread the pipeline's appender also runs on, so a
+file deleted while it is being embedded is never left behind in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from fnmatch import fnmatch
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from pipeline.decode import MAX_FILE_BYTES
+from pipeline.walk import DEFAULT_EXCLUDES, DirectoryWalker, FoundFile, is_image_name
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.2  # how often pending files are checked for having settled
+
+
+@dataclass
+class _Pending:
+    signature: tuple[int, int] | None  # (size, mtime_ns) when last looked at
+    since: float  # when that signature was first seen
+
+
+class _Forward(FileSystemEventHandler):
+    """Runs in watchdog's thread: passes every event to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+        self.loop = loop
+        self.events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in ("opened", "closed_no_write"):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class FolderWatcher:
+    """Keeps `db` in step with `roots` (folders) while running; see the module docstring."""
+
+    def __init__(self, db, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None):
+        self.db = db
+        self.roots = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+        self.feed = feed
+        self.settle_seconds = settle_seconds
+        self.excludes = tuple(DEFAULT_EXCLUDES if excludes is None else excludes)
+        self.pending: dict[str, _Pending] = {}
+        self.changes = 0  # events applied, for the status line
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._observer = None
+        self._walks: set[asyncio.Task] = set()  # folders moved in, being looked through
+
+    def start(self) -> None:
+        """Start receiving events (they queue up until run(), so none is lost during a first scan)."""
+        for root in self.roots:
+            if not os.path.isdir(root):
+                raise ValueError(f"cannot watch {root}: not a folder")
+        self._observer = Observer()
+        handler = _Forward(asyncio.get_running_loop(), self._events)
+        for root in self.roots:
+            self._observer.schedule(handler, root, recursive=True)
+        self._observer.start()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join()
+            self._observer = None
+
+    async def run(self) -> None:
+        """Apply events and hand settled files on, until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._apply_events())
+            tg.create_task(self._settle())
+
+    # ------------------------------------------------------------------ which paths count
+    def _watched(self, path: str) -> bool:
+        """Inside a watched folder, not in the database folder, no excluded name on the way."""
+        db_dir = str(self.db.path) + os.sep
+        if path.startswith(db_dir):
+            return False
+        for root in self.roots:
+            if path.startswith(root + os.sep):
+                parts = path[len(root) + 1 :].split(os.sep)
+                return not any(fnmatch(part, pat) for part in parts + [path] for pat in self.excludes)
+        return False
+
+    def _wanted_file(self, path: str) -> bool:
+        return is_image_name(path) and self._watched(path)
+
+    # ------------------------------------------------------------------ events
+    async def _apply_events(self) -> None:
+        while True:
+            event = await self._events.get()
+            try:
+                await self._apply(event)
+            except Exception as e:  # one odd event must not stop a watch that runs for days
+                log.warning("could not apply %s on %s: %s", event.event_type, event.src_path, e)
+
+    async def _apply(self, event: FileSystemEvent) -> None:
+        src = os.fsdecode(event.src_path)
+        kind = event.event_type
+        if kind == "moved":
+            dest = os.fsdecode(event.dest_path)
+            if event.is_directory:
+                self._move_folder(src, dest)
+            else:
+                self._move_file(src, dest)
+        elif kind == "deleted":
+            self.pending.pop(src, None)
+            if event.is_directory:
+                self._drop_pending_under(src)
+            self.changes += self.db.forget([src])
+        elif event.is_directory:
+            if kind == "created" and self._watched(src):
+                await self._mark_folder(src)  # a folder moved in from outside arrives whole
+        elif self._wanted_file(src):
+            self._mark(src)
+
+    def _mark(self, path: str) -> None:
+        self.pending.setdefault(path, _Pending(None, time.monotonic()))
+
+    async def _mark_folder(self, folder: str) -> None:
+        walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.db.path),))
+        for found in await asyncio.to_thread(list, walker):
+            self._mark(found.path)
+
+    def _drop_pending_under(self, folder: str) -> None:
+        for p in [p for p in self.pending if p.startswith(folder + os.sep)]:
+            del self.pending[p]
+
+    def _move_file(self, src: str, dest: str) -> None:
+        self.pending.pop(src, None)
+        if not self._wanted_file(dest):
+            self.changes += self.db.forget([src])  # moved out of the watched folders, or renamed away
+        elif self.db.move_paths([(src, dest)]):
+            self.changes += 1
+        else:
+            self._mark(dest)  # not indexed yet (or still in flight): index it under its new name
+
+    def _move_folder(self, src: str, dest: str) -> None:
+        self._drop_pending_under(src)
+        if not self._watched(dest):
+            self.changes += self.db.forget([src])
+            return
+        self.changes += self.db.move_folder(src, dest)
+        # Files of the folder that were not indexed yet: look at them under their new path.
+        walk = asyncio.get_running_loop().create_task(self._mark_folder(dest))
+        self._walks.add(walk)
+        walk.add_done_callback(self._walks.discard)
+
+    # ------------------------------------------------------------------ settling
+    async def _settle(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = time.monotonic()
+            ready = []
+            for path, p in list(self.pending.items()):
+                try:
+                    st = os.stat(path)
+                except OSError:
+                    del self.pending[path]  # gone again; its delete event does the rest
+                    continue
+                signature = (st.st_size, st.st_mtime_ns)
+                if signature != p.signature:
+                    p.signature, p.since = signature, now
+                elif now - p.since >= self.settle_seconds:
+                    del self.pending[path]
+                    ready.append(FoundFile(path, st.st_size, st.st_mtime))
+            for found in ready:
+                try:
+                    await self._hand_on(found)
+                except Exception as e:  # e.g. a database error: report it, keep watching
+                    log.error("could not index %s: %s", found.path, e)
+
+    async def _hand_on(self, found: FoundFile) -> None:
+        """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""
+        if self.db._is_unchanged(found):
+            return
+        content_hash = await asyncio.to_thread(_hash_file, found.path)
+        if content_hash is not None and os.path.exists(found.path):  # not deleted while hashing
+            if self.db.add_known_file(found.path, found.size, found.mtime, content_hash) is not None:
+                self.changes += 1
+                return
+        self.changes += 1
+        await self.feed.put(found)
+
+
+def _hash_file(path: str) -> bytes | None:
+    """The content hash decode workers store (blake2b-128 of the bytes); None if unreadable."""
+    try:
+        if os.path.getsize(path) > MAX_FILE_BYTES:
+            return None
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).digest()
+    except OSError:
+        return None

@@ -131,34 +131,35 @@ class ScanPipeline:
     async def _follow(self, feed: asyncio.Queue, outbox: asyncio.Queue) -> None:
         """The watch mode's first stage: files a watcher saw change, instead of a walk."""
         while (f := await feed.get()) is not None:
-            self.report.found += 1
-            if self.db._is_unchanged(f):
-                self.report.unchanged += 1
-            else:
-                await outbox.put(f)
+            await self._offer(f, outbox)
             self.report.changed()
         await outbox.put(None)
+
+    async def _offer(self, f: FoundFile, outbox: asyncio.Queue) -> None:
+        """Count a found file and pass it on, unless it is indexed with the same size and mtime."""
+        self.report.found += 1
+        if self.db._is_unchanged(f):
+            self.report.unchanged += 1
+        else:
+            await outbox.put(f)
+
+    def _take_walk_problems(self, problems: list[str]) -> None:
+        for problem in self.walker.problems:
+            self.report.failures.append((problem.path, problem.reason))
+            problems.append(problem.path)
+        self.walker.problems.clear()
 
     async def _walk(self, outbox: asyncio.Queue) -> None:
         files = iter(self.walker)
         seen: set[str] = set()
         problems: list[str] = []
         while chunk := await asyncio.to_thread(lambda: list(islice(files, 256))):
-            for problem in self.walker.problems:
-                self.report.failures.append((problem.path, problem.reason))
-                problems.append(problem.path)
-            self.walker.problems.clear()
+            self._take_walk_problems(problems)
             for f in chunk:
                 seen.add(f.path)
-                self.report.found += 1
-                if self.db._is_unchanged(f):
-                    self.report.unchanged += 1
-                else:
-                    await outbox.put(f)
+                await self._offer(f, outbox)
             self.report.changed()
-        for problem in self.walker.problems:
-            self.report.failures.append((problem.path, problem.reason))
-            problems.append(problem.path)
+        self._take_walk_problems(problems)
         self.report.dropped = self._drop_missing(seen, problems)
         self.report.walking = False
         self.report.changed()
@@ -190,9 +191,9 @@ class ScanPipeline:
                 except BrokenProcessPool:  # some worker died: every file in flight lands here
                     self.pool.replace(executor)
                     result = await self._decode_alone(f.path)
-            finally:
+                await outbox.put(result)
+            finally:  # only once passed on: a slot bounds the decoded images held, not just those decoding
                 slots.release()
-            await outbox.put(result)
 
         while (f := await inbox.get()) is not None:
             await self.running.wait()

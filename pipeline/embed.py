@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -11,6 +12,11 @@ from pipeline.decode import DecodedImage, DecodeFailure
 # A partial batch is embedded once no further image has arrived for this long, so a trickle
 # of new files (a watched folder) is searchable quickly.
 FLUSH_AFTER_S = 0.25
+
+# Every forward pass of every scan runs on this one thread. Batches run one at a time anyway (they
+# share the cores), and with a single thread their large activation buffers come from one malloc
+# arena: spread over a pool of threads, each thread's arena keeps its own peak, and memory creeps up.
+CLIP_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanodb-clip")
 
 
 class ClipStage:
@@ -38,7 +44,7 @@ class ClipStage:
                 batch.append(item)
             if batch and (done or item is ... or len(batch) >= self.batch_size):
                 await self.running.wait()
-                vectors = await asyncio.to_thread(self._embed, batch)
+                vectors = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self._embed, batch)
                 await outbox.put((batch, vectors))
                 batch = []
         await outbox.put(None)

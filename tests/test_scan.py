@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 from nanodb import NanoDB
 from pipeline.walk import is_image_name
+
+from conftest import coco_photos
 
 
 def good_images(tree):
@@ -87,3 +90,22 @@ def test_resized_copy_of_a_photo_finds_the_original_first(scanned_db, photo_tree
             with Image.open(original) as im:
                 im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(copy)
             assert db.search(copy, k=3)[0].path == original
+
+
+def test_a_scan_holds_a_bounded_number_of_images_in_flight(tmp_path):
+    """Memory stays flat however large the folder: files found but not yet indexed (decoding, decoded
+    or embedding) never exceed what the bounded queues between the stages can hold."""
+    from pipeline.coordinator import ScanReport
+
+    photos = coco_photos(20)
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(800):
+        (tree / f"{i:04d}.jpg").symlink_to(photos[i % len(photos)])
+    backlog = []
+    report = ScanReport(on_change=lambda r: backlog.append(r.found - r.done))
+    with NanoDB(tmp_path / "db", config="test", workers=2, batch_size=16) as db:
+        asyncio.run(db.scan_async(tree, report=report))
+        assert len(db) == 800
+    queue, slots, batch = 64, 2 * 4, 16  # ScanPipeline's queue size, decode slots, batch size
+    assert max(backlog) <= queue + slots + queue + batch + 4 * batch + 1

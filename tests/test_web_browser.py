@@ -138,6 +138,11 @@ def test_clicking_a_result_shows_its_neighbours(page, site):
     clicked = shown_indices(page)[3]
     tiles(page).nth(3).click()
     page.wait_for_function(f"() => document.querySelector('#status')?.innerText.includes('item {clicked}')")
+    # The status line can update a moment before the gallery does: wait for the new gallery.
+    page.wait_for_function(
+        "() => document.querySelector('#results .thumbnail-item img')?.src.includes("
+        f"'/api/items/{clicked}/thumbnail')"
+    )
     wait_for_images(page)
     neighbours = shown_indices(page)
     assert neighbours[0] == clicked

@@ -19,6 +19,9 @@ DEBOUNCE = """(text, k, minSimilarity) => new Promise(resolve => {
     const typed = (window.nanodbTyped = (window.nanodbTyped || 0) + 1);
     setTimeout(() => resolve([typed === window.nanodbTyped ? text : null, k, minSimilarity]), 250);
 })"""
+# Runs in the browser before any other search (Enter, an image, a click, a slider): a keystroke's
+# search still waiting out its debounce is dropped, so it cannot replace these results a moment later.
+SUPERSEDE_TYPING = """(...inputs) => { window.nanodbTyped = (window.nanodbTyped || 0) + 1; return inputs; }"""
 
 
 def build_ui(service: SearchService) -> gr.Blocks:
@@ -103,10 +106,11 @@ def build_ui(service: SearchService) -> gr.Blocks:
         text_inputs = [query, k, min_similarity]
         # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
         query.input(on_text, text_inputs, outputs, js=DEBOUNCE, trigger_mode="always_last", show_progress="hidden")
-        query.submit(on_text, text_inputs, outputs, show_progress="hidden")
-        image.change(on_image, [image, k, min_similarity], outputs, show_progress="minimal")
-        gallery.select(on_select, [shown, k, min_similarity], outputs, show_progress="hidden")
+        query.submit(on_text, text_inputs, outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
+        image.change(on_image, [image, k, min_similarity], outputs, js=SUPERSEDE_TYPING, show_progress="minimal")
+        gallery.select(on_select, [shown, k, min_similarity], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
         for slider in (k, min_similarity):
-            slider.release(on_slider, [last, k, min_similarity], outputs, show_progress="hidden")
+            slider.release(on_slider, [last, k, min_similarity], outputs, js=SUPERSEDE_TYPING,
+                           show_progress="hidden")
         gr.Timer(1.0).tick(lambda: stats_line(service.stats()), None, stats, show_progress="hidden")
     return ui

@@ -109,9 +109,10 @@ async def run(args: argparse.Namespace) -> int:
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
     db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
                 autosave=args.autosave or bool(args.watch), read_only=args.read_only)
-    # SIGTERM stops like Ctrl-C: ingestion is cancelled (in-flight batches dropped) and what was
-    # indexed is saved below.
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+    # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
+    # (in-flight batches dropped) and what was indexed is saved below.
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        asyncio.get_running_loop().add_signal_handler(stop_signal, asyncio.current_task().cancel)
     server = service = None
     try:
         print(f"nanodb: {db}", file=sys.stderr)

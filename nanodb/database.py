@@ -626,6 +626,7 @@ class NanoDB:
             "meta": bytes(meta), "deleted": b"",
         }
         new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
+        log.info("compacting %s: %d items", self.path, len(live))
         try:
             write_generation(self.path, new, data)
             write_manifest(self.path, new)

@@ -554,7 +554,8 @@ class NanoDB:
                 new.count, new.paths_bytes, new.meta_bytes = n, m.paths_bytes + len(paths), m.meta_bytes + len(meta)
                 new.deleted = len(self._deleted)
             log.info("saving %s: %d items", self.path, n)
-            appended = {"vectors": vecs.astype("<f2"), "items": items, "paths": paths, "meta": meta, "deleted": deleted}
+            # 1-D vectors: an empty 2-D array (a save of deletions alone) cannot be cast to bytes
+            appended = {"vectors": vecs.astype("<f2").ravel(), "items": items, "paths": paths, "meta": meta, "deleted": deleted}
             if m.checksums is not None:
                 new.checksums = {k: zlib.crc32(memoryview(appended[k]).cast("B"), m.checksums[k]) for k in DATA_FILES}
             try:
@@ -622,7 +623,7 @@ class NanoDB:
         new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
-            "vectors": vectors.astype("<f2"), "items": items[: len(live)], "paths": bytes(paths),
+            "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
             "meta": bytes(meta), "deleted": b"",
         }
         new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}

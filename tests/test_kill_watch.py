@@ -44,7 +44,7 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
     config = write_config(tmp_path / "watch.yaml", **WATCH_SETTINGS)
     db_path = tmp_path / "db"
     args = ["--path", str(db_path), "--config", str(config), "--watch", str(churn.folder)]
-    committed, outcomes = None, []
+    committed, outcomes, compactions = None, [], 0
     for trial in range(trials):
         # In turn: right after a compaction starts, during the churn after a save starts, at any moment.
         after, delay = [("nanodb.database: compacting", rng.uniform(0, 0.02)),
@@ -58,12 +58,14 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
         assert run.killed, f"the watch ended by itself: {run.log[-3000:]}"
         assert run.orphans == 0, "a decode worker outlived its killed watch"
         committed = check_committed(db_path, run, committed, churn, rng)
+        compactions += run.log.count("nanodb.database: compacted ")
         in_flight = run.saves()[1]
         during = f" inside a commit of {in_flight} rows" if in_flight is not None else ""
         outcomes.append(f"trial {trial}: killed{during}, {committed} rows committed, "
                         f"{len(run.saves()[0])} commits in this run")
     restart_catches_up(args, tmp_path / "restart.log", churn, rng)
-    print("\n".join(outcomes), f"\nchurn: {churn.counts}")
+    print("\n".join(outcomes), f"\nchurn: {churn.counts}, {compactions} compactions")
+    assert compactions > 0, "no compaction ran: the test did not test it"
     return outcomes
 
 
@@ -75,8 +77,7 @@ def test_kill_during_watch_churn_and_compaction_then_restart_catches_up(tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 def test_kill_during_watch_churn_and_compaction_20_trials(tmp_path):
-    outcomes = kill_during_watch_churn(tmp_path, trials=21, seed=12)
-    assert sum("commits in this run" in o and " 0 commits" not in o for o in outcomes) >= 15, outcomes
+    kill_during_watch_churn(tmp_path, trials=21, seed=12)
 
 
 # ---------------------------------------------------------------------------------------- compaction
@@ -166,3 +167,20 @@ def test_kill_inside_a_compaction_keeps_the_last_completed_save(tmp_path, empty_
     assert not leftovers, f"files of another generation were left behind: {leftovers}"
     with NanoDB(db_path, read_only=True) as db:
         assert [db.path_of(i) for i in range(db.index.count)] == paths + ["/c/0", "/c/1"]
+
+
+def test_a_save_of_deletions_alone_and_a_compaction_to_nothing(tmp_path):
+    """Found by the watch kill tests: a save with deletions but no new rows failed (an empty 2-D
+    array cannot be viewed as bytes), so a watched folder's deletions stayed unsaved."""
+    rng = np.random.default_rng(0)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.add(rng.standard_normal((10, db.dim)), paths=[f"/a/{i}" for i in range(10)])
+        db.save()
+        db.delete([0])  # 1 of 10 dead: below the compaction threshold, a plain save
+        assert db.save()
+    with NanoDB(tmp_path / "db", config="test") as db:
+        assert db[0].deleted and len(db) == 9
+        db.delete(range(1, 10))  # every row dead: compacted to an empty database
+        assert db.save()
+    with NanoDB(tmp_path / "db", config="test") as db:
+        assert len(db) == db.index.count == 0

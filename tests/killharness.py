@@ -53,12 +53,11 @@ def nanodb_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanodb", "-v", *args]
 
 
-def start(args: list[str], log_path: Path, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+def start(args: list[str], log_path: Path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     """Start `python -m nanodb -v ARGS` from the checkout; stderr goes to a file (a pipe could fill)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
-        return subprocess.Popen(nanodb_command(*args), cwd=REPO, env=env, stdin=stdin,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        return subprocess.Popen(nanodb_command(*args), cwd=REPO, env=env, stdin=stdin, stdout=stdout, stderr=log)
 
 
 def kill_after(args: list[str], log_path: Path, delay: float, *, after_line: str | None = None,

@@ -28,7 +28,7 @@ from churn import FolderChurn, check_caught_up, check_committed, source_photos
 from killharness import KilledRun, start, write_config
 
 SOAK_SECONDS = float(os.environ.get("NANODB_SOAK_SECONDS", "600"))
-KILL_EVERY = (30.0, 90.0)  # seconds between kill -9s, drawn uniformly
+KILL_EVERY = (30.0, min(90.0, max(30.0, SOAK_SECONDS / 2)))  # seconds between kill -9s (a short soak kills too)
 WARM_UP_S = 20.0  # RSS samples this soon after a start (model loading, first scan) are not compared
 TEXT_QUERIES = ["a dog on a beach", "two people riding horses", "a red car + night - snow", "2:kitchen + table",
                 "pizza", "a cat sleeping on a sofa", "street signs in the city"]
@@ -65,6 +65,7 @@ class NanodbUnderTest:
         self.started = time.monotonic()
         self.stdout_lines: list[str] = []
         self.serving = False
+        self.killed = False
 
     def poll_log(self) -> str:
         text = self.log_path.read_text(errors="replace")
@@ -87,6 +88,9 @@ class NanodbUnderTest:
             return None
 
     def kill(self) -> KilledRun:
+        """kill -9. Flagged first: requests failing from now on are expected (Popen.poll() cannot tell,
+        it answers None while another thread waits on the process)."""
+        self.killed = True
         children = psutil.Process(self.proc.pid).children(recursive=True)
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
@@ -120,21 +124,25 @@ def console_reader(proc: subprocess.Popen, figures: Figures) -> None:
 def http_client(base: str, current: list[NanodbUnderTest], figures: Figures, stop: threading.Event,
                 rng: random.Random) -> None:
     """Search, stats, and thumbnails of the results, one request at a time, as long as the soak runs."""
-    with httpx.Client(base_url=base, timeout=120) as client:
-        while not stop.wait(rng.uniform(0.1, 0.6)):
-            life = current[0]
-            if not life.serving or life.proc.poll() is not None:
-                continue
-            requests = [("/api/search/text", {"q": rng.choice(TEXT_QUERIES), "k": 5}), ("/api/stats", None)]
-            try:
-                for url, params in requests:
-                    r = client.get(url, params=params)
-                    _count(r, figures)
-                    for hit in r.json().get("results", [])[:2] if r.status_code == 200 else []:
-                        _count(client.get(hit["thumbnail"]), figures)
-            except httpx.TransportError as e:
-                if life is current[0] and life.proc.poll() is None:  # up, yet no answer
-                    figures.http_errors.append(f"{type(e).__name__}: {e}")
+    client, client_life = None, None
+    while not stop.wait(rng.uniform(0.1, 0.6)):
+        life = current[0]
+        if not life.serving or life.killed:
+            continue
+        if client_life is not life:  # fresh connections for each life: the old ones died with it
+            if client is not None:
+                client.close()
+            client, client_life = httpx.Client(base_url=base, timeout=120), life
+        requests = [("/api/search/text", {"q": rng.choice(TEXT_QUERIES), "k": 5}), ("/api/stats", None)]
+        try:
+            for url, params in requests:
+                r = client.get(url, params=params)
+                _count(r, figures)
+                for hit in r.json().get("results", [])[:2] if r.status_code == 200 else []:
+                    _count(client.get(hit["thumbnail"]), figures)
+        except httpx.TransportError as e:
+            if not life.killed:  # up, yet no answer
+                figures.http_errors.append(f"{type(e).__name__}: {e}")
 
 
 def _count(r: httpx.Response, figures: Figures) -> None:

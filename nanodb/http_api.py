@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.search_service import MAX_K, BadRequest, Outcome, SearchService
 from nanodb.thumbnails import NotServable, ThumbnailCache, original_file
@@ -141,6 +142,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotServable)
     async def not_servable(request: Request, exc: NotServable):
         return JSONResponse({"error": str(exc)}, status_code=404)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not JSON
+        return JSONResponse({"error": " ".join(str(exc.detail).split())}, status_code=exc.status_code,
+                            headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):

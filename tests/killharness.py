@@ -20,8 +20,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-SAVING = re.compile(r"saving .*: (\d+) items")
-SAVED = re.compile(r"saved .*: (\d+) items")
+SAVING = re.compile(r"(?:saving|compacting) .*: (\d+) items")  # a commit starts: its row count
+SAVED = re.compile(r"saved .*: \d+ items|compacted .* kept")  # ... and ends
 
 
 @dataclass
@@ -36,7 +36,8 @@ class KilledRun:
     def saves(self) -> tuple[list[int], int | None]:
         """Row counts of the completed saves, and of the save in flight when it died (None if none).
 
-        Relies on NanoDB.save logging "saving PATH: N items" before and "saved ..." after each save.
+        Relies on NanoDB.save logging "saving PATH: N items" before and "saved ..." after each save, and
+        on a compaction logging "compacting PATH: N items" before and "compacted ..." after.
         """
         completed, in_flight = [], None
         for line in self.log.splitlines():
@@ -52,12 +53,11 @@ def nanodb_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "nanodb", "-v", *args]
 
 
-def start(args: list[str], log_path: Path, stdin=subprocess.DEVNULL) -> subprocess.Popen:
+def start(args: list[str], log_path: Path, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) -> subprocess.Popen:
     """Start `python -m nanodb -v ARGS` from the checkout; stderr goes to a file (a pipe could fill)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     with open(log_path, "wb") as log:
-        return subprocess.Popen(nanodb_command(*args), cwd=REPO, env=env, stdin=stdin,
-                                stdout=subprocess.DEVNULL, stderr=log)
+        return subprocess.Popen(nanodb_command(*args), cwd=REPO, env=env, stdin=stdin, stdout=stdout, stderr=log)
 
 
 def kill_after(args: list[str], log_path: Path, delay: float, *, after_line: str | None = None,

@@ -45,3 +45,18 @@ def test_bad_queries_and_items_get_clear_errors(tmp_path):
         with pytest.raises(ValueError, match="no item"):
             db.search(5)
         assert db.search("a cat") == []
+
+
+def test_validate_accepts_near_duplicates_and_reports_misplaced_vectors(tmp_path):
+    with NanoDB(tmp_path / "db", config="test") as db:
+        rng = np.random.default_rng(3)
+        base = rng.standard_normal((20, db.dim))
+        near = base[4] + 1e-4 * rng.standard_normal(db.dim)  # the same photo embedded in another batch
+        db.add(np.vstack([base, near]))
+        assert db.validate().ok
+        # a damaged row (not unit length) finds another item first, and is reported
+        db.index._buf[7] = db.index._buf[3] / 2
+        db.index._buf[8] = db.index._buf[9]
+        report = db.validate()
+        assert report.failures == [(7, 3)]
+        assert report.duplicates == [[8, 9]]

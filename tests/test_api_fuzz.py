@@ -1,0 +1,94 @@
+"""Fuzz the HTTP API from its own OpenAPI schema (schemathesis): whatever a client sends, the answer is
+never a 5xx and never carries a stack trace. A real server on 127.0.0.1 serves ~20 real photos."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the `test` extra")
+from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
+from hypothesis import strategies as st  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+
+from nanodb.database import NanoDB  # noqa: E402
+from nanodb.server import start_server  # noqa: E402
+
+COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
+DEFAULT_EXAMPLES = 40  # per operation: well under a minute in all on 2 cores
+SLOW_EXAMPLES = int(os.environ.get("NANODB_FUZZ_EXAMPLES", "400"))
+TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages")
+
+pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
+
+
+@pytest.fixture(scope="module")
+def api_schema(tmp_path_factory):
+    """The server's own /openapi.json, pointed at a 127.0.0.1 server over 20 photos, a deleted item
+    and an item whose file is gone."""
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "photos").mkdir()
+    photos = [shutil.copy2(p, root / "photos" / p.name) for p in sorted(COCO.glob("*.jpg"))[:20]]
+    db = NanoDB(root / "db", config="test")
+    db.add([str(p) for p in photos])
+    db.delete([3])
+    os.remove(photos[5])
+    db.add(np.ones(db.dim, np.float32), paths=["/etc/passwd"])  # a label, never a served file
+    server = start_server(db, "127.0.0.1", 0)
+    try:
+        yield schemathesis.openapi.from_url(f"{server.url}openapi.json")
+    finally:
+        server.stop()
+        db.close()
+
+
+def check_answer(case) -> None:
+    response = case.call(timeout=60)
+    where = f"{case.method} {case.formatted_path} {case.query or ''}"
+    assert response.status_code < 500, f"{where} -> {response.status_code}: {response.text[:300]}"
+    body = response.text if "json" in response.headers.get("content-type", "") else ""
+    assert not any(marker in body for marker in TRACE_MARKERS), f"{where}: a stack trace in {body[:300]}"
+    if response.status_code >= 400:
+        assert set(response.json()) == {"error"} and "\n" not in response.json()["error"], body[:300]
+
+
+def requests_for(operation):
+    """Requests that fit the schema, requests that break it, and (for item routes) indices near the
+    real ones: live, deleted, file gone, label-only, just past the end, negative; for image search,
+    a real photo whole or cut short."""
+    strategies = [operation.as_strategy(mode) for mode in GenerationMode]
+    if operation.path.endswith("/search/image"):  # real photos, whole and cut short
+        photo = sorted(COCO.glob("*.jpg"))[30].read_bytes()
+        strategies.append(st.integers(0, len(photo)).flatmap(
+            lambda n: operation.as_strategy(body={"file": photo[-n:] if n % 2 else photo[:n] if n else photo})))
+    if "{index}" in operation.path:
+        strategies.append(st.integers(-2, 24).flatmap(
+            lambda i: operation.as_strategy(path_parameters={"index": i})))
+    return st.one_of(strategies)
+
+
+def fuzz(api_schema, examples: int) -> None:
+    """`examples` generated requests per operation of the schema."""
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    assert len(operations) >= 8, "the schema lost its operations"
+    for operation in operations:
+
+        @given(case=requests_for(operation))
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def answer_is_clean(case):
+            check_answer(case)
+
+        answer_is_clean()
+
+
+def test_no_input_gets_a_server_error_or_a_stack_trace(api_schema):
+    fuzz(api_schema, DEFAULT_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_no_input_gets_a_server_error_or_a_stack_trace_long(api_schema):
+    fuzz(api_schema, SLOW_EXAMPLES)

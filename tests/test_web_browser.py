@@ -129,6 +129,8 @@ def test_uploading_an_indexed_photo_shows_it_first(page, site):
 
 
 def test_clicking_a_result_shows_its_neighbours(page, site):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     db, _, _ = site
     set_results(page, 12)
     page.locator("#query textarea").fill("people in a kitchen")
@@ -136,8 +138,15 @@ def test_clicking_a_result_shows_its_neighbours(page, site):
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('kitchen')")
     wait_for_images(page)
     clicked = shown_indices(page)[3]
+    shows_item = f"() => document.querySelector('#status')?.innerText.includes('item {clicked}')"
     tiles(page).nth(3).click()
-    page.wait_for_function(f"() => document.querySelector('#status')?.innerText.includes('item {clicked}')")
+    try:
+        page.wait_for_function(shows_item, timeout=15_000)
+    except PlaywrightTimeoutError:
+        # Seen once in a full CI run (not reproduced alone): the click landed while the gallery was
+        # still re-rendering and selected nothing. A second click must work.
+        tiles(page).nth(3).click()
+        page.wait_for_function(shows_item)
     # The status line can update a moment before the gallery does: wait for the new gallery.
     page.wait_for_function(
         "() => document.querySelector('#results .thumbnail-item img')?.src.includes("

@@ -8,8 +8,12 @@ import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.decode import ResizeCenterCrop
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +186,7 @@ class ClipModel:
             return self._finish(self.model.encode_text(tokens))
 
 
-def pillow_transform(steps) -> "ResizeCenterCrop | None":
+def pillow_transform(steps) -> ResizeCenterCrop | None:
     """The Pillow-only equivalent of open_clip's usual resize + crop + RGB steps, if that is what they are."""
     from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 

@@ -61,3 +61,13 @@ def scanned_db(tmp_path_factory, photo_tree):
         report = db.scan(photo_tree)
         db.save()
     return path, report
+
+
+@pytest.fixture(scope="session")
+def empty_db_path(tmp_path_factory) -> Path:
+    """An empty database (ViT-S-32, random weights) to copy."""
+    from nanodb import NanoDB
+
+    path = tmp_path_factory.mktemp("empty") / "template"
+    NanoDB(path, config="test").close()
+    return path

@@ -133,3 +133,14 @@ def assert_faithful(db, paths: list[str], min_cosine: float = 0.999) -> None:
 
 def live_paths(db) -> list[str]:
     return [db.path_of(i) for i in range(db.index.count) if not db.index.dead[i]]
+
+
+def run_script_until_killed(script: str, db_template: Path, db_path: Path, step: str) -> None:
+    """Copy an empty database, then run `script` (argv: db path, step) on it; it must die by SIGKILL
+    at `step` of a save or compaction."""
+    import shutil
+
+    shutil.copytree(db_template, db_path)
+    child = subprocess.run([sys.executable, "-c", script, str(db_path), step], cwd=REPO,
+                           env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=100)
+    assert child.returncode == -9, child.stderr

@@ -5,14 +5,12 @@ rescan catches up."""
 from __future__ import annotations
 
 import random
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-from killharness import REPO, assert_faithful, image_folder, kill_after, live_paths, run_to_end, write_config
+from killharness import run_script_until_killed, assert_faithful, image_folder, kill_after, live_paths, run_to_end, write_config
 from nanodb.database import NanoDB
 from nanodb.storage import MANIFEST, read_manifest
 
@@ -114,23 +112,11 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def empty_db_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("saves") / "template"
-    NanoDB(path, config="test").close()
-    return path
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("step", SAVE_STEPS)
 def test_kill_inside_a_save_keeps_the_last_completed_save(tmp_path, empty_db_path, step):
-    import shutil
-
     db_path = tmp_path / "db"
-    shutil.copytree(empty_db_path, db_path)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(db_path), step], cwd=REPO,
-                           env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=100)
-    assert child.returncode == -9, child.stderr
+    run_script_until_killed(CHILD, empty_db_path, db_path, step)
     rng = np.random.default_rng(7)
     first, second = rng.standard_normal((10, 384)), rng.standard_normal((7, 384))
     committed = step == "after_replace"

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
@@ -15,7 +13,7 @@ import numpy as np
 import pytest
 
 from churn import FolderChurn, check_caught_up, check_committed, source_photos
-from killharness import REPO, kill_after, start, write_config
+from killharness import run_script_until_killed, kill_after, start, write_config
 from nanodb.database import NanoDB
 from nanodb.storage import DATA_FILES
 
@@ -131,23 +129,11 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def empty_db_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("compaction") / "template"
-    NanoDB(path, config="test").close()
-    return path
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("step", COMPACTION_STEPS)
 def test_kill_inside_a_compaction_keeps_the_last_completed_save(tmp_path, empty_db_path, step):
-    import shutil
-
     db_path = tmp_path / "db"
-    shutil.copytree(empty_db_path, db_path)
-    child = subprocess.run([sys.executable, "-c", CHILD, str(db_path), step], cwd=REPO,
-                           env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=100)
-    assert child.returncode == -9, child.stderr
+    run_script_until_killed(CHILD, empty_db_path, db_path, step)
     rng = np.random.default_rng(7)
     first, second = rng.standard_normal((10, 384)), rng.standard_normal((4, 384))
     compacted = step in ("after_replace", "removing_old")

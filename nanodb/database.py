@@ -670,15 +670,13 @@ class NanoDB:
                     continue
                 new = _absolute(new)
                 rec = self._items[i]
-                try:
-                    st = os.stat(new)
-                    size, mtime = st.st_size, st.st_mtime
-                except OSError:
-                    size, mtime = int(rec["size"]), float(rec["mtime"])
                 rows.append(i)
                 if new in paths:
                     replaced.append(paths[new])
-                records.append({"path": new, "size": size, "mtime": mtime, "hash": bytes(rec["hash"]),
+                # The old size and mtime (a rename keeps both), not the file's now: if it has changed
+                # since the move, the next scan sees the difference and re-embeds it.
+                records.append({"path": new, "size": int(rec["size"]), "mtime": float(rec["mtime"]),
+                                "hash": bytes(rec["hash"]),
                                 "metadata": self.metadata_of(i) or None})
             if rows:
                 self._append(self.index.vectors[rows], records)

@@ -18,7 +18,7 @@ import httpx
 from PIL import Image
 
 from nanodb.database import NanoDB
-from nanodb.server import start_server
+from nanodb.interfaces.server import start_server
 
 COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
 SIZE = (5472, 3648)  # 20 megapixels

@@ -2,7 +2,8 @@
 
 from nanodb.database import Item, NanoDB, SearchResult, ValidationReport
 from nanodb.model import ModelLoadError
+from nanodb.query import QueryError
 from nanodb.storage import DatabaseError
 
-__all__ = ["NanoDB", "SearchResult", "Item", "ValidationReport", "DatabaseError", "ModelLoadError"]
+__all__ = ["NanoDB", "SearchResult", "Item", "ValidationReport", "DatabaseError", "ModelLoadError", "QueryError"]
 __version__ = "0.1.0"

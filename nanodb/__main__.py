@@ -1,3 +1,3 @@
-from nanodb.cli import main
+from nanodb.interfaces.cli import main
 
 raise SystemExit(main())

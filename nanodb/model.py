@@ -8,12 +8,10 @@ import socket
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipeline.decode import ResizeCenterCrop
+from pipeline.imaging import ResizeCenterCrop, model_pixels, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
         return True
@@ -125,7 +123,7 @@ class ClipModel:
                 )
         if spec.is_file and not Path(spec.pretrained).is_file():
             raise ModelLoadError(f"checkpoint file not found: {spec.pretrained}")
-        offline = pretrained is not None and not spec.is_file and not _hub_reachable()
+        offline = pretrained is not None and not spec.is_file and not hub_reachable()
         try:
             with torch.random.fork_rng(devices=[]), (_offline_hub() if offline else nullcontext()), _quiet_open_clip():
                 torch.manual_seed(spec.seed)
@@ -171,12 +169,13 @@ class ClipModel:
                 x = x.half()
             return self._finish(self.model.encode_image(x))
 
+    def image_pixels(self, image) -> np.ndarray:
+        """A PIL image as model-input uint8 pixels, as a decode worker makes them."""
+        return model_pixels(to_rgb(image), self.pixel_transform)
+
     def encode_images(self, images) -> np.ndarray:
         """PIL images -> unit float32 vectors, through the same two halves as a scan."""
-        from pipeline.decode import to_rgb
-
-        pixels = np.stack([np.asarray(self.pixel_transform(to_rgb(im))) for im in images])
-        return self.encode_pixels(pixels)
+        return self.encode_pixels(np.stack([self.image_pixels(im) for im in images]))
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -189,8 +188,6 @@ class ClipModel:
 def pillow_transform(steps) -> ResizeCenterCrop | None:
     """The Pillow-only equivalent of open_clip's usual resize + crop + RGB steps, if that is what they are."""
     from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-
-    from pipeline.decode import ResizeCenterCrop
 
     if len(steps) != 3 or not isinstance(steps[0], Resize) or not isinstance(steps[1], CenterCrop):
         return None
@@ -208,6 +205,13 @@ def pillow_transform(steps) -> ResizeCenterCrop | None:
     ):
         return None
     return ResizeCenterCrop(size[0], (crop_h, crop_w), filters[resize.interpolation])
+
+
+def as_pretrained(value: str) -> str:
+    """A checkpoint file is remembered by absolute path; tags and 'none' as they are."""
+    if value and value.lower() != "none" and (os.sep in value or os.path.isfile(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return "none" if not value or value.lower() == "none" else value
 
 
 _cache: dict[tuple[ModelSpec, str], ClipModel] = {}

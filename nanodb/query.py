@@ -11,6 +11,10 @@ from typing import Callable
 
 import numpy as np
 
+class QueryError(ValueError):
+    """A query that cannot be searched; the message is shown to the user as is."""
+
+
 # An operator is a + or - with whitespace on both sides, so `t-shirt` or `x+y` stay one term.
 _OPERATOR = re.compile(r"\s+([+-])(?=\s)")
 _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):\s*(\S.*)$", re.DOTALL)
@@ -28,7 +32,7 @@ def parse_query(text: str) -> list[tuple[float, str]]:
             continue
         term = part.strip()
         if not term:
-            raise ValueError(f"a term is missing around an operator in {text.strip()!r}")
+            raise QueryError(f"a term is missing around an operator in {text.strip()!r}")
         weight = 1.0
         if m := _WEIGHT.match(term):
             weight, term = float(m.group(1)), m.group(2).strip()
@@ -47,5 +51,45 @@ def combined_vector(text: str, embed: Callable[[str], np.ndarray]) -> np.ndarray
     total = sum(weight * np.asarray(embed(term), np.float32) for weight, term in parse_query(text))
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm) or norm < 1e-6:
-        raise ValueError(f"the terms of {text.strip()!r} cancel out: nothing is left to search for")
+        raise QueryError(f"the terms of {text.strip()!r} cancel out: nothing is left to search for")
     return total / norm
+
+
+# ------------------------------------------------------------------ input limits, one set for every interface
+MAX_K = 1000
+MAX_QUERY_CHARS = 1000
+
+
+def check_k(k) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise QueryError(f"k must be a whole number, not {str(k)[:40]!r}") from None
+    if k < 1:
+        raise QueryError("k must be at least 1")
+    if k > MAX_K:
+        raise QueryError(f"k must be at most {MAX_K}")
+    return k
+
+
+def check_text(text) -> str:
+    text = (text or "").strip() if isinstance(text, str) or text is None else text
+    if not isinstance(text, str):
+        raise QueryError(f"a text query is a string, not a {type(text).__name__}")
+    if not text:
+        raise QueryError("empty query: type some words, or give an image")
+    if len(text) > MAX_QUERY_CHARS:
+        raise QueryError(f"the query is {len(text)} characters long; at most {MAX_QUERY_CHARS} are searched")
+    return text
+
+
+def check_min_similarity(value) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"min_similarity must be a number, not {str(value)[:40]!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise QueryError("min_similarity must be between -1 and 1")
+    return value

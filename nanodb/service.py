@@ -9,7 +9,7 @@ import os
 import time
 
 from nanodb.database import NanoDB
-from pipeline.coordinator import ScanPipeline, ScanReport
+from pipeline.coordinator import ScanReport
 from pipeline.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,7 @@ class IngestService:
         if self.watcher is not None:
             raise ValueError("already watching; give every --watch folder at start")
         feed: asyncio.Queue = asyncio.Queue(256)
-        self.watcher = FolderWatcher(
-            self.db, folders, feed, settle_seconds=self.db.settings.settle_seconds, excludes=self.excludes
-        )
+        self.watcher = self.db.watcher(folders, feed, excludes=self.excludes)
         self.watcher.start()  # before the first scan, so changes during it are not missed
         return self._keep(self._watch(folders, feed, on_ready))
 
@@ -73,14 +71,9 @@ class IngestService:
             for folder in folders:
                 await self.scan(folder, on_ready)
             self.watch_report = ScanReport(walking=False)
-            pipeline = ScanPipeline(
-                self.db, [], self.db.decode_pool, self.db.settings.batch_size, excludes=self.excludes,
-                autosave_every=self.db.settings.autosave_every if self.db.autosave else None,
-                report=self.watch_report, feed=feed,
-                running=self.running,
-            )
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(pipeline.run())
+                tg.create_task(self.db.scan_async(excludes=self.excludes, report=self.watch_report, feed=feed,
+                                                  running=self.running))
                 tg.create_task(self.watcher.run())
         except Exception as e:  # logged, not raised: queries and the other tasks go on
             log.error("watching %s stopped: %s", ", ".join(folders), e)

@@ -310,14 +310,38 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
     return RepairReport(committed.count if committed else rows, kept, len(deleted), rebuilt)
 
 
-def write_generation(root: Path, manifest: Manifest, data: dict[str, bytes | memoryview]) -> None:
-    """Write every data file of `manifest.generation` from scratch (a compaction), fsynced.
+def committed_lengths(m: Manifest) -> dict[str, int]:
+    """The committed byte length of each data file."""
+    return {
+        "vectors": m.count * m.dim * 2,
+        "items": m.count * ITEM_DTYPE.itemsize,
+        "paths": m.paths_bytes,
+        "meta": m.meta_bytes,
+        "deleted": m.deleted * 8,
+    }
 
-    Files left by a compaction that crashed before its manifest are simply overwritten; the old
-    generation stays committed until the caller replaces the manifest.
-    """
+
+def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict[str, bytes | memoryview]) -> None:
+    """A save: append to each data file at its committed length (overwriting what a crashed save left
+    there), extend the checksums, fsync, then replace the manifest, the commit point."""
+    if committed.checksums is not None:
+        new.checksums = {
+            kind: zlib.crc32(memoryview(appended[kind]).cast("B"), committed.checksums[kind]) for kind in DATA_FILES
+        }
+    lengths = committed_lengths(committed)
     for kind in DATA_FILES:
-        append_at(manifest.file(root, kind), 0, data[kind])
+        append_at(committed.file(root, kind), lengths[kind], appended[kind])
+    write_manifest(root, new)
+
+
+def commit_generation(root: Path, new: Manifest, data: dict[str, bytes | memoryview]) -> None:
+    """A compaction: write every data file of `new.generation` from scratch, fsynced, then replace the
+    manifest. Files left by a compaction that crashed before its manifest are simply overwritten; the
+    old generation stays committed until the manifest names the new one."""
+    new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
+    for kind in DATA_FILES:
+        append_at(new.file(root, kind), 0, data[kind])
+    write_manifest(root, new)
 
 
 def remove_other_generations(root: Path, generation: int) -> None:

@@ -6,17 +6,17 @@ import asyncio
 import logging
 import os
 
-from nanodb.storage import DatabaseError
+from pipeline.sink import IndexSink
 
 log = logging.getLogger(__name__)
 
 
 class IndexAppender:
-    """Consumes (images, vectors) batches (None ends the stream) into `db`; saves every
+    """Consumes (images, vectors) batches (None ends the stream) into `sink`; saves every
     `autosave_every` new items when autosave is on."""
 
-    def __init__(self, db, report, autosave_every: int | None):
-        self.db = db
+    def __init__(self, sink: IndexSink, report, autosave_every: int | None):
+        self.sink = sink
         self.report = report
         self.autosave_every = autosave_every
 
@@ -30,12 +30,12 @@ class IndexAppender:
                 images, vectors = [images[i] for i in present], vectors[present]
             if not images:
                 continue
-            added, updated = self.db._add_scanned(images, vectors)
+            added, updated = self.sink.add_files(images, vectors)
             self.report.added += added
             self.report.updated += updated
             self.report.changed()
-            if self.autosave_every and self.db.unsaved >= self.autosave_every:
+            if self.autosave_every and self.sink.unsaved >= self.autosave_every:
                 try:
-                    await asyncio.to_thread(self.db.save)
-                except DatabaseError as e:  # e.g. a full disk: keep scanning, the next autosave retries
+                    await asyncio.to_thread(self.sink.save)
+                except Exception as e:  # e.g. a full disk: keep scanning, the next autosave retries
                     log.error("autosave failed, scanning goes on: %s", e)

@@ -8,15 +8,15 @@ import asyncio
 import logging
 import os
 import time
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable
 
 from pipeline.append import IndexAppender
-from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
+from pipeline.decode import ImageDecodePool
 from pipeline.embed import ClipStage
-from pipeline.walk import DirectoryWalker, FoundFile, printable
+from pipeline.sink import EmbeddingModel, IndexSink
+from pipeline.walk import DirectoryWalker, FoundFile, absolute_path, printable
 
 log = logging.getLogger(__name__)
 
@@ -88,19 +88,20 @@ def _duration(seconds: float) -> str:
 
 
 class ScanPipeline:
-    """Runs one scan of `roots` into `db`, or, given a `feed`, indexes the FoundFiles put on it until
+    """Runs one scan of `roots` into `sink`, or, given a `feed`, indexes the FoundFiles put on it until
     it yields None (a folder watcher keeps one running for as long as it watches).
 
     A rescan drops the items of files gone from its folders. Stages wait while `running` is clear
     (pause); in-flight work finishes first.
     """
 
-    def __init__(self, db, roots, decode_pool: ImageDecodePool, batch_size: int, *,
-                 excludes=None, autosave_every: int | None = None, report: ScanReport | None = None,
-                 feed: asyncio.Queue | None = None, running: asyncio.Event | None = None):
+    def __init__(self, sink: IndexSink, model: EmbeddingModel, roots, decode_pool: ImageDecodePool,
+                 batch_size: int, *, excludes=None, autosave_every: int | None = None,
+                 report: ScanReport | None = None, feed: asyncio.Queue | None = None,
+                 running: asyncio.Event | None = None):
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
-        self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(db.path),), **kwargs)
-        self.db = db
+        self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),), **kwargs)
+        self.sink = sink
         self.pool = decode_pool
         self.feed = feed
         self.report = report or ScanReport()
@@ -108,10 +109,9 @@ class ScanPipeline:
             running = asyncio.Event()
             running.set()
         self.running = running
-        self.clip = ClipStage(db.model, batch_size, self.report, running)
-        self.appender = IndexAppender(db, self.report, autosave_every)
+        self.clip = ClipStage(model, batch_size, self.report, running)
+        self.appender = IndexAppender(sink, self.report, autosave_every)
         self.queue_size = max(64, 4 * batch_size)
-        self._alone = asyncio.Lock()
 
     async def run(self) -> ScanReport:
         found: asyncio.Queue = asyncio.Queue(self.queue_size)
@@ -138,7 +138,7 @@ class ScanPipeline:
     async def _offer(self, f: FoundFile, outbox: asyncio.Queue) -> None:
         """Count a found file and pass it on, unless it is indexed with the same size and mtime."""
         self.report.found += 1
-        if self.db._is_unchanged(f):
+        if self.sink.is_unchanged(f.path, f.size, f.mtime):
             self.report.unchanged += 1
         else:
             await outbox.put(f)
@@ -168,30 +168,23 @@ class ScanPipeline:
     def _drop_missing(self, seen: set[str], problems: list[str]) -> int:
         """Forget indexed files under the scanned folders that the walk did not find and that no longer
         exist, except below a folder it could not read (an unmounted disk loses nothing)."""
-        folders = [os.path.abspath(os.path.expanduser(r)) for r in self.walker.roots]
+        folders = [absolute_path(r) for r in self.walker.roots]
         folders = [r + os.sep for r in folders if os.path.isdir(r)]
         blind = tuple(p.rstrip(os.sep) + os.sep for p in problems) + tuple(problems)
         gone = [
-            p for p in list(self.db._paths_to_index())
+            p for p in self.sink.indexed_paths()
             if p.startswith(tuple(folders)) and p not in seen and not p.startswith(blind)
             and not os.path.lexists(p)
         ]
-        return self.db.forget(gone) if gone else 0
+        return self.sink.forget(gone) if gone else 0
 
     async def _decode(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
-        loop = asyncio.get_running_loop()
         slots = asyncio.Semaphore(self.pool.workers * 4)
         tasks: set[asyncio.Task] = set()
 
         async def decode_one(f: FoundFile) -> None:
             try:
-                executor = self.pool.executor
-                try:
-                    result = await loop.run_in_executor(executor, decode_file, f.path)
-                except BrokenProcessPool:  # some worker died: every file in flight lands here
-                    self.pool.replace(executor)
-                    result = await self._decode_alone(f.path)
-                await outbox.put(result)
+                await outbox.put(await self.pool.decode(f.path))
             finally:  # only once passed on: a slot bounds the decoded images held, not just those decoding
                 slots.release()
 
@@ -203,13 +196,3 @@ class ScanPipeline:
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
         await outbox.put(None)
-
-    async def _decode_alone(self, path: str):
-        """Retry a file that was in flight when a decode worker died, one file at a time in a separate
-        process, so only the file that kills its decoder is reported."""
-        async with self._alone:
-            try:
-                return await asyncio.get_running_loop().run_in_executor(self.pool.solo, decode_file, path)
-            except BrokenProcessPool:
-                self.pool.replace(self.pool.solo)
-                return DecodeFailure(path, "the decoder process crashed on this file")

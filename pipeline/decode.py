@@ -1,32 +1,29 @@
 """Stage 2, the decode pool: worker processes read, hash, decode and resize images to model input.
 
 Workers return uint8 pixels already resized and cropped by the model's own transforms (a quarter of
-the bytes of normalised floats); the CLIP stage scales and normalises whole batches at once.
+the bytes of normalised floats); the CLIP stage scales and normalises whole batches at once. A worker
+that dies (a decoder crash) costs only the file that killed it: the files in flight with it are
+retried one at a time in a separate process.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import asyncio
 import logging
 import multiprocessing
 import os
-import stat
-import sys
 import threading
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 
-log = logging.getLogger(__name__)
+from pipeline.imaging import ImageRejected, content_hash, model_pixels, open_image, read_image_file
 
-MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole would hurt
-# Resizing the short side to the model's input multiplies the pixels by the aspect ratio: a 1x100000
-# strip (a small file) would become gigabytes. Real panoramas stay far below this.
-MAX_ASPECT_RATIO = 200
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,63 +41,34 @@ class DecodeFailure:
     reason: str
 
 
-def to_rgb(image):
-    """First frame, EXIF orientation applied, as 8-bit RGB (16-bit, CMYK, palette and alpha handled)."""
-    from PIL import Image, ImageOps
-
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = Image.fromarray((np.asarray(image, np.float64) / 256).clip(0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = image.convert("RGBA")
-    return image.convert("RGB")
+def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeFailure:
+    """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
+    try:
+        file = read_image_file(path)
+        pixels = model_pixels(open_image(file.data, max_pixels), transform)
+    except ImageRejected as e:
+        return DecodeFailure(path, str(e))
+    except Exception as e:  # a transform can fail on an odd image too; the scan must go on
+        return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
+    return DecodedImage(path, file.size, file.mtime, content_hash(file.data), pixels)
 
 
-@dataclass(frozen=True)
-class ResizeCenterCrop:
-    """open_clip's usual pixel steps (torchvision Resize of the short side, CenterCrop, RGB) in plain
-    Pillow, with torchvision's arithmetic, pixel for pixel: so decode workers need not import torch,
-    which would cost each of them about 500 MB."""
-
-    short_side: int
-    crop: tuple[int, int]  # (height, width), at most short_side
-    resample: int  # a PIL.Image.Resampling filter
-
-    def __call__(self, image):
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.short_side * long / short)
-        new_w, new_h = (self.short_side, new_long) if w <= h else (new_long, self.short_side)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), self.resample)
-        crop_h, crop_w = self.crop
-        if (crop_w, crop_h) != (new_w, new_h):
-            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-            image = image.crop((left, top, left + crop_w, top + crop_h))
-        return image if image.mode == "RGB" else image.convert("RGB")
+# The pixel transform and pixel limit of a decode worker process, set once by its initializer.
+_worker_args: tuple = ()
 
 
-_transform = None
-
-
-def _init_worker(transform, max_pixels: int) -> None:
+def _init_worker(transform, max_pixels: int, parent: int) -> None:
     from PIL import Image
 
-    global _transform
-    _transform = transform
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    warnings.simplefilter("error", Image.DecompressionBombWarning)  # skip bombs, do not just warn
-    if "torch" in sys.modules:  # a torchvision transform: one thread per worker, the pool is the parallelism
-        sys.modules["torch"].set_num_threads(1)
+    global _worker_args
+    _worker_args = (transform, max_pixels)
+    # This worker's own process: open_image refuses large images itself, so Pillow's warning is noise.
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
-def _init_pool_worker(transform, max_pixels: int) -> None:
-    _init_worker(transform, max_pixels)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+def _decode_in_worker(path: str) -> DecodedImage | DecodeFailure:
+    return decode_file(path, *_worker_args)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -111,53 +79,19 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-def decode_file(path: str) -> DecodedImage | DecodeFailure:
-    """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        # Non-blocking, then checked: a file swapped for a FIFO since the walk must not hang the worker.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return DecodeFailure(path, "not a regular file")
-            if st.st_size == 0:
-                return DecodeFailure(path, "empty file")
-            if st.st_size > MAX_FILE_BYTES:
-                return DecodeFailure(path, f"file too large ({st.st_size >> 20} MiB)")
-            data = f.read()
-    except OSError as e:
-        return DecodeFailure(path, f"unreadable: {e.strerror or e}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            w, h = image.size
-            if w * h > Image.MAX_IMAGE_PIXELS:
-                return DecodeFailure(path, f"image too large ({w}x{h} pixels, decompression bomb?)")
-            if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-                return DecodeFailure(path, f"absurd dimensions ({w}x{h} pixels)")
-            image.load()
-            pixels = np.asarray(_transform(to_rgb(image)), np.uint8)
-    except UnidentifiedImageError:
-        return DecodeFailure(path, "not an image (or an unsupported format)")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return DecodeFailure(path, f"image too large ({e})")
-    except Exception as e:  # a broken file can make a decoder raise anything; the scan must go on
-        return DecodeFailure(path, f"corrupt or truncated image ({type(e).__name__}: {e})")
-    return DecodedImage(path, st.st_size, st.st_mtime, hashlib.blake2b(data, digest_size=16).digest(), pixels)
-
-
 class ImageDecodePool:
     """A pool of decode processes (spawned, so no CUDA or thread state is forked)."""
 
     def __init__(self, transform, workers: int, max_pixels: int):
         self.workers = workers
-        self._args = (transform, max_pixels)
+        self._args = (transform, max_pixels, os.getpid())
         self._executor: ProcessPoolExecutor | None = None
         self._solo: ProcessPoolExecutor | None = None
+        self._alone = threading.Lock()
 
     def _start(self, workers: int) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_pool_worker, initargs=self._args
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=self._args
         )
 
     @property
@@ -173,7 +107,26 @@ class ImageDecodePool:
             self._solo = self._start(1)
         return self._solo
 
-    def replace(self, broken: ProcessPoolExecutor) -> None:
+    async def decode(self, path: str) -> DecodedImage | DecodeFailure:
+        """Decode one file in a worker; a worker crash is pinned on the file that caused it."""
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        try:
+            return await loop.run_in_executor(executor, _decode_in_worker, path)
+        except BrokenProcessPool:  # some worker died: every file in flight lands here
+            self._replace(executor)
+        return await loop.run_in_executor(None, self._decode_alone, path)
+
+    def _decode_alone(self, path: str) -> DecodedImage | DecodeFailure:
+        with self._alone:
+            solo = self.solo
+            try:
+                return solo.submit(_decode_in_worker, path).result()
+            except BrokenProcessPool:
+                self._replace(solo)
+                return DecodeFailure(path, "the decoder process crashed on this file")
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
         """Drop a pool whose worker died (once, however many of its files report it); the next use
         starts fresh workers."""
         for name in ("_executor", "_solo"):

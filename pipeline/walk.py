@@ -21,6 +21,18 @@ def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def absolute_path(path: str | os.PathLike) -> str:
+    """How every path is stored and compared: absolute, `~` expanded, symlinks kept as named."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def is_excluded(relative_parts: list[str], path: str, patterns: tuple[str, ...]) -> bool:
+    """The one exclusion rule: a glob pattern matches a file or folder name on the way, or the full path."""
+    return any(fnmatch.fnmatch(part, pat) for part in relative_parts for pat in patterns) or any(
+        fnmatch.fnmatch(path, pat) for pat in patterns
+    )
+
+
 def printable(path: str) -> str:
     """A file name fit for one log or console line: newlines, control characters and undecodable
     bytes (surrogate escapes) shown as Python escapes, so no name can split or garble the output."""
@@ -55,9 +67,6 @@ class DirectoryWalker:
     skip_dirs: tuple[str, ...] = ()  # absolute folders never entered (the database folder)
     problems: list[WalkProblem] = field(default_factory=list)
 
-    def _excluded(self, name: str, path: str) -> bool:
-        return any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(path, pat) for pat in self.excludes)
-
     def _problem(self, path: str, reason: str) -> None:
         log.warning("skipped %s: %s", printable(path), reason)
         self.problems.append(WalkProblem(path, reason))
@@ -67,7 +76,7 @@ class DirectoryWalker:
         seen_files: set[str] = set()
         skip = {os.path.abspath(d) for d in self.skip_dirs}
         for root in self.roots:
-            root = os.path.abspath(os.path.expanduser(root))
+            root = absolute_path(root)
             try:
                 st = os.stat(root)
             except OSError as e:
@@ -93,7 +102,7 @@ class DirectoryWalker:
                         continue
                     subdirs = []
                     for entry in entries:
-                        if self._excluded(entry.name, entry.path):
+                        if is_excluded([entry.name], entry.path, self.excludes):
                             continue
                         try:
                             is_dir = entry.is_dir()  # follows symlinks; loops are cut by seen_dirs

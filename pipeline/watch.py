@@ -13,8 +13,6 @@ file deleted while it is being embedded is never left behind in the database.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from fnmatch import fnmatch
 import logging
 import os
 import time
@@ -23,8 +21,9 @@ from dataclasses import dataclass
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from pipeline.decode import MAX_FILE_BYTES
-from pipeline.walk import DEFAULT_EXCLUDES, DirectoryWalker, FoundFile, is_image_name
+from pipeline.imaging import MAX_FILE_BYTES, content_hash
+from pipeline.sink import IndexSink
+from pipeline.walk import DEFAULT_EXCLUDES, DirectoryWalker, FoundFile, absolute_path, is_excluded, is_image_name
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,11 @@ class _Forward(FileSystemEventHandler):
 
 
 class FolderWatcher:
-    """Keeps `db` in step with `roots` (folders) while running; see the module docstring."""
+    """Keeps `sink` in step with `roots` (folders) while running; see the module docstring."""
 
-    def __init__(self, db, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None):
-        self.db = db
-        self.roots = [os.path.abspath(os.path.expanduser(os.fspath(r))) for r in roots]
+    def __init__(self, sink: IndexSink, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None):
+        self.sink = sink
+        self.roots = [absolute_path(r) for r in roots]
         self.feed = feed
         self.settle_seconds = settle_seconds
         self.excludes = tuple(DEFAULT_EXCLUDES if excludes is None else excludes)
@@ -90,13 +89,12 @@ class FolderWatcher:
     # ------------------------------------------------------------------ which paths count
     def _watched(self, path: str) -> bool:
         """Inside a watched folder, not in the database folder, no excluded name on the way."""
-        db_dir = str(self.db.path) + os.sep
+        db_dir = str(self.sink.path) + os.sep
         if path.startswith(db_dir):
             return False
         for root in self.roots:
             if path.startswith(root + os.sep):
-                parts = path[len(root) + 1 :].split(os.sep)
-                return not any(fnmatch(part, pat) for part in parts + [path] for pat in self.excludes)
+                return not is_excluded(path[len(root) + 1 :].split(os.sep), path, self.excludes)
         return False
 
     def _wanted_file(self, path: str) -> bool:
@@ -124,7 +122,7 @@ class FolderWatcher:
             self.pending.pop(src, None)
             if event.is_directory:
                 self._drop_pending_under(src)
-            self.changes += self.db.forget([src])
+            self.changes += self.sink.forget([src])
         elif event.is_directory:
             if kind == "created" and self._watched(src):
                 await self._mark_folder(src)  # a folder moved in from outside arrives whole
@@ -135,7 +133,7 @@ class FolderWatcher:
         self.pending.setdefault(path, _Pending(None, time.monotonic()))
 
     async def _mark_folder(self, folder: str) -> None:
-        walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.db.path),))
+        walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.sink.path),))
         for found in await asyncio.to_thread(list, walker):
             self._mark(found.path)
 
@@ -146,8 +144,8 @@ class FolderWatcher:
     def _move_file(self, src: str, dest: str) -> None:
         self.pending.pop(src, None)
         if not self._wanted_file(dest):
-            self.changes += self.db.forget([src])  # moved out of the watched folders, or renamed away
-        elif self.db.move_paths([(src, dest)]):
+            self.changes += self.sink.forget([src])  # moved out of the watched folders, or renamed away
+        elif self.sink.move_paths([(src, dest)]):
             self.changes += 1
         else:
             self._mark(dest)  # not indexed yet (or still in flight): index it under its new name
@@ -155,9 +153,9 @@ class FolderWatcher:
     def _move_folder(self, src: str, dest: str) -> None:
         self._drop_pending_under(src)
         if not self._watched(dest):
-            self.changes += self.db.forget([src])
+            self.changes += self.sink.forget([src])
             return
-        self.changes += self.db.move_folder(src, dest)
+        self.changes += self.sink.move_folder(src, dest)
         # Files of the folder that were not indexed yet: look at them under their new path.
         walk = asyncio.get_running_loop().create_task(self._mark_folder(dest))
         self._walks.add(walk)
@@ -189,11 +187,11 @@ class FolderWatcher:
 
     async def _hand_on(self, found: FoundFile) -> None:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""
-        if self.db._is_unchanged(found):
+        if self.sink.is_unchanged(found.path, found.size, found.mtime):
             return
         content_hash = await asyncio.to_thread(_hash_file, found.path)
         if content_hash is not None and os.path.exists(found.path):  # not deleted while hashing
-            if self.db.add_known_file(found.path, found.size, found.mtime, content_hash) is not None:
+            if self.sink.add_known_file(found.path, found.size, found.mtime, content_hash) is not None:
                 self.changes += 1
                 return
         self.changes += 1
@@ -201,11 +199,11 @@ class FolderWatcher:
 
 
 def _hash_file(path: str) -> bytes | None:
-    """The content hash decode workers store (blake2b-128 of the bytes); None if unreadable."""
+    """The content hash decode workers store for these bytes; None if unreadable."""
     try:
         if os.path.getsize(path) > MAX_FILE_BYTES:
             return None
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).digest()
+            return content_hash(f.read())
     except OSError:
         return None

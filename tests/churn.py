@@ -129,14 +129,14 @@ def check_committed(db_path: Path, run: KilledRun, committed_before: int | None,
     with NanoDB(db_path, read_only=True) as db:
         last = completed[-1] if completed else committed_before
         allowed = ({last} if last is not None else set()) | ({in_flight} if in_flight is not None else set())
-        assert not allowed or db.index.count in allowed, (
-            f"holds {db.index.count} rows; before this run {committed_before}, saves logged {completed}, "
+        assert not allowed or db.store.rows in allowed, (
+            f"holds {db.store.rows} rows; before this run {committed_before}, saves logged {completed}, "
             f"in flight {in_flight}")
         paths = live_paths(db)
         assert len(paths) == len(set(paths)), "a file is indexed twice"
         assert set(paths) <= set(churn.versions), "an item's path was never in the folder"
         assert_vectors_match_some_version(db, rng.sample(paths, min(sample, len(paths))), churn.versions)
-        return db.index.count
+        return db.store.rows
 
 
 def check_caught_up(db_path: Path, churn: FolderChurn, rng: random.Random, sample: int = 5) -> None:

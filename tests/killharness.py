@@ -132,7 +132,7 @@ def assert_faithful(db, paths: list[str], min_cosine: float = 0.999) -> None:
 
 
 def live_paths(db) -> list[str]:
-    return [db.path_of(i) for i in range(db.index.count) if not db.index.dead[i]]
+    return [db.path_of(i) for i in range(db.store.rows) if db.has_item(i)]
 
 
 def run_script_until_killed(script: str, db_template: Path, db_path: Path, step: str) -> None:

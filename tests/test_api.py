@@ -55,8 +55,8 @@ def test_validate_accepts_near_duplicates_and_reports_misplaced_vectors(tmp_path
         db.add(np.vstack([base, near]))
         assert db.validate().ok
         # a damaged row (not unit length) finds another item first, and is reported
-        db.index._buf[7] = db.index._buf[3] / 2
-        db.index._buf[8] = db.index._buf[9]
+        db.vectors[7] = db.vectors[3] / 2
+        db.vectors[8] = db.vectors[9]
         report = db.validate()
         assert report.failures == [(7, 3)]
         assert report.duplicates == [[8, 9]]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 
 from nanodb.database import NanoDB  # noqa: E402
-from nanodb.server import start_server  # noqa: E402
+from nanodb.interfaces.server import start_server  # noqa: E402
 
 COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
 DEFAULT_EXAMPLES = 40  # per operation: well under a minute in all on 2 cores

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nanodb.model import _hub_reachable
+from nanodb.model import hub_reachable
 
 RESULT_LINE = re.compile(r"^\* index=(\d+)  (.+)  similarity=(-?\d\.\d+)$")
 
@@ -57,7 +57,7 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
     assert not (tmp_path / "db").exists()
 
 
-@pytest.mark.skipif(_hub_reachable(), reason="the model hub is reachable: weights would be downloaded")
+@pytest.mark.skipif(hub_reachable(), reason="the model hub is reachable: weights would be downloaded")
 def test_missing_weights_without_network_is_a_clear_error(tmp_path):
     run = nanodb("--path", str(tmp_path / "db"), "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", timeout=120)
     err = run.stderr.decode()

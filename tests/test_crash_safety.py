@@ -23,14 +23,14 @@ def check_after_kill(db_path, run, folder_files, rng) -> int:
         assert not completed, run.log[-2000:]
         return 0
     with NanoDB(db_path, read_only=True) as db:
-        allowed = {completed[-1] if completed else db._manifest.count} | ({in_flight} if in_flight else set())
-        assert db.index.count in allowed, f"holds {db.index.count} rows; saves logged: {completed}, {in_flight}"
+        allowed = {completed[-1] if completed else db.store.manifest.count} | ({in_flight} if in_flight else set())
+        assert db.store.rows in allowed, f"holds {db.store.rows} rows; saves logged: {completed}, {in_flight}"
         paths = live_paths(db)
         assert len(paths) == len(set(paths)), "a file is indexed twice"
         assert set(paths) <= set(folder_files), "an item's path is not a scanned file"
         assert np.allclose(np.linalg.norm(db.vectors.astype(np.float32), axis=1), 1, atol=1e-2)
         assert_faithful(db, rng.sample(paths, min(3, len(paths))))
-        return db.index.count
+        return db.store.rows
 
 
 def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
@@ -80,7 +80,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    import nanodb.database as database, nanodb.storage as storage
+    import nanodb.storage as storage
     from nanodb.database import NanoDB
 
     step = sys.argv[2]
@@ -105,7 +105,7 @@ CHILD = textwrap.dedent(
         real_replace(src, dst)
         if step == "after_replace":
             os.kill(os.getpid(), signal.SIGKILL)
-    database.append_at = append_at
+    storage.append_at = append_at
     storage.os.replace = replace
     db.save()
     """
@@ -123,9 +123,9 @@ def test_kill_inside_a_save_keeps_the_last_completed_save(tmp_path, empty_db_pat
     with NanoDB(db_path) as db:  # opens for writing too: the dead process's lock is gone
         expected = np.vstack([first, second]) if committed else first
         expected /= np.linalg.norm(expected, axis=1, keepdims=True)
-        assert db.index.count == len(expected)
+        assert db.store.rows == len(expected)
         assert np.allclose(db.vectors.astype(np.float32), expected, atol=2e-3)
-        assert [db.path_of(i) for i in range(db.index.count)] == [f"/a/{i}" for i in range(10)] + (
+        assert [db.path_of(i) for i in range(db.store.rows)] == [f"/a/{i}" for i in range(10)] + (
             [f"/b/{i}" for i in range(7)] if committed else [])
         assert db[3].deleted == committed
         assert db[0].metadata == {"batch": 1}
@@ -133,5 +133,5 @@ def test_kill_inside_a_save_keeps_the_last_completed_save(tmp_path, empty_db_pat
         db.add(np.ones((2, db.dim)), paths=["/c/0", "/c/1"])
         db.save()
     with NanoDB(db_path, read_only=True) as db:
-        assert db.path_of(db.index.count - 1) == "/c/1"
+        assert db.path_of(db.store.rows - 1) == "/c/1"
         assert (db_path / MANIFEST).exists()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from killharness import REPO
-from nanodb import cli
+from nanodb.interfaces import cli
 from nanodb.database import NanoDB
 from nanodb.storage import MANIFEST, DatabaseError
 
@@ -64,14 +64,14 @@ def test_a_truncated_data_file_is_named_and_repair_keeps_the_consistent_part(db_
     report = NanoDB.repair(db_path)
     assert "rescan" in report.summary()
     with NanoDB(db_path, config="test") as db:
-        assert db.index.count == report.kept < ROWS or kind == "deleted"
-        for i in range(db.index.count):
+        assert db.store.rows == report.kept < ROWS or kind == "deleted"
+        for i in range(db.store.rows):
             assert db.path_of(i) in {f"/p/{j}" for j in range(ROWS // 2)} | {f"/q/{j}" for j in range(ROWS // 2)}
         assert np.allclose(np.linalg.norm(db.vectors.astype(np.float32), axis=1), 1, atol=1e-2)
         db.add(np.ones(db.dim), paths=["/after-repair"])  # and it takes new saves
         db.save()
     with NanoDB(db_path, read_only=True) as db:
-        assert db.path_of(db.index.count - 1) == "/after-repair"
+        assert db.path_of(db.store.rows - 1) == "/after-repair"
 
 
 @pytest.mark.parametrize("kind", ["vectors", "items", "paths", "meta", "deleted"])
@@ -128,9 +128,9 @@ def test_cli_repair_flag(db_path, monkeypatch, capsys):
 
 
 def test_a_full_disk_during_save_keeps_the_previous_save_and_the_process_goes_on(db_path, monkeypatch):
-    import nanodb.database as database
+    import nanodb.storage as storage
 
-    real_append_at = database.append_at
+    real_append_at = storage.append_at
 
     def disk_full(path, offset, data):
         real_append_at(path, offset, bytes(memoryview(data).cast("B"))[:7])  # a partial write, then
@@ -138,15 +138,15 @@ def test_a_full_disk_during_save_keeps_the_previous_save_and_the_process_goes_on
 
     with NanoDB(db_path, config="test") as db:
         db.add(np.ones((3, db.dim)), paths=["/new/0", "/new/1", "/new/2"])
-        monkeypatch.setattr(database, "append_at", disk_full)
+        monkeypatch.setattr(storage, "append_at", disk_full)
         with pytest.raises(DatabaseError, match="No space left on device.*previous save is intact"):
             db.save()
         with NanoDB(db_path, read_only=True) as other:
-            assert other.index.count == ROWS
-        monkeypatch.setattr(database, "append_at", real_append_at)
+            assert other.store.rows == ROWS
+        monkeypatch.setattr(storage, "append_at", real_append_at)
         assert db.save()  # space is back: the same items save
     with NanoDB(db_path, read_only=True) as db:
-        assert db.index.count == ROWS + 3 and db.path_of(ROWS + 2) == "/new/2"
+        assert db.store.rows == ROWS + 3 and db.path_of(ROWS + 2) == "/new/2"
 
 
 @pytest.fixture
@@ -172,11 +172,11 @@ def test_a_really_full_disk(saved_db, small_tmpfs):
         with pytest.raises(DatabaseError, match="No space left on device"):
             db.save()
         with NanoDB(db_path, read_only=True) as other:
-            assert other.index.count == ROWS
+            assert other.store.rows == ROWS
         filler.unlink()
         assert db.save()
     with NanoDB(db_path, read_only=True) as db:
-        assert db.index.count == ROWS + 200
+        assert db.store.rows == ROWS + 200
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from nanodb.model import ClipModel, ModelSpec, pillow_transform
-from pipeline.decode import ResizeCenterCrop, to_rgb
+from pipeline.imaging import ResizeCenterCrop, to_rgb
 
 from conftest import coco_photos, data_dir
 

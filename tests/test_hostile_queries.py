@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from killharness import REPO
-from nanodb.console import Console
+from nanodb.interfaces.console import Console
 from nanodb.database import NanoDB
 
 ODD_PATH = "/photos/caf\udce9\nnew line.jpg"  # undecodable byte and a newline in a stored name
@@ -53,11 +53,17 @@ def test_a_bad_query_gets_one_clear_message(db, line, message):
 
 @pytest.mark.parametrize(
     "line",
-    ["a" * 100_000, "a red car " * 10_000, "\x00\x01\x07\x1b[31m red\x7f", "caf\udce9 au lait", "😀" * 5000, "🚗"],
+    ["a" * 1000, "a red car " * 100, "\x00\x01\x07\x1b[31m red\x7f", "caf\udce9 au lait", "😀" * 1000, "🚗"],
 )
 def test_odd_text_is_searched(db, line):
     out = run(db, line)
     assert len(out) == 3 and all(o.startswith("* index=") for o in out), out
+
+
+@pytest.mark.parametrize("line", ["a" * 100_000, "a red car " * 10_000, "😀" * 5000])
+def test_overlong_text_gets_the_same_limit_as_the_web(db, line):
+    out = run(db, line)
+    assert out == [f"error: the query is {len(line.strip())} characters long; at most 1000 are searched"], out
 
 
 def test_a_stored_name_with_odd_characters_prints_on_one_line(db):
@@ -95,4 +101,5 @@ def test_console_over_stdin_survives_hostile_bytes(db, tmp_path):
     assert "error: no such image file: /no/such/\\udcff.jpg" in out
     assert "caf\\udce9\\nnew line.jpg" in out
     assert "commands:" in out
-    assert out.count("* index=") == 2 * 5  # two results for each of the five searches
+    assert "error: the query is 100000 characters long; at most 1000 are searched" in out
+    assert out.count("* index=") == 2 * 4  # two results for each of the four searches

@@ -89,7 +89,7 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    import nanodb.database as database, nanodb.storage as storage
+    import nanodb.store as store, nanodb.storage as storage
     from nanodb.database import NanoDB
 
     step = sys.argv[2]
@@ -104,7 +104,7 @@ CHILD = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     writes = []
-    real_append, real_replace, real_remove = storage.append_at, os.replace, database.remove_other_generations
+    real_append, real_replace, real_remove = storage.append_at, os.replace, store.remove_other_generations
     def append_at(path, offset, data):
         if step == f"write{len(writes)}":
             real_append(path, offset, bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
@@ -124,7 +124,7 @@ CHILD = textwrap.dedent(
         real_remove(root, generation)
     storage.append_at = append_at
     storage.os.replace = replace
-    database.remove_other_generations = remove_other_generations
+    store.remove_other_generations = remove_other_generations
     db.save()
     """
 )
@@ -142,18 +142,18 @@ def test_kill_inside_a_compaction_keeps_the_last_completed_save(tmp_path, empty_
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     paths = [f"/a/{i}" for i in range(6 if compacted else 0, 10)] + [f"/b/{i}" for i in range(4 if compacted else 0)]
     with NanoDB(db_path) as db:  # opens for writing: the dead process's lock is gone
-        assert db.index.count == len(expected) and not db.index.dead.any()
+        assert db.store.rows == len(expected) and not (db.store.rows != len(db))
         assert np.allclose(db.vectors.astype(np.float32), expected, atol=2e-3)
-        assert [db.path_of(i) for i in range(db.index.count)] == paths
+        assert [db.path_of(i) for i in range(db.store.rows)] == paths
         assert db.validate().ok
-        generation = db._manifest.generation
+        generation = db.store.manifest.generation
         assert generation == (1 if compacted else 0)
         db.add(np.ones((2, db.dim)), paths=["/c/0", "/c/1"])  # the next save works on top of it
         db.save()
     leftovers = [f.name for kind in DATA_FILES for f in db_path.glob(f"{kind}.*.*") if f".{generation}." not in f.name]
     assert not leftovers, f"files of another generation were left behind: {leftovers}"
     with NanoDB(db_path, read_only=True) as db:
-        assert [db.path_of(i) for i in range(db.index.count)] == paths + ["/c/0", "/c/1"]
+        assert [db.path_of(i) for i in range(db.store.rows)] == paths + ["/c/0", "/c/1"]
 
 
 def test_a_save_of_deletions_alone_and_a_compaction_to_nothing(tmp_path):
@@ -170,4 +170,4 @@ def test_a_save_of_deletions_alone_and_a_compaction_to_nothing(tmp_path):
         db.delete(range(1, 10))  # every row dead: compacted to an empty database
         assert db.save()
     with NanoDB(tmp_path / "db", config="test") as db:
-        assert len(db) == db.index.count == 0
+        assert len(db) == db.store.rows == 0

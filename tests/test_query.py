@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from nanodb.console import Console
+from nanodb.interfaces.console import Console
 from nanodb.database import NanoDB
 from nanodb.query import combined_vector, is_combined, parse_query
 

@@ -78,20 +78,20 @@ def test_compaction_drops_dead_rows_and_old_files(tmp_path, photos):
         assert db.save()
         files = sorted(f.name for f in (tmp_path / "db").iterdir() if f.name[0] != ".")
         assert all(".1." in f for f in files if f != "nanodb.json"), files  # generation 0 is gone
-        assert len(db) == db.index.count == 3
+        assert len(db) == db.store.rows == 3
     with NanoDB(tmp_path / "db", config="test") as db:
-        assert not db.index.dead.any()
+        assert not (db.store.rows != len(db))
         assert {p: db[db.index_of(p)].vector.tobytes() for p in keep} == {p: v.tobytes() for p, v in keep.items()}
 
 
 def test_a_crashed_compaction_leaves_the_last_save_intact(tmp_path, photos, monkeypatch):
-    import nanodb.database
+    import nanodb.storage
 
     with NanoDB(tmp_path / "db", config="test") as db:
         db.scan(photos)
         db.save()
         db.forget([str(photos / "trip")])
-        monkeypatch.setattr(nanodb.database, "write_manifest", _crash)
+        monkeypatch.setattr(nanodb.storage, "write_manifest", _crash)
         with pytest.raises(SystemExit):
             db.save()  # the new generation's files are written, the manifest is not
     monkeypatch.undo()
@@ -124,7 +124,7 @@ def test_a_dead_decode_worker_is_replaced_and_only_its_file_reported(tmp_path, p
     culprit = photos / "trip" / "culprit.jpg"
     Image.open(coco_photos(1)[0]).resize((123, 77)).save(culprit)
     with NanoDB(tmp_path / "db", config="test") as db:
-        db._decode_pool = ImageDecodePool(CrashOnSize(db.model.pixel_transform, (123, 77)), 2,
+        db.decode_pool = ImageDecodePool(CrashOnSize(db.model.pixel_transform, (123, 77)), 2,
                                           db.settings.max_image_pixels)
         report = db.scan(photos)
         assert [path for path, _ in report.failures] == [str(culprit)]

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from nanodb.database import NanoDB
-from nanodb.server import parse_auth, start_server
+from nanodb.interfaces.server import parse_auth, start_server
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO = DATA / "coco-val2017" / "images"
@@ -51,7 +51,7 @@ def assert_valid_top_k(db: NanoDB, query_vector: np.ndarray, results: list[dict]
                        seen_after: int) -> None:
     """`results` is an exact top-k over the first n items, for some n between the two counts seen."""
     vectors = db.vectors[:seen_after].astype(np.float32)
-    live = ~db.index.dead[:seen_after]
+    live = np.array([db.has_item(i) for i in range(seen_after)], bool)
     sims = vectors @ query_vector
     got = [r["index"] for r in results]
     assert min(k, int(live[:seen_before].sum())) <= len(got) <= min(k, int(live.sum()))
@@ -71,7 +71,7 @@ def test_text_search_returns_exact_top_k(served):
     assert r.status_code == 200, r.text
     body = r.json()
     assert len(body["results"]) == 5 and body["items"] == len(db)
-    n = db.index.count
+    n = db.store.rows
     assert_valid_top_k(db, db.embed_query("a dog on a beach"), body["results"], 5, n, n)
 
 
@@ -80,7 +80,7 @@ def test_combined_query_searches_the_weighted_sum(served):
     body = client.get("/api/search/text", params={"q": "2:dog + beach - snow", "k": 4}).json()
     d, b, s = (db.embed_query(t) for t in ("dog", "beach", "snow"))
     expected = 2 * d + b - s
-    n = db.index.count
+    n = db.store.rows
     assert_valid_top_k(db, expected / np.linalg.norm(expected), body["results"], 4, n, n)
 
 
@@ -261,9 +261,9 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
                 if i >= 3 and not scan.is_alive():
                     break
                 q = queries[(n + i) % len(queries)]
-                before = db.index.count
+                before = db.store.rows
                 r = c.get("/api/search/text", params={"q": q, "k": 10})
-                after = db.index.count
+                after = db.store.rows
                 if r.status_code != 200:
                     errors.append(r.text)
                     continue
@@ -271,9 +271,9 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
                 if n == 0:
                     scans_seen.extend(c.get("/api/stats").json()["scans"])
 
-    start = db.index.count
+    start = db.store.rows
     scan.start()
-    while db.index.count == start and scan.is_alive():  # the first batch is in: the scan is streaming
+    while db.store.rows == start and scan.is_alive():  # the first batch is in: the scan is streaming
         time.sleep(0.05)
     clients = [threading.Thread(target=one_client, args=(n,)) for n in range(20)]
     for t in clients:
@@ -285,7 +285,7 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
     assert len(answers) >= 20 * 3
     for q, results, before, after in answers:
         assert_valid_top_k(db, query_vectors[q], results, 10, before, after)
-    assert db.index.count == start + 40
+    assert db.store.rows == start + 40
     assert len({a[2] for a in answers}) > 1, "the queries did not overlap the scan"
     assert scans_seen, "the stats never showed the running scan"
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from nanodb.database import NanoDB
-from nanodb.server import start_server
+from nanodb.interfaces.server import start_server
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO = DATA / "coco-val2017" / "images"

@@ -15,10 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from nanodb import __version__
-from nanodb.http_api import api_router, install_error_handlers
-from nanodb.search_service import SearchService
-from nanodb.thumbnails import ThumbnailCache
-from nanodb.web import build_ui
+from nanodb.interfaces.http_api import api_router, install_error_handlers
+from nanodb.interfaces.search_service import SearchService
+from nanodb.interfaces.thumbnails import ThumbnailCache
+from nanodb.interfaces.web import build_ui
 
 
 def parse_auth(text: str) -> tuple[str, str]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from nanodb.search_service import BadRequest, Outcome, SearchService, stats_line
+from nanodb.database import SearchResults
+from nanodb.interfaces.search_service import BadRequest, SearchService, stats_line
 
 DEFAULT_K = 64
 HINT = "Try `dog + beach - snow` or `2:dog + cat`. Click a result to see images similar to it."
@@ -50,12 +51,12 @@ def build_ui(service: SearchService) -> gr.Blocks:
         shown = gr.State([])  # item index of each gallery tile, for clicks
         last = gr.State(None)  # the last search as (kind, query), rerun when a slider moves
 
-        def show(outcome: Outcome, what: str, request: gr.Request):
+        def show(outcome: SearchResults, what: str, request: gr.Request):
             base = str(request.request.base_url).rstrip("/") if request and request.request else ""
-            tiles = [(f"{base}/api/items/{r.index}/thumbnail", f"{r.similarity:.3f}") for r in outcome.results]
+            tiles = [(f"{base}/api/items/{r.index}/thumbnail", f"{r.similarity:.3f}") for r in outcome]
             note = (f"{len(tiles)} results for {what} · encode {outcome.encode_ms:.1f} ms · "
                     f"search {outcome.search_ms:.1f} ms")
-            return tiles, [r.index for r in outcome.results], note
+            return tiles, [r.index for r in outcome], note
 
         def run(kind: str, query, k, min_similarity, request: gr.Request) -> list:
             """Search; returns the new values of [gallery, shown, status, selected, last]."""

@@ -10,7 +10,7 @@ import sys
 
 from nanodb import __version__
 from nanodb.config import load_settings
-from nanodb.console import Console, format_validation
+from nanodb.interfaces.console import Console, format_validation
 from nanodb.database import NanoDB
 from nanodb.model import ModelLoadError
 from nanodb.service import IngestService
@@ -117,7 +117,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         print(f"nanodb: {db}", file=sys.stderr)
         if args.server:  # first, so the web UI serves while the scans below run
-            from nanodb.server import parse_auth, start_server
+            from nanodb.interfaces.server import parse_auth, start_server
 
             server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None)
             print(f"nanodb: web UI at {server.url} , HTTP API docs at {server.url}docs", file=sys.stderr)

@@ -16,8 +16,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanodb.search_service import MAX_K, BadRequest, Outcome, SearchService
-from nanodb.thumbnails import NotServable, ThumbnailCache, original_file
+from nanodb.database import SearchResults
+from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService
+from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, original_file
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Error(BaseModel):
 ERRORS = {400: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}}
 
 
-def _response(outcome: Outcome, items: int) -> SearchResponse:
+def _response(outcome: SearchResults, items: int) -> SearchResponse:
     return SearchResponse(
         results=[
             Result(
@@ -71,7 +72,7 @@ def _response(outcome: Outcome, items: int) -> SearchResponse:
                 thumbnail=f"/api/items/{r.index}/thumbnail",
                 original=f"/api/items/{r.index}/original",
             )
-            for r in outcome.results
+            for r in outcome
         ],
         items=items,
         encode_ms=round(outcome.encode_ms, 2),

@@ -23,7 +23,7 @@ class NotServable(LookupError):
 
 def original_file(db, index: int) -> Path:
     """The file of live item `index`, checked to be the one that was indexed."""
-    if not 0 <= index < db.index.count or db.index.dead[index]:
+    if not db.has_item(index):
         raise NotServable(f"no item with index {index}")
     item = db[index]
     if item.path is None or item.size < 0:

@@ -1,0 +1,104 @@
+"""Searching on behalf of web clients: what the HTTP API and the web UI share.
+
+Both go through one `SearchService`, which goes through `NanoDB.search`, so they accept and refuse
+the same inputs with the same one-line messages. Over HTTP, text is only ever text: an image comes
+as an upload or as an item index, never as a path on the server.
+"""
+
+from __future__ import annotations
+
+from nanodb.database import NanoDB, SearchResults
+from nanodb.query import MAX_K, MAX_QUERY_CHARS, QueryError
+from pipeline.imaging import ImageRejected, open_image
+
+MAX_UPLOAD_BYTES = 32 << 20
+
+__all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "SearchService", "stats_line"]
+
+BadRequest = QueryError  # a client's input that cannot be searched; the message is shown as is
+
+
+class SearchService:
+    def __init__(self, db: NanoDB, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+        self.db = db
+        self.max_k = MAX_K
+        self.max_query_chars = MAX_QUERY_CHARS
+        self.max_upload_bytes = max_upload_bytes
+
+    def check_index(self, index) -> int:
+        try:
+            index = int(index)
+        except (TypeError, ValueError):
+            raise BadRequest(f"an item index is a whole number, not {str(index)[:40]!r}") from None
+        if not self.db.has_item(index):
+            raise BadRequest(f"no item with index {index}")
+        return index
+
+    def open_upload(self, data: bytes):
+        """An uploaded file as an RGB image; refuses non-images, oversized files and decompression bombs."""
+        if len(data) > self.max_upload_bytes:
+            raise BadRequest(f"the upload is {len(data) >> 20} MB; at most {self.max_upload_bytes >> 20} MB")
+        if not data:
+            raise BadRequest("the upload is empty")
+        try:
+            return open_image(data, self.db.settings.max_image_pixels, draft_size=max(self.db.model.image_size))
+        except ImageRejected as e:
+            if str(e).startswith("not an image"):
+                raise BadRequest("the upload is not an image nanodb can read (JPEG, PNG, WebP, GIF, TIFF...)") from None
+            raise BadRequest(f"the uploaded image is damaged or refused: {e}") from None
+
+    def by_text(self, text, k, min_similarity=None) -> SearchResults:
+        return self.db.search(text=text if isinstance(text, str) else "", k=k, min_similarity=min_similarity)
+
+    def by_image(self, data: bytes, k, min_similarity=None) -> SearchResults:
+        return self.db.search(image=self.open_upload(data), k=k, min_similarity=min_similarity)
+
+    def by_item(self, index, k, min_similarity=None) -> SearchResults:
+        return self.db.search(self.check_index(index), k=k, min_similarity=min_similarity)
+
+    def stats(self) -> dict:
+        db = self.db
+        scans = [
+            {
+                "found": r.found,
+                "done": r.done,
+                "added": r.added,
+                "updated": r.updated,
+                "failed": r.failed,
+                "walking": r.walking,
+                "seconds": round(r.seconds, 1),
+            }
+            for r in list(db.active_scans)
+        ]
+        t = db.timings
+        return {
+            "items": len(db),
+            "unsaved": db.unsaved,
+            "model": db.spec.describe(),
+            "dim": db.dim,
+            "text_encode_ms": _round(t.text_encode_ms),
+            "image_encode_ms": _round(t.image_encode_ms),
+            "search_ms": _round(t.search_ms),
+            "searches": t.searches,
+            "scans": scans,
+        }
+
+
+def stats_line(stats: dict) -> str:
+    """The stats as one line of text for the web UI."""
+
+    def ms(v):
+        return "-" if v is None else f"{v:.1f} ms"
+
+    line = (
+        f"{stats['items']:,} items indexed · text encode {ms(stats['text_encode_ms'])} · "
+        f"image encode {ms(stats['image_encode_ms'])} · search {ms(stats['search_ms'])}"
+    )
+    for scan in stats["scans"]:
+        total = f"{scan['found']:,}{'+' if scan['walking'] else ''}"
+        line += f" · scanning: {scan['done']:,}/{total} ({scan['added']:,} added, {scan['failed']:,} skipped)"
+    return line
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)

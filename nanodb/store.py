@@ -1,0 +1,508 @@
+"""The item store: the item table, the vectors and the commit protocol of one database folder.
+
+It is the sink the ingestion pipeline writes into (pipeline.sink.IndexSink) and what NanoDB searches.
+Every read that must see one consistent state (a search's indices and the paths they name) and every
+change happen under `lock`; a compaction renumbers rows under that same lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from nanodb.index import VectorIndex
+from nanodb.storage import (
+    ITEM_DTYPE,
+    REPAIR_HINT,
+    DatabaseError,
+    Manifest,
+    WriteLock,
+    commit_append,
+    commit_generation,
+    read_exact,
+    remove_other_generations,
+    write_manifest,
+)
+from pipeline.sink import ScannedFile
+from pipeline.walk import absolute_path
+
+log = logging.getLogger(__name__)
+
+# Similarities closer than this are a tie: float16 storage rounds each value by up to ~5e-4 relative.
+SCORE_TIE = 1e-4
+
+
+@dataclass
+class Item:
+    """One stored item: its vector, where it came from, and its metadata."""
+
+    index: int
+    path: str | None
+    size: int
+    mtime: float
+    hash: str
+    metadata: dict[str, Any]
+    deleted: bool
+    vector: np.ndarray = field(repr=False)  # float16, unit length
+
+
+@dataclass
+class Hit:
+    """One search result as the store finds it: row, path, score and metadata from one state."""
+
+    index: int
+    path: str | None
+    similarity: float
+    metadata: dict[str, Any]
+
+
+@dataclass
+class ValidationReport:
+    checked: int
+    failures: list[tuple[int, int]]  # (item, what it found first instead)
+    duplicates: list[list[int]]  # groups of items with identical vectors
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+@dataclass
+class _Record:
+    """What the appender needs to know of a file, besides its vector."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: bytes
+
+
+class ItemStore:
+    """The rows of one database folder, in memory and committed to disk by `save`."""
+
+    def __init__(self, root: Path, manifest: Manifest, *, read_only: bool, compact_dead_fraction: float = 0.5):
+        """Open (or, for a manifest not yet on disk, create) the database at `root`; takes the write lock
+        unless read-only."""
+        self.root = root
+        self.path = str(root)  # for the pipeline: this folder is never scanned
+        self.read_only = read_only
+        self.compact_dead_fraction = compact_dead_fraction
+        self.lock = threading.RLock()
+        self._save_lock = threading.Lock()
+        self._write_lock: WriteLock | None = None
+        self._path_index: dict[str, int] | None = None
+        self._hash_index: dict[bytes, int] | None = None
+        new = not (root / "nanodb.json").exists()
+        if not read_only:
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DatabaseError(f"cannot create the database folder {root}: {e.strerror}") from None
+            self._write_lock = WriteLock(root)
+            self._write_lock.acquire()
+        try:
+            self.manifest = manifest
+            if new:
+                self._load_empty()
+                try:
+                    write_manifest(root, manifest)
+                except OSError as e:
+                    raise DatabaseError(f"cannot write {root / 'nanodb.json'}: {e.strerror}") from None
+            else:
+                self._load()
+                if not read_only:
+                    remove_other_generations(root, manifest.generation)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----------------------------------------------------------------- loading
+    def _load_empty(self) -> None:
+        self.index = VectorIndex(self.manifest.dim)
+        self._items = np.zeros(0, ITEM_DTYPE)
+        self._paths = bytearray()
+        self._meta = bytearray()
+        self._deleted: list[int] = []
+
+    def _load(self) -> None:
+        """Read the committed part of each data file with one binary read (no per-item parsing)."""
+        m = self.manifest
+        root = self.root
+        self._load_empty()
+        self.index.reserve(m.count)
+        self.index.count = m.count
+        crc = m.checksums or {}
+        self.index.load(
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+        )
+        self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
+        if m.count:
+            items_view = memoryview(self._items[: m.count]).cast("B")
+            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, items_view, crc.get("items"))
+        self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")))
+        self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")))
+        deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8, checksum=crc.get("deleted")), "<i8")
+        if ((deleted < 0) | (deleted >= m.count)).any():
+            raise DatabaseError(f"{m.file(root, 'deleted')} names items that do not exist; {REPAIR_HINT}")
+        self._deleted = deleted.tolist()
+        if self._deleted:
+            self.index.delete(self._deleted)
+        items = self._items[: m.count]
+        if m.count and (
+            int((items["path_off"] + items["path_len"]).max()) > m.paths_bytes
+            or int((items["meta_off"] + items["meta_len"]).max()) > m.meta_bytes
+        ):
+            raise DatabaseError(
+                f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
+            )
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def rows(self) -> int:
+        """Rows stored, deleted ones included (item indices run from 0 to rows - 1)."""
+        return self.index.count
+
+    def __len__(self) -> int:
+        """Number of live (not deleted) items."""
+        return self.index.count - len(self._deleted)
+
+    @property
+    def unsaved(self) -> int:
+        """Items added or deleted since the last save."""
+        return (self.index.count - self.manifest.count) + (len(self._deleted) - self.manifest.deleted)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """All stored float16 vectors (deleted rows included; see is_live)."""
+        return self.index.vectors
+
+    def is_live(self, index: int) -> bool:
+        return 0 <= index < self.index.count and not self.index.dead[index]
+
+    def live_rows(self) -> np.ndarray:
+        return np.flatnonzero(~self.index.dead)
+
+    def path_of(self, index: int) -> str | None:
+        rec = self._items[index]
+        if rec["path_len"] == 0:
+            return None
+        off = int(rec["path_off"])
+        return os.fsdecode(bytes(self._paths[off : off + int(rec["path_len"])]))
+
+    def metadata_of(self, index: int) -> dict[str, Any]:
+        rec = self._items[index]
+        if rec["meta_len"] == 0:
+            return {}
+        off = int(rec["meta_off"])
+        return json.loads(self._meta[off : off + int(rec["meta_len"])])
+
+    def item(self, index: int) -> Item:
+        with self.lock:
+            if not -self.index.count <= index < self.index.count:
+                raise IndexError(f"item {index} does not exist (the database has {self.index.count} rows)")
+            index %= self.index.count
+            rec = self._items[index]
+            return Item(
+                index=index,
+                path=self.path_of(index),
+                vector=self.index.vectors[index].copy(),
+                size=int(rec["size"]),
+                mtime=float(rec["mtime"]),
+                hash=bytes(rec["hash"]).hex(),
+                metadata=self.metadata_of(index),
+                deleted=bool(self.index.dead[index]),
+            )
+
+    def index_of(self, path: str | os.PathLike) -> int | None:
+        """The live item stored for a file path, if any."""
+        return self._paths_to_index().get(absolute_path(path))
+
+    def _paths_to_index(self) -> dict[str, int]:
+        with self.lock:
+            if self._path_index is None:
+                dead = self.index.dead
+                self._path_index = {
+                    p: i for i in range(self.index.count) if not dead[i] and (p := self.path_of(i)) is not None
+                }
+            return self._path_index
+
+    def indexed_paths(self) -> list[str]:
+        return list(self._paths_to_index())
+
+    def is_unchanged(self, path: str, size: int, mtime: float) -> bool:
+        i = self._paths_to_index().get(path)
+        if i is None:
+            return False
+        rec = self._items[i]
+        return int(rec["size"]) == size and float(rec["mtime"]) == mtime
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+        """Exact top k per unit query vector, with the paths of the rows as they are now."""
+        with self.lock:  # a compaction renumbers rows: indices and paths must come from one state
+            indices, scores = self.index.search(queries, k)
+            return [
+                [Hit(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
+                for ri, rs in zip(indices, scores)
+            ]
+
+    def validate(self, batch: int = 256) -> ValidationReport:
+        """Query every stored vector; each must find itself (or a duplicate) first.
+
+        A duplicate is a row whose similarity ties with the item's own: the same image embedded in two
+        batches can differ in the last float16 bit, and either may then come first."""
+        with self.lock:
+            live = self.live_rows()
+            vectors = self.index.vectors
+            groups: dict[bytes, list[int]] = {}
+            for i in live:
+                groups.setdefault(vectors[i].tobytes(), []).append(int(i))
+            failures = []
+            for lo in range(0, len(live), batch):
+                ids = live[lo : lo + batch]
+                queries = vectors[ids].astype(np.float32)
+                top, scores = self.index.search(queries, 1)
+                own = np.einsum("ij,ij->i", queries, queries)
+                for i, t, best, self_score in zip(ids, top[:, 0], scores[:, 0], own):
+                    if t != i and best > self_score + SCORE_TIE:
+                        failures.append((int(i), int(t)))
+        dups = [g for g in groups.values() if len(g) > 1]
+        return ValidationReport(len(live), failures, dups)
+
+    # ----------------------------------------------------------------- changing
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise DatabaseError(f"{self.root} is open read-only")
+
+    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector."""
+        self.check_writable()
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        if not np.isfinite(vectors).all() or (norms == 0).any():
+            raise ValueError("vectors must be finite and non-zero")
+        vectors = vectors / norms
+        with self.lock:
+            start = self.index.count
+            n = start + len(vectors)
+            if n > len(self._items):
+                grown = np.zeros(max(n, int(len(self._items) * 1.5)), ITEM_DTYPE)
+                grown[:start] = self._items[:start]
+                self._items = grown
+            path_index = self._path_index
+            for i, rec in enumerate(records):
+                row = self._items[start + i]
+                path = rec.get("path")
+                pbytes = os.fsencode(path) if path else b""
+                row["path_off"], row["path_len"] = len(self._paths), len(pbytes)
+                self._paths += pbytes
+                meta = rec.get("metadata")
+                mbytes = json.dumps(meta, ensure_ascii=False, default=str).encode() if meta else b""
+                row["meta_off"], row["meta_len"] = len(self._meta), len(mbytes)
+                self._meta += mbytes
+                row["size"], row["mtime"], row["hash"] = rec.get("size", -1), rec.get("mtime", 0.0), rec["hash"]
+                if path and path_index is not None:
+                    path_index[path] = start + i
+                if self._hash_index is not None:
+                    self._hash_index[bytes(rec["hash"])] = start + i
+            self.index.append(vectors)  # last: a concurrent search sees complete rows only
+        return list(range(start, n))
+
+    @staticmethod
+    def vector_hash(vector: np.ndarray) -> bytes:
+        """The hash recorded for an item added as a vector (it has no file)."""
+        return hashlib.blake2b(np.asarray(vector).tobytes(), digest_size=16).digest()
+
+    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray) -> tuple[int, int]:
+        """Append embedded files; a file indexed before is replaced. Returns (added, updated)."""
+        with self.lock:
+            paths = self._paths_to_index()
+            old = [paths.get(f.path) for f in files]
+            records = [{"path": f.path, "size": f.size, "mtime": f.mtime, "hash": f.hash} for f in files]
+            self.append(vectors, records)
+            replaced = [i for i in old if i is not None]
+            if replaced:
+                self.delete(replaced)
+        return len(files) - len(replaced), len(replaced)
+
+    def delete(self, indices: Iterable[int]) -> None:
+        """Remove items from search results and from the folder at the next save."""
+        self.check_writable()
+        with self.lock:
+            fresh = [i for i in map(int, indices) if self.is_live(i)]
+            if not fresh:
+                return
+            if self._path_index is not None:
+                for i in fresh:
+                    p = self.path_of(i)
+                    if p is not None and self._path_index.get(p) == i:
+                        del self._path_index[p]
+            self.index.delete(fresh)
+            self._deleted.extend(fresh)
+
+    def move_paths(self, moves: Iterable[tuple[str, str]]) -> int:
+        """Re-point items to new file paths (renames, moves) without re-embedding: each gets a new row
+        that copies its vector and record, and the old row is deleted. Returns how many moved."""
+        self.check_writable()
+        with self.lock:
+            paths = self._paths_to_index()
+            rows, records, replaced = [], [], []
+            for old, new in moves:
+                i = paths.get(absolute_path(old))
+                if i is None:
+                    continue
+                new = absolute_path(new)
+                rec = self._items[i]
+                rows.append(i)
+                if new in paths:
+                    replaced.append(paths[new])
+                # The old size and mtime (a rename keeps both), not the file's now: if it has changed
+                # since the move, the next scan sees the difference and re-embeds it.
+                records.append({"path": new, "size": int(rec["size"]), "mtime": float(rec["mtime"]),
+                                "hash": bytes(rec["hash"]), "metadata": self.metadata_of(i) or None})
+            if rows:
+                self.append(self.index.vectors[rows], records)
+                self.delete(rows + replaced)
+        return len(rows)
+
+    def move_folder(self, old: str, new: str) -> int:
+        """Re-point every item under folder `old` to the same place under `new`."""
+        old, new = absolute_path(old) + os.sep, absolute_path(new) + os.sep
+        with self.lock:
+            moves = [(p, new + p[len(old):]) for p in self._paths_to_index() if p.startswith(old)]
+        return self.move_paths(moves)
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Delete the items of these files, and of every file under those that are folders."""
+        self.check_writable()
+        with self.lock:
+            index = self._paths_to_index()
+            rows = []
+            for p in paths:
+                p = absolute_path(p)
+                if p in index:
+                    rows.append(index[p])
+                prefix = p + os.sep
+                rows.extend(i for q, i in index.items() if q.startswith(prefix))
+            self.delete(rows)
+        return len(rows)
+
+    def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
+        """Index a file whose exact bytes are already known (a copy, or a move that arrived as a delete
+        then a create) with the stored vector, without decoding. Returns its index, None if unknown."""
+        self.check_writable()
+        with self.lock:
+            i = self.row_with_hash(content_hash)
+            if i is None:
+                return None
+            found = _Record(absolute_path(path), size, mtime, bytes(content_hash))
+            self.add_files([found], self.index.vectors[i : i + 1])
+            return self._paths_to_index()[found.path]
+
+    def row_with_hash(self, content_hash: bytes) -> int | None:
+        """A row (deleted rows too: their vectors stay until compaction) whose content has this hash."""
+        with self.lock:
+            if self._hash_index is None:
+                hashes = self._items["hash"][: self.index.count]
+                self._hash_index = {bytes(h): i for i, h in enumerate(hashes)}
+            return self._hash_index.get(bytes(content_hash))
+
+    # ----------------------------------------------------------------- committing
+    def save(self) -> bool:
+        """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
+        Returns False when there was nothing to save."""
+        self.check_writable()
+        with self._save_lock:
+            with self.lock:  # a consistent snapshot; appends may go on while the bytes are written
+                m = self.manifest
+                n = self.index.count
+                if n == m.count and len(self._deleted) == m.deleted:
+                    return False
+                if len(self._deleted) > self.compact_dead_fraction * n:
+                    self._compact()
+                    return True
+                new = Manifest(**{**m.__dict__})
+                # 1-D vectors: an empty 2-D array (a save of deletions alone) cannot be cast to bytes
+                appended = {
+                    "vectors": self.index.vectors[m.count : n].astype("<f2").ravel(),
+                    "items": self._items[m.count : n].copy(),
+                    "paths": bytes(self._paths[m.paths_bytes :]),
+                    "meta": bytes(self._meta[m.meta_bytes :]),
+                    "deleted": np.asarray(self._deleted[m.deleted :], "<i8"),
+                }
+                new.count, new.deleted = n, len(self._deleted)
+                new.paths_bytes = m.paths_bytes + len(appended["paths"])
+                new.meta_bytes = m.meta_bytes + len(appended["meta"])
+            log.info("saving %s: %d items", self.root, n)
+            try:
+                commit_append(self.root, m, new, appended)
+            except OSError as e:
+                raise DatabaseError(
+                    f"save to {self.root} failed ({e.strerror or e}); the previous save is intact and "
+                    f"nothing is lost from memory: free some space and save again"
+                ) from None
+            self.manifest = new
+            log.info("saved %s: %d items", self.root, len(self))
+            return True
+
+    def _compact(self) -> None:
+        """Rewrite the folder without its deleted rows as generation G+1; the caller holds both locks.
+
+        Crash-safe: the new files are complete and fsynced before the manifest names them, and the old
+        generation is deleted only after. Renumbers the items (indices shown earlier become stale).
+        """
+        m = self.manifest
+        live = self.live_rows()
+        dropped = self.index.count - len(live)
+        vectors = self.index.vectors[live]
+        items = np.zeros(max(len(live), 1024), ITEM_DTYPE)
+        items[: len(live)] = self._items[live]
+        paths, meta = bytearray(), bytearray()
+        for row in items[: len(live)]:
+            for off, length, data, old in (("path_off", "path_len", paths, self._paths),
+                                           ("meta_off", "meta_len", meta, self._meta)):
+                start = int(row[off])
+                row[off] = len(data)
+                data += old[start : start + int(row[length])]
+        new = Manifest(**{**m.__dict__})
+        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.paths_bytes, new.meta_bytes = len(paths), len(meta)
+        data = {
+            "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
+            "meta": bytes(meta), "deleted": b"",
+        }
+        log.info("compacting %s: %d items", self.root, len(live))
+        try:
+            commit_generation(self.root, new, data)
+        except OSError as e:
+            raise DatabaseError(
+                f"compacting {self.root} failed ({e.strerror or e}); the previous save is intact and "
+                f"nothing is lost from memory: free some space and save again"
+            ) from None
+        index = VectorIndex(self.dim, self.index.backend)
+        index.append(vectors)
+        self.index, self._items, self._paths, self._meta = index, items, paths, meta
+        self._deleted, self._path_index, self._hash_index = [], None, None
+        self.manifest = new
+        try:
+            remove_other_generations(self.root, new.generation)
+        except OSError as e:  # harmless: they are removed at the next open
+            log.warning("could not remove old data files in %s: %s", self.root, e)
+        log.info("compacted %s: %d deleted rows dropped, %d kept", self.root, dropped, len(live))
+
+
+    def close(self) -> None:
+        if self._write_lock is not None:
+            self._write_lock.release()
+            self._write_lock = None

@@ -1,0 +1,144 @@
+"""Opening an image safely: the one place that turns bytes into pixels, for decode workers, uploads and
+query images alike.
+
+Every check happens on the header, before any pixel is decoded: file size, pixel count and aspect
+ratio. Then the first frame is decoded, EXIF orientation applied, and the mode made 8-bit RGB.
+Nothing here changes process-wide state (no Pillow globals, no warning filters).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole would hurt
+# Resizing the short side to the model's input multiplies the pixels by the aspect ratio: a 1x100000
+# strip (a small file) would become gigabytes. Real panoramas stay far below this.
+MAX_ASPECT_RATIO = 200
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
+
+
+class ImageRejected(ValueError):
+    """A file or upload that is not opened as an image; the message says why in a few words."""
+
+
+def content_hash(data: bytes) -> bytes:
+    """The content hash of a file's bytes (blake2b-128): identical files have identical hashes."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    data: bytes
+    size: int
+    mtime: float
+
+
+def read_image_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
+    """A regular file's bytes; raises ImageRejected for FIFOs, devices, empty or oversized files."""
+    try:
+        # Non-blocking, then checked: a file swapped for a FIFO since the walk must not hang the reader.
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageRejected("not a regular file")
+            if st.st_size == 0:
+                raise ImageRejected("empty file")
+            if st.st_size > max_bytes:
+                raise ImageRejected(f"file too large ({st.st_size >> 20} MiB)")
+            return FileBytes(f.read(max_bytes + 1), st.st_size, st.st_mtime)
+    except OSError as e:
+        raise ImageRejected(f"unreadable: {e.strerror or e}") from None
+
+
+def check_dimensions(width: int, height: int, max_pixels: int) -> None:
+    """Refuse decompression bombs and absurd strips from the header's size alone."""
+    if width <= 0 or height <= 0:
+        raise ImageRejected(f"invalid dimensions ({width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise ImageRejected(f"image too large ({width}x{height} pixels; at most {max_pixels:,} are read)")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageRejected(f"absurd dimensions ({width}x{height} pixels)")
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+    """Bytes -> an 8-bit RGB PIL image of the first frame, EXIF orientation applied.
+
+    `draft_size`: where the format can decode at a reduced scale (JPEG), decode at no less than this
+    many pixels on the short side. Raises ImageRejected with a short reason for anything else.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageRejected("not an image (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageRejected("image too large (decompression bomb?)") from None
+    except Exception as e:  # a broken header can make a plugin raise anything
+        raise ImageRejected(f"corrupt image header ({type(e).__name__}: {e})") from None
+    try:
+        check_dimensions(*image.size, max_pixels)
+        if draft_size:
+            w, h = image.size
+            scale = min(w, h) / draft_size
+            if scale >= 2:
+                image.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+        image.load()
+        return to_rgb(image)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageRejected(f"image too large ({e})") from None
+    except Exception as e:  # a broken file can make a decoder raise anything; the caller must go on
+        raise ImageRejected(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def to_rgb(image):
+    """First frame, EXIF orientation applied, as 8-bit RGB (16-bit, CMYK, palette and alpha handled)."""
+    from PIL import Image, ImageOps
+
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        image = Image.fromarray((np.asarray(image, np.float64) / 256).clip(0, 255).astype(np.uint8))
+    elif image.mode == "F":
+        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ResizeCenterCrop:
+    """open_clip's usual pixel steps (torchvision Resize of the short side, CenterCrop, RGB) in plain
+    Pillow, with torchvision's arithmetic, pixel for pixel: so decode workers need not import torch,
+    which would cost each of them about 500 MB."""
+
+    short_side: int
+    crop: tuple[int, int]  # (height, width), at most short_side
+    resample: int  # a PIL.Image.Resampling filter
+
+    def __call__(self, image):
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_long = int(self.short_side * long / short)
+        new_w, new_h = (self.short_side, new_long) if w <= h else (new_long, self.short_side)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), self.resample)
+        crop_h, crop_w = self.crop
+        if (crop_w, crop_h) != (new_w, new_h):
+            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def model_pixels(image, transform) -> np.ndarray:
+    """An RGB image through the model's pixel transform, as (H, W, 3) uint8."""
+    return np.asarray(transform(image), np.uint8)

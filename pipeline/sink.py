@@ -1,0 +1,58 @@
+"""What the ingestion engine writes into: a sink that keeps vectors by file path.
+
+The pipeline is handed a sink (nanodb's item store is one) and a model; it never imports either's
+module. Everything the walker, the appender and the watcher need of the database is here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+
+class ScannedFile(Protocol):
+    """A file as the appender hands it to the sink (pipeline.decode.DecodedImage is one)."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: bytes
+
+
+class IndexSink(Protocol):
+    path: str  # the database folder: never scanned or watched
+
+    def is_unchanged(self, path: str, size: int, mtime: float) -> bool:
+        """Indexed already with this size and modification time: no need to decode it again."""
+
+    def indexed_paths(self) -> list[str]:
+        """The paths of every live item (a rescan drops the ones gone from their folder)."""
+
+    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray) -> tuple[int, int]:
+        """Add embedded files, replacing earlier items of the same paths; returns (added, updated)."""
+
+    def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
+        """Index a file whose exact bytes are known with their stored vector; None if they are not."""
+
+    def move_paths(self, moves: Iterable[tuple[str, str]]) -> int:
+        """Re-point items to new file paths without re-embedding; returns how many moved."""
+
+    def move_folder(self, old: str, new: str) -> int:
+        """Re-point every item under folder `old` to the same place under `new`."""
+
+    def forget(self, paths: Iterable[str]) -> int:
+        """Drop the items of these files, and of every file under those that are folders."""
+
+    @property
+    def unsaved(self) -> int:
+        """Changes not committed yet (the appender autosaves once there are enough)."""
+
+    def save(self) -> bool:
+        """Commit; raises on failure (a full disk) with everything kept in memory."""
+
+
+class EmbeddingModel(Protocol):
+    """What the CLIP stage needs of a model: uint8 model-input pixels in, unit vectors out."""
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray: ...

@@ -8,20 +8,29 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from nanodb.config import Settings, load_settings
 from nanodb.model import ClipModel, ModelSpec, as_pretrained, load_model
-from nanodb.query import QueryError, check_k, check_min_similarity, check_text, combined_vector, is_combined
-from nanodb.storage import DatabaseError, Manifest, RepairReport, WriteLock, read_manifest, repair
+from nanodb.query import (
+    QueryError,
+    check_k,
+    check_min_similarity,
+    check_text,
+    combined_vector,
+    is_combined,
+    looks_like_image_file,
+)
+from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, ValidationReport
-from pipeline.coordinator import ScanPipeline, ScanReport
+from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.walk import absolute_path, is_image_name, printable
+from pipeline.walk import absolute_path, printable
 from pipeline.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -241,7 +250,7 @@ class NanoDB:
         """A scan of `paths`, or, given a `feed` (a folder watcher's), the files put on it until None."""
         self.store.check_writable()
         report = report or ScanReport()
-        bar = _progress_bar(report) if progress else None
+        bar = progress_bar(report) if progress else None
         pipeline = ScanPipeline(
             self.store, self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed,
@@ -292,7 +301,7 @@ class NanoDB:
             if not self.store.is_live(int(query)):
                 raise QueryError(f"no item with index {query}")
             v = self.store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and _looks_like_image_file(query)):
+        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_file(query)):
             result = self._decode(absolute_path(query))
             if isinstance(result, DecodeFailure):
                 raise QueryError(f"cannot search by {result.path}: {result.reason}")
@@ -333,7 +342,7 @@ class NanoDB:
             kind = "image"
             query = image if not isinstance(image, str) else Path(image)
         elif isinstance(query, str):
-            kind = "image" if _looks_like_image_file(query) else "text"
+            kind = "image" if looks_like_image_file(query) else "text"
         else:
             kind = "image" if isinstance(query, os.PathLike) or hasattr(query, "convert") else None
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
@@ -385,25 +394,15 @@ class NanoDB:
 
         `model`/`pretrained`/`seed` (else the settings) are used only when the manifest is unreadable.
         Items lost this way come back by rescanning their folders."""
-        root = Path(path).expanduser().absolute()
         settings = settings or load_settings()
-        if not root.is_dir():
-            raise DatabaseError(f"no nanodb database at {root}")
-        lock = WriteLock(root)
-        lock.acquire()
-        try:
-            def from_settings() -> Manifest:
-                spec = ModelSpec(model or settings.model, as_pretrained(pretrained or settings.pretrained),
-                                 settings.seed if seed is None else seed)
-                dim = load_model(spec, settings.device).dim
-                return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
 
-            try:
-                return repair(root, from_settings)
-            except OSError as e:
-                raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
-        finally:
-            lock.release()
+        def from_settings() -> Manifest:
+            spec = ModelSpec(model or settings.model, as_pretrained(pretrained or settings.pretrained),
+                             settings.seed if seed is None else seed)
+            dim = load_model(spec, settings.device).dim
+            return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+
+        return ItemStore.repair(Path(path).expanduser().absolute(), from_settings)
 
     def close(self) -> None:
         if self._decode_pool is not None:
@@ -412,7 +411,7 @@ class NanoDB:
         if getattr(self, "store", None) is not None:
             self.store.close()
 
-    def __enter__(self) -> "NanoDB":
+    def __enter__(self) -> NanoDB:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -432,29 +431,8 @@ def _check_same_model(m: Manifest, model, pretrained, seed) -> None:
         )
 
 
-def _progress_bar(report: ScanReport):
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="img", desc="scanning", dynamic_ncols=True, disable=None)
-
-    def show(r: ScanReport) -> None:
-        bar.total = r.found
-        bar.n = r.done
-        bar.set_postfix(added=r.added, skipped=r.failed, refresh=False)
-        bar.refresh()
-
-    report.on_change = show
-    return bar
-
-
 def _is_number_list(items: list) -> bool:
     first = items[0]
     return isinstance(first, (int, float, np.floating)) or (
         isinstance(first, (list, tuple, np.ndarray)) and len(first) and isinstance(first[0], (int, float, np.floating))
-    )
-
-
-def _looks_like_image_file(text: str) -> bool:
-    return "\n" not in text and len(text) < 4096 and is_image_name(text.strip()) and os.path.isfile(
-        os.path.expanduser(text.strip())
     )

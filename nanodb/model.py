@@ -48,7 +48,8 @@ class ModelSpec:
         return self.pretrained
 
     def describe(self) -> str:
-        return f"{self.name} ({'random weights, seed %d' % self.seed if self.random_weights else self.pretrained})"
+        weights = f"random weights, seed {self.seed}" if self.random_weights else self.pretrained
+        return f"{self.name} ({weights})"
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -163,7 +164,8 @@ class ClipModel:
         import torch
 
         with torch.no_grad():
-            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device).permute(0, 3, 1, 2).float().div(255)
+            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div(255)
             x = (x - self._mean) / self._std
             if self.device == "cuda":
                 x = x.half()

@@ -8,9 +8,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable
 
 from pipeline.append import IndexAppender
 from pipeline.decode import ImageDecodePool
@@ -34,7 +34,7 @@ class ScanReport:
     walking: bool = True
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
-    on_change: Callable[["ScanReport"], None] | None = field(default=None, repr=False)
+    on_change: Callable[[ScanReport], None] | None = field(default=None, repr=False)
     queues: dict[str, asyncio.Queue] = field(default_factory=dict, repr=False)  # for the status line
 
     @property
@@ -196,3 +196,19 @@ class ScanPipeline:
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
         await outbox.put(None)
+
+
+def progress_bar(report: ScanReport):
+    """A tqdm bar that follows a scan's counters (the caller closes it)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="img", desc="scanning", dynamic_ncols=True, disable=None)
+
+    def show(r: ScanReport) -> None:
+        bar.total = r.found
+        bar.n = r.done
+        bar.set_postfix(added=r.added, skipped=r.failed, refresh=False)
+        bar.refresh()
+
+    report.on_change = show
+    return bar

@@ -14,7 +14,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-
 from killharness import DATA, KilledRun, live_paths
 
 ACTIONS = ("add", "delete", "rename", "modify")

@@ -9,8 +9,16 @@ import textwrap
 
 import numpy as np
 import pytest
+from killharness import (
+    assert_faithful,
+    image_folder,
+    kill_after,
+    live_paths,
+    run_script_until_killed,
+    run_to_end,
+    write_config,
+)
 
-from killharness import run_script_until_killed, assert_faithful, image_folder, kill_after, live_paths, run_to_end, write_config
 from nanodb.database import NanoDB
 from nanodb.storage import MANIFEST, read_manifest
 
@@ -45,7 +53,8 @@ def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
         if trial % 4 == 3:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0.5, 8.0))
         else:
-            run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0), after_line="nanodb.database: saving")
+            run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0),
+                             after_line="nanodb.store: saving")
         rows = check_after_kill(db_path, run, folder_files, rng)
         assert run.orphans == 0, "a decode worker outlived its killed scan"
         in_flight = run.saves()[1]

@@ -8,12 +8,12 @@ import os
 import subprocess
 import sys
 
+import hostile_corpus
 import numpy as np
 import pytest
+from killharness import REPO
 from PIL import Image
 
-import hostile_corpus
-from killharness import REPO
 from nanodb.database import NanoDB
 from pipeline.walk import printable
 

@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from nanodb.interfaces.console import Console
 from nanodb.database import NanoDB
+from nanodb.interfaces.console import Console
 from nanodb.query import combined_vector, is_combined, parse_query
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
 from churn import FolderChurn, check_caught_up, check_committed, source_photos
 from killharness import KilledRun, start, write_config
 
@@ -232,7 +231,8 @@ def test_soak_watch_churn_queries_and_kills(tmp_path):
         "console_queries": figures.console_queries, "console_answers": figures.console_answers,
         "console_errors": len(figures.console_errors), "http_ok": figures.http_ok,
         "http_4xx": figures.http_client_errors, "http_errors": len(figures.http_errors),
-        "log_errors": len(figures.log_errors), "log_warnings": figures.log_warnings, "peak_rss_mb": round(max(b for _, _, b in figures.rss) / 2**20),
+        "log_errors": len(figures.log_errors), "log_warnings": figures.log_warnings,
+        "peak_rss_mb": round(max(b for _, _, b in figures.rss) / 2**20),
         "rss_first_third_mb": round(first / 2**20), "rss_last_third_mb": round(last / 2**20),
     }
     print("\nsoak:", json.dumps(summary))

@@ -10,8 +10,8 @@ import sys
 
 from nanodb import __version__
 from nanodb.config import load_settings
-from nanodb.interfaces.console import Console, format_validation
 from nanodb.database import NanoDB
+from nanodb.interfaces.console import Console, format_validation
 from nanodb.model import ModelLoadError
 from nanodb.service import IngestService
 from nanodb.storage import DatabaseError

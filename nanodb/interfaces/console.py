@@ -7,11 +7,11 @@ import os
 import shlex
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from nanodb.database import NanoDB
-from pipeline.walk import is_image_name, printable
 from nanodb.service import IngestService
+from pipeline.walk import is_image_name, printable
 
 HELP = """\
 commands:

@@ -73,7 +73,7 @@ class ServerHandle:
 
 def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, str] | None = None) -> ServerHandle:
     """Serve `db` in a background thread; returns once it accepts connections (port 0: any free port)."""
-    db.model  # load the model now, not during the first visitor's search
+    _ = db.model  # load the model now, not during the first visitor's search
     config = uvicorn.Config(build_app(db, auth), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

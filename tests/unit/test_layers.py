@@ -8,13 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import REPO, coco_photos
 
 from nanodb import NanoDB
 from nanodb.interfaces.search_service import SearchService
-
-from conftest import coco_photos
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def imported_modules(path: Path) -> set[str]:

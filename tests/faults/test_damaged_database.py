@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from killharness import REPO
+from helpers import REPO
 
 from nanodb.database import NanoDB
 from nanodb.interfaces import cli

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from churn import FolderChurn, check_caught_up, check_committed, source_photos
-from killharness import KilledRun, start, write_config
+from helpers.churn import FolderChurn, check_caught_up, check_committed, source_photos
+from helpers.killharness import KilledRun, start, write_config
 
 SOAK_SECONDS = float(os.environ.get("NANODB_SOAK_SECONDS", "600"))
 KILL_EVERY = (30.0, min(90.0, max(30.0, SOAK_SECONDS / 2)))  # seconds between kill -9s (a short soak kills too)

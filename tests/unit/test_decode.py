@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import coco_photos, data_dir
+from helpers import coco_photos, data_dir
 from PIL import Image
 
 from nanodb.model import ClipModel, ModelSpec, pillow_transform

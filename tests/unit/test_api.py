@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import coco_photos
+from helpers import coco_photos
 from PIL import Image
 
 from nanodb import NanoDB

@@ -14,7 +14,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
-from killharness import DATA, KilledRun, live_paths
+
+from helpers import DATA
+from helpers.killharness import KilledRun, live_paths
 
 ACTIONS = ("add", "delete", "rename", "modify")
 

@@ -11,7 +11,7 @@ import sys
 import hostile_corpus
 import numpy as np
 import pytest
-from killharness import REPO
+from helpers import REPO
 from PIL import Image
 
 from nanodb.database import NanoDB

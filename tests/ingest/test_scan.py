@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import coco_photos
+from helpers import coco_photos
 from PIL import Image
 
 from nanodb import NanoDB

@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import DATA
 from PIL import Image
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import parse_auth, start_server
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO = DATA / "coco-val2017" / "images"
 
 pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")

@@ -131,7 +131,8 @@ class NanoDB:
             self._write_lock.acquire()
         try:
             if manifest is None:
-                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, self.model.dim)
+                manifest = Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, self.model.dim,
+                                    precision=self.model.precision_id)
                 self._manifest = manifest
                 self._load_empty()
                 self._commit_manifest(manifest)
@@ -203,10 +204,16 @@ class NanoDB:
             raise DatabaseError(f"cannot write {self.path / 'nanodb.json'}: {e.strerror}") from None
 
     @property
+    def precision(self) -> str:
+        """How the stored vectors were computed when the database was built, e.g. 'bfloat16/openvino'."""
+        return self._manifest.precision
+
+    @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
         if self._model is None:
-            self._model = load_model(self.spec, self.settings.device)
+            s = self.settings
+            self._model = load_model(self.spec, s.device, s.precision, s.backend)
         return self._model
 
     # ----------------------------------------------------------------- size and items

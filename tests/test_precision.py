@@ -9,13 +9,19 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import coco_photos
 from PIL import Image
 
 from nanodb import NanoDB
-from nanodb.model import ClipModel, ModelLoadError, ModelSpec, load_model, openvino_available, resolve_precision
-from pipeline.decode import DecodedImage, ResizeCenterCrop, _init_worker, decode_file
-
-from conftest import coco_photos
+from nanodb.model import (
+    ClipModel,
+    ModelLoadError,
+    ModelSpec,
+    load_model,
+    openvino_available,
+    resolve_precision,
+)
+from pipeline.decode import DecodedImage, ImageDecodePool, ResizeCenterCrop, decode_file
 
 SPEC = ModelSpec("ViT-S-32", "none")
 PATHS = [("float32", "torch"), ("bfloat16", "torch")]
@@ -64,8 +70,11 @@ def test_scan_decoding_matches_open_clip_float32(reference, big_jpeg):
     """The decode workers' path (draft decoding of large JPEGs, Pillow resize) plus the fastest model."""
     model = load_model(SPEC, "cpu", "auto", "auto")
     files = [*coco_photos(6), big_jpeg]
-    _init_worker(model.pixel_transform, 89478485)
-    decoded = [decode_file(str(f)) for f in files]
+    pool = ImageDecodePool(model.pixel_transform, 1, 89478485)  # a decode worker, as in a scan
+    try:
+        decoded = list(pool.executor.map(decode_file, [str(f) for f in files]))
+    finally:
+        pool.close()
     assert all(isinstance(d, DecodedImage) for d in decoded)
     vectors = model.encode_pixels(np.stack([d.pixels for d in decoded]))
     assert np.sum(vectors * open_clip_vectors(reference, files), 1).min() > 0.99

@@ -114,7 +114,7 @@ class NanoDB:
             )
             # a new database needs the model (for its dimension): fail before creating files
             manifest = Manifest(self.spec.name, self.spec.pretrained, self.spec.weights_id, self.spec.seed,
-                                self.model.dim)
+                                self.model.dim, precision=self.model.precision_id)
         else:
             self.spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
             _check_same_model(manifest, model, pretrained, seed)
@@ -122,10 +122,16 @@ class NanoDB:
                                compact_dead_fraction=self.settings.compact_dead_fraction)
 
     @property
+    def precision(self) -> str:
+        """How the stored vectors were computed when the database was built, e.g. 'bfloat16/openvino'."""
+        return self.store.manifest.precision
+
+    @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
         if self._model is None:
-            self._model = load_model(self.spec, self.settings.device)
+            s = self.settings
+            self._model = load_model(self.spec, s.device, s.precision, s.backend)
         return self._model
 
     # ----------------------------------------------------------------- size and items

@@ -69,6 +69,8 @@ class Manifest:
     saved_at: float = 0.0
     version: int = FORMAT_VERSION
     dtype: str = "float16"
+    # How the model computed the vectors (ClipModel.precision_id); any precision can search them.
+    precision: str = "float32/torch"
     # CRC-32 of the committed bytes of each data file, extended at each save (cost ~ new bytes), so a
     # corrupted file is caught at opening. None when a writer did not record them (then not checked).
     checksums: dict[str, int] | None = field(default_factory=lambda: dict.fromkeys(DATA_FILES, 0))

@@ -12,7 +12,7 @@ from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, format_validation
-from nanodb.model import ModelLoadError
+from nanodb.model import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.service import IngestService
 from nanodb.storage import DatabaseError
 from pipeline.walk import DEFAULT_EXCLUDES
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=None, help="images per CLIP forward pass")
     p.add_argument("--workers", type=int, default=None, help="image decode processes (0 = one per core)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="model arithmetic (default auto: float16 on a GPU, bfloat16 on a CPU that has it)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="image tower runtime on a CPU (default auto: OpenVINO if installed)")
     p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")
     p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
 async def run(args: argparse.Namespace) -> int:
     settings = load_settings(
-        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device
+        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        precision=args.precision, backend=args.backend,
     )
     if args.repair:
         report = await asyncio.to_thread(

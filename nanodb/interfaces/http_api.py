@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.database import SearchResults
-from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService
+from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, original_file
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS = {400: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}}
+ERRORS = {400: {"model": Error}, 404: {"model": Error}, 413: {"model": Error}, 422: {"model": Error}}
 
 
 def _response(outcome: SearchResults, items: int) -> SearchResponse:
@@ -133,12 +133,22 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache) -> APIRouter:
     return router
 
 
+def unknown_api_route(app: FastAPI) -> None:
+    """Any other /api/... path answers nanodb's JSON 404 (not the web UI's), whatever the method."""
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    def unknown(rest: str, request: Request):
+        return JSONResponse({"error": f"no API route {request.method} /api/{rest[:80]}; see /docs"},
+                            status_code=404)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One-line JSON errors instead of stack traces or nested validation reports."""
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
 
     @app.exception_handler(NotServable)
     async def not_servable(request: Request, exc: NotServable):

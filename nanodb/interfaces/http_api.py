@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
-from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, original_file
+from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,17 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
     )
 
 
+def _chunks(f):
+    with f:
+        while chunk := f.read(1 << 16):
+            yield chunk
+
+
+def content_disposition(name: str) -> str:
+    """`inline` with the file's name, safe for any characters in it (RFC 5987)."""
+    return f"inline; filename*=utf-8''{quote(name)}"
+
+
 def api_router(service: SearchService, thumbnails: ThumbnailCache) -> APIRouter:
     db = service.db
     router = APIRouter(prefix="/api", responses=ERRORS)
@@ -124,11 +137,14 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache) -> APIRouter:
         return FileResponse(thumbnails.get(index), media_type="image/jpeg",
                             headers={"Cache-Control": "private, max-age=86400"})
 
-    @router.get("/items/{index}/original", response_class=FileResponse, summary="An item's original file")
+    @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file")
     def original(index: int):
-        path = original_file(db, index)
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                            filename=path.name, content_disposition_type="inline")
+        f = open_original(db, index)  # checked against its content hash, then sent from this descriptor
+        name = Path(db[index].path).name
+        return StreamingResponse(_chunks(f),
+                                 media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+                                 headers={"Content-Disposition": content_disposition(name),
+                                          "Content-Length": str(db[index].size)})
 
     return router
 

@@ -75,6 +75,7 @@ class RequestGuard:
 
     def __init__(self, app, max_upload_bytes: int):
         self.app = app
+        self.max_upload_bytes = max_upload_bytes
         self.max_multipart = max_upload_bytes + MULTIPART_SLACK
 
     async def __call__(self, scope, receive, send):
@@ -87,14 +88,16 @@ class RequestGuard:
         headers = {k.lower(): v for k, v in scope["headers"]}
         multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
         limit = self.max_multipart if multipart else MAX_JSON_BODY
+        too_large = _refuse(413, f"the upload is too large: at most {self.max_upload_bytes >> 20} MB" if multipart
+                            else f"the request body is too large: at most {MAX_JSON_BODY >> 20} MB")
         try:
             declared = int(headers.get(b"content-length", b"0"))
         except ValueError:
             declared = 0
         if declared > limit:
-            return await _too_large(limit)(scope, receive, send)
+            return await too_large(scope, receive, send)
         if multipart or scope["method"] in ("GET", "HEAD"):
-            return await self._counted(scope, receive, send, limit)
+            return await self._counted(scope, receive, send, limit, too_large)
         body = bytearray()
         while True:  # a JSON body is small: read it whole, then check it
             message = await receive()
@@ -102,7 +105,7 @@ class RequestGuard:
                 return
             body += message.get("body", b"")
             if len(body) > limit:
-                return await _too_large(limit)(scope, receive, send)
+                return await too_large(scope, receive, send)
             if not message.get("more_body"):
                 break
         if not path.startswith("/api/") and (bad := foreign_file(body)):
@@ -119,7 +122,7 @@ class RequestGuard:
 
         return await self.app(scope, replay, send)
 
-    async def _counted(self, scope, receive, send, limit: int):
+    async def _counted(self, scope, receive, send, limit: int, too_large):
         """Pass the body through, counting: past the limit the app sees a disconnect and the client a 413."""
         seen, over, started = 0, False, False
 
@@ -144,11 +147,7 @@ class RequestGuard:
             if not over:
                 raise
         if over and not started:
-            await _too_large(limit)(scope, receive, send)
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return _refuse(413, f"the request body is larger than {limit >> 20} MB")
+            await too_large(scope, receive, send)
 
 
 def is_upload(path: str) -> bool:

@@ -326,7 +326,7 @@ class NanoDB:
     def _embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
         if is_combined(text):
-            return combined_vector(text, self._embed_text)
+            return combined_vector(text, self.model.encode_text)
         return self.model.encode_text([text])[0]
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,

@@ -487,7 +487,7 @@ class ItemStore:
         }
         log.info("compacting %s: %d items", self.root, len(live))
         try:
-            commit_generation(self.root, new, data)
+            commit_generation(self.root, m, new, data)
         except OSError as e:
             raise DatabaseError(
                 f"compacting {self.root} failed ({e.strerror or e}); the previous save is intact and "

@@ -52,7 +52,9 @@ class SearchService:
         if not data:
             raise BadRequest("the upload is empty")
         jpeg = data[:3] == b"\xff\xd8\xff"
-        max_pixels = self.db.settings.max_image_pixels if jpeg else min(MAX_UPLOAD_PIXELS, self.db.settings.max_image_pixels)
+        max_pixels = self.db.settings.max_image_pixels
+        if not jpeg:  # a JPEG decodes at reduced scale; other formats decode whole
+            max_pixels = min(MAX_UPLOAD_PIXELS, max_pixels)
         try:
             with self._decoding:
                 return open_image(data, max_pixels, draft_size=max(self.db.model.image_size))

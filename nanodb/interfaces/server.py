@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.requests import HTTPConnection
 from gradio.utils import get_upload_folder, is_in_or_equal
+from starlette.requests import HTTPConnection
 
 from nanodb import __version__
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
@@ -109,8 +109,8 @@ class RequestGuard:
             if not message.get("more_body"):
                 break
         if not path.startswith("/api/") and (bad := foreign_file(body)):
-            return await _refuse(403, f"a file descriptor may name only a file uploaded to this server, not {bad[:80]!r}")(
-                scope, receive, send)
+            message = f"a file descriptor may name only a file uploaded to this server, not {bad[:80]!r}"
+            return await _refuse(403, message)(scope, receive, send)
         replayed = False
 
         async def replay():

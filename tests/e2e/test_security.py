@@ -5,7 +5,6 @@ check lose nothing. A real server on 127.0.0.1 (a free port) over a few real pho
 from __future__ import annotations
 
 import io
-import json
 import os
 import shutil
 import threading
@@ -17,15 +16,16 @@ import numpy as np
 import psutil
 import pytest
 from gradio.utils import get_upload_folder
+from helpers import DATA
 from PIL import Image
 
 from nanodb.database import NanoDB
+from nanodb.interfaces.server import start_server
 from nanodb.query import MAX_TERMS
 from nanodb.storage import DatabaseError, Manifest, commit_append, commit_generation, read_manifest
-from nanodb.interfaces.server import start_server
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
-SECRET = b"nanodb-secret-7d1f0c: never served"
+COCO = DATA / "coco-val2017" / "images"
+SECRET = b"nanodb-secret-" + os.urandom(8).hex().encode() + b": never served"  # unique to this run
 
 pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
 

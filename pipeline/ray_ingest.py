@@ -94,7 +94,8 @@ class RayEmbedStage:
             return
         self._decode = ray.remote(num_cpus=o.decode_cpus, max_retries=o.task_retries)(decode_batch)
         actor = ray.remote(ClipWorker).options(
-            max_restarts=-1, max_task_retries=o.task_retries, **(o.actor_resources or {"num_cpus": 1})
+            max_restarts=-1, max_task_retries=o.task_retries, scheduling_strategy="SPREAD",
+            **(o.actor_resources or {"num_cpus": 1})
         )
         self.actors = [actor.remote(self.factory) for _ in range(o.actors)]
         ray.get([a.ready.remote() for a in self.actors])

@@ -26,8 +26,10 @@ def cluster():
 
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never report to the network
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False,
-                                                          object_store_memory=STORE_MB))
+    c = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, include_dashboard=False, object_store_memory=STORE_MB,
+        # a killed node is found dead in seconds, not Ray's default half minute
+        _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4}))
     workers = [c.add_node(num_cpus=3, object_store_memory=STORE_MB) for _ in range(2)]
     try:
         ray.init(address=c.address, logging_level="WARNING")
@@ -43,7 +45,7 @@ def cluster():
 
 
 def options(c, **kw) -> RayOptions:
-    return RayOptions(address=c.address, clip_actors=2, **kw)
+    return RayOptions(address=c.address, **{"clip_actors": 2, **kw})
 
 
 def assert_same_scan(db: NanoDB, reference: NanoDB) -> None:
@@ -98,12 +100,12 @@ def test_a_worker_node_killed_mid_scan_loses_and_duplicates_nothing(cluster, sca
 def test_sharded_search_equals_local_exact_search_on_1000_queries(cluster, tmp_path):
     c, _ = cluster
     rng = np.random.default_rng(7)
-    vectors = rng.standard_normal((3000, 512)).astype(np.float32)
+    vectors = rng.standard_normal((3000, 384)).astype(np.float32)
     vectors[1000:1100] = vectors[2900:3000]  # exact ties across shards: the lower index comes first
     with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
         db.add(vectors)
         db.save()
-        queries = np.concatenate([rng.standard_normal((900, 512)), vectors[1000:1100]]).astype(np.float32)
+        queries = np.concatenate([rng.standard_normal((900, 384)), vectors[1000:1100]]).astype(np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
 
         def check():

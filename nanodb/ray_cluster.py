@@ -138,8 +138,9 @@ class SearchShard:
         """Global row indices and float64 scores of this shard's top k. The scores are recomputed the
         way the index's exact pass computes them, so the merge orders candidates of different shards
         exactly as one index would."""
+        queries = np.array(queries, np.float32)  # Ray hands over a read-only view of its object store
         indices, _ = self.index.search(queries, k)
-        q64 = np.asarray(queries, np.float64)
+        q64 = queries.astype(np.float64)
         rows = self.index.vectors[indices].astype(np.float64)  # (Q, k, dim)
         scores = (rows * q64[:, None, :]).sum(axis=2)
         return indices + self.offset, scores

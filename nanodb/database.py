@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from pipeline.walk import absolute_path, printable
 from pipeline.watch import FolderWatcher
+
+if TYPE_CHECKING:
+    from nanodb.ray_cluster import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class NanoDB:
     >>> db.save()
 
     `model`/`pretrained` default to what an existing database was built with, else to configs/.
+    `ray` (an address such as "auto", "HOST:PORT", "ray://HOST:PORT" or "local", or RayOptions): scans
+    decode and embed on that Ray cluster and searches run on shard actors (pip install 'nanodb[ray]').
     Opening with a different model than the database was built with raises DatabaseError.
     """
 
@@ -91,6 +96,7 @@ class NanoDB:
         read_only: bool = False,
         autosave: bool = False,
         settings: Settings | None = None,
+        ray: str | RayOptions | None = None,
         **overrides: Any,
     ):
         self.path = Path(path).expanduser().absolute()
@@ -102,6 +108,13 @@ class NanoDB:
         self._model: ClipModel | None = None
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
+        # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
+        self.cluster = None
+        if ray is not None:
+            from nanodb.ray_cluster import RayCluster
+
+            self.cluster = RayCluster(ray)
+        self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
         if manifest is None:
@@ -257,9 +270,14 @@ class NanoDB:
         self.store.check_writable()
         report = report or ScanReport()
         bar = progress_bar(report) if progress else None
+        remote = None
+        if self.cluster is not None:
+            remote = await asyncio.to_thread(
+                self.cluster.embed_stage, self.spec, self.settings.device, self.model.pixel_transform,
+                self.settings.max_image_pixels, self.settings.batch_size)
         pipeline = ScanPipeline(
             self.store, self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
-            autosave_every=self.autosave_every, report=report, running=running, feed=feed,
+            autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:
@@ -361,7 +379,7 @@ class NanoDB:
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
-        hits = self.store.search(vectors, k)
+        hits = self._searcher().search(vectors, k)
         t2 = time.perf_counter()
         results = SearchResults(
             SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata) for h in row
@@ -372,6 +390,15 @@ class NanoDB:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
         self._record_timing(None if batched else kind, results.encode_ms, results.search_ms)
         return results if batched else results[0]
+
+    def _searcher(self):
+        """The store, or with a Ray cluster the shard actors serving its vectors (made on first search)."""
+        if self.cluster is None:
+            return self.store
+        with self.store.lock:
+            if self._shards is None:
+                self._shards = self.cluster.sharded_search(self.store)
+        return self._shards
 
     def _record_timing(self, kind: str | None, encode_ms: float, search_ms: float) -> None:
         with self._timings_lock:
@@ -411,6 +438,8 @@ class NanoDB:
         return ItemStore.repair(Path(path).expanduser().absolute(), from_settings)
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         if self._decode_pool is not None:
             self._decode_pool.close()
             self._decode_pool = None

@@ -98,7 +98,7 @@ class ScanPipeline:
     def __init__(self, sink: IndexSink, model: EmbeddingModel, roots, decode_pool: ImageDecodePool,
                  batch_size: int, *, excludes=None, autosave_every: int | None = None,
                  report: ScanReport | None = None, feed: asyncio.Queue | None = None,
-                 running: asyncio.Event | None = None):
+                 running: asyncio.Event | None = None, remote=None):
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),), **kwargs)
         self.sink = sink
@@ -111,6 +111,9 @@ class ScanPipeline:
         self.running = running
         self.clip = ClipStage(model, batch_size, self.report, running)
         self.appender = IndexAppender(sink, self.report, autosave_every)
+        # A stage that decodes and embeds elsewhere (pipeline.ray_ingest.RayEmbedStage) instead of the
+        # local decode pool and CLIP stage: `run(found, embedded, report, running)`.
+        self.remote = remote
         self.queue_size = max(64, 4 * batch_size)
 
     async def run(self) -> ScanReport:
@@ -121,8 +124,11 @@ class ScanPipeline:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._walk(found) if self.feed is None else self._follow(self.feed, found))
-                tg.create_task(self._decode(found, decoded))
-                tg.create_task(self.clip.run(decoded, embedded))
+                if self.remote is not None:
+                    tg.create_task(self.remote.run(found, embedded, self.report, self.running))
+                else:
+                    tg.create_task(self._decode(found, decoded))
+                    tg.create_task(self.clip.run(decoded, embedded))
                 tg.create_task(self.appender.run(embedded))
         finally:
             self.report.finished = time.monotonic()

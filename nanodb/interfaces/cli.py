@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -21,6 +22,7 @@ EPILOG = """\
 examples:
   nanodb --scan ~/Pictures --path ~/.nanodb/pictures --autosave
   nanodb --path ~/.nanodb/pictures --server --port 7860
+  nanodb --scan /mnt/nas/photos --path ~/.nanodb/nas --ray auto --autosave
   nanodb --path ~/.nanodb/pictures --watch ~/Pictures --watch /mnt/camera --exclude '*.tmp.jpg'
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
 
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")
     p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="decode, embed and search on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local "
+                        "(needs pip install 'nanodb[ray]')")
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
@@ -112,8 +117,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"nanodb: {report.summary()}", file=sys.stderr)
     if args.read_only and (args.scan or args.watch or args.autosave):
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
+    if args.ray:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # this program's Ray reports nothing anywhere
     db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                autosave=args.autosave or bool(args.watch), read_only=args.read_only)
+                autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=args.ray)
     # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
     # (in-flight batches dropped) and what was indexed is saved below.
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):

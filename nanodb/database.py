@@ -21,6 +21,7 @@ from nanodb.model import ClipModel, ModelSpec, load_model
 from nanodb.query import combined_vector, is_combined
 from nanodb.storage import (
     DATA_FILES,
+    SCALES_BYTES,
     ITEM_DTYPE,
     REPAIR_HINT,
     DatabaseError,
@@ -173,7 +174,8 @@ class NanoDB:
         self.index.count = m.count
         crc = m.checksums or {}
         self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
+            m.compact_reader(root),
         )
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
@@ -560,11 +562,14 @@ class NanoDB:
                 paths = bytes(self._paths[m.paths_bytes :])
                 meta = bytes(self._meta[m.meta_bytes :])
                 deleted = np.asarray(self._deleted[m.deleted :], "<i8")
+                codes, scales = self.index.codes[m.compact : n].ravel(), self.index.scales[m.compact : n].astype("<f4")
                 new.count, new.paths_bytes, new.meta_bytes = n, m.paths_bytes + len(paths), m.meta_bytes + len(meta)
+                new.compact = n
                 new.deleted = len(self._deleted)
             log.info("saving %s: %d items", self.path, n)
             # 1-D vectors: an empty 2-D array (a save of deletions alone) cannot be cast to bytes
-            appended = {"vectors": vecs.astype("<f2").ravel(), "items": items, "paths": paths, "meta": meta, "deleted": deleted}
+            appended = {"vectors": vecs.astype("<f2").ravel(), "items": items, "paths": paths, "meta": meta, "deleted": deleted,
+                        "codes": codes, "scales": scales.ravel()}
             if m.checksums is not None:
                 new.checksums = {k: zlib.crc32(memoryview(appended[k]).cast("B"), m.checksums[k]) for k in DATA_FILES}
             try:
@@ -573,6 +578,8 @@ class NanoDB:
                 append_at(m.file(self.path, "paths"), m.paths_bytes, paths)
                 append_at(m.file(self.path, "meta"), m.meta_bytes, meta)
                 append_at(m.file(self.path, "deleted"), m.deleted * 8, deleted)
+                append_at(m.file(self.path, "codes"), m.compact * m.dim, appended["codes"])
+                append_at(m.file(self.path, "scales"), m.compact * SCALES_BYTES, appended["scales"])
                 write_manifest(self.path, new)
             except OSError as e:
                 raise DatabaseError(
@@ -629,11 +636,12 @@ class NanoDB:
                 row[off] = len(data)
                 data += old[start : start + int(row[length])]
         new = Manifest(**{**m.__dict__})
-        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
             "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
-            "meta": bytes(meta), "deleted": b"",
+            "meta": bytes(meta), "deleted": b"", "codes": self.index.codes[live].ravel(),
+            "scales": self.index.scales[live].astype("<f4").ravel(),
         }
         new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
         log.info("compacting %s: %d items", self.path, len(live))

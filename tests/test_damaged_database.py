@@ -92,7 +92,7 @@ def test_a_corrupted_data_file_is_refused_naming_it(db_path, kind):
         ("", "corrupted"),
         ('{"version": 1}', "not a nanodb manifest"),
         ("NEGATIVE", "count is not a non-negative whole number"),
-        ("NEWER", "newer nanodb (format version 2)"),
+        ("NEWER", "newer nanodb (format version 3)"),
     ],
 )
 def test_a_bad_manifest_is_named(db_path, content, expected):
@@ -101,7 +101,7 @@ def test_a_bad_manifest_is_named(db_path, content, expected):
     if content == "NEGATIVE":
         content = json.dumps({**data, "count": -3})
     elif content == "NEWER":
-        content = json.dumps({**data, "version": 2})
+        content = json.dumps({**data, "version": 3})
     manifest.write_text(content)
     message = open_error(db_path)
     assert str(manifest) in message and expected in message

@@ -20,6 +20,7 @@ import importlib.machinery
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
@@ -239,8 +240,12 @@ class VectorIndex:
                 self._gpu_dead[self._cp.asarray(indices)] = True
             self._any_dead = bool(self._dead[: self.count].any())
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by cosine similarity for each unit query (Q, dim) -> (indices, scores), each (Q, k')."""
+    def search(self, queries: np.ndarray, k: int, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by cosine similarity for each unit query (Q, dim) -> (indices, scores), each (Q, k').
+
+        `stats`, if given, receives how the passes went (for benchmarks): "fast_pass" (its kind),
+        "fast_s" and "exact_s" (seconds), "rescored" (candidate rows scored exactly, all queries)."""
+        start = time.perf_counter()
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.dim))
         with self._lock:  # a consistent snapshot; appends after it are not seen by this search
             n, buf, dead, any_dead = self.count, self._buf, self._dead, self._any_dead
@@ -258,7 +263,12 @@ class VectorIndex:
         else:
             margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
             parts = _candidates_cpu(buf, dead, n, queries, k, margins)
-        return _exact_top_k(buf, queries, k, margins, parts)
+        middle = time.perf_counter()
+        result = _exact_top_k(buf, queries, k, margins, parts, stats)
+        if stats is not None:
+            kind = "float32 cupy" if gpu is not None else fast_pass(self.dim)
+            stats.update(fast_pass=kind, fast_s=middle - start, exact_s=time.perf_counter() - middle)
+        return result
 
     def _candidates_cupy(self, gbuf, gdead, n, queries, k, margins):
         """Float32 scores on the GPU in chunks; per chunk, the rows within `margins` of its k-th best.
@@ -407,11 +417,12 @@ def _segment_compact(codes, steps, dead, lo, hi, query, k, margins):
     return qi[hi_], bi[hi_] * BLOCK_ROWS + ci + lo, hot[hi_, ci]
 
 
-def _exact_top_k(buf, queries, k, margins, parts):
+def _exact_top_k(buf, queries, k, margins, parts, stats=None):
     """From every part's candidates: the top k per query by float64 score, ties to the lower index.
 
-    A row of the true top k scores (float32) at least the k-th best float32 score minus twice the
-    error bound, in its segment and overall; so the candidates contain it, and float64 decides."""
+    `margins` is twice the fast pass's error bound. A row of the true top k scores (fast pass) at
+    least the k-th best fast score minus the margin, in its segment and overall; so the candidates
+    contain it, and float64 decides."""
     qi = np.concatenate([p[0] for p in parts]).astype(np.int64)
     rows = np.concatenate([p[1] for p in parts]).astype(np.int64)
     s32 = np.concatenate([p[2] for p in parts])
@@ -426,6 +437,8 @@ def _exact_top_k(buf, queries, k, margins, parts):
     kth = s32[starts + kk - 1]
     keep = s32 >= kth[qi] - margins[qi]
     qi, rows = qi[keep], rows[keep]
+    if stats is not None:
+        stats["rescored"] = len(rows)
     q64 = queries.astype(np.float64)
     exact = np.concatenate(  # in slices: many exact ties (duplicate rows) make many candidates
         [

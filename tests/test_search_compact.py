@@ -115,3 +115,13 @@ def test_loaded_compact_copy_searches_like_the_computed_one():
     for k in (1, 10):
         np.testing.assert_array_equal(loaded.search(x[:5], k)[0], built.search(x[:5], k)[0])
     check(loaded, x[:5], 10)
+
+
+def test_stats_report_the_passes():
+    rng = np.random.default_rng(12)
+    index = VectorIndex(64, "numpy")
+    index.append(unit(rng, 3000, 64))
+    stats = {}
+    index.search(unit(rng, 2, 64), 5, stats)
+    assert stats["fast_pass"].startswith("int8") and stats["rescored"] >= 10
+    assert stats["fast_s"] >= 0 and stats["exact_s"] >= 0

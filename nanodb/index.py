@@ -33,6 +33,7 @@ SEGMENT_ROWS = 1 << 16  # rows one CPU task scores before selecting its candidat
 GPU_CHUNK_ROWS = 1 << 18  # rows scored per GPU step: bounds the float32 scores on the device
 ROW_NORM_MAX = 1.01  # stored rows are unit vectors rounded to float16
 BLOCK_ROWS = 256  # rows per block of the compact pass: a block's best score bounds the k-th from below
+EXACT_ROWS = 1024  # candidates rescored at a time: float64 temporaries that stay in cache
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -442,8 +443,8 @@ def _exact_top_k(buf, queries, k, margins, parts, stats=None):
     q64 = queries.astype(np.float64)
     exact = np.concatenate(  # in slices: many exact ties (duplicate rows) make many candidates
         [
-            (buf[rows[a : a + 8192]].astype(np.float64) * q64[qi[a : a + 8192]]).sum(axis=1)
-            for a in range(0, len(rows), 8192)
+            (buf[rows[a : a + EXACT_ROWS]].astype(np.float32).astype(np.float64) * q64[qi[a : a + EXACT_ROWS]]).sum(axis=1)
+            for a in range(0, len(rows), EXACT_ROWS)
         ]
     )
     best_i = np.empty((nq, kk), np.int64)

@@ -68,6 +68,19 @@ def timed(fn, reps: int) -> np.ndarray:
     return np.array(out)
 
 
+def interleaved(fns, reps: int) -> list[np.ndarray]:
+    """Seconds of fns[i](r) for r in range(reps), the functions taking turns (after one warm-up each)."""
+    for fn in fns:
+        fn(0)
+    out = [[] for _ in fns]
+    for r in range(reps):
+        for fn, times in zip(fns, out):
+            t = time.perf_counter()
+            fn(r)
+            times.append(time.perf_counter() - t)
+    return [np.array(t) for t in out]
+
+
 def copy_bandwidth(gpu: bool) -> float:
     """GB/s of a 1 GiB array copy, counting bytes read plus bytes written."""
     if gpu:
@@ -226,15 +239,16 @@ def main(argv=None) -> None:
             single_reps = max(20, min(200, int(2e10 / (n * dim))))
             singles = unit_queries(single_reps + 1, dim, seed=2)
             batch = unit_queries(args.batch, dim, seed=3)
-            batch_reps = 3 if n * dim <= 1e8 else 1
-            for m in methods:
-                rec = recall(m.search(check, args.k), truth)
-                lat = timed(lambda r: m.search(singles[r : r + 1], args.k), single_reps)
-                thr = timed(lambda r: m.search(batch, args.k), batch_reps)
-                med = float(np.median(lat))
+            batch_reps = 5 if n * dim <= 1e8 else 3
+            # interleaved: query r runs on every method in turn, so all of them see the same load
+            recalls = [recall(m.search(check, args.k), truth) for m in methods]
+            lat = interleaved([lambda r, m=m: m.search(singles[r : r + 1], args.k) for m in methods], single_reps)
+            thr = interleaved([lambda r, m=m: m.search(batch, args.k) for m in methods], batch_reps)
+            for m, rec, ml, mt in zip(methods, recalls, lat, thr):
+                med = float(np.median(ml))
                 gbs = m.bytes_per_query / med / GB
-                print(f"| {m.name} | {n:,} | {dim} | {rec:.3f} | {med * 1e3:.2f} | {np.percentile(lat, 99) * 1e3:.2f} | "
-                      f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {args.batch / np.median(thr):,.0f} |", flush=True)
+                print(f"| {m.name} | {n:,} | {dim} | {rec:.3f} | {med * 1e3:.2f} | {np.percentile(ml, 99) * 1e3:.2f} | "
+                      f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {args.batch / np.median(mt):,.0f} |", flush=True)
             if not args.gpu:
                 passes += pass_table(index, singles[:single_reps], args.k, bandwidth)
             del methods, index

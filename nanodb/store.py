@@ -144,7 +144,8 @@ class ItemStore:
         self.index.count = m.count
         crc = m.checksums or {}
         self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
+            m.compact_reader(root),
         )
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
@@ -443,8 +444,10 @@ class ItemStore:
                     "paths": bytes(self._paths[m.paths_bytes :]),
                     "meta": bytes(self._meta[m.meta_bytes :]),
                     "deleted": np.asarray(self._deleted[m.deleted :], "<i8"),
+                    "codes": self.index.codes[m.compact : n].ravel(),
+                    "scales": self.index.scales[m.compact : n].astype("<f4").ravel(),
                 }
-                new.count, new.deleted = n, len(self._deleted)
+                new.count, new.deleted, new.compact = n, len(self._deleted), n
                 new.paths_bytes = m.paths_bytes + len(appended["paths"])
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
@@ -479,11 +482,12 @@ class ItemStore:
                 row[off] = len(data)
                 data += old[start : start + int(row[length])]
         new = Manifest(**{**m.__dict__})
-        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
             "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
-            "meta": bytes(meta), "deleted": b"",
+            "meta": bytes(meta), "deleted": b"", "codes": self.index.codes[live].ravel(),
+            "scales": self.index.scales[live].astype("<f4").ravel(),
         }
         log.info("compacting %s: %d items", self.root, len(live))
         try:

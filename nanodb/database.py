@@ -93,6 +93,7 @@ class NanoDB:
         self.timings = SearchTimings()
         self._timings_lock = threading.Lock()
         self._model: ClipModel | None = None
+        self._model_lock = threading.RLock()
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
 
@@ -119,6 +120,10 @@ class NanoDB:
     @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
+        with self._model_lock:  # the decode pool and the CLIP stage may both ask first, from two threads
+            return self._load_model()
+
+    def _load_model(self) -> ClipModel:
         if self._model is None:
             weights = self.store.manifest.weights_id if getattr(self, "store", None) else None
             if weights and self.spec.is_file and not (

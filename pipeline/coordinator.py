@@ -163,10 +163,11 @@ class ScanPipeline:
         self.walker.problems.clear()
 
     def _vanished_roots(self) -> list[str]:
-        """Scanned folders (or files) that no longer exist but have indexed items: they are not
-        walked (no error), and the rescan drops their items."""
+        """Scanned folders (or files) that were deleted and have indexed items: the rescan drops
+        their items, without an error. Deleted means gone from a folder that is still there; a folder
+        whose parent is gone too (an unplugged disk) loses nothing."""
         roots = [absolute_path(r) for r in self.walker.roots]
-        missing = [r for r in roots if not os.path.lexists(r)]
+        missing = [r for r in roots if not os.path.lexists(r) and os.path.isdir(os.path.dirname(r))]
         if not missing:
             return []
         indexed = self.sink.indexed_paths()

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
+from pipeline.imaging import DEFAULT_MAX_PIXELS, ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ImageDecodePool:
     the first decode. `transform` may be given as `get_transform`, called only then: a scan that
     finds nothing to decode needs no model."""
 
-    def __init__(self, transform=None, workers: int = 1, max_pixels: int = 0, *,
+    def __init__(self, transform=None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, *,
                  get_transform: Callable[[], Any] | None = None):
         self.workers = workers
         self._max_pixels = max_pixels
@@ -115,9 +115,10 @@ class ImageDecodePool:
         )
         try:
             executor.submit(_ready).result()
-        except BaseException as e:
+        except Exception as e:
             executor.shutdown(wait=False, kill_workers=True)
-            raise DecodeWorkersFailed(f"the image decode worker processes could not start: {e}") from e
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DecodeWorkersFailed(f"the image decode worker processes could not start ({why})") from e
         return executor
 
     def _ready_executor(self, name: str, workers: int) -> Executor:

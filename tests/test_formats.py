@@ -111,3 +111,13 @@ def test_each_format_scans_as_a_single_file_too(scanned, tmp_path):
     with NanoDB(tmp_path / "db", config="test") as db:
         for path in good.values():
             assert db.scan(path).added == 1, path.name
+
+
+def test_the_web_ui_makes_thumbnails_of_every_format(scanned):
+    from nanodb.interfaces.thumbnails import ThumbnailCache
+
+    db, _, good, _, _ = scanned
+    cache = ThumbnailCache(db, size=64)
+    for path in good.values():
+        with Image.open(cache.get(db.index_of(path))) as thumb:
+            assert max(thumb.size) <= 64 and thumb.mode == "RGB", path.name

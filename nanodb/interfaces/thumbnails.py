@@ -12,7 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from pipeline.imaging import is_raw_name, open_image, read_image_file
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 
@@ -66,11 +66,10 @@ class ThumbnailCache:
 
     def _make(self, original: Path, thumb: Path) -> None:
         try:
-            with Image.open(original) as im:
-                im.draft("RGB", (self.size, self.size))  # JPEG: decode at 1/2..1/8 scale, much faster
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                im.thumbnail((self.size, self.size))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # the scan's own opener (HEIF, RAW...); JPEG decodes at 1/2..1/8 scale, much faster
+            im = open_image(read_image_file(str(original)).data, draft_size=self.size, raw=is_raw_name(str(original)))
+            im.thumbnail((self.size, self.size))
+        except (OSError, ValueError) as e:  # ImageRejected is a ValueError
             raise NotServable(f"cannot make a thumbnail of {original.name}: {e}") from None
         thumb.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=thumb.parent, suffix=".tmp")

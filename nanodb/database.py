@@ -16,21 +16,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanodb.config import Settings, load_settings
-from nanodb.model import ClipModel, ModelSpec, as_pretrained, load_model
-from nanodb.query import (
-    QueryError,
-    check_k,
-    check_min_similarity,
-    check_text,
-    combined_vector,
-    is_combined,
-    looks_like_image_file,
-)
+from nanodb.fetch import fetch_url, is_url
+from nanodb.model import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.query import QueryError, check_k, check_min_similarity, check_text, combined_vector, is_combined
 from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, ValidationReport
 from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.walk import absolute_path, printable
+from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
+from pipeline.walk import absolute_path, is_image_name, printable
 from pipeline.watch import FolderWatcher
 
 if TYPE_CHECKING:
@@ -106,6 +100,7 @@ class NanoDB:
         self.timings = SearchTimings()
         self._timings_lock = threading.Lock()
         self._model: ClipModel | None = None
+        self._model_lock = threading.RLock()
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
         # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
@@ -129,10 +124,12 @@ class NanoDB:
             manifest = Manifest(self.spec.name, self.spec.pretrained, self.spec.weights_id, self.spec.seed,
                                 self.model.dim, precision=self.model.precision_id)
         else:
-            self.spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
-            _check_same_model(manifest, model, pretrained, seed)
+            self.spec = _model_of(manifest, model, pretrained, seed)
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
+        if self.spec.pretrained != manifest.pretrained and not read_only:
+            # the database's checkpoint, moved: remember where it is now
+            self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
 
     @property
     def precision(self) -> str:
@@ -142,10 +139,27 @@ class NanoDB:
     @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
+        with self._model_lock:  # the decode pool and the CLIP stage may both ask first, from two threads
+            return self._load_model()
+
+    def _load_model(self) -> ClipModel:
         if self._model is None:
+            weights = self.store.manifest.weights_id if getattr(self, "store", None) else None
+            if weights and self.spec.is_file and not (
+                Path(self.spec.pretrained).is_file() and self.spec.has_weights(weights)
+            ):
+                raise ModelLoadError(
+                    f"this database's weights {self.spec.describe(weights)} are not at {self.spec.pretrained} "
+                    f"any more: pass the checkpoint's path with --pretrained (NanoDB(..., pretrained=PATH))"
+                )
             s = self.settings
             self._model = load_model(self.spec, s.device, s.precision, s.backend)
         return self._model
+
+    def indexed_under(self, path: str | os.PathLike) -> int:
+        """How many live items are the file `path` or lie under the folder `path`."""
+        path = absolute_path(path)
+        return sum(1 for p in self.store.indexed_paths() if p == path or p.startswith(path + os.sep))
 
     # ----------------------------------------------------------------- size and items
     def __len__(self) -> int:
@@ -275,8 +289,10 @@ class NanoDB:
             remote = await asyncio.to_thread(
                 self.cluster.embed_stage, self.spec, self.settings.device, self.model.pixel_transform,
                 self.settings.max_image_pixels, self.settings.batch_size)
+        # the model and the decode workers start only once a file needs them: a rescan that finds
+        # nothing new loads neither
         pipeline = ScanPipeline(
-            self.store, self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
+            self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
@@ -291,6 +307,7 @@ class NanoDB:
                 bar.close()
         if self.autosave:
             await asyncio.to_thread(self.save)
+            report.finished = time.monotonic()  # the scan's wall time includes its save
         return report
 
     def watcher(self, folders, feed: asyncio.Queue, excludes=None) -> FolderWatcher:
@@ -304,7 +321,8 @@ class NanoDB:
         """The decode worker processes, started on first need and kept for later scans."""
         if self._decode_pool is None:
             self._decode_pool = ImageDecodePool(
-                self.model.pixel_transform, self.settings.decode_workers, self.settings.max_image_pixels
+                workers=self.settings.decode_workers, max_pixels=self.settings.max_image_pixels,
+                get_transform=lambda: self.model.pixel_transform,
             )
         return self._decode_pool
 
@@ -325,11 +343,17 @@ class NanoDB:
             if not self.store.is_live(int(query)):
                 raise QueryError(f"no item with index {query}")
             v = self.store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_file(query)):
-            result = self._decode(absolute_path(query))
-            if isinstance(result, DecodeFailure):
-                raise QueryError(f"cannot search by {result.path}: {result.reason}")
-            v = self.model.encode_pixels(result.pixels[None])[0]
+        elif isinstance(query, str) and is_url(query):
+            v = self._embed_image_bytes(fetch_url(query), query, raw=is_raw_name(query.split("?")[0]))
+        elif isinstance(query, os.PathLike) or (isinstance(query, str) and _looks_like_image_path(query)):
+            path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
+            if not os.path.lexists(path):
+                raise QueryError(f"no such image file: {printable(os.fspath(query))}")
+            try:
+                data = read_image_file(path).data
+            except ImageRejected as e:
+                raise QueryError(f"cannot search by {printable(path)}: {e}") from None
+            v = self._embed_image_bytes(data, path, raw=is_raw_name(path))
         elif isinstance(query, str):
             v = self._embed_text(query)
         elif hasattr(query, "convert") and hasattr(query, "size"):  # a PIL image
@@ -341,6 +365,18 @@ class NanoDB:
             raise QueryError("the query vector must be finite and non-zero")
         return v / norm
 
+    def _embed_image_bytes(self, data: bytes, name: str, raw: bool = False) -> np.ndarray:
+        """An image file's bytes as a query vector: the stored vector of an indexed identical file (so
+        it ties with it exactly), else the model's embedding, made as a scan makes it."""
+        known = self.store.row_with_hash(content_hash(data))
+        if known is not None:
+            return self.store.vectors[known].astype(np.float32)
+        try:
+            image = open_image(data, self.settings.max_image_pixels, raw=raw)
+        except ImageRejected as e:
+            raise QueryError(f"cannot search by {printable(name)}: {e}") from None
+        return self.model.encode_pixels(model_pixels(image, self.model.pixel_transform)[None])[0]
+
     def _embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
         if is_combined(text):
@@ -351,9 +387,11 @@ class NanoDB:
                min_similarity: float | None = None) -> SearchResults:
         """The k nearest items by cosine similarity, best first: the one search entry point.
 
-        `query`: text, an image path, a PIL image, an item index, a vector (dim,), or a batch: a list of
-        those or a (Q, dim) array, which returns one list of results per query. `text=` is always text
-        (never opened as a path); `image=` is a PIL image or an image file. Bad input raises QueryError.
+        `query`: text, an image path, an http(s) image URL, a PIL image, an item index, a vector (dim,),
+        or a batch: a list of those or a (Q, dim) array, which returns one list of results per query. A
+        string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/; one
+        that names no file raises QueryError (never a silent text search). `text=` is always text (never
+        opened as a path or fetched); `image=` is a path, a URL or a PIL image. Bad input raises QueryError.
         """
         given = [q for q in (query, text, image) if q is not None]
         if len(given) != 1:
@@ -364,9 +402,15 @@ class NanoDB:
             query, kind = check_text(text), "text"
         elif image is not None:
             kind = "image"
-            query = image if not isinstance(image, str) else Path(image)
+            if isinstance(image, str) and not is_url(image):
+                query = Path(image)
+            elif isinstance(image, (str, os.PathLike)) or (hasattr(image, "convert") and hasattr(image, "size")):
+                query = image
+            else:
+                what = type(image).__name__
+                raise QueryError(f"image= takes a file path, an http(s) URL or a PIL image, not a {what}")
         elif isinstance(query, str):
-            kind = "image" if looks_like_image_file(query) else "text"
+            kind = "image" if is_url(query) or _looks_like_image_path(query) else "text"
         else:
             kind = "image" if isinstance(query, os.PathLike) or hasattr(query, "convert") else None
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
@@ -382,7 +426,7 @@ class NanoDB:
         hits = self._searcher().search(vectors, k)
         t2 = time.perf_counter()
         results = SearchResults(
-            SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata) for h in row
+            SearchResults(SearchResult(h.index, h.path, min(max(h.similarity, -1.0), 1.0), h.metadata) for h in row
                           if min_similarity is None or h.similarity >= min_similarity)
             for row in hits
         )
@@ -456,18 +500,35 @@ class NanoDB:
         return f"NanoDB({str(self.path)!r}, {self.spec.describe()}, {len(self)} items)"
 
 
-def _check_same_model(m: Manifest, model, pretrained, seed) -> None:
-    asked = ModelSpec(model or m.model, as_pretrained(pretrained or m.pretrained), m.seed if seed is None else seed)
-    if asked.name != m.model or asked.weights_id != m.weights_id:
+def _model_of(m: Manifest, model, pretrained, seed) -> ModelSpec:
+    """The model to open a database with: the one it was built with, from wherever its weights are now.
+
+    A model asked for must be the same (name and weights: a checkpoint's digest, from any path), else
+    DatabaseError naming both."""
+    built = ModelSpec(m.model, m.pretrained, m.seed)
+    asked = ModelSpec(model or m.model, as_pretrained(pretrained) if pretrained else m.pretrained,
+                      m.seed if seed is None else seed)
+    if asked == built:
+        return built  # its weights are checked when the model is loaded
+    if asked.name != m.model or not asked.has_weights(m.weights_id):
         raise DatabaseError(
-            f"this database was built with {ModelSpec(m.model, m.pretrained, m.seed).describe()}, "
-            f"not {asked.describe()}: its vectors would not be comparable. Open it without --model/--pretrained, "
-            f"or use another --path for the other model"
+            f"this database was built with {built.describe(m.weights_id)}, not {asked.describe(asked.weights_id)}: "
+            f"its vectors would not be comparable. Open it without --model/--pretrained, or use another --path "
+            f"for the other model"
         )
+    return asked
 
 
 def _is_number_list(items: list) -> bool:
     first = items[0]
     return isinstance(first, (int, float, np.floating)) or (
         isinstance(first, (list, tuple, np.ndarray)) and len(first) and isinstance(first[0], (int, float, np.floating))
+    )
+
+
+def _looks_like_image_path(text: str) -> bool:
+    """A query string meant as an image file: an image extension, or a path's start (/ ./ ../ ~/)."""
+    text = text.strip()
+    return "\n" not in text and len(text) < 4096 and (
+        is_image_name(text) or text.startswith(("/", "./", "../", "~/"))
     )

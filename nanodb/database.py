@@ -9,22 +9,20 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanodb.config import Settings, load_settings
-from nanodb.fetch import fetch_url, is_url
 from nanodb.model import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
-from nanodb.query import QueryError, check_k, check_min_similarity, check_text, combined_vector, is_combined
+from nanodb.query import QueryError, check_k, check_min_similarity
+from nanodb.search import QueryEncoder, SearchResult, SearchResults, SearchTimings
 from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, ValidationReport
 from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
-from pipeline.walk import absolute_path, is_image_name, printable
+from pipeline.walk import absolute_path
 from pipeline.watch import FolderWatcher
 
 if TYPE_CHECKING:
@@ -33,36 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["NanoDB", "SearchResult", "SearchResults", "Item", "ValidationReport", "SearchTimings"]
-
-
-@dataclass
-class SearchResult:
-    """One result of NanoDB.search, the one result type of every interface."""
-
-    index: int
-    path: str | None
-    similarity: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
-
-
-class SearchResults(list):
-    """The results of one query (a list of SearchResult, best first), with how long each step took."""
-
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-
-
-@dataclass
-class SearchTimings:
-    """The latest duration of each step of a search, for stats displays."""
-
-    text_encode_ms: float | None = None
-    image_encode_ms: float | None = None
-    search_ms: float | None = None
-    searches: int = 0
 
 
 class NanoDB:
@@ -98,7 +66,6 @@ class NanoDB:
         self.read_only = read_only
         self.autosave = autosave
         self.timings = SearchTimings()
-        self._timings_lock = threading.Lock()
         self._model: ClipModel | None = None
         self._model_lock = threading.RLock()
         self._decode_pool: ImageDecodePool | None = None
@@ -127,6 +94,7 @@ class NanoDB:
             self.spec = _model_of(manifest, model, pretrained, seed)
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
+        self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels)
         if self.spec.pretrained != manifest.pretrained and not read_only:
             # the database's checkpoint, moved: remember where it is now
             self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
@@ -334,54 +302,8 @@ class NanoDB:
 
     # ----------------------------------------------------------------- searching
     def embed_query(self, query: Any) -> np.ndarray:
-        """A query as a unit float32 vector: text, image path, PIL image, item index (int) or vector."""
-        if isinstance(query, np.ndarray):
-            v = np.asarray(query, np.float32).reshape(-1)
-            if v.shape != (self.dim,):
-                raise QueryError(f"a query vector must have {self.dim} values, not {v.size}")
-        elif isinstance(query, (int, np.integer)) and not isinstance(query, bool):
-            if not self.store.is_live(int(query)):
-                raise QueryError(f"no item with index {query}")
-            v = self.store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, str) and is_url(query):
-            v = self._embed_image_bytes(fetch_url(query), query, raw=is_raw_name(query.split("?")[0]))
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and _looks_like_image_path(query)):
-            path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
-            if not os.path.lexists(path):
-                raise QueryError(f"no such image file: {printable(os.fspath(query))}")
-            try:
-                data = read_image_file(path).data
-            except ImageRejected as e:
-                raise QueryError(f"cannot search by {printable(path)}: {e}") from None
-            v = self._embed_image_bytes(data, path, raw=is_raw_name(path))
-        elif isinstance(query, str):
-            v = self._embed_text(query)
-        elif hasattr(query, "convert") and hasattr(query, "size"):  # a PIL image
-            v = self.model.encode_images([query])[0]
-        else:
-            raise TypeError(f"cannot search by a {type(query).__name__}")
-        norm = np.linalg.norm(v)
-        if not np.isfinite(norm) or norm == 0:
-            raise QueryError("the query vector must be finite and non-zero")
-        return v / norm
-
-    def _embed_image_bytes(self, data: bytes, name: str, raw: bool = False) -> np.ndarray:
-        """An image file's bytes as a query vector: the stored vector of an indexed identical file (so
-        it ties with it exactly), else the model's embedding, made as a scan makes it."""
-        known = self.store.row_with_hash(content_hash(data))
-        if known is not None:
-            return self.store.vectors[known].astype(np.float32)
-        try:
-            image = open_image(data, self.settings.max_image_pixels, raw=raw)
-        except ImageRejected as e:
-            raise QueryError(f"cannot search by {printable(name)}: {e}") from None
-        return self.model.encode_pixels(model_pixels(image, self.model.pixel_transform)[None])[0]
-
-    def _embed_text(self, text: str) -> np.ndarray:
-        text = check_text(text)
-        if is_combined(text):
-            return combined_vector(text, self.model.encode_text)
-        return self.model.encode_text([text])[0]
+        """A query as a unit float32 vector: text, image path or URL, PIL image, item index or vector."""
+        return self.queries.embed(query)
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,
                min_similarity: float | None = None) -> SearchResults:
@@ -398,28 +320,14 @@ class NanoDB:
             raise QueryError("give one query: text, an image or an item")
         k = check_k(self.settings.k if k is None else k)
         min_similarity = check_min_similarity(min_similarity)
-        if text is not None:
-            query, kind = check_text(text), "text"
-        elif image is not None:
-            kind = "image"
-            if isinstance(image, str) and not is_url(image):
-                query = Path(image)
-            elif isinstance(image, (str, os.PathLike)) or (hasattr(image, "convert") and hasattr(image, "size")):
-                query = image
-            else:
-                what = type(image).__name__
-                raise QueryError(f"image= takes a file path, an http(s) URL or a PIL image, not a {what}")
-        elif isinstance(query, str):
-            kind = "image" if is_url(query) or _looks_like_image_path(query) else "text"
-        else:
-            kind = "image" if isinstance(query, os.PathLike) or hasattr(query, "convert") else None
+        query, kind = self.queries.classify(query, text, image)
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
         queries = list(query) if batched else [query]
         t0 = time.perf_counter()
         if text is not None:
-            vectors = self._embed_text(query)[None]  # text is text: never opened as a file
+            vectors = self.queries.embed_text(query)[None]  # text is text: never opened as a file
         elif queries:
-            vectors = np.stack([self.embed_query(q) for q in queries])
+            vectors = np.stack([self.queries.embed(q) for q in queries])
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
@@ -432,7 +340,7 @@ class NanoDB:
         )
         for r in [results, *results]:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
-        self._record_timing(None if batched else kind, results.encode_ms, results.search_ms)
+        self.timings.record(None if batched else kind, results.encode_ms, results.search_ms)
         return results if batched else results[0]
 
     def _searcher(self):
@@ -443,16 +351,6 @@ class NanoDB:
             if self._shards is None:
                 self._shards = self.cluster.sharded_search(self.store)
         return self._shards
-
-    def _record_timing(self, kind: str | None, encode_ms: float, search_ms: float) -> None:
-        with self._timings_lock:
-            t = self.timings
-            if kind == "text":
-                t.text_encode_ms = encode_ms
-            elif kind == "image":
-                t.image_encode_ms = encode_ms
-            t.search_ms = search_ms
-            t.searches += 1
 
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or an identical item) first."""
@@ -523,12 +421,4 @@ def _is_number_list(items: list) -> bool:
     first = items[0]
     return isinstance(first, (int, float, np.floating)) or (
         isinstance(first, (list, tuple, np.ndarray)) and len(first) and isinstance(first[0], (int, float, np.floating))
-    )
-
-
-def _looks_like_image_path(text: str) -> bool:
-    """A query string meant as an image file: an image extension, or a path's start (/ ./ ../ ~/)."""
-    text = text.strip()
-    return "\n" not in text and len(text) < 4096 and (
-        is_image_name(text) or text.startswith(("/", "./", "../", "~/"))
     )

@@ -76,6 +76,9 @@ class NanoDB:
             from nanodb.ray_cluster import RayCluster
 
             self.cluster = RayCluster(ray)
+            # now, in this thread: Ray's local processes die with the thread that starts them, and a
+            # scan or a server request runs in a short-lived worker thread
+            self.cluster.connect()
         self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None

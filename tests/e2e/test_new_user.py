@@ -40,7 +40,8 @@ def test_readme_python_blocks_run_as_unguarded_scripts(tmp_path):
     shutil.copy(photos[0], tmp_path / "frame0.jpg")
     blocks = readme_python_blocks()
     assert len(blocks) >= 2
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)}
+    # RAY_USAGE_STATS_ENABLED: the Ray example must not try to report to the network
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     for i, block in enumerate(blocks):
         assert 'model="ViT-B-32", pretrained="laion2b_s34b_b79k"' in block or "model=" not in block
         script = tmp_path / f"example{i}.py"

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import date, datetime, time as dt_time, timedelta
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +19,7 @@ from nanodb.config import Settings, load_settings
 from nanodb.model import ClipModel, ModelSpec, as_pretrained, load_model
 from nanodb.query import QueryError, check_k, check_min_similarity, check_text, combined_vector, is_combined
 from nanodb.storage import DatabaseError, Manifest, RepairReport, WriteLock, read_manifest, repair
-from nanodb.store import Item, ItemStore, ValidationReport
+from nanodb.store import Item, ItemStore, RowFilter, ValidationReport
 from pipeline.coordinator import ScanPipeline, ScanReport
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from pipeline.walk import absolute_path, is_image_name, printable
@@ -37,6 +38,7 @@ class SearchResult:
     path: str | None
     similarity: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    duplicates: list[int] = field(default_factory=list)  # other items with the same file content
 
     def __str__(self) -> str:
         return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
@@ -315,12 +317,19 @@ class NanoDB:
         return self.model.encode_text([text])[0]
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,
-               min_similarity: float | None = None) -> SearchResults:
+               min_similarity: float | None = None, folder: str | None = None, since: Any = None,
+               until: Any = None, types: Iterable[str] | None = None,
+               collapse_duplicates: bool = False) -> SearchResults:
         """The k nearest items by cosine similarity, best first: the one search entry point.
 
         `query`: text, an image path, a PIL image, an item index, a vector (dim,), or a batch: a list of
         those or a (Q, dim) array, which returns one list of results per query. `text=` is always text
         (never opened as a path); `image=` is a PIL image or an image file. Bad input raises QueryError.
+
+        Filters keep the search exact among the items they allow: `folder` (an absolute folder, or a
+        folder name anywhere in the path), `since`/`until` (file modification time: a date, datetime,
+        `YYYY-MM-DD` or seconds; `until` a date includes that day), `types` (extensions, e.g. ["jpg"]).
+        `collapse_duplicates` returns one result per file content, the copies in SearchResult.duplicates.
         """
         given = [q for q in (query, text, image) if q is not None]
         if len(given) != 1:
@@ -346,10 +355,12 @@ class NanoDB:
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
-        hits = self.store.search(vectors, k)
+        where = row_filter(folder, since, until, types)
+        hits = self.store.search(vectors, k, where, collapse_duplicates)
         t2 = time.perf_counter()
         results = SearchResults(
-            SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata) for h in row
+            SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata, h.duplicates)
+                          for h in row
                           if min_similarity is None or h.similarity >= min_similarity)
             for row in hits
         )
@@ -445,6 +456,47 @@ def _progress_bar(report: ScanReport):
 
     report.on_change = show
     return bar
+
+
+def row_filter(folder: str | None = None, since: Any = None, until: Any = None,
+               types: Iterable[str] | None = None) -> RowFilter:
+    """Search filters as the store's RowFilter; a bad value raises QueryError."""
+    if folder is not None:
+        folder = folder.strip()
+        if not folder:
+            folder = None
+        elif folder.startswith(("/", "~")):
+            folder = os.path.normpath(os.path.expanduser(folder))
+    if types is not None:
+        if isinstance(types, str):
+            types = types.replace(",", " ").split()
+        aliases = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}, "tif": {"tif", "tiff"}, "tiff": {"tif", "tiff"}}
+        wanted = set()
+        for t in types:
+            t = t.strip().lower().lstrip(".")
+            wanted |= aliases.get(t, {t})
+        types = frozenset(wanted) if wanted else None
+    return RowFilter(folder, _timestamp(since, "since"), _timestamp(until, "until"), types)
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError:
+            raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        day = datetime.combine(value, dt_time())
+        return (day + timedelta(days=1) if name == "until" else day).timestamp()
+    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")
 
 
 def _is_number_list(items: list) -> bool:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 
 from nanodb import __version__
@@ -32,10 +33,10 @@ def parse_auth(text: str) -> tuple[str, str]:
 def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     """The FastAPI app: /api/... JSON endpoints, /docs and /openapi.json, and the web UI at /."""
     service = SearchService(db)
-    app = FastAPI(title="nanodb", version=__version__,
+    app = FastAPIOffline(title="nanodb", version=__version__,
                   description="Search a nanodb image database by text, by image or by item.")
     install_error_handlers(app)
-    app.include_router(api_router(service, ThumbnailCache(db)))
+    app.include_router(api_router(service, ThumbnailCache(db), auth))
     if auth is not None:
         _require_basic_auth(app, *auth)
     ui = build_ui(service).queue(default_concurrency_limit=8)

@@ -19,7 +19,7 @@ from nanodb import __version__
 from nanodb.interfaces.http_api import api_router, install_error_handlers
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
-from nanodb.interfaces.web import build_ui
+from nanodb.interfaces.web import CSS, JS, build_ui
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -41,7 +41,7 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
         _require_basic_auth(app, *auth)
     ui = build_ui(service).queue(default_concurrency_limit=8)
     return gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes,
-                               footer_links=["api"], run_history=False)
+                               footer_links=["api"], run_history=False, css=CSS, js=JS)
 
 
 def _require_basic_auth(app: FastAPI, user: str, password: str) -> None:

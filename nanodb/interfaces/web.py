@@ -24,7 +24,7 @@ HINT = ("Type what you are looking for (`a red car`, `dog + beach - snow`), or d
 # Responsive: tiles at least 110 px wide (two or three columns on a phone), inputs stack on narrow
 # screens, file names appear on hover; the lightbox covers the window.
 CSS = """
-#results .grid-wrap { max-height: none !important; }
+#results, #results .grid-wrap { max-height: none !important; min-height: 0 !important; }
 #results .grid-container { grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)) !important; }
 @media (max-width: 640px) {
   #results .grid-container { grid-template-columns: repeat(auto-fill, minmax(110px, 1fr)) !important; }

@@ -1,5 +1,10 @@
 """Ingestion benchmark: model-only vs the full nanodb pipeline vs a sequential loop, one process run.
 
+0. --compare N: the float32 loop that NanoDB and rclip run (open_clip's own preprocess + encode_image,
+   batches of 32) against NanoDB.scan through the Python API with the model loaded, for each
+   precision/backend, interleaved over --rounds in one run; images/s, ratio to the loop of the same
+   round, and the cosine of each scan's vectors to the loop's float32 vectors for the same files.
+
 1. model-only: the CLIP stage alone on pre-decoded pixels at the production batch size;
 2. pipeline:   NanoDB.scan (walk -> decode pool -> CLIP stage -> appender), pool and model warm;
 3. sequential: decode one image, embed it, append it (NanoDB.add per file), as NanoDB and rclip do.
@@ -7,6 +12,7 @@
 Then, optionally, a rescan of an unchanged folder vs its first scan (--rescan), and the peak RSS of
 `nanodb --scan` over synthetic trees of hard links to small real JPEGs (--rss-trees).
 
+    python benchmarks/bench_ingest.py --limit 0 --compare 320          # precisions vs the float32 loop
     python benchmarks/bench_ingest.py --limit 640                      # throughput table
     python benchmarks/bench_ingest.py --limit 0 --rescan --rescan-model ViT-S-32
     python benchmarks/bench_ingest.py --limit 0 --rss-trees 2000 20000
@@ -29,13 +35,21 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from helpers import DATA as SHARED  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
-from pipeline.decode import DecodedImage, _init_worker, decode_file  # noqa: E402
+from pipeline.decode import DecodedImage, decode_file  # noqa: E402
 from pipeline.walk import DirectoryWalker  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "caltech101"
+DATA = SHARED / "caltech101"
+COCO = SHARED / "coco-val2017" / "images"
+# (precision, backend, decode workers or 0 for one per core) of each NanoDB.scan row of --compare
+SCAN_CONFIGS = [
+    ("float32", "torch", 0), ("bfloat16", "torch", 0), ("float32", "openvino", 0),
+    ("bfloat16", "openvino", 0), ("bfloat16", "openvino", 1),
+]
 
 
 def subset(files: list[str], n: int) -> list[str]:
@@ -45,18 +59,18 @@ def subset(files: list[str], n: int) -> list[str]:
     return [files[i] for i in np.linspace(0, len(files) - 1, n).astype(int)]
 
 
-def link_tree(files: list[str], root: Path) -> Path:
+def link_tree(files: list[str], root: Path, prefix: bool = True) -> Path:
     root.mkdir(parents=True)
     for i, f in enumerate(files):
-        os.symlink(f, root / f"{i:06d}_{Path(f).name}")
+        os.symlink(f, root / (f"{i:06d}_{Path(f).name}" if prefix else Path(f).name))
     return root
 
 
 def decode_then_model(db: NanoDB, files: list[str], batch: int) -> tuple[float, float]:
     """(images/s of decoding in one process, images/s of the CLIP stage on the decoded pixels)."""
-    _init_worker(db.model.pixel_transform, db.settings.max_image_pixels)
     start = time.perf_counter()
-    pixels = [r.pixels for f in files if isinstance(r := decode_file(f), DecodedImage)]
+    transform, limit = db.model.pixel_transform, db.settings.max_image_pixels
+    pixels = [r.pixels for f in files if isinstance(r := decode_file(f, transform, limit), DecodedImage)]
     decode_rate = len(files) / (time.perf_counter() - start)
     db.model.encode_pixels(np.stack(pixels[:batch]))  # warm-up
     start = time.perf_counter()
@@ -83,6 +97,60 @@ def sequential(db: NanoDB, files: list[str]) -> float:
         except ValueError:
             pass
     return done / (time.perf_counter() - start)
+
+
+def openclip_loop(model, preprocess, files: list[str], batch: int = 32) -> tuple[float, np.ndarray]:
+    """The float32 loop of NanoDB and rclip: open, preprocess, encode_image per batch of 32 files."""
+    import torch
+    from PIL import Image
+
+    vectors = []
+    start = time.perf_counter()
+    with torch.no_grad():
+        for lo in range(0, len(files), batch):
+            x = torch.stack([preprocess(Image.open(f)) for f in files[lo : lo + batch]])
+            vectors.append(torch.nn.functional.normalize(model.encode_image(x), dim=-1).numpy())
+    return len(files) / (time.perf_counter() - start), np.concatenate(vectors)
+
+
+def compare(args, tmp: Path) -> None:
+    """Table 0: the float32 open_clip loop against NanoDB.scan per precision/backend, interleaved."""
+    from nanodb.model import ModelSpec, load_model
+
+    photos = sorted(str(p) for p in COCO.glob("*.jpg"))
+    chosen, spare = photos[: args.compare], photos[args.compare :][:16]
+    folder, warmup = link_tree(chosen, tmp / "compare", prefix=False), link_tree(spare, tmp / "compare-warmup")
+    by_name = {Path(f).name: i for i, f in enumerate(chosen)}
+    folder_paths = {str(p) for p in folder.iterdir()}
+    reference = load_model(ModelSpec(args.model, "none"), "cpu", "float32", "torch")  # the loop's own model
+    rates: dict[str, list[float]] = {}
+    cosines: dict[str, np.ndarray] = {}
+    ref_vectors = None
+    for r in range(args.rounds):
+        rate, ref_vectors = openclip_loop(reference.model, reference.preprocess, chosen)
+        rates.setdefault("open_clip float32 loop (preprocess + encode_image, batch 32)", []).append(rate)
+        for precision, backend, workers in SCAN_CONFIGS:
+            opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers)
+            with NanoDB(tmp / f"db-{precision}-{backend}-{workers}-{r}", args.model, **opts) as db:
+                _ = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
+                db.scan(warmup)  # starts the decode workers
+                start = time.perf_counter()
+                report = db.scan(folder)
+                rate = (report.added + report.updated) / (time.perf_counter() - start)
+                name = f"NanoDB.scan {db.model.precision_id}, {db.settings.decode_workers} decode workers"
+                rates.setdefault(name, []).append(rate)
+                rows = {by_name[Path(p).name]: i for i in range(len(db.vectors)) if (p := db.path_of(i)) in folder_paths}
+                order = sorted(rows)
+                v = db.vectors[[rows[j] for j in order]].astype(np.float32)
+                cosines[name] = np.sum(v * ref_vectors[order], axis=1) / np.linalg.norm(v, axis=1)
+        print(f"  round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    loop = np.median(next(iter(rates.values())))
+    print(f"\n{args.model}, random weights, cpu, {len(chosen)} COCO photos, median of {args.rounds} interleaved rounds")
+    print("| run | images/s (each round) | vs float32 loop | cosine to loop, min / mean |\n|---|---:|---:|---:|")
+    for name, values in rates.items():
+        cos = f"{cosines[name].min():.4f} / {cosines[name].mean():.5f}" if name in cosines else "(reference)"
+        each = ", ".join(f"{v:.1f}" for v in values)
+        print(f"| {name} | {np.median(values):.1f} ({each}) | {np.median(values) / loop:.2f}x | {cos} |")
 
 
 def peak_rss_of_scan(tree: Path, db_path: Path, model_args: list[str]) -> tuple[float, float, float]:
@@ -116,6 +184,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default: configs/default.yaml")
     p.add_argument("--workers", type=int, default=0, help="decode processes (0 = one per core)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compare", type=int, default=0, metavar="N",
+                   help="the float32 open_clip loop vs NanoDB.scan per precision on N COCO photos (0 = skip)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --compare")
     p.add_argument("--rescan", action="store_true", help="time a first scan of --data, then a rescan")
     p.add_argument("--rescan-model", default=None, help="model for --rescan (default --model)")
     p.add_argument("--rss-trees", type=int, nargs="*", default=[], metavar="N",
@@ -126,9 +197,11 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {args.data} ({len(files)} images)")
     opts = dict(pretrained="none", workers=args.workers, batch_size=args.batch_size, device=args.device)
-    print("load average at start: %.1f %.1f %.1f (other processes share these cores)" % os.getloadavg())
+    print("load average at start: {:.1f} {:.1f} {:.1f} (other processes share these cores)".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory(prefix="nanodb-bench-") as tmp:
         tmp = Path(tmp)
+        if args.compare:
+            compare(args, tmp)
         if args.limit:
             chosen = subset(files, args.limit)
             folder = link_tree(chosen, tmp / "subset")
@@ -168,7 +241,7 @@ def main() -> None:
                         shutil.copyfile(small[i % len(small)], d / f"{i:06d}.jpg")
                 seconds, main_mib, total_mib = peak_rss_of_scan(tree, tmp / f"db-rss{n}", ["--config", "test"])
                 print(f"| {n} | {seconds:.0f} | {main_mib:.0f} | {total_mib:.0f} |")
-    print("load average at end: %.1f %.1f %.1f" % os.getloadavg())
+    print("load average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

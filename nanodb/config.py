@@ -21,6 +21,8 @@ class Settings:
     autosave_every: int = 1000
     max_image_pixels: int = 89478485
     device: str = "auto"
+    precision: str = "auto"
+    backend: str = "auto"
     settle_seconds: float = 1.0
     autosave_seconds: float = 30.0
     compact_dead_fraction: float = 0.25

@@ -8,22 +8,34 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time as dt_time, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanodb.config import Settings, load_settings
 from nanodb.model import ClipModel, ModelSpec, as_pretrained, load_model
-from nanodb.query import QueryError, check_k, check_min_similarity, check_text, combined_vector, is_combined
-from nanodb.storage import DatabaseError, Manifest, RepairReport, WriteLock, read_manifest, repair
+from nanodb.query import (
+    QueryError,
+    check_k,
+    check_min_similarity,
+    check_text,
+    combined_vector,
+    is_combined,
+    looks_like_image_file,
+)
+from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, RowFilter, ValidationReport
-from pipeline.coordinator import ScanPipeline, ScanReport
+from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.walk import absolute_path, is_image_name, printable
+from pipeline.walk import absolute_path, printable
 from pipeline.watch import FolderWatcher
+
+if TYPE_CHECKING:
+    from nanodb.ray_cluster import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,8 @@ class NanoDB:
     >>> db.save()
 
     `model`/`pretrained` default to what an existing database was built with, else to configs/.
+    `ray` (an address such as "auto", "HOST:PORT", "ray://HOST:PORT" or "local", or RayOptions): scans
+    decode and embed on that Ray cluster and searches run on shard actors (pip install 'nanodb[ray]').
     Opening with a different model than the database was built with raises DatabaseError.
     """
 
@@ -84,6 +98,7 @@ class NanoDB:
         read_only: bool = False,
         autosave: bool = False,
         settings: Settings | None = None,
+        ray: str | RayOptions | None = None,
         **overrides: Any,
     ):
         self.path = Path(path).expanduser().absolute()
@@ -95,6 +110,13 @@ class NanoDB:
         self._model: ClipModel | None = None
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
+        # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
+        self.cluster = None
+        if ray is not None:
+            from nanodb.ray_cluster import RayCluster
+
+            self.cluster = RayCluster(ray)
+        self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
         if manifest is None:
@@ -107,7 +129,7 @@ class NanoDB:
             )
             # a new database needs the model (for its dimension): fail before creating files
             manifest = Manifest(self.spec.name, self.spec.pretrained, self.spec.weights_id, self.spec.seed,
-                                self.model.dim)
+                                self.model.dim, precision=self.model.precision_id)
         else:
             self.spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
             _check_same_model(manifest, model, pretrained, seed)
@@ -115,10 +137,16 @@ class NanoDB:
                                compact_dead_fraction=self.settings.compact_dead_fraction)
 
     @property
+    def precision(self) -> str:
+        """How the stored vectors were computed when the database was built, e.g. 'bfloat16/openvino'."""
+        return self.store.manifest.precision
+
+    @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
         if self._model is None:
-            self._model = load_model(self.spec, self.settings.device)
+            s = self.settings
+            self._model = load_model(self.spec, s.device, s.precision, s.backend)
         return self._model
 
     # ----------------------------------------------------------------- size and items
@@ -243,10 +271,15 @@ class NanoDB:
         """A scan of `paths`, or, given a `feed` (a folder watcher's), the files put on it until None."""
         self.store.check_writable()
         report = report or ScanReport()
-        bar = _progress_bar(report) if progress else None
+        bar = progress_bar(report) if progress else None
+        remote = None
+        if self.cluster is not None:
+            remote = await asyncio.to_thread(
+                self.cluster.embed_stage, self.spec, self.settings.device, self.model.pixel_transform,
+                self.settings.max_image_pixels, self.settings.batch_size)
         pipeline = ScanPipeline(
             self.store, self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
-            autosave_every=self.autosave_every, report=report, running=running, feed=feed,
+            autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:
@@ -294,7 +327,7 @@ class NanoDB:
             if not self.store.is_live(int(query)):
                 raise QueryError(f"no item with index {query}")
             v = self.store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and _looks_like_image_file(query)):
+        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_file(query)):
             result = self._decode(absolute_path(query))
             if isinstance(result, DecodeFailure):
                 raise QueryError(f"cannot search by {result.path}: {result.reason}")
@@ -313,7 +346,7 @@ class NanoDB:
     def _embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
         if is_combined(text):
-            return combined_vector(text, self._embed_text)
+            return combined_vector(text, self.model.encode_text)
         return self.model.encode_text([text])[0]
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,
@@ -342,7 +375,7 @@ class NanoDB:
             kind = "image"
             query = image if not isinstance(image, str) else Path(image)
         elif isinstance(query, str):
-            kind = "image" if _looks_like_image_file(query) else "text"
+            kind = "image" if looks_like_image_file(query) else "text"
         else:
             kind = "image" if isinstance(query, os.PathLike) or hasattr(query, "convert") else None
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
@@ -356,7 +389,10 @@ class NanoDB:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
         where = row_filter(folder, since, until, types)
-        hits = self.store.search(vectors, k, where, collapse_duplicates)
+        if where or collapse_duplicates:  # filtered searches run on the local store (exact either way)
+            hits = self.store.search(vectors, k, where, collapse_duplicates)
+        else:
+            hits = self._searcher().search(vectors, k)
         t2 = time.perf_counter()
         results = SearchResults(
             SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata, h.duplicates)
@@ -368,6 +404,15 @@ class NanoDB:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
         self._record_timing(None if batched else kind, results.encode_ms, results.search_ms)
         return results if batched else results[0]
+
+    def _searcher(self):
+        """The store, or with a Ray cluster the shard actors serving its vectors (made on first search)."""
+        if self.cluster is None:
+            return self.store
+        with self.store.lock:
+            if self._shards is None:
+                self._shards = self.cluster.sharded_search(self.store)
+        return self._shards
 
     def _record_timing(self, kind: str | None, encode_ms: float, search_ms: float) -> None:
         with self._timings_lock:
@@ -396,34 +441,26 @@ class NanoDB:
 
         `model`/`pretrained`/`seed` (else the settings) are used only when the manifest is unreadable.
         Items lost this way come back by rescanning their folders."""
-        root = Path(path).expanduser().absolute()
         settings = settings or load_settings()
-        if not root.is_dir():
-            raise DatabaseError(f"no nanodb database at {root}")
-        lock = WriteLock(root)
-        lock.acquire()
-        try:
-            def from_settings() -> Manifest:
-                spec = ModelSpec(model or settings.model, as_pretrained(pretrained or settings.pretrained),
-                                 settings.seed if seed is None else seed)
-                dim = load_model(spec, settings.device).dim
-                return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
 
-            try:
-                return repair(root, from_settings)
-            except OSError as e:
-                raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
-        finally:
-            lock.release()
+        def from_settings() -> Manifest:
+            spec = ModelSpec(model or settings.model, as_pretrained(pretrained or settings.pretrained),
+                             settings.seed if seed is None else seed)
+            dim = load_model(spec, settings.device).dim
+            return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+
+        return ItemStore.repair(Path(path).expanduser().absolute(), from_settings)
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         if self._decode_pool is not None:
             self._decode_pool.close()
             self._decode_pool = None
         if getattr(self, "store", None) is not None:
             self.store.close()
 
-    def __enter__(self) -> "NanoDB":
+    def __enter__(self) -> NanoDB:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -441,21 +478,6 @@ def _check_same_model(m: Manifest, model, pretrained, seed) -> None:
             f"not {asked.describe()}: its vectors would not be comparable. Open it without --model/--pretrained, "
             f"or use another --path for the other model"
         )
-
-
-def _progress_bar(report: ScanReport):
-    from tqdm import tqdm
-
-    bar = tqdm(total=0, unit="img", desc="scanning", dynamic_ncols=True, disable=None)
-
-    def show(r: ScanReport) -> None:
-        bar.total = r.found
-        bar.n = r.done
-        bar.set_postfix(added=r.added, skipped=r.failed, refresh=False)
-        bar.refresh()
-
-    report.on_change = show
-    return bar
 
 
 def row_filter(folder: str | None = None, since: Any = None, until: Any = None,
@@ -503,10 +525,4 @@ def _is_number_list(items: list) -> bool:
     first = items[0]
     return isinstance(first, (int, float, np.floating)) or (
         isinstance(first, (list, tuple, np.ndarray)) and len(first) and isinstance(first[0], (int, float, np.floating))
-    )
-
-
-def _looks_like_image_file(text: str) -> bool:
-    return "\n" not in text and len(text) < 4096 and is_image_name(text.strip()) and os.path.isfile(
-        os.path.expanduser(text.strip())
     )

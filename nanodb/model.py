@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +50,52 @@ class ModelSpec:
         return self.pretrained
 
     def describe(self) -> str:
-        return f"{self.name} ({'random weights, seed %d' % self.seed if self.random_weights else self.pretrained})"
+        weights = f"random weights, seed {self.seed}" if self.random_weights else self.pretrained
+        return f"{self.name} ({weights})"
+
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "torch", "openvino")
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot-product units (AVX512-BF16 or AMX), from the Linux cpuinfo flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """'auto' is float16 on a GPU, bfloat16 on a CPU with bfloat16 units, float32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "float16" if device == "cuda" else "bfloat16" if cpu_has_bfloat16() else "float32"
+    if precision == "float16" and device != "cuda":
+        raise ModelLoadError("precision float16 needs a CUDA GPU; on a CPU use bfloat16 or float32")
+    return precision
+
+
+def openvino_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("openvino") is not None
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """'auto' is OpenVINO for the image tower on a CPU when it is installed, torch otherwise."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "openvino" if device == "cpu" and openvino_available() else "torch"
+    if backend == "openvino" and device != "cpu":
+        raise ModelLoadError("backend openvino runs on the CPU; use backend torch with --device cuda")
+    if backend == "openvino" and not openvino_available():
+        raise ModelLoadError("backend openvino is not installed: pip install openvino (or use backend torch)")
+    return backend
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -101,14 +148,21 @@ class ClipModel:
     `pixel_transform` (resize, crop, RGB) runs on PIL images in the decode workers and yields uint8
     pixels; `encode_pixels` does the rest (scale, normalise) batched, then the forward pass. Together
     they equal open_clip's own `preprocess`, so stored vectors match the model's output for the file.
+
+    `precision` and `backend` choose how the forward passes run: float16 on a GPU; bfloat16 (or
+    float32) on a CPU, the image tower through OpenVINO when installed (its matrix kernels use the
+    CPU's bfloat16 units; torch's bfloat16 autocast gains less, see benchmarks/RESULTS.md). Vectors
+    stay within cosine 0.999 of float32 ones, so databases built in any precision mix.
     """
 
-    def __init__(self, spec: ModelSpec, device: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto", backend: str = "auto"):
         import open_clip
         import torch
 
         self.spec = spec
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.backend = resolve_backend(backend, self.device)
         if spec.name not in open_clip.list_models():
             raise ModelLoadError(
                 f"unknown model {spec.name!r}; choose one of open_clip.list_models(), e.g. ViT-B-32, ViT-L-14-336"
@@ -140,7 +194,7 @@ class ClipModel:
                 f"(or --pretrained none for random weights, for testing)"
             ) from e
         model.eval()
-        self.model = model.half() if self.device == "cuda" else model
+        self.model = model.half() if self.precision == "float16" else model
         self.tokenizer = open_clip.get_tokenizer(spec.name)
         self.preprocess = preprocess
         steps = list(preprocess.transforms)
@@ -150,8 +204,30 @@ class ClipModel:
         self._mean = torch.tensor(normalize.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(normalize.std, device=self.device).view(1, 3, 1, 1)
         self.image_size = tuple(model.visual.image_size) if hasattr(model.visual, "image_size") else (224, 224)
+        self._image_tower = None
+        if self.backend == "openvino":
+            try:
+                self._image_tower = OpenVinoImageTower(self, normalize.mean, normalize.std)
+            except Exception as e:  # a model OpenVINO cannot convert still runs, in torch
+                if backend == "openvino":
+                    raise ModelLoadError(f"OpenVINO cannot run the image tower of {spec.name}: {e}") from e
+                log.warning("OpenVINO cannot convert %s (%s); running it in torch", spec.name, e)
+                self.backend = "torch"
         with torch.no_grad():
             self.dim = int(self.encode_text(["x"]).shape[1])
+
+    @property
+    def precision_id(self) -> str:
+        """How vectors are computed, e.g. 'bfloat16/openvino' (recorded in a database's manifest)."""
+        return f"{self.precision}/{self.backend}"
+
+    def _autocast(self):
+        """bfloat16 matrix products for the torch forward passes on a CPU."""
+        import torch
+
+        if self.precision == "bfloat16":
+            return torch.autocast(self.device, dtype=torch.bfloat16)
+        return nullcontext()
 
     def _finish(self, features) -> np.ndarray:
         features = features.float()
@@ -162,12 +238,17 @@ class ClipModel:
         """uint8 pixels (N, H, W, 3) from `pixel_transform` -> unit float32 vectors (N, dim)."""
         import torch
 
+        pixels = np.require(pixels, np.uint8, ["C", "W"])
+        if self._image_tower is not None:
+            return self._finish(torch.from_numpy(self._image_tower(pixels)))
         with torch.no_grad():
-            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device).permute(0, 3, 1, 2).float().div(255)
+            x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])).to(self.device)
+            x = x.permute(0, 3, 1, 2).float().div(255)
             x = (x - self._mean) / self._std
-            if self.device == "cuda":
+            if self.precision == "float16":
                 x = x.half()
-            return self._finish(self.model.encode_image(x))
+            with self._autocast():
+                return self._finish(self.model.encode_image(x))
 
     def image_pixels(self, image) -> np.ndarray:
         """A PIL image as model-input uint8 pixels, as a decode worker makes them."""
@@ -180,9 +261,73 @@ class ClipModel:
     def encode_text(self, texts: list[str]) -> np.ndarray:
         import torch
 
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             tokens = self.tokenizer(list(texts)).to(self.device)
             return self._finish(self.model.encode_text(tokens))
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $NANODB_CACHE, else ~/.cache/nanodb."""
+    if os.environ.get("NANODB_CACHE"):
+        return Path(os.environ["NANODB_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanodb"
+
+
+class OpenVinoImageTower:
+    """The model's image tower converted to OpenVINO, with the scaling and normalisation folded into
+    the graph: uint8 pixels (N, H, W, 3) in, features out. The conversion (seconds to a minute) is
+    cached on disk per model, weights and OpenVINO version; compiling the cached model is quick."""
+
+    def __init__(self, clip: ClipModel, mean, std):
+        import openvino as ov
+
+        self._lock = threading.Lock()  # one infer request, used by one thread at a time
+        model = ov.Core().read_model(self._converted(clip, ov))
+        ppp = ov.preprocess.PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC"))
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).mean([255 * m for m in mean]).scale(
+            [255 * s for s in std]
+        )
+        hint = {"bfloat16": "bf16", "float32": "f32"}[clip.precision]
+        compiled = ov.Core().compile_model(ppp.build(), "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        self._request = compiled.create_infer_request()
+
+    @staticmethod
+    def _converted(clip: ClipModel, ov) -> Path:
+        """The image tower as OpenVINO IR (model.xml + model.bin), converted now if not cached."""
+        import hashlib
+        import tempfile
+
+        import torch
+
+        spec = clip.spec
+        weights = spec.weights_id
+        if spec.is_file:  # a checkpoint rewritten in place keeps its name and maybe its size
+            weights += f":{Path(spec.pretrained).stat().st_mtime_ns}"
+        key = hashlib.sha256(f"{spec.name}|{weights}|{ov.__version__}|{torch.__version__}".encode()).hexdigest()[:16]
+        folder = cache_dir() / "openvino" / f"{spec.name}-{key}"
+        if not (folder / "model.xml").is_file():
+            log.info("converting the image tower of %s to OpenVINO (once)", spec.describe())
+            h, w = clip.image_size
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.jit tracing's deprecation notices, for this call only
+                converted = ov.convert_model(
+                    clip.model.visual, example_input=torch.zeros(1, 3, h, w), input=[ov.PartialShape([-1, 3, h, w])]
+                )
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=folder.parent, ignore_cleanup_errors=True) as tmp:
+                ov.save_model(converted, Path(tmp) / "model.xml", compress_to_fp16=False)
+                try:
+                    os.replace(tmp, folder)  # atomic: another process may be converting the same model
+                except OSError:
+                    if not (folder / "model.xml").is_file():
+                        raise
+        return folder / "model.xml"
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        with self._lock:
+            return self._request.infer({0: pixels})[0].copy()
 
 
 def pillow_transform(steps) -> ResizeCenterCrop | None:
@@ -214,13 +359,13 @@ def as_pretrained(value: str) -> str:
     return "none" if not value or value.lower() == "none" else value
 
 
-_cache: dict[tuple[ModelSpec, str], ClipModel] = {}
+_cache: dict[tuple[ModelSpec, str, str, str], ClipModel] = {}
 
 
-def load_model(spec: ModelSpec, device: str = "auto") -> ClipModel:
+def load_model(spec: ModelSpec, device: str = "auto", precision: str = "auto", backend: str = "auto") -> ClipModel:
     """Build (once per process) the model for `spec`."""
-    key = (spec, device)
+    key = (spec, device, precision, backend)
     if key not in _cache:
         log.info("loading %s", spec.describe())
-        _cache[key] = ClipModel(spec, device)
+        _cache[key] = ClipModel(spec, device, precision, backend)
     return _cache[key]

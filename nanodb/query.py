@@ -6,10 +6,14 @@ pulls the results towards it, subtracting one pushes them away.
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
+
+from pipeline.walk import is_image_name
+
 
 class QueryError(ValueError):
     """A query that cannot be searched; the message is shown to the user as is."""
@@ -21,8 +25,11 @@ _WEIGHT = re.compile(r"^([+-]?(?:\d+(?:\.\d*)?|\.\d+)):\s*(\S.*)$", re.DOTALL)
 
 
 def parse_query(text: str) -> list[tuple[float, str]]:
-    """Split a query into (weight, term) pairs; a plain query is [(1.0, text)]."""
+    """Split a query into (weight, term) pairs; a plain query is [(1.0, text)]. At most MAX_TERMS terms:
+    each one is a text encoding."""
     parts = _OPERATOR.split(" " + text.strip() + " ")
+    if len(parts) > 2 * MAX_TERMS - 1:
+        raise QueryError(f"the query has {(len(parts) + 1) // 2} terms; at most {MAX_TERMS} can be combined")
     # parts alternates term, operator, term, ...; the leading space makes the first part a term.
     terms: list[tuple[float, str]] = []
     sign = 1.0
@@ -46,9 +53,11 @@ def is_combined(text: str) -> bool:
     return len(terms) > 1 or terms[0][0] != 1.0
 
 
-def combined_vector(text: str, embed: Callable[[str], np.ndarray]) -> np.ndarray:
-    """The unit vector of a combined query; `embed` turns one term into a unit vector."""
-    total = sum(weight * np.asarray(embed(term), np.float32) for weight, term in parse_query(text))
+def combined_vector(text: str, embed: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    """The unit vector of a combined query; `embed` turns a list of terms into unit vectors (one batch)."""
+    terms = parse_query(text)
+    vectors = np.asarray(embed([term for _, term in terms]), np.float32)
+    total = np.asarray([weight for weight, _ in terms], np.float32) @ vectors
     norm = float(np.linalg.norm(total))
     if not np.isfinite(norm) or norm < 1e-6:
         raise QueryError(f"the terms of {text.strip()!r} cancel out: nothing is left to search for")
@@ -58,6 +67,7 @@ def combined_vector(text: str, embed: Callable[[str], np.ndarray]) -> np.ndarray
 # ------------------------------------------------------------------ input limits, one set for every interface
 MAX_K = 1000
 MAX_QUERY_CHARS = 1000
+MAX_TERMS = 16  # terms of a combined query
 
 
 def check_k(k) -> int:
@@ -93,3 +103,10 @@ def check_min_similarity(value) -> float | None:
     if not -1.0 <= value <= 1.0:
         raise QueryError("min_similarity must be between -1 and 1")
     return value
+
+
+def looks_like_image_file(text: str) -> bool:
+    """A query string that names an existing image file (the console and the Python API search by it)."""
+    return "\n" not in text and len(text) < 4096 and is_image_name(text.strip()) and os.path.isfile(
+        os.path.expanduser(text.strip())
+    )

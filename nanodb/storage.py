@@ -8,7 +8,8 @@ Layout of a database folder (format version 1)::
     paths.G.bin           file paths, os.fsencode()d bytes, concatenated
     meta.G.jsonl          per-item JSON metadata (only for items that have some), concatenated
     deleted.G.bin         int64 indices of deleted items (tombstones)
-    .lock                 held (flock) by the one process that has the database open for writing
+    .lock                 the pid of the one process that has the database open for writing (which
+                          holds an flock on the folder itself)
 
 G is the generation, bumped when a compaction rewrites the files without deleted items.
 
@@ -26,9 +27,9 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -69,6 +70,8 @@ class Manifest:
     saved_at: float = 0.0
     version: int = FORMAT_VERSION
     dtype: str = "float16"
+    # How the model computed the vectors (ClipModel.precision_id); any precision can search them.
+    precision: str = "float32/torch"
     # CRC-32 of the committed bytes of each data file, extended at each save (cost ~ new bytes), so a
     # corrupted file is caught at opening. None when a writer did not record them (then not checked).
     checksums: dict[str, int] | None = field(default_factory=lambda: dict.fromkeys(DATA_FILES, 0))
@@ -198,34 +201,56 @@ def append_at(path: Path, offset: int, data: bytes | memoryview) -> None:
 
 
 class WriteLock:
-    """An exclusive flock on the database folder, so two writers never interleave their saves."""
+    """An exclusive flock on the database folder itself, so two writers never interleave their saves.
+
+    The lock is taken on the folder's own file descriptor: deleting `.lock` (which only records the
+    holder's pid, for the error message) cannot let a second writer in."""
 
     def __init__(self, root: Path):
+        self.root = root
         self.path = root / LOCK
         self.fd: int | None = None
 
     def acquire(self) -> None:
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise DatabaseError(f"cannot open the database folder {self.root}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DatabaseError(
+                f"{self.root} is open for writing by another process (pid {self._holder()}); "
+                "stop it first, or open this one read-only"
+            ) from None
+        try:
+            self._record_pid()
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_bytes()[:32].decode(errors="replace").strip() or "?"
+        except OSError:
+            return "?"
+
+    def _record_pid(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
                 raise DatabaseError(
-                    f"cannot open {self.path.parent} for writing ({e.strerror}: {self.path}); "
+                    f"cannot open {self.root} for writing ({e.strerror}: {self.path}); "
                     "open it read-only (--read-only) to search it"
                 ) from None
             raise DatabaseError(f"cannot create {self.path}: {e.strerror}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.write(fd, str(os.getpid()).encode())
+        finally:
             os.close(fd)
-            raise DatabaseError(
-                f"{self.path.parent} is open for writing by another process (pid {holder}); "
-                "stop it first, or open this one read-only"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
@@ -321,9 +346,25 @@ def committed_lengths(m: Manifest) -> dict[str, int]:
     }
 
 
+def check_unchanged(root: Path, committed: Manifest) -> None:
+    """Refuse to write when the manifest on disk is not the one this process committed last: another
+    process saved meanwhile (the lock was bypassed), and writing now would destroy what it saved."""
+    try:
+        on_disk = read_manifest(root)
+    except DatabaseError as e:
+        raise DatabaseError(f"refusing to save: {e}") from None
+    if on_disk is None or on_disk.__dict__ != committed.__dict__:
+        raise DatabaseError(
+            f"refusing to save to {root}: another process changed it since this one opened it; nothing was "
+            "written: reopen the database and add your changes again"
+        )
+
+
 def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict[str, bytes | memoryview]) -> None:
     """A save: append to each data file at its committed length (overwriting what a crashed save left
-    there), extend the checksums, fsync, then replace the manifest, the commit point."""
+    there), extend the checksums, fsync, then replace the manifest, the commit point. Refused before
+    anything is written when another process committed since `committed`."""
+    check_unchanged(root, committed)
     if committed.checksums is not None:
         new.checksums = {
             kind: zlib.crc32(memoryview(appended[kind]).cast("B"), committed.checksums[kind]) for kind in DATA_FILES
@@ -334,10 +375,12 @@ def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict
     write_manifest(root, new)
 
 
-def commit_generation(root: Path, new: Manifest, data: dict[str, bytes | memoryview]) -> None:
+def commit_generation(root: Path, committed: Manifest, new: Manifest, data: dict[str, bytes | memoryview]) -> None:
     """A compaction: write every data file of `new.generation` from scratch, fsynced, then replace the
     manifest. Files left by a compaction that crashed before its manifest are simply overwritten; the
-    old generation stays committed until the manifest names the new one."""
+    old generation stays committed until the manifest names the new one. Refused, like commit_append,
+    when another process committed since `committed`."""
+    check_unchanged(root, committed)
     new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
     for kind in DATA_FILES:
         append_at(new.file(root, kind), 0, data[kind])

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,11 +25,13 @@ from nanodb.storage import (
     REPAIR_HINT,
     DatabaseError,
     Manifest,
+    RepairReport,
     WriteLock,
     commit_append,
     commit_generation,
     read_exact,
     remove_other_generations,
+    repair,
     write_manifest,
 )
 from pipeline.sink import ScannedFile
@@ -553,7 +556,7 @@ class ItemStore:
         }
         log.info("compacting %s: %d items", self.root, len(live))
         try:
-            commit_generation(self.root, new, data)
+            commit_generation(self.root, m, new, data)
         except OSError as e:
             raise DatabaseError(
                 f"compacting {self.root} failed ({e.strerror or e}); the previous save is intact and "
@@ -570,6 +573,20 @@ class ItemStore:
             log.warning("could not remove old data files in %s: %s", self.root, e)
         log.info("compacted %s: %d deleted rows dropped, %d kept", self.root, dropped, len(live))
 
+
+    @staticmethod
+    def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
+        """Make a damaged folder openable (see storage.repair), under the write lock."""
+        if not root.is_dir():
+            raise DatabaseError(f"no nanodb database at {root}")
+        lock = WriteLock(root)
+        lock.acquire()
+        try:
+            return repair(root, fallback)
+        except OSError as e:
+            raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
+        finally:
+            lock.release()
 
     def close(self) -> None:
         if self._write_lock is not None:

@@ -8,9 +8,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable
 
 from pipeline.append import IndexAppender
 from pipeline.decode import ImageDecodePool
@@ -34,7 +34,7 @@ class ScanReport:
     walking: bool = True
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
-    on_change: Callable[["ScanReport"], None] | None = field(default=None, repr=False)
+    on_change: Callable[[ScanReport], None] | None = field(default=None, repr=False)
     queues: dict[str, asyncio.Queue] = field(default_factory=dict, repr=False)  # for the status line
 
     @property
@@ -98,7 +98,7 @@ class ScanPipeline:
     def __init__(self, sink: IndexSink, model: EmbeddingModel, roots, decode_pool: ImageDecodePool,
                  batch_size: int, *, excludes=None, autosave_every: int | None = None,
                  report: ScanReport | None = None, feed: asyncio.Queue | None = None,
-                 running: asyncio.Event | None = None):
+                 running: asyncio.Event | None = None, remote=None):
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),), **kwargs)
         self.sink = sink
@@ -111,6 +111,9 @@ class ScanPipeline:
         self.running = running
         self.clip = ClipStage(model, batch_size, self.report, running)
         self.appender = IndexAppender(sink, self.report, autosave_every)
+        # A stage that decodes and embeds elsewhere (pipeline.ray_ingest.RayEmbedStage) instead of the
+        # local decode pool and CLIP stage: `run(found, embedded, report, running)`.
+        self.remote = remote
         self.queue_size = max(64, 4 * batch_size)
 
     async def run(self) -> ScanReport:
@@ -121,8 +124,11 @@ class ScanPipeline:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._walk(found) if self.feed is None else self._follow(self.feed, found))
-                tg.create_task(self._decode(found, decoded))
-                tg.create_task(self.clip.run(decoded, embedded))
+                if self.remote is not None:
+                    tg.create_task(self.remote.run(found, embedded, self.report, self.running))
+                else:
+                    tg.create_task(self._decode(found, decoded))
+                    tg.create_task(self.clip.run(decoded, embedded))
                 tg.create_task(self.appender.run(embedded))
         finally:
             self.report.finished = time.monotonic()
@@ -196,3 +202,19 @@ class ScanPipeline:
             task.add_done_callback(tasks.discard)
         await asyncio.gather(*tasks)
         await outbox.put(None)
+
+
+def progress_bar(report: ScanReport):
+    """A tqdm bar that follows a scan's counters (the caller closes it)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="img", desc="scanning", dynamic_ncols=True, disable=None)
+
+    def show(r: ScanReport) -> None:
+        bar.total = r.found
+        bar.n = r.done
+        bar.set_postfix(added=r.added, skipped=r.failed, refresh=False)
+        bar.refresh()
+
+    report.on_change = show
+    return bar

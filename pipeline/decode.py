@@ -45,7 +45,7 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
     """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
     try:
         file = read_image_file(path)
-        pixels = model_pixels(open_image(file.data, max_pixels), transform)
+        pixels = model_pixels(open_image(file.data, max_pixels, getattr(transform, "draft_size", None)), transform)
     except ImageRejected as e:
         return DecodeFailure(path, str(e))
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on

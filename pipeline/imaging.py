@@ -21,6 +21,7 @@ MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole w
 # strip (a small file) would become gigabytes. Real panoramas stay far below this.
 MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
+DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the model's input size
 
 
 class ImageRejected(ValueError):
@@ -84,7 +85,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageRejected(f"corrupt image header ({type(e).__name__}: {e})") from None
     try:
         check_dimensions(*image.size, max_pixels)
-        if draft_size:
+        if draft_size and image.format == "JPEG":
             w, h = image.size
             scale = min(w, h) / draft_size
             if scale >= 2:
@@ -124,6 +125,13 @@ class ResizeCenterCrop:
     short_side: int
     crop: tuple[int, int]  # (height, width), at most short_side
     resample: int  # a PIL.Image.Resampling filter
+
+    @property
+    def draft_size(self) -> int:
+        """The short side a JPEG may decode at (1/2, 1/4 or 1/8 DCT scaling) before the exact resize.
+        Twice the input: a 12-megapixel photo decodes ~6x faster, and vectors stay within cosine
+        0.998 of a full decode (at 1x, 0.996); a photo under twice the input decodes in full."""
+        return DRAFT_MARGIN * self.short_side
 
     def __call__(self, image):
         w, h = image.size

@@ -6,7 +6,8 @@ module. Everything the walker, the appender and the watcher need of the database
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 

@@ -6,8 +6,8 @@ import fnmatch
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 log = logging.getLogger(__name__)
 

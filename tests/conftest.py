@@ -2,40 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def data_dir(name: str) -> Path:
-    path = DATA / name
-    if not path.is_dir():
-        pytest.skip(f"test photos not found at {path} (clone the repo next to shared/)")
-    return path
-
-
-def coco_photos(n: int) -> list[Path]:
-    return sorted(data_dir("coco-val2017/images").glob("*.jpg"))[:n]
-
-
-def write_bad_files(folder: Path) -> dict[str, str]:
-    """Files a scan must skip, each with the reason it is bad."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    good = coco_photos(1)[0].read_bytes()
-    (folder / "empty.jpg").write_bytes(b"")
-    (folder / "truncated.jpg").write_bytes(good[: len(good) // 3])
-    (folder / "notes.jpg").write_text("this is a text file with an image name\n")
-    (folder / "garbage.PNG").write_bytes(os.urandom(4096))
-    os.symlink(folder / "does-not-exist.jpg", folder / "broken-link.jpg")
-    # A decompression bomb: a tiny PNG that claims ~400 megapixels.
-    Image.new("1", (20000, 20000)).save(folder / "bomb.png", optimize=True)
-    return {p.name: "bad" for p in folder.iterdir()}
+from helpers import coco_photos, write_bad_files
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,9 @@ import shtab
 
 from nanodb import __version__
 from nanodb.config import load_settings
-from nanodb.interfaces.console import Console, format_validation, similar_query
 from nanodb.database import NanoDB
-from nanodb.model import ModelLoadError
+from nanodb.interfaces.console import Console, format_validation, similar_query
+from nanodb.model import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.service import IngestService
 from nanodb.storage import DatabaseError
 from pipeline.walk import DEFAULT_EXCLUDES
@@ -27,6 +27,7 @@ EPILOG = """\
 examples:
   nanodb --scan ~/Pictures --path ~/.nanodb/pictures --autosave
   nanodb --path ~/.nanodb/pictures --server --port 7860
+  nanodb --scan /mnt/nas/photos --path ~/.nanodb/nas --ray auto --autosave
   nanodb --path ~/.nanodb/pictures --watch ~/Pictures --watch /mnt/camera --exclude '*.tmp.jpg'
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
   nanodb search --path ~/.nanodb/pictures "a red car" -k 5 --json
@@ -72,9 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=None, help="images per CLIP forward pass")
     p.add_argument("--workers", type=int, default=None, help="image decode processes (0 = one per core)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="model arithmetic (default auto: float16 on a GPU, bfloat16 on a CPU that has it)")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="image tower runtime on a CPU (default auto: OpenVINO if installed)")
     p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")
     p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="decode, embed and search on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local "
+                        "(needs pip install 'nanodb[ray]')")
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
@@ -189,7 +197,8 @@ def preview(path: str, protocol: str, max_pixels: int, size: int = 160) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     settings = load_settings(
-        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device
+        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        precision=args.precision, backend=args.backend,
     )
     if args.repair:
         report = await asyncio.to_thread(
@@ -198,8 +207,10 @@ async def run(args: argparse.Namespace) -> int:
         print(f"nanodb: {report.summary()}", file=sys.stderr)
     if args.read_only and (args.scan or args.watch or args.autosave):
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
+    if args.ray:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # this program's Ray reports nothing anywhere
     db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                autosave=args.autosave or bool(args.watch), read_only=args.read_only)
+                autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=args.ray)
     # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
     # (in-flight batches dropped) and what was indexed is saved below.
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):

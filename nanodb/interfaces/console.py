@@ -13,16 +13,16 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
-from pipeline.walk import is_image_name, printable
 from nanodb.service import IngestService
+from pipeline.walk import is_image_name, printable
 
 HELP = """\
 commands:

@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import logging
 import mimetypes
-
 import secrets
+from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.database import SearchResults
-from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService
-from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, original_file
+from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
+from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class Error(BaseModel):
     error: str
 
 
-ERRORS = {400: {"model": Error}, 404: {"model": Error}, 422: {"model": Error}}
+ERRORS = {400: {"model": Error}, 404: {"model": Error}, 413: {"model": Error}, 422: {"model": Error}}
 
 
 def _response(outcome: SearchResults, items: int) -> SearchResponse:
@@ -142,6 +143,17 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
         encode_ms=round(outcome.encode_ms, 2),
         search_ms=round(outcome.search_ms, 2),
     )
+
+
+def _chunks(f):
+    with f:
+        while chunk := f.read(1 << 16):
+            yield chunk
+
+
+def content_disposition(name: str) -> str:
+    """`inline` with the file's name, safe for any characters in it (RFC 5987)."""
+    return f"inline; filename*=utf-8''{quote(name)}"
 
 
 def basic_auth(user: str, password: str):
@@ -216,14 +228,27 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache,
         return FileResponse(thumbnails.get(index), media_type="image/jpeg",
                             headers={"Cache-Control": "private, max-age=86400"})
 
-    @router.get("/items/{index}/original", response_class=FileResponse, summary="An item's original file",
+    @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file",
                 responses={200: {"content": {"image/*": {}}, "description": "the file as indexed"}})
     def original(index: int):
-        path = original_file(db, index)
-        return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream",
-                            filename=path.name, content_disposition_type="inline")
+        f = open_original(db, index)  # checked against its content hash, then sent from this descriptor
+        name = Path(db[index].path).name
+        return StreamingResponse(_chunks(f),
+                                 media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+                                 headers={"Content-Disposition": content_disposition(name),
+                                          "Content-Length": str(db[index].size)})
 
     return router
+
+
+def unknown_api_route(app: FastAPI) -> None:
+    """Any other /api/... path answers nanodb's JSON 404 (not the web UI's), whatever the method."""
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+                   include_in_schema=False)
+    def unknown(rest: str, request: Request):
+        return JSONResponse({"error": f"no API route {request.method} /api/{rest[:80]}; see /docs"},
+                            status_code=404)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -231,7 +256,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
 
     @app.exception_handler(NotServable)
     async def not_servable(request: Request, exc: NotServable):

@@ -7,15 +7,25 @@ as an upload or as an item index, never as a path on the server.
 
 from __future__ import annotations
 
+import threading
+
 from nanodb.database import NanoDB, SearchResults
 from nanodb.query import MAX_K, MAX_QUERY_CHARS, QueryError
 from pipeline.imaging import ImageRejected, open_image
 
 MAX_UPLOAD_BYTES = 32 << 20
+# A query image needs few pixels (the model sees ~224x224). JPEGs decode at a reduced scale (draft), so
+# they keep the scan's limit; other formats decode whole (~8 bytes a pixel at peak), so they get less.
+MAX_UPLOAD_PIXELS = 16_000_000
+MAX_CONCURRENT_DECODES = 2  # uploads decoded at once; the others wait, so memory stays bounded
 
-__all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "SearchService", "stats_line"]
+__all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "TooLarge", "SearchService", "stats_line"]
 
 BadRequest = QueryError  # a client's input that cannot be searched; the message is shown as is
+
+
+class TooLarge(BadRequest):
+    """An upload over a size limit (bytes or pixels): HTTP 413."""
 
 
 class SearchService:
@@ -24,6 +34,7 @@ class SearchService:
         self.max_k = MAX_K
         self.max_query_chars = MAX_QUERY_CHARS
         self.max_upload_bytes = max_upload_bytes
+        self._decoding = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
 
     def check_index(self, index) -> int:
         try:
@@ -37,15 +48,24 @@ class SearchService:
     def open_upload(self, data: bytes):
         """An uploaded file as an RGB image; refuses non-images, oversized files and decompression bombs."""
         if len(data) > self.max_upload_bytes:
-            raise BadRequest(f"the upload is {len(data) >> 20} MB; at most {self.max_upload_bytes >> 20} MB")
+            raise TooLarge(f"the upload is {len(data) >> 20} MB; at most {self.max_upload_bytes >> 20} MB")
         if not data:
             raise BadRequest("the upload is empty")
+        jpeg = data[:3] == b"\xff\xd8\xff"
+        max_pixels = self.db.settings.max_image_pixels
+        if not jpeg:  # a JPEG decodes at reduced scale; other formats decode whole
+            max_pixels = min(MAX_UPLOAD_PIXELS, max_pixels)
         try:
-            return open_image(data, self.db.settings.max_image_pixels, draft_size=max(self.db.model.image_size))
+            with self._decoding:
+                return open_image(data, max_pixels, draft_size=max(self.db.model.image_size))
         except ImageRejected as e:
-            if str(e).startswith("not an image"):
+            reason = str(e)
+            if reason.startswith("not an image"):
                 raise BadRequest("the upload is not an image nanodb can read (JPEG, PNG, WebP, GIF, TIFF...)") from None
-            raise BadRequest(f"the uploaded image is damaged or refused: {e}") from None
+            if reason.startswith(("image too large", "absurd dimensions")):
+                raise TooLarge(f"the uploaded image is refused: {reason}; resize it (a query image needs no "
+                               f"more than a few megapixels)") from None
+            raise BadRequest(f"the uploaded image is damaged or refused: {reason}") from None
 
     # `filters`: NanoDB.search's folder, since, until, types and collapse_duplicates
     def by_text(self, text, k, min_similarity=None, **filters) -> SearchResults:

@@ -5,21 +5,31 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
+from gradio.utils import get_upload_folder, is_in_or_equal
+from starlette.requests import HTTPConnection
 
 from nanodb import __version__
-from nanodb.interfaces.http_api import api_router, install_error_handlers
+from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
 from nanodb.interfaces.web import CSS, JS, build_ui
+
+MAX_JSON_BODY = 1 << 20  # a text query is at most 1,000 characters; the web UI's events are small too
+MULTIPART_SLACK = 1 << 20  # form fields and headers around an uploaded file
+UPLOAD_MAX_AGE_S = 600  # the web UI's uploads are deleted this long after they came, and at shutdown
+LOGIN_BURST = 10  # failed logins a client may make at once; then one more per LOGIN_REFILL_S
+LOGIN_REFILL_S = 1.0
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -37,28 +47,183 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
                   description="Search a nanodb image database by text, by image or by item.")
     install_error_handlers(app)
     app.include_router(api_router(service, ThumbnailCache(db), auth))
-    if auth is not None:
-        _require_basic_auth(app, *auth)
+    unknown_api_route(app)
     ui = build_ui(service).queue(default_concurrency_limit=8)
-    return gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes,
-                               footer_links=["api"], run_history=False, css=CSS, js=JS)
+    ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
+    gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
+                        run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
+    # A mounted app is never marked launched, and Gradio checks the files an event names only for a
+    # launched one: without this, any server path named in an event was copied into its cache.
+    ui.has_launched = True
+    app.add_middleware(RequestGuard, max_upload_bytes=service.max_upload_bytes)
+    if auth is not None:
+        app.add_middleware(BasicAuth, user=auth[0], password=auth[1])  # outermost: checked first
+    return app
 
 
-def _require_basic_auth(app: FastAPI, user: str, password: str) -> None:
-    """HTTP Basic auth on every route: browsers ask once, programs pass `curl -u USER:PASS`."""
-    expected = f"{user}:{password}".encode()
+def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
-    @app.middleware("http")
-    async def check(request: Request, call_next):
-        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+
+class RequestGuard:
+    """Checks every request before the app reads it (ASGI middleware).
+
+    - Bodies over the limit are refused with 413: 1 MB of JSON, the upload limit for multipart forms.
+    - The web UI's events (any JSON body outside /api/) may name only files uploaded to it: a file
+      descriptor naming any other server path, or a URL, is refused with 403 before Gradio opens it.
+    - Gradio's file route serves only those uploads: never another path, never a fetched URL.
+    """
+
+    def __init__(self, app, max_upload_bytes: int):
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.max_multipart = max_upload_bytes + MULTIPART_SLACK
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        for prefix in ("/gradio_api/file=", "/gradio_api/file/", "/gradio_api/proxy="):
+            if path.startswith(prefix) and not (prefix != "/gradio_api/proxy=" and is_upload(path[len(prefix):])):
+                return await _refuse(403, "this server sends only files uploaded to it")(scope, receive, send)
+        headers = {k.lower(): v for k, v in scope["headers"]}
+        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+        limit = self.max_multipart if multipart else MAX_JSON_BODY
+        too_large = _refuse(413, f"the upload is too large: at most {self.max_upload_bytes >> 20} MB" if multipart
+                            else f"the request body is too large: at most {MAX_JSON_BODY >> 20} MB")
         try:
-            given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else b""
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0
+        if declared > limit:
+            return await too_large(scope, receive, send)
+        if multipart or scope["method"] in ("GET", "HEAD"):
+            return await self._counted(scope, receive, send, limit, too_large)
+        body = bytearray()
+        while True:  # a JSON body is small: read it whole, then check it
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > limit:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        if not path.startswith("/api/") and (bad := foreign_file(body)):
+            message = f"a file descriptor may name only a file uploaded to this server, not {bad[:80]!r}"
+            return await _refuse(403, message)(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _counted(self, scope, receive, send, limit: int, too_large):
+        """Pass the body through, counting: past the limit the app sees a disconnect and the client a 413."""
+        seen, over, started = 0, False, False
+
+        async def counting():
+            nonlocal seen, over
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                over = True
+                return {"type": "http.disconnect"}
+            return message
+
+        async def sending(message):
+            nonlocal started
+            if not over:
+                started = True
+                await send(message)
+
+        try:
+            await self.app(scope, counting, sending)
+        except Exception:
+            if not over:
+                raise
+        if over and not started:
+            await too_large(scope, receive, send)
+
+
+def is_upload(path: str) -> bool:
+    """True for a file inside Gradio's upload folder (symlinks and `..` resolved); never for a URL."""
+    return "://" not in path and is_in_or_equal(path, get_upload_folder())
+
+
+def foreign_file(body: bytes) -> str | None:
+    """The first file path in a web UI event's inputs that is not an upload, if any."""
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, AttributeError, RecursionError):
+        return None  # not a JSON object: nothing for Gradio to open either
+    stack = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            path = value.get("path")
+            if path is not None and not (isinstance(path, str) and is_upload(path)):
+                return str(path)
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    return None
+
+
+class BasicAuth:
+    """HTTP Basic auth on every route: browsers ask once, programs pass `curl -u USER:PASS`.
+
+    Failed logins are rate-limited per client address: after LOGIN_BURST failures, one attempt per
+    LOGIN_REFILL_S; attempts beyond that get 429 without their password being checked."""
+
+    def __init__(self, app, user: str, password: str):
+        self.app = app
+        self.expected = f"{user}:{password}".encode()
+        self.budgets: dict[str, tuple[float, float]] = {}  # client -> (attempts left, when counted)
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        connection = HTTPConnection(scope)
+        client = connection.client.host if connection.client else "?"
+        scheme, _, encoded = connection.headers.get("authorization", "").partition(" ")
+        try:
+            given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else None
         except (binascii.Error, ValueError):
             given = b""
-        if not secrets.compare_digest(given, expected):
-            return JSONResponse({"error": "log in with the user and password given to --auth"}, status_code=401,
-                                headers={"WWW-Authenticate": 'Basic realm="nanodb"'})
-        return await call_next(request)
+        if given is not None and self._budget(client) < 1:
+            refusal = _refuse(429, f"too many failed logins; try again in {LOGIN_REFILL_S:g} s",
+                              {"Retry-After": str(max(1, round(LOGIN_REFILL_S)))})
+        elif given is None or not secrets.compare_digest(given, self.expected):
+            if given is not None:
+                self._spend(client)
+            refusal = _refuse(401, "log in with the user and password given to --auth",
+                              {"WWW-Authenticate": 'Basic realm="nanodb"'})
+        else:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        return await refusal(scope, receive, send)
+
+    def _budget(self, client: str) -> float:
+        with self.lock:
+            left, when = self.budgets.get(client, (LOGIN_BURST, time.monotonic()))
+            return min(LOGIN_BURST, left + (time.monotonic() - when) / LOGIN_REFILL_S)
+
+    def _spend(self, client: str) -> None:
+        left = self._budget(client) - 1
+        with self.lock:
+            if len(self.budgets) > 10_000:  # forget clients that have their whole budget back
+                now = time.monotonic()
+                self.budgets = {c: (n, t) for c, (n, t) in self.budgets.items()
+                                if n + (now - t) / LOGIN_REFILL_S < LOGIN_BURST}
+            self.budgets[client] = (left, time.monotonic())
 
 
 @dataclass
@@ -74,7 +239,7 @@ class ServerHandle:
 
 def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, str] | None = None) -> ServerHandle:
     """Serve `db` in a background thread; returns once it accepts connections (port 0: any free port)."""
-    db.model  # load the model now, not during the first visitor's search
+    _ = db.model  # load the model now, not during the first visitor's search
     config = uvicorn.Config(build_app(db, auth), host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)

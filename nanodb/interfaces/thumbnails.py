@@ -1,13 +1,16 @@
 """Files the server may send: an indexed item's original, and its thumbnail cached beside the database.
 
 A file is only ever found by item index, never from a path in a request, and only while it is still
-the file that was indexed (same size and modification time), so a path that was swapped for a symlink
-or another file since the scan is refused.
+the file that was indexed: same size, modification time and content hash, checked on the very file
+descriptor that is then sent. So a path swapped for a symlink to another file, or for another file
+with the same size and mtime, is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -21,21 +24,49 @@ class NotServable(LookupError):
     """The item has no file that may be sent; the message says why."""
 
 
-def original_file(db, index: int) -> Path:
-    """The file of live item `index`, checked to be the one that was indexed."""
+def _indexed_item(db, index: int):
     if not db.has_item(index):
         raise NotServable(f"no item with index {index}")
     item = db[index]
     if item.path is None or item.size < 0:
         raise NotServable(f"item {index} was added without a file")
-    path = Path(item.path)
+    return item
+
+
+def _check_stat(st: os.stat_result, item, index: int) -> None:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != item.size or st.st_mtime != item.mtime:
+        raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
+
+
+def check_original(db, index: int) -> None:
+    """Cheap: the file of live item `index` still has its indexed size and mtime."""
+    item = _indexed_item(db, index)
     try:
-        st = path.stat()
+        _check_stat(os.stat(item.path), item, index)
     except OSError:
         raise NotServable(f"the file of item {index} is gone") from None
-    if st.st_size != item.size or st.st_mtime != item.mtime or not path.is_file():
-        raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
-    return path
+
+
+def open_original(db, index: int):
+    """The file of live item `index`, opened and checked to be the one that was indexed (its content
+    hash included, on this very descriptor); returned open at its start for the caller to read and close."""
+    item = _indexed_item(db, index)
+    try:  # non-blocking: a path swapped for a FIFO must not hang the server
+        f = open(os.open(item.path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+    except OSError:
+        raise NotServable(f"the file of item {index} is gone") from None
+    try:
+        _check_stat(os.fstat(f.fileno()), item, index)
+        digest = hashlib.blake2b(digest_size=16)
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+        if digest.hexdigest() != item.hash:
+            raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
+        f.seek(0)
+        return f
+    except BaseException:
+        f.close()
+        raise
 
 
 class ThumbnailCache:
@@ -50,28 +81,30 @@ class ThumbnailCache:
 
     def get(self, index: int) -> Path:
         """The thumbnail of item `index`, made now if it is not cached yet."""
-        original = original_file(self.db, index)
-        key = f"{self.db[index].hash}_{self.size}"
+        check_original(self.db, index)
+        item = self.db[index]
+        key = f"{item.hash}_{self.size}"
         thumb = self.folder / key[:2] / f"{key}.jpg"
-        if thumb.is_file():
+        if thumb.is_file():  # made from the indexed content (the key is its hash)
             return thumb
         with self._guard:
             lock = self._making.setdefault(key, threading.Lock())
         with lock:  # two requests for the same new thumbnail decode the original once
             if not thumb.is_file():
-                self._make(original, thumb)
+                with open_original(self.db, index) as original:
+                    self._make(original, thumb, Path(item.path).name)
         with self._guard:
             self._making.pop(key, None)
         return thumb
 
-    def _make(self, original: Path, thumb: Path) -> None:
+    def _make(self, original, thumb: Path, name: str) -> None:
         try:
             with Image.open(original) as im:
                 im.draft("RGB", (self.size, self.size))  # JPEG: decode at 1/2..1/8 scale, much faster
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 im.thumbnail((self.size, self.size))
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise NotServable(f"cannot make a thumbnail of {original.name}: {e}") from None
+            raise NotServable(f"cannot make a thumbnail of {name}: {e}") from None
         thumb.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=thumb.parent, suffix=".tmp")
         try:

@@ -115,7 +115,7 @@ def build_ui(service: SearchService) -> gr.Blocks:
                 max_length=service.max_query_chars,
             )
             image = gr.Image(
-                label="Search by image (drop, upload or paste)", type="filepath",
+                label="Search by image (drop, upload or paste)", type="filepath", image_mode=None,
                 sources=["upload", "clipboard"], height=140, scale=1, min_width=260, elem_id="image-query",
             )
         with gr.Accordion("Filters and options", open=False, elem_id="filters"):

@@ -9,8 +9,16 @@ import textwrap
 
 import numpy as np
 import pytest
+from helpers.killharness import (
+    assert_faithful,
+    image_folder,
+    kill_after,
+    live_paths,
+    run_script_until_killed,
+    run_to_end,
+    write_config,
+)
 
-from killharness import run_script_until_killed, assert_faithful, image_folder, kill_after, live_paths, run_to_end, write_config
 from nanodb.database import NanoDB
 from nanodb.storage import MANIFEST, read_manifest
 
@@ -45,7 +53,8 @@ def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
         if trial % 4 == 3:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0.5, 8.0))
         else:
-            run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0), after_line="nanodb.database: saving")
+            run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0),
+                             after_line="nanodb.store: saving")
         rows = check_after_kill(db_path, run, folder_files, rng)
         assert run.orphans == 0, "a decode worker outlived its killed scan"
         in_flight = run.saves()[1]
@@ -74,39 +83,22 @@ def test_kill_during_autosaving_scans_20_trials(tmp_path):
 
 # Each step of a save at which the child kills itself: before/after each data file is appended, with
 # the new manifest written but not yet renamed into place, and right after the rename.
-SAVE_STEPS = [f"append{i}" for i in range(5)] + ["before_replace", "after_replace"]
+SAVE_STEPS = [f"write{i}" for i in range(5)] + ["before_replace", "after_replace"]
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys
+    import sys
     import numpy as np
-    import nanodb.storage as storage
     from nanodb.database import NanoDB
+    from helpers.killharness import kill_at
 
-    step = sys.argv[2]
     db = NanoDB(sys.argv[1])
     rng = np.random.default_rng(7)
     db.add(rng.standard_normal((10, db.dim)), metadata={"batch": 1}, paths=[f"/a/{i}" for i in range(10)])
     db.save()
     db.add(rng.standard_normal((7, db.dim)), metadata={"batch": 2}, paths=[f"/b/{i}" for i in range(7)])
     db.delete([3])
-
-    calls = []
-    real_append, real_replace = storage.append_at, os.replace
-    def append_at(path, offset, data):
-        if step == f"append{len(calls)}":
-            real_append(path, offset, bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
-            os.kill(os.getpid(), signal.SIGKILL)  # half of this file written
-        calls.append(path)
-        real_append(path, offset, data)
-    def replace(src, dst):
-        if step == "before_replace":
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_replace(src, dst)
-        if step == "after_replace":
-            os.kill(os.getpid(), signal.SIGKILL)
-    storage.append_at = append_at
-    storage.os.replace = replace
+    kill_at(sys.argv[2])
     db.save()
     """
 )

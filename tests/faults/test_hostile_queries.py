@@ -9,10 +9,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO
 
-from killharness import REPO
-from nanodb.interfaces.console import Console
 from nanodb.database import NanoDB
+from nanodb.interfaces.console import Console
 
 ODD_PATH = "/photos/caf\udce9\nnew line.jpg"  # undecodable byte and a newline in a stored name
 
@@ -21,7 +21,8 @@ ODD_PATH = "/photos/caf\udce9\nnew line.jpg"  # undecodable byte and a newline i
 def db(tmp_path_factory):
     path = tmp_path_factory.mktemp("queries") / "db"
     with NanoDB(path, config="test") as db:
-        db.add(np.random.default_rng(0).standard_normal((5, db.dim)), paths=[f"/photos/{i}.jpg" for i in range(4)] + [ODD_PATH])
+        db.add(np.random.default_rng(0).standard_normal((5, db.dim)),
+               paths=[f"/photos/{i}.jpg" for i in range(4)] + [ODD_PATH])
         db.save()
         yield db
 

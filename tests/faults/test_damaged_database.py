@@ -13,10 +13,10 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO
 
-from killharness import REPO
-from nanodb.interfaces import cli
 from nanodb.database import NanoDB
+from nanodb.interfaces import cli
 from nanodb.storage import MANIFEST, DatabaseError
 
 ROWS = 40

@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-
-from churn import FolderChurn, check_caught_up, check_committed, source_photos
-from killharness import KilledRun, start, write_config
+from helpers.churn import FolderChurn, check_caught_up, check_committed, source_photos
+from helpers.killharness import KilledRun, start, write_config
 
 SOAK_SECONDS = float(os.environ.get("NANODB_SOAK_SECONDS", "600"))
 KILL_EVERY = (30.0, min(90.0, max(30.0, SOAK_SECONDS / 2)))  # seconds between kill -9s (a short soak kills too)
@@ -232,7 +231,8 @@ def test_soak_watch_churn_queries_and_kills(tmp_path):
         "console_queries": figures.console_queries, "console_answers": figures.console_answers,
         "console_errors": len(figures.console_errors), "http_ok": figures.http_ok,
         "http_4xx": figures.http_client_errors, "http_errors": len(figures.http_errors),
-        "log_errors": len(figures.log_errors), "log_warnings": figures.log_warnings, "peak_rss_mb": round(max(b for _, _, b in figures.rss) / 2**20),
+        "log_errors": len(figures.log_errors), "log_warnings": figures.log_warnings,
+        "peak_rss_mb": round(max(b for _, _, b in figures.rss) / 2**20),
         "rss_first_third_mb": round(first / 2**20), "rss_last_third_mb": round(last / 2**20),
     }
     print("\nsoak:", json.dumps(summary))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import coco_photos, data_dir
 from PIL import Image
 
 from nanodb.model import ClipModel, ModelSpec, pillow_transform
 from pipeline.imaging import ResizeCenterCrop, to_rgb
-
-from conftest import coco_photos, data_dir
 
 
 @pytest.fixture(scope="module")

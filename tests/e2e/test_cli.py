@@ -59,7 +59,8 @@ def test_bad_arguments_give_one_line_errors(tmp_path):
 
 @pytest.mark.skipif(hub_reachable(), reason="the model hub is reachable: weights would be downloaded")
 def test_missing_weights_without_network_is_a_clear_error(tmp_path):
-    run = nanodb("--path", str(tmp_path / "db"), "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", timeout=120)
+    run = nanodb("--path", str(tmp_path / "db"), "--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k",
+                 timeout=120)
     err = run.stderr.decode()
     assert run.returncode == 2
     assert "cannot get the weights ViT-B-32/laion2b_s34b_b79k" in err and "--pretrained /path/to/file" in err

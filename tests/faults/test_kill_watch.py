@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from helpers.churn import FolderChurn, check_caught_up, check_committed, source_photos
+from helpers.killharness import kill_after, run_script_until_killed, start, write_config
 
-from churn import FolderChurn, check_caught_up, check_committed, source_photos
-from killharness import run_script_until_killed, kill_after, start, write_config
 from nanodb.database import NanoDB
 from nanodb.storage import DATA_FILES
 
@@ -45,8 +45,8 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
     committed, outcomes, compactions = None, [], 0
     for trial in range(trials):
         # In turn: right after a compaction starts, during the churn after a save starts, at any moment.
-        after, delay = [("nanodb.database: compacting", rng.uniform(0, 0.02)),
-                        ("nanodb.database: saving", rng.uniform(0, 4.0)),
+        after, delay = [("nanodb.store: compacting", rng.uniform(0, 0.02)),
+                        ("nanodb.store: saving", rng.uniform(0, 4.0)),
                         (None, rng.uniform(1.0, 15.0))][trial % 3]
         churn.start(every=0.15)
         try:
@@ -56,7 +56,7 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
         assert run.killed, f"the watch ended by itself: {run.log[-3000:]}"
         assert run.orphans == 0, "a decode worker outlived its killed watch"
         committed = check_committed(db_path, run, committed, churn, rng)
-        compactions += run.log.count("nanodb.database: compacted ")
+        compactions += run.log.count("nanodb.store: compacted ")
         in_flight = run.saves()[1]
         during = f" inside a commit of {in_flight} rows" if in_flight is not None else ""
         outcomes.append(f"trial {trial}: killed{during}, {committed} rows committed, "
@@ -87,44 +87,18 @@ COMPACTION_STEPS = [f"write{i}" for i in range(5)] + ["before_replace", "after_r
 
 CHILD = textwrap.dedent(
     """
-    import os, signal, sys
+    import sys
     import numpy as np
-    import nanodb.store as store, nanodb.storage as storage
     from nanodb.database import NanoDB
+    from helpers.killharness import kill_at
 
-    step = sys.argv[2]
     db = NanoDB(sys.argv[1])
     rng = np.random.default_rng(7)
     db.add(rng.standard_normal((10, db.dim)), metadata={"batch": 1}, paths=[f"/a/{i}" for i in range(10)])
     db.save()
     db.add(rng.standard_normal((4, db.dim)), metadata={"batch": 2}, paths=[f"/b/{i}" for i in range(4)])
     db.delete(range(6))  # 6 of 14 rows dead: the next save compacts
-
-    def die():
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    writes = []
-    real_append, real_replace, real_remove = storage.append_at, os.replace, store.remove_other_generations
-    def append_at(path, offset, data):
-        if step == f"write{len(writes)}":
-            real_append(path, offset, bytes(memoryview(data).cast("B"))[: len(memoryview(data).cast("B")) // 2])
-            die()
-        writes.append(path)
-        real_append(path, offset, data)
-    def replace(src, dst):
-        if step == "before_replace":
-            die()
-        real_replace(src, dst)
-        if step == "after_replace":
-            die()
-    def remove_other_generations(root, generation):
-        if step == "removing_old":
-            next(p for p in root.glob("vectors.*.*") if f".{generation}." not in p.name).unlink()
-            die()
-        real_remove(root, generation)
-    storage.append_at = append_at
-    storage.os.replace = replace
-    store.remove_other_generations = remove_other_generations
+    kill_at(sys.argv[2])
     db.save()
     """
 )

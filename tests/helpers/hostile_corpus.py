@@ -68,7 +68,7 @@ def build(root: Path) -> tuple[dict[str, Image.Image], list[str]]:
     good[put("photo.bmp", _encoded(photo, "BMP"))] = photo
     cmyk = photo.convert("CMYK")
     good[put("cmyk.jpg", _encoded(cmyk, "JPEG", quality=95))] = cmyk
-    gray16 = Image.fromarray((np.asarray(photo.convert("L"), np.uint16) * 257))
+    gray16 = Image.fromarray(np.asarray(photo.convert("L"), np.uint16) * 257)
     good[put("gray16.png", _encoded(gray16, "PNG"))] = gray16
     palette = photo.convert("P", palette=Image.Palette.ADAPTIVE)
     good[put("palette.png", _encoded(palette, "PNG"))] = palette

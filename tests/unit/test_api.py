@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import coco_photos
 from PIL import Image
 
 from nanodb import NanoDB
-
-from conftest import coco_photos
 
 
 def test_add_vectors_and_images_with_metadata_then_search(tmp_path):

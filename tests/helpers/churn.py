@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from killharness import DATA, KilledRun, live_paths
+from helpers import DATA
+from helpers.killharness import KilledRun, live_paths
 
 ACTIONS = ("add", "delete", "rename", "modify")
 

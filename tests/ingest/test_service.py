@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import REPO, coco_photos, data_dir
 
 from nanodb import NanoDB
 from nanodb.service import IngestService
-from conftest import coco_photos, data_dir
 
-REPO = Path(__file__).resolve().parents[1]
 WATCH_BOUND_S = 5.0  # the promise: searchable within 5 s of the last write
 
 

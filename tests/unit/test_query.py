@@ -7,8 +7,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from nanodb.interfaces.console import Console
 from nanodb.database import NanoDB
+from nanodb.interfaces.console import Console
 from nanodb.query import combined_vector, is_combined, parse_query
 
 
@@ -41,10 +41,10 @@ def test_a_missing_term_is_a_clear_error(text):
 
 def test_combined_vector_is_the_normalised_weighted_sum():
     basis = {"dog": np.eye(4)[0], "beach": np.eye(4)[1], "snow": np.eye(4)[2]}
-    v = combined_vector("2:dog + beach - snow", basis.__getitem__)
+    v = combined_vector("2:dog + beach - snow", lambda terms: np.stack([basis[t] for t in terms]))
     assert np.allclose(v, np.array([2, 1, -1, 0]) / np.sqrt(6))
     with pytest.raises(ValueError, match="cancel out"):
-        combined_vector("dog - dog", basis.__getitem__)
+        combined_vector("dog - dog", lambda terms: np.stack([basis[t] for t in terms]))
 
 
 @pytest.fixture(scope="module")

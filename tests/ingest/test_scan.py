@@ -8,12 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import coco_photos
 from PIL import Image
 
 from nanodb import NanoDB
 from pipeline.walk import is_image_name
-
-from conftest import coco_photos
 
 
 def good_images(tree):

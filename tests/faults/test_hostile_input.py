@@ -10,10 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import REPO, hostile_corpus
 from PIL import Image
 
-import hostile_corpus
-from killharness import REPO
 from nanodb.database import NanoDB
 from pipeline.walk import printable
 

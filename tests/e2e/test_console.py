@@ -10,11 +10,11 @@ import pytest
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
+from helpers import coco_photos
 from prompt_toolkit.output import DummyOutput
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, ConsoleCompleter, progress_line, styled
-from tests.conftest import coco_photos
 
 
 @pytest.fixture

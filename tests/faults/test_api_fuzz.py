@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the `test` extra")
+from helpers import DATA  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
@@ -18,7 +18,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from nanodb.database import NanoDB  # noqa: E402
 from nanodb.interfaces.server import start_server  # noqa: E402
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
+COCO = DATA / "coco-val2017" / "images"
 DEFAULT_EXAMPLES = 40  # per operation: well under a minute in all on 2 cores
 SLOW_EXAMPLES = int(os.environ.get("NANODB_FUZZ_EXAMPLES", "400"))
 TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages")

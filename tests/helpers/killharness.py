@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+from helpers import DATA, REPO
 
 SAVING = re.compile(r"(?:saving|compacting) .*: (\d+) items")  # a commit starts: its row count
 SAVED = re.compile(r"saved .*: \d+ items|compacted .* kept")  # ... and ends
@@ -142,5 +141,47 @@ def run_script_until_killed(script: str, db_template: Path, db_path: Path, step:
 
     shutil.copytree(db_template, db_path)
     child = subprocess.run([sys.executable, "-c", script, str(db_path), step], cwd=REPO,
-                           env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=100)
+                           env={"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}, capture_output=True, text=True,
+                           timeout=100)
     assert child.returncode == -9, child.stderr
+
+
+def kill_at(step: str) -> None:
+    """In a child process: die by SIGKILL at `step` of the next commit (a save or a compaction).
+
+    Steps: "write{i}" (half of the i-th data file written), "before_replace" and "after_replace" (around
+    the manifest's rename, the commit point), "removing_old" (a compaction deleting the old files).
+    """
+    import nanodb.storage as storage
+    import nanodb.store as store
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    writes = []
+    real_append, real_replace, real_remove = storage.append_at, os.replace, store.remove_other_generations
+
+    def append_at(path, offset, data):
+        if step == f"write{len(writes)}":
+            whole = bytes(memoryview(data).cast("B"))
+            real_append(path, offset, whole[: len(whole) // 2])
+            die()
+        writes.append(path)
+        real_append(path, offset, data)
+
+    def replace(src, dst):
+        if step == "before_replace":
+            die()
+        real_replace(src, dst)
+        if step == "after_replace":
+            die()
+
+    def remove_other_generations(root, generation):
+        if step == "removing_old":
+            next(p for p in root.glob("vectors.*.*") if f".{generation}." not in p.name).unlink()
+            die()
+        real_remove(root, generation)
+
+    storage.append_at = append_at
+    storage.os.replace = replace
+    store.remove_other_generations = remove_other_generations

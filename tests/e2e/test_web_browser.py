@@ -11,13 +11,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import DATA, REPO
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import start_server
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COCO = DATA / "coco-val2017" / "images"
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]

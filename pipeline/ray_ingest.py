@@ -1,0 +1,170 @@
+"""Stages 2 and 3 on a Ray cluster: Ray tasks read and decode batches of files on any node, a pool of
+CLIP actors embeds them, and the (files, vectors) batches stream back to the one process that owns
+the database, whose walker, unchanged-file skip and appender stay as in a local scan.
+
+Ray retries a task whose worker or node died (and rebuilds a lost decoded batch from its lineage);
+an actor is restarted elsewhere and its call retried. A batch still failing after that is sent again
+up to `attempts` times, then its files are reported as failed. A batch's files and vectors travel in
+one object, so they cannot misalign, and a path is passed on at most once, so nothing is appended
+twice. Ray is imported only when the stage starts: this module imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import DecodedImage, DecodeFailure, decode_file
+from pipeline.sink import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedFile:
+    """A file as the appender needs it (pipeline.sink.ScannedFile): no pixels, they stayed remote."""
+
+    path: str
+    size: int
+    mtime: float
+    hash: bytes
+
+
+def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
+    """A Ray task: read and decode files, where they are visible to every node (a shared folder)."""
+    return [decode_file(p, transform, max_pixels) for p in paths]
+
+
+class ClipWorker:
+    """A Ray actor: builds the model once from `model_factory` (on its GPU where it has one), then
+    embeds decoded batches. Returns (files, failures, vectors), the files in the vectors' order."""
+
+    def __init__(self, model_factory: Callable[[], EmbeddingModel]):
+        self.model = model_factory()
+
+    def ready(self) -> bool:
+        return True
+
+    def embed(self, decoded: list[DecodedImage | DecodeFailure]):
+        images = [d for d in decoded if isinstance(d, DecodedImage)]
+        failures = [(d.path, d.reason) for d in decoded if isinstance(d, DecodeFailure)]
+        vectors = self.model.encode_pixels(np.stack([d.pixels for d in images])) if images else None
+        files = [EmbeddedFile(d.path, d.size, d.mtime, d.hash) for d in images]
+        return files, failures, vectors
+
+
+@dataclass
+class RayStageOptions:
+    """How the stage uses the cluster. `actor_resources` are Ray resources per CLIP actor, e.g.
+    {"num_gpus": 1} on GPU nodes or {"num_cpus": 4} for the CPU path."""
+
+    actors: int = 1
+    batch_size: int = 32
+    actor_resources: dict[str, Any] | None = None
+    decode_cpus: float = 1
+    in_flight_per_actor: int = 2  # batches queued at each actor, so it never waits for the next one
+    task_retries: int = 3  # Ray's own retries of a decode task or an actor call
+    attempts: int = 3  # whole-batch resubmissions after Ray gave up
+
+
+class RayEmbedStage:
+    """Replaces the local decode pool and CLIP stage of a ScanPipeline (its `remote` stage)."""
+
+    def __init__(self, model_factory: Callable[[], EmbeddingModel], transform, max_pixels: int,
+                 options: RayStageOptions):
+        self.factory = model_factory
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.options = options
+        self.actors: list = []
+        self._decode = None
+
+    def start(self) -> None:
+        """Start the CLIP actors (the cluster is already connected) and wait until their models load."""
+        import ray
+
+        o = self.options
+        if self.actors:
+            return
+        self._decode = ray.remote(num_cpus=o.decode_cpus, max_retries=o.task_retries)(decode_batch)
+        actor = ray.remote(ClipWorker).options(
+            max_restarts=-1, max_task_retries=o.task_retries, scheduling_strategy="SPREAD",
+            **(o.actor_resources or {"num_cpus": 1})
+        )
+        self.actors = [actor.remote(self.factory) for _ in range(o.actors)]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def stop(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+    async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue, report, running: asyncio.Event) -> None:
+        """Consumes FoundFiles (None ends the stream); emits (files, vectors) batches, then None."""
+        self.start()
+        load = [0] * len(self.actors)
+        slots = asyncio.Semaphore(len(self.actors) * self.options.in_flight_per_actor)
+        tasks: set[asyncio.Task] = set()
+
+        async def one(paths: list[str]) -> None:
+            try:
+                files, failures, vectors = await self._embed(paths, load)
+                for path, reason in failures:
+                    report.fail(path, reason)
+                keep, unsent = [], Counter(paths)
+                for i, f in enumerate(files):
+                    if unsent[f.path] > 0:  # each path sent is passed on once, however often it came back
+                        unsent[f.path] -= 1
+                        keep.append(i)
+                if keep:
+                    await outbox.put(([files[i] for i in keep], vectors[keep]))
+            finally:
+                slots.release()
+
+        try:
+            while (f := await inbox.get()) is not None:
+                await running.wait()
+                await slots.acquire()
+                batch = [f]  # and whatever else arrived while this waited for a slot
+                while len(batch) < self.options.batch_size and not inbox.empty():
+                    if (f := inbox.get_nowait()) is None:
+                        break
+                    batch.append(f)
+                task = asyncio.create_task(one([b.path for b in batch]))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                if f is None:
+                    break
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+        await outbox.put(None)
+
+    async def _embed(self, paths: list[str], load: list[int]):
+        """One batch through decode + CLIP on the least busy actor; resent on failure, then failed."""
+        import ray
+
+        error: Exception | None = None
+        for _ in range(self.options.attempts):
+            i = min(range(len(load)), key=load.__getitem__)
+            load[i] += 1
+            try:
+                decoded = self._decode.remote(paths, self.transform, self.max_pixels)
+                return await self.actors[i].embed.remote(decoded)
+            except ray.exceptions.RayError as e:
+                error = e
+                log.warning("a batch of %d files failed on the cluster, sending it again: %s",
+                            len(paths), str(e).splitlines()[0])
+            finally:
+                load[i] -= 1
+        reason = f"failed on the Ray cluster: {str(error).splitlines()[0]}"
+        return [], [(p, reason) for p in paths], None

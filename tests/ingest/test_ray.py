@@ -1,0 +1,134 @@
+"""nanodb on a real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster): a distributed
+scan equals a local one, survives a worker node killed mid-scan, and sharded search equals local
+exact search. Needs the `ray` extra; the cluster tests are slow (a cluster and its CLIP actors take
+tens of seconds to start on a small machine)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from nanodb import NanoDB
+from nanodb.ray_cluster import RayOptions
+
+STORE_MB = 100 * 2**20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node that only coordinates (no CPUs) and two 3-CPU worker nodes; torn down after."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never report to the network
+    c = Cluster(initialize_head=True, head_node_args=dict(
+        num_cpus=0, include_dashboard=False, object_store_memory=STORE_MB,
+        # a killed node is found dead in seconds, not Ray's default half minute
+        _system_config={"health_check_period_ms": 500, "health_check_failure_threshold": 4}))
+    workers = [c.add_node(num_cpus=3, object_store_memory=STORE_MB) for _ in range(2)]
+    try:
+        ray.init(address=c.address, logging_level="WARNING")
+        c.wait_for_nodes()
+        yield c, workers
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+def options(c, **kw) -> RayOptions:
+    return RayOptions(address=c.address, **{"clip_actors": 2, **kw})
+
+
+def assert_same_scan(db: NanoDB, reference: NanoDB) -> None:
+    """Same count and paths, one row per file (nothing appended twice), same vectors (cosine 0.999)."""
+    assert len(db) == len(reference)
+    assert db.store.rows == len(db)
+    assert sorted(item.path for item in db) == sorted(item.path for item in reference)
+    for item in reference:
+        mine = db[db.index_of(item.path)]
+        cosine = float(mine.vector.astype(np.float32) @ item.vector.astype(np.float32))
+        assert cosine > 0.999, item.path
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_scan_equals_a_local_scan(cluster, scanned_db, photo_tree, tmp_path):
+    c, _ = cluster
+    path, local_report = scanned_db
+    with NanoDB(path, read_only=True) as reference, \
+            NanoDB(tmp_path / "db", config="test", batch_size=4, ray=options(c)) as db:
+        report = db.scan(photo_tree)
+        assert (report.added, report.failed) == (local_report.added, local_report.failed)
+        assert sorted(p for p, _ in report.failures) == sorted(p for p, _ in local_report.failures)
+        assert_same_scan(db, reference)
+        again = db.scan(photo_tree)  # unchanged files are skipped before anything is sent
+        assert (again.added, again.updated, again.unchanged) == (0, 0, len(reference))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_worker_node_killed_mid_scan_loses_and_duplicates_nothing(cluster, scanned_db, photo_tree, tmp_path):
+    c, workers = cluster
+    path, _ = scanned_db
+    doomed = c.add_node(num_cpus=3, object_store_memory=STORE_MB)
+    c.wait_for_nodes()
+    opts = options(c, clip_actors=3)  # spread: one CLIP actor on each worker node, the doomed one too
+
+    async def scan_and_kill(db: NanoDB):
+        task = asyncio.create_task(db.scan_async(photo_tree))
+        while not db.active_scans or db.active_scans[0].added < 4:
+            await asyncio.sleep(0.02)
+        assert db.active_scans[0].added < 40  # killed mid-scan
+        await asyncio.to_thread(c.remove_node, doomed, False)
+        return await task
+
+    with NanoDB(path, read_only=True) as reference, \
+            NanoDB(tmp_path / "db", config="test", batch_size=2, ray=opts) as db:
+        report = asyncio.run(scan_and_kill(db))
+        assert report.added == len(reference)
+        assert_same_scan(db, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sharded_search_equals_local_exact_search_on_1000_queries(cluster, tmp_path):
+    c, _ = cluster
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((3000, 384)).astype(np.float32)
+    vectors[1000:1100] = vectors[2900:3000]  # exact ties across shards: the lower index comes first
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
+        db.add(vectors)
+        db.save()
+        queries = np.concatenate([rng.standard_normal((900, 384)), vectors[1000:1100]]).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+
+        def check():
+            sharded = db.search(queries, k=10)
+            with NanoDB(tmp_path / "db", read_only=True) as local:
+                expected = local.search(queries, k=10)
+            assert [[(r.index, r.similarity) for r in row] for row in sharded] == \
+                   [[(r.index, r.similarity) for r in row] for row in expected]
+
+        check()
+        db.delete(range(0, 3000, 7))  # the shards follow deletions and appends
+        db.add(vectors[:50])
+        db.save()
+        check()
+
+
+def test_without_ray_the_ray_flag_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from nanodb.interfaces.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails
+    assert main(["--path", str(tmp_path / "db"), "--config", "test", "--ray", "local"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'nanodb[ray]'" in err and len(err.strip().splitlines()) == 1

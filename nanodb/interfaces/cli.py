@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--folder", help="only files under this folder (or with a folder of this name)")
         sub.add_argument("--since", metavar="YYYY-MM-DD", help="only files modified on or after this date")
         sub.add_argument("--until", metavar="YYYY-MM-DD", help="only files modified on or before this date")
-        sub.add_argument("--type", action="append", dest="types", metavar="EXT", help="only this file type (repeatable)")
+        sub.add_argument("--type", action="append", dest="types", metavar="EXT",
+                         help="only this file type (repeatable)")
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
     return p

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from gradio.utils import get_upload_folder, is_in_or_equal
 from starlette.requests import HTTPConnection
 

@@ -13,7 +13,6 @@ from datetime import datetime
 
 import gradio as gr
 
-from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import BadRequest, SearchService
 
 DEFAULT_K = 64

@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import coco_photos
 from prompt_toolkit.completion import CompleteEvent
 from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
-from helpers import coco_photos
 from prompt_toolkit.output import DummyOutput
 
 from nanodb.database import NanoDB
@@ -46,7 +46,8 @@ def run(console, *commands) -> list[str]:
 
 
 def completions(text: str) -> list[str]:
-    return [c.text for c in ConsoleCompleter().get_completions(Document(text), CompleteEvent(completion_requested=True))]
+    event = CompleteEvent(completion_requested=True)
+    return [c.text for c in ConsoleCompleter().get_completions(Document(text), event)]
 
 
 def test_tab_completes_commands_and_paths(tmp_path):

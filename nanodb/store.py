@@ -35,12 +35,20 @@ from nanodb.storage import (
     write_manifest,
 )
 from pipeline.sink import ScannedFile
-from pipeline.walk import absolute_path
+from pipeline.walk import absolute_path, printable
 
 log = logging.getLogger(__name__)
 
 # Similarities closer than this are a tie: float16 storage rounds each value by up to ~5e-4 relative.
 SCORE_TIE = 1e-4
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Float32 rows scaled to unit length; raises ValueError for non-finite or zero rows."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.isfinite(vectors).all() or (norms == 0).any():
+        raise ValueError("vectors must be finite and non-zero")
+    return vectors / norms
 
 
 @dataclass
@@ -159,7 +167,8 @@ class ItemStore:
         self.index.count = m.count
         crc = m.checksums or {}
         self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
+            m.compact_reader(root),
         )
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
@@ -357,14 +366,14 @@ class ItemStore:
         if self.read_only:
             raise DatabaseError(f"{self.root} is open read-only")
 
-    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]]) -> list[int]:
-        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector."""
+    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]], *, stored: bool = False) -> list[int]:
+        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector.
+
+        `stored`: the vectors are rows of this store (unit length already), kept bit for bit."""
         self.check_writable()
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        if not np.isfinite(vectors).all() or (norms == 0).any():
-            raise ValueError("vectors must be finite and non-zero")
-        vectors = vectors / norms
+        if not stored:
+            vectors = unit_rows(vectors)
         with self.lock:
             start = self.index.count
             n = start + len(vectors)
@@ -396,13 +405,31 @@ class ItemStore:
         """The hash recorded for an item added as a vector (it has no file)."""
         return hashlib.blake2b(np.asarray(vector).tobytes(), digest_size=16).digest()
 
-    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray) -> tuple[int, int]:
-        """Append embedded files; a file indexed before is replaced. Returns (added, updated)."""
+    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray | None) -> tuple[int, int]:
+        """Append embedded files; a file indexed before is replaced. Returns (added, updated).
+
+        A file whose content hash is stored already (an identical copy, or a file touched but not
+        changed) gets that row's vector, bit for bit, so identical files tie: `vectors` may then be
+        None (rows of files not known must be embedded)."""
         with self.lock:
+            fresh = None if vectors is None else unit_rows(np.asarray(vectors, np.float32).reshape(-1, self.dim))
+            rows = np.empty((len(files), self.dim), np.float32)
+            first: dict[bytes, int] = {}  # identical files within this batch share the first one's vector
+            for j, f in enumerate(files):
+                h = bytes(f.hash)
+                if (known := self.row_with_hash(h)) is not None:
+                    rows[j] = self.index.vectors[known]
+                elif h in first:
+                    rows[j] = rows[first[h]]
+                elif fresh is None:
+                    raise ValueError(f"no vector for {printable(f.path)}: its content is not stored")
+                else:
+                    rows[j] = fresh[j].astype(np.float16)  # the bits it is stored with
+                    first[h] = j
             paths = self._paths_to_index()
             old = [paths.get(f.path) for f in files]
             records = [{"path": f.path, "size": f.size, "mtime": f.mtime, "hash": f.hash} for f in files]
-            self.append(vectors, records)
+            self.append(rows, records, stored=True)
             replaced = [i for i in old if i is not None]
             if replaced:
                 self.delete(replaced)
@@ -444,7 +471,7 @@ class ItemStore:
                 records.append({"path": new, "size": int(rec["size"]), "mtime": float(rec["mtime"]),
                                 "hash": bytes(rec["hash"]), "metadata": self.metadata_of(i) or None})
             if rows:
-                self.append(self.index.vectors[rows], records)
+                self.append(self.index.vectors[rows], records, stored=True)
                 self.delete(rows + replaced)
         return len(rows)
 
@@ -482,6 +509,10 @@ class ItemStore:
             self.add_files([found], self.index.vectors[i : i + 1])
             return self._paths_to_index()[found.path]
 
+    def has_content(self, content_hash: bytes) -> bool:
+        """A file with exactly these bytes has a stored vector (it need not be embedded again)."""
+        return self.row_with_hash(content_hash) is not None
+
     def row_with_hash(self, content_hash: bytes) -> int | None:
         """A row (deleted rows too: their vectors stay until compaction) whose content has this hash."""
         with self.lock:
@@ -491,6 +522,16 @@ class ItemStore:
             return self._hash_index.get(bytes(content_hash))
 
     # ----------------------------------------------------------------- committing
+    def record_weights(self, pretrained: str, weights_id: str) -> None:
+        """Remember where the model's checkpoint is now (the same weights, moved), in the manifest."""
+        self.check_writable()
+        with self._save_lock:
+            self.manifest.pretrained, self.manifest.weights_id = pretrained, weights_id
+            try:
+                write_manifest(self.root, self.manifest)
+            except OSError as e:
+                raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
+
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
         Returns False when there was nothing to save."""
@@ -512,8 +553,10 @@ class ItemStore:
                     "paths": bytes(self._paths[m.paths_bytes :]),
                     "meta": bytes(self._meta[m.meta_bytes :]),
                     "deleted": np.asarray(self._deleted[m.deleted :], "<i8"),
+                    "codes": self.index.codes[m.compact : n].ravel(),
+                    "scales": self.index.scales[m.compact : n].astype("<f4").ravel(),
                 }
-                new.count, new.deleted = n, len(self._deleted)
+                new.count, new.deleted, new.compact = n, len(self._deleted), n
                 new.paths_bytes = m.paths_bytes + len(appended["paths"])
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
@@ -548,11 +591,12 @@ class ItemStore:
                 row[off] = len(data)
                 data += old[start : start + int(row[length])]
         new = Manifest(**{**m.__dict__})
-        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
             "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
-            "meta": bytes(meta), "deleted": b"",
+            "meta": bytes(meta), "deleted": b"", "codes": self.index.codes[live].ravel(),
+            "scales": self.index.scales[live].astype("<f4").ravel(),
         }
         log.info("compacting %s: %d items", self.root, len(live))
         try:

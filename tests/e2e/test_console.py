@@ -154,7 +154,6 @@ def test_open_shows_an_item_in_the_desktop_viewer(tmp_path, console):
     assert run(console, "open cat")[0].startswith("error: open needs an item index")
 
 
-@pytest.mark.xfail(reason="needs db.search(image=URL) from the new-user branch (URL image queries)", strict=False)
 def test_similar_to_an_image_url_fetches_it(console, monkeypatch):
     import http.server
     import threading

@@ -17,7 +17,7 @@ import numpy as np
 from nanodb.config import Settings, load_settings
 from nanodb.model import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.query import QueryError, check_k, check_min_similarity
-from nanodb.search import QueryEncoder, SearchResult, SearchResults, SearchTimings
+from nanodb.search import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
 from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, ValidationReport
 from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
@@ -309,7 +309,9 @@ class NanoDB:
         return self.queries.embed(query)
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,
-               min_similarity: float | None = None) -> SearchResults:
+               min_similarity: float | None = None, folder: str | None = None, since: Any = None,
+               until: Any = None, types: Iterable[str] | None = None,
+               collapse_duplicates: bool = False) -> SearchResults:
         """The k nearest items by cosine similarity, best first: the one search entry point.
 
         `query`: text, an image path, an http(s) image URL, a PIL image, an item index, a vector (dim,),
@@ -317,6 +319,11 @@ class NanoDB:
         string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/; one
         that names no file raises QueryError (never a silent text search). `text=` is always text (never
         opened as a path or fetched); `image=` is a path, a URL or a PIL image. Bad input raises QueryError.
+
+        Filters keep the search exact among the items they allow: `folder` (an absolute folder, or a
+        folder name anywhere in the path), `since`/`until` (file modification time: a date, datetime,
+        `YYYY-MM-DD` or seconds; `until` a date includes that day), `types` (extensions, e.g. ["jpg"]).
+        `collapse_duplicates` returns one result per file content, the copies in SearchResult.duplicates.
         """
         given = [q for q in (query, text, image) if q is not None]
         if len(given) != 1:
@@ -334,10 +341,15 @@ class NanoDB:
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
-        hits = self._searcher().search(vectors, k)
+        where = row_filter(folder, since, until, types)
+        if where or collapse_duplicates:  # filtered searches run on the local store (exact either way)
+            hits = self.store.search(vectors, k, where, collapse_duplicates)
+        else:
+            hits = self._searcher().search(vectors, k)
         t2 = time.perf_counter()
         results = SearchResults(
-            SearchResults(SearchResult(h.index, h.path, min(max(h.similarity, -1.0), 1.0), h.metadata) for h in row
+            SearchResults(SearchResult(h.index, h.path, min(max(h.similarity, -1.0), 1.0), h.metadata, h.duplicates)
+                          for h in row
                           if min_similarity is None or h.similarity >= min_similarity)
             for row in hits
         )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ import numpy as np
 from nanodb.fetch import fetch_url, is_url
 from nanodb.model import ClipModel
 from nanodb.query import QueryError, check_text, combined_vector, is_combined
-from nanodb.store import ItemStore
+from nanodb.store import ItemStore, RowFilter
 from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
 from pipeline.walk import absolute_path, is_image_name, printable
 
@@ -31,6 +33,7 @@ class SearchResult:
     path: str | None
     similarity: float
     metadata: dict[str, Any] = field(default_factory=dict)
+    duplicates: list[int] = field(default_factory=list)  # other items with the same file content
 
     def __str__(self) -> str:
         return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
@@ -151,3 +154,44 @@ class QueryEncoder:
         if is_combined(text):
             return combined_vector(text, model.encode_text)
         return model.encode_text([text])[0]
+
+
+def row_filter(folder: str | None = None, since: Any = None, until: Any = None,
+               types: Iterable[str] | None = None) -> RowFilter:
+    """Search filters as the store's RowFilter; a bad value raises QueryError."""
+    if folder is not None:
+        folder = folder.strip()
+        if not folder:
+            folder = None
+        elif folder.startswith(("/", "~")):
+            folder = os.path.normpath(os.path.expanduser(folder))
+    if types is not None:
+        if isinstance(types, str):
+            types = types.replace(",", " ").split()
+        aliases = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}, "tif": {"tif", "tiff"}, "tiff": {"tif", "tiff"}}
+        wanted = set()
+        for t in types:
+            t = t.strip().lower().lstrip(".")
+            wanted |= aliases.get(t, {t})
+        types = frozenset(wanted) if wanted else None
+    return RowFilter(folder, _timestamp(since, "since"), _timestamp(until, "until"), types)
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError:
+            raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        day = datetime.combine(value, dt_time())
+        return (day + timedelta(days=1) if name == "until" else day).timestamp()
+    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")

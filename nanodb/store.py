@@ -73,6 +73,21 @@ class Hit:
     path: str | None
     similarity: float
     metadata: dict[str, Any]
+    duplicates: list[int] = field(default_factory=list)  # rows with the same file content, when collapsed
+
+
+@dataclass
+class RowFilter:
+    """Which rows a search may return: a folder (an absolute path prefix, or a folder name anywhere in
+    the path), a modification-time range [since, until) in seconds, and file extensions (lowercase, no dot)."""
+
+    folder: str | None = None
+    since: float | None = None
+    until: float | None = None
+    types: frozenset[str] | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.folder, self.since, self.until, self.types))
 
 
 @dataclass
@@ -260,14 +275,68 @@ class ItemStore:
         rec = self._items[i]
         return int(rec["size"]) == size and float(rec["mtime"]) == mtime
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Exact top k per unit query vector, with the paths of the rows as they are now."""
+    def search(self, queries: np.ndarray, k: int, where: RowFilter | None = None,
+               collapse: bool = False) -> list[list[Hit]]:
+        """Exact top k per unit query vector, with the paths of the rows as they are now.
+
+        `where` keeps only the rows it allows; `collapse` keeps the best row of each file content (hash)
+        and lists the others in Hit.duplicates. Both stay exact: the index is asked for more rows,
+        doubling, until k hits pass (or every row was seen)."""
         with self.lock:  # a compaction renumbers rows: indices and paths must come from one state
-            indices, scores = self.index.search(queries, k)
-            return [
-                [Hit(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
-                for ri, rs in zip(indices, scores)
-            ]
+            if not where and not collapse:
+                indices, scores = self.index.search(queries, k)
+                return [
+                    [Hit(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
+                    for ri, rs in zip(indices, scores)
+                ]
+            allowed = self.allowed_rows(where) if where else None
+            return [self._search_one(q, k, allowed, collapse) for q in np.asarray(queries).reshape(-1, self.dim)]
+
+    def _search_one(self, query: np.ndarray, k: int, allowed: np.ndarray | None, collapse: bool) -> list[Hit]:
+        rows = self.index.count
+        share = 1.0 if allowed is None else max(int(allowed.sum()), 1) / max(rows, 1)
+        fetch = min(rows, int(k / share * 1.5) + 16)
+        hashes = self._items["hash"]
+        while True:
+            top, scores = self.index.search(query[None], fetch)
+            top, scores = top[0], scores[0]
+            if allowed is not None:
+                keep = allowed[top]
+                top, scores = top[keep], scores[keep]
+            if not collapse:
+                chosen = [(int(i), float(s), []) for i, s in zip(top[:k], scores[:k])]
+                enough = len(top) >= k
+            else:
+                groups: dict[bytes, tuple[int, float, list[int]]] = {}
+                for i, s in zip(top, scores):
+                    key = bytes(hashes[i])
+                    if key in groups:
+                        groups[key][2].append(int(i))
+                    elif len(groups) < k:
+                        groups[key] = (int(i), float(s), [])
+                chosen = list(groups.values())
+                # every copy of the k-th kept row scores within SCORE_TIE of it: seen once past that
+                enough = len(chosen) >= k and len(scores) and scores[-1] < chosen[-1][1] - SCORE_TIE
+            if enough or fetch >= rows:
+                return [Hit(i, self.path_of(i), s, self.metadata_of(i), dups) for i, s, dups in chosen]
+            fetch = min(rows, fetch * 2)
+
+    def allowed_rows(self, where: RowFilter) -> np.ndarray:
+        """A boolean mask over rows: those `where` allows (deleted rows are excluded by the index)."""
+        with self.lock:
+            n = self.index.count
+            mask = np.ones(n, bool)
+            mtime = self._items["mtime"][:n]
+            if where.since is not None:
+                mask &= mtime >= where.since
+            if where.until is not None:
+                mask &= mtime < where.until
+            if where.folder is not None or where.types is not None:
+                by_path = np.zeros(n, bool)
+                for path, i in self._paths_to_index().items():
+                    by_path[i] = _path_allowed(path, where)
+                mask &= by_path
+            return mask
 
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or a duplicate) first.
@@ -567,3 +636,14 @@ class ItemStore:
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None
+
+
+def _path_allowed(path: str, where: RowFilter) -> bool:
+    if where.types is not None and os.path.splitext(path)[1][1:].lower() not in where.types:
+        return False
+    if where.folder is None:
+        return True
+    folder = where.folder
+    if os.path.isabs(folder):
+        return path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
+    return f"{os.sep}{folder.strip(os.sep)}{os.sep}" in os.path.dirname(path) + os.sep

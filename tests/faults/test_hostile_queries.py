@@ -38,11 +38,11 @@ def run(db, line: str) -> list[str]:
     [
         ("   ", "error: empty query"),
         ("\t \t", "error: empty query"),
-        ("/no/such/photo.jpg", "error: no such image file: /no/such/photo.jpg"),
+        ("/no/such/photo.jpg", "error: no such file or folder: /no/such/photo.jpg (to search for these words, quote"),
         ("similar /no/such/photo.jpg", "error: no such image file"),
         (f"similar {REPO / 'pyproject.toml'}", "not an image"),
         ("similar 12345", "error: no item with index 12345"),
-        ("similar", "error: similar needs an image path or an item index"),
+        ("similar", "error: similar needs an image path, an item index or an image URL"),
         ("scan /no/such/folder", "error: no such file or folder"),
         ("similar /no/caf\udce9\n.jpg", "error: no such image file: /no/caf\\udce9\\n.jpg"),
     ],
@@ -98,7 +98,7 @@ def test_console_over_stdin_survives_hostile_bytes(db, tmp_path):
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     assert "Traceback" not in proc.stderr.decode(errors="replace")
     assert out.count("error: empty query") == 1
-    assert "error: no such image file: /no/such/photo.jpg" in out
+    assert "error: no such file or folder: /no/such/photo.jpg" in out
     assert "error: no such image file: /no/such/\\udcff.jpg" in out
     assert "caf\\udce9\\nnew line.jpg" in out
     assert "commands:" in out

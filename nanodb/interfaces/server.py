@@ -56,8 +56,7 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)])
-    next(r.app for r in app.routes if isinstance(r, Mount) and r.app.get_blocks() is ui).add_middleware(
-        MalformedCalls)
+    next(r.app for r in app.routes if isinstance(r, Mount)).add_middleware(MalformedCalls)  # the web UI's app
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.
     ui.has_launched = True

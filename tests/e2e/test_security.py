@@ -336,6 +336,20 @@ def test_unknown_api_routes_answer_nanodbs_json_error(served):
         assert r.status_code == 404 and set(r.json()) == {"error"}, (method, path, r.text)
 
 
+def test_malformed_web_ui_calls_get_a_400_and_result_streams_end_whole(served):
+    _, client, _ = served
+    endpoints = client.get("/gradio_api/info").json()["named_endpoints"]
+    name = next(n for n, e in endpoints.items() if any(not p["parameter_has_default"] for p in e["parameters"]))
+    for path, kwargs in ((f"/gradio_api/call/v2{name}", {"json": {}}),  # a required input missing
+                         ("/gradio_api/call/v2/no_such_event", {"json": {}}),
+                         ("/gradio_api/upload", {"data": {"files": "x"}, "files": {"y": ("y", b"")}})):  # text, no file
+        r = client.post(path, **kwargs)
+        assert r.status_code == 400 and set(r.json()) == {"error"} and "\n" not in r.json()["error"], (path, r.text)
+    r = client.get(f"/gradio_api/call{name}/no-such-id")  # read whole: not cut short
+    assert r.status_code == 200 and r.text.startswith("event: error")
+    assert client.get("/api/stats").status_code == 200
+
+
 def test_web_ui_uploads_are_deleted_when_the_server_stops(tmp_path, empty_db_path):
     shutil.copytree(empty_db_path, tmp_path / "db")
     with NanoDB(tmp_path / "db", config="test") as db:

@@ -3,6 +3,7 @@
 #   ./run.sh --scan ~/Pictures --path ~/.nanodb     run nanodb (python -m nanodb ARGS)
 #   ./run.sh test [PYTEST ARGS]                     run the default test suite
 #   ./run.sh test --slow                            also run the slow tests
+#   ./run.sh lint                                   check the code with ruff (configured in pyproject.toml)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${NANODB_VENV:-$here/.venv}"
@@ -23,6 +24,10 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     echo "$want" > "$stamp"
 fi
 
+if [ "${1:-}" = "lint" ]; then
+    cd "$here"
+    exec "$venv/bin/ruff" check .
+fi
 if [ "${1:-}" = "test" ]; then
     shift
     cd "$here"

@@ -35,14 +35,16 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from helpers import DATA as SHARED  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
-from pipeline.decode import DecodedImage, _init_worker, decode_file  # noqa: E402
+from pipeline.decode import DecodedImage, decode_file  # noqa: E402
 from pipeline.walk import DirectoryWalker  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "caltech101"
-COCO = REPO.parent / "shared" / "data" / "coco-val2017" / "images"
+DATA = SHARED / "caltech101"
+COCO = SHARED / "coco-val2017" / "images"
 # (precision, backend, decode workers or 0 for one per core) of each NanoDB.scan row of --compare
 SCAN_CONFIGS = [
     ("float32", "torch", 0), ("bfloat16", "torch", 0), ("float32", "openvino", 0),
@@ -66,9 +68,9 @@ def link_tree(files: list[str], root: Path, prefix: bool = True) -> Path:
 
 def decode_then_model(db: NanoDB, files: list[str], batch: int) -> tuple[float, float]:
     """(images/s of decoding in one process, images/s of the CLIP stage on the decoded pixels)."""
-    _init_worker(db.model.pixel_transform, db.settings.max_image_pixels)
     start = time.perf_counter()
-    pixels = [r.pixels for f in files if isinstance(r := decode_file(f), DecodedImage)]
+    transform, limit = db.model.pixel_transform, db.settings.max_image_pixels
+    pixels = [r.pixels for f in files if isinstance(r := decode_file(f, transform, limit), DecodedImage)]
     decode_rate = len(files) / (time.perf_counter() - start)
     db.model.encode_pixels(np.stack(pixels[:batch]))  # warm-up
     start = time.perf_counter()
@@ -130,7 +132,7 @@ def compare(args, tmp: Path) -> None:
         for precision, backend, workers in SCAN_CONFIGS:
             opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers)
             with NanoDB(tmp / f"db-{precision}-{backend}-{workers}-{r}", args.model, **opts) as db:
-                db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
+                _ = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
                 db.scan(warmup)  # starts the decode workers
                 start = time.perf_counter()
                 report = db.scan(folder)
@@ -195,7 +197,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {args.data} ({len(files)} images)")
     opts = dict(pretrained="none", workers=args.workers, batch_size=args.batch_size, device=args.device)
-    print("load average at start: %.1f %.1f %.1f (other processes share these cores)" % os.getloadavg())
+    print("load average at start: {:.1f} {:.1f} {:.1f} (other processes share these cores)".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory(prefix="nanodb-bench-") as tmp:
         tmp = Path(tmp)
         if args.compare:
@@ -239,7 +241,7 @@ def main() -> None:
                         shutil.copyfile(small[i % len(small)], d / f"{i:06d}.jpg")
                 seconds, main_mib, total_mib = peak_rss_of_scan(tree, tmp / f"db-rss{n}", ["--config", "test"])
                 print(f"| {n} | {seconds:.0f} | {main_mib:.0f} | {total_mib:.0f} |")
-    print("load average at end: %.1f %.1f %.1f" % os.getloadavg())
+    print("load average at end: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ overhead of the distributed path more than its scaling. Random weights: no downl
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import sys
@@ -23,13 +22,15 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+from helpers import DATA as SHARED  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
 from nanodb.ray_cluster import RayOptions, merge_top_k  # noqa: E402
 from pipeline.ray_ingest import EmbeddedFile  # noqa: E402
 
-DATA = REPO.parent / "shared" / "data" / "coco-val2017" / "images"
+DATA = SHARED / "coco-val2017" / "images"
 
 
 def link_tree(n: int, root: Path) -> Path:

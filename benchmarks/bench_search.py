@@ -1,12 +1,16 @@
-"""Exact k-NN search speed: nanodb (float16) against faiss IndexFlatIP (float32) and plain NumPy.
+"""Exact k-NN search speed: nanodb against faiss, usearch, torch and NumPy, side by side in one run.
 
-    python benchmarks/bench_search.py                  # CPU: N in 10K, 100K, 1M; dim 512 and 768
-    python benchmarks/bench_search.py --sizes 5000000 --dims 512
+    python benchmarks/bench_search.py                  # CPU: N in 100K, 1M; dim 512 and 768
+    python benchmarks/bench_search.py --sizes 1000000 --dims 512
+    python benchmarks/bench_search.py --sizes 10000000 --dims 512 --no-peers
     python benchmarks/bench_search.py --gpu            # nanodb's CuPy path against torch (and faiss-gpu)
 
 Vectors are random unit vectors stored as float16. Every method's results are checked against a
 float64 brute-force top k (recall@k). Prints one markdown table: single-query latency (median, p99),
-batch-of-64 throughput, and the effective GB/s read against a large array copy measured in the same run.
+batch-of-64 throughput, and the effective GB/s read against a large array copy measured in the same
+run; then, for nanodb, each pass of a single query: bytes read, GB/s and % of the copy bandwidth.
+Peers (the `bench` extra): faiss IndexFlatIP (float32) and IndexScalarQuantizer QT_fp16, usearch
+exact search on float16, torch bfloat16 mv/mm + topk, NumPy float32 matmul.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanodb.index import VectorIndex  # noqa: E402
+from nanodb.index import VectorIndex, fast_pass  # noqa: E402
 
 GB = 1e9
 
@@ -64,6 +68,19 @@ def timed(fn, reps: int) -> np.ndarray:
     return np.array(out)
 
 
+def interleaved(fns, reps: int) -> list[np.ndarray]:
+    """Seconds of fns[i](r) for r in range(reps), the functions taking turns (after one warm-up each)."""
+    for fn in fns:
+        fn(0)
+    out = [[] for _ in fns]
+    for r in range(reps):
+        for fn, times in zip(fns, out):
+            t = time.perf_counter()
+            fn(r)
+            times.append(time.perf_counter() - t)
+    return [np.array(t) for t in out]
+
+
 def copy_bandwidth(gpu: bool) -> float:
     """GB/s of a 1 GiB array copy, counting bytes read plus bytes written."""
     if gpu:
@@ -92,21 +109,31 @@ class Method:
         self.name, self.bytes_per_query, self.search = name, bytes_per_query, search
 
 
-def cpu_methods(index: VectorIndex, use_faiss: bool) -> list[Method]:
+def cpu_methods(index: VectorIndex, peers: bool) -> list[Method]:
     n, dim = index.count, index.dim
-    methods = [Method("nanodb float16", n * dim * 2, lambda q, k: index.search(q, k)[0])]
-    if not use_faiss:
+    methods = [Method(f"nanodb ({fast_pass(dim)} + exact)", n * (dim + 4), lambda q, k: index.search(q, k)[0])]
+    if not peers:
         return methods
-    need = n * dim * 4
+    need = n * dim * (4 + 2 + 2 + 2)  # faiss float32 (shared with NumPy), faiss fp16, usearch fp16, torch bf16
     if need > psutil.virtual_memory().available * 0.8:
-        print(f"# skipping faiss/numpy float32 at N={n}, dim={dim}: {need / GB:.1f} GB does not fit", file=sys.stderr)
+        print(f"# skipping the peers at N={n}, dim={dim}: {need / GB:.1f} GB does not fit", file=sys.stderr)
         return methods
     import faiss
+    import torch
+    from usearch.index import MetricKind
+    from usearch.index import search as usearch_search
 
     flat = faiss.IndexFlatIP(dim)
+    sq = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     for lo in range(0, n, 100_000):
-        flat.add(index.vectors[lo : lo + 100_000].astype(np.float32))
+        rows = index.vectors[lo : lo + 100_000].astype(np.float32)
+        flat.add(rows)
+        sq.add(rows)
     rows32 = faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)  # faiss's own float32 copy
+    rows16 = index.vectors
+    rows_bf16 = torch.empty((n, dim), dtype=torch.bfloat16)
+    for lo in range(0, n, 100_000):
+        rows_bf16[lo : lo + 100_000] = torch.from_numpy(index.vectors[lo : lo + 100_000])
 
     def numpy_search(q, k):
         scores = q @ rows32.T
@@ -114,9 +141,44 @@ def cpu_methods(index: VectorIndex, use_faiss: bool) -> list[Method]:
         order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
         return np.take_along_axis(part, order, axis=1)
 
-    methods.append(Method("faiss IndexFlatIP float32", need, lambda q, k: flat.search(q, k)[1]))
-    methods.append(Method("numpy float32 matmul", need, numpy_search))
+    def torch_search(q, k):
+        qb = torch.from_numpy(q).to(torch.bfloat16)
+        scores = torch.mv(rows_bf16, qb[0])[None] if len(q) == 1 else (rows_bf16 @ qb.T).T
+        return torch.topk(scores, k, dim=1).indices.numpy()
+
+    def usearch_exact(q, k):
+        keys = usearch_search(rows16, q.astype(np.float16), k, MetricKind.IP, exact=True).keys
+        return np.asarray(keys).reshape(len(q), -1)
+
+    methods += [
+        Method("faiss IndexFlatIP float32", n * dim * 4, lambda q, k: flat.search(q, k)[1]),
+        Method("faiss IndexScalarQuantizer fp16", n * dim * 2, lambda q, k: sq.search(q, k)[1]),
+        Method("usearch exact float16", n * dim * 2, usearch_exact),
+        Method("torch bfloat16 mv/mm + topk", n * dim * 2, torch_search),
+        Method("numpy float32 matmul", n * dim * 4, numpy_search),
+    ]
     return methods
+
+
+def pass_table(index: VectorIndex, queries: np.ndarray, k: int, bandwidth: float) -> list[str]:
+    """nanodb's passes for single queries: median seconds, bytes read, GB/s, % of the copy bandwidth."""
+    runs = []
+    for q in queries:
+        stats: dict = {}
+        index.search(q[None], k, stats)
+        runs.append(stats)
+    fast_s = float(np.median([r["fast_s"] for r in runs]))
+    exact_s = float(np.median([r["exact_s"] for r in runs]))
+    rescored = float(np.median([r["rescored"] for r in runs]))
+    n, dim = index.count, index.dim
+    fast_bytes = n * (dim + 4) if runs[0]["fast_pass"].startswith("int8") else n * dim * 2
+    exact_bytes = rescored * dim * 2
+    return [
+        f"| {n:,} | {dim} | fast: {runs[0]['fast_pass']} | {fast_s * 1e3:.2f} | {fast_bytes / 1e6:,.0f} MB | "
+        f"{fast_bytes / fast_s / GB:.1f} | {100 * fast_bytes / fast_s / GB / bandwidth:.0f}% |",
+        f"| {n:,} | {dim} | exact: float64 of {rescored:,.0f} candidates | {exact_s * 1e3:.2f} | "
+        f"{exact_bytes / 1e6:,.2f} MB | {exact_bytes / exact_s / GB:.2f} | - |",
+    ]
 
 
 def gpu_methods(index: VectorIndex) -> list[Method]:
@@ -124,7 +186,7 @@ def gpu_methods(index: VectorIndex) -> list[Method]:
     import torch
 
     n, dim = index.count, index.dim
-    rows = torch.from_dlpack(index._gpu[:n])  # the same float16 rows on the device, no copy
+    rows = torch.from_dlpack(index.gpu_vectors)  # the same float16 rows on the device, no copy
 
     def torch_search(q, k):
         scores = rows @ torch.from_numpy(q).to("cuda", torch.float16).T
@@ -150,12 +212,12 @@ def gpu_methods(index: VectorIndex) -> list[Method]:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--dims", type=int, nargs="+", default=[512, 768])
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="benchmark the CuPy backend on a CUDA GPU")
-    ap.add_argument("--no-faiss", action="store_true", help="nanodb only")
+    ap.add_argument("--no-peers", action="store_true", help="nanodb only")
     args = ap.parse_args(argv)
 
     bandwidth = copy_bandwidth(args.gpu)
@@ -167,25 +229,38 @@ def main(argv=None) -> None:
     print(f"| method | N | dim | recall@{args.k} | 1 query median ms | p99 ms | GB/s read | % of copy | "
           f"batch-{args.batch} queries/s |")
     print("|---|---|---|---|---|---|---|---|---|")
+    passes: list[str] = []
     for dim in args.dims:
         for n in args.sizes:
             index = random_index(n, dim, "cupy" if args.gpu else "numpy")
-            methods = gpu_methods(index) if args.gpu else cpu_methods(index, not args.no_faiss)
+            methods = gpu_methods(index) if args.gpu else cpu_methods(index, not args.no_peers)
             check = unit_queries(8, dim, seed=1)
             truth = reference_top_k(index.vectors, check, args.k)
-            single_reps = max(10, min(200, int(2e9 / (n * dim))))
+            single_reps = max(20, min(200, int(2e10 / (n * dim))))
             singles = unit_queries(single_reps + 1, dim, seed=2)
             batch = unit_queries(args.batch, dim, seed=3)
-            batch_reps = 3 if n * dim <= 1e8 else 1
-            for m in methods:
-                rec = recall(m.search(check, args.k), truth)
-                lat = timed(lambda r: m.search(singles[r : r + 1], args.k), single_reps)
-                thr = timed(lambda r: m.search(batch, args.k), batch_reps)
-                med = float(np.median(lat))
+            batch_reps = 5 if n * dim <= 1e8 else 3
+            # interleaved: query r runs on every method in turn, so all of them see the same load
+            recalls = [recall(m.search(check, args.k), truth) for m in methods]
+            lat = interleaved([lambda r, m=m: m.search(singles[r : r + 1], args.k) for m in methods], single_reps)
+            thr = interleaved([lambda r, m=m: m.search(batch, args.k) for m in methods], batch_reps)
+            for m, rec, ml, mt in zip(methods, recalls, lat, thr):
+                med = float(np.median(ml))
                 gbs = m.bytes_per_query / med / GB
-                print(f"| {m.name} | {n:,} | {dim} | {rec:.3f} | {med * 1e3:.2f} | {np.percentile(lat, 99) * 1e3:.2f} | "
-                      f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {args.batch / np.median(thr):,.0f} |", flush=True)
+                print(f"| {m.name} | {n:,} | {dim} | {rec:.3f} | {med * 1e3:.2f} | {np.percentile(ml, 99) * 1e3:.2f} | "
+                      f"{gbs:.1f} | {100 * gbs / bandwidth:.0f}% | {args.batch / np.median(mt):,.0f} |", flush=True)
+            if not args.gpu:
+                passes += pass_table(index, singles[:single_reps], args.k, bandwidth)
             del methods, index
+    if passes:
+        print()
+        print("nanodb's passes, single query (median): the fast pass reads every row once, the exact pass the candidates")
+        print()
+        print("| N | dim | pass | ms | bytes read | GB/s | % of copy |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(passes))
+    print()
+    print(f"# load average at the end {' '.join(f'{x:.1f}' for x in psutil.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -17,10 +17,14 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from nanodb.database import NanoDB
-from nanodb.interfaces.server import start_server
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-COCO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-val2017" / "images"
+from helpers import DATA  # noqa: E402
+
+from nanodb.database import NanoDB  # noqa: E402
+from nanodb.interfaces.server import start_server  # noqa: E402
+
+COCO = DATA / "coco-val2017" / "images"
 SIZE = (5472, 3648)  # 20 megapixels
 
 

@@ -9,28 +9,20 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from nanodb.config import Settings, load_settings
-from nanodb.model import ClipModel, ModelSpec, as_pretrained, load_model
-from nanodb.query import (
-    QueryError,
-    check_k,
-    check_min_similarity,
-    check_text,
-    combined_vector,
-    is_combined,
-    looks_like_image_file,
-)
+from nanodb.model import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.query import QueryError, check_k, check_min_similarity
+from nanodb.search import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
 from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
 from nanodb.store import Item, ItemStore, ValidationReport
 from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.walk import absolute_path, printable
+from pipeline.walk import absolute_path
 from pipeline.watch import FolderWatcher
 
 if TYPE_CHECKING:
@@ -39,36 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["NanoDB", "SearchResult", "SearchResults", "Item", "ValidationReport", "SearchTimings"]
-
-
-@dataclass
-class SearchResult:
-    """One result of NanoDB.search, the one result type of every interface."""
-
-    index: int
-    path: str | None
-    similarity: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
-
-
-class SearchResults(list):
-    """The results of one query (a list of SearchResult, best first), with how long each step took."""
-
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-
-
-@dataclass
-class SearchTimings:
-    """The latest duration of each step of a search, for stats displays."""
-
-    text_encode_ms: float | None = None
-    image_encode_ms: float | None = None
-    search_ms: float | None = None
-    searches: int = 0
 
 
 class NanoDB:
@@ -104,8 +66,8 @@ class NanoDB:
         self.read_only = read_only
         self.autosave = autosave
         self.timings = SearchTimings()
-        self._timings_lock = threading.Lock()
         self._model: ClipModel | None = None
+        self._model_lock = threading.RLock()
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
         # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
@@ -114,6 +76,9 @@ class NanoDB:
             from nanodb.ray_cluster import RayCluster
 
             self.cluster = RayCluster(ray)
+            # now, in this thread: Ray's local processes die with the thread that starts them, and a
+            # scan or a server request runs in a short-lived worker thread
+            self.cluster.connect()
         self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
@@ -129,10 +94,13 @@ class NanoDB:
             manifest = Manifest(self.spec.name, self.spec.pretrained, self.spec.weights_id, self.spec.seed,
                                 self.model.dim, precision=self.model.precision_id)
         else:
-            self.spec = ModelSpec(manifest.model, manifest.pretrained, manifest.seed)
-            _check_same_model(manifest, model, pretrained, seed)
+            self.spec = _model_of(manifest, model, pretrained, seed)
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
+        self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels)
+        if self.spec.pretrained != manifest.pretrained and not read_only:
+            # the database's checkpoint, moved: remember where it is now
+            self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
 
     @property
     def precision(self) -> str:
@@ -142,10 +110,27 @@ class NanoDB:
     @property
     def model(self) -> ClipModel:
         """The CLIP model, loaded on first use (searching by vector needs none)."""
+        with self._model_lock:  # the decode pool and the CLIP stage may both ask first, from two threads
+            return self._load_model()
+
+    def _load_model(self) -> ClipModel:
         if self._model is None:
+            weights = self.store.manifest.weights_id if getattr(self, "store", None) else None
+            if weights and self.spec.is_file and not (
+                Path(self.spec.pretrained).is_file() and self.spec.has_weights(weights)
+            ):
+                raise ModelLoadError(
+                    f"this database's weights {self.spec.describe(weights)} are not at {self.spec.pretrained} "
+                    f"any more: pass the checkpoint's path with --pretrained (NanoDB(..., pretrained=PATH))"
+                )
             s = self.settings
             self._model = load_model(self.spec, s.device, s.precision, s.backend)
         return self._model
+
+    def indexed_under(self, path: str | os.PathLike) -> int:
+        """How many live items are the file `path` or lie under the folder `path`."""
+        path = absolute_path(path)
+        return sum(1 for p in self.store.indexed_paths() if p == path or p.startswith(path + os.sep))
 
     # ----------------------------------------------------------------- size and items
     def __len__(self) -> int:
@@ -275,8 +260,10 @@ class NanoDB:
             remote = await asyncio.to_thread(
                 self.cluster.embed_stage, self.spec, self.settings.device, self.model.pixel_transform,
                 self.settings.max_image_pixels, self.settings.batch_size)
+        # the model and the decode workers start only once a file needs them: a rescan that finds
+        # nothing new loads neither
         pipeline = ScanPipeline(
-            self.store, self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
+            self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
@@ -291,6 +278,7 @@ class NanoDB:
                 bar.close()
         if self.autosave:
             await asyncio.to_thread(self.save)
+            report.finished = time.monotonic()  # the scan's wall time includes its save
         return report
 
     def watcher(self, folders, feed: asyncio.Queue, excludes=None) -> FolderWatcher:
@@ -304,7 +292,8 @@ class NanoDB:
         """The decode worker processes, started on first need and kept for later scans."""
         if self._decode_pool is None:
             self._decode_pool = ImageDecodePool(
-                self.model.pixel_transform, self.settings.decode_workers, self.settings.max_image_pixels
+                workers=self.settings.decode_workers, max_pixels=self.settings.max_image_pixels,
+                get_transform=lambda: self.model.pixel_transform,
             )
         return self._decode_pool
 
@@ -316,79 +305,57 @@ class NanoDB:
 
     # ----------------------------------------------------------------- searching
     def embed_query(self, query: Any) -> np.ndarray:
-        """A query as a unit float32 vector: text, image path, PIL image, item index (int) or vector."""
-        if isinstance(query, np.ndarray):
-            v = np.asarray(query, np.float32).reshape(-1)
-            if v.shape != (self.dim,):
-                raise QueryError(f"a query vector must have {self.dim} values, not {v.size}")
-        elif isinstance(query, (int, np.integer)) and not isinstance(query, bool):
-            if not self.store.is_live(int(query)):
-                raise QueryError(f"no item with index {query}")
-            v = self.store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_file(query)):
-            result = self._decode(absolute_path(query))
-            if isinstance(result, DecodeFailure):
-                raise QueryError(f"cannot search by {result.path}: {result.reason}")
-            v = self.model.encode_pixels(result.pixels[None])[0]
-        elif isinstance(query, str):
-            v = self._embed_text(query)
-        elif hasattr(query, "convert") and hasattr(query, "size"):  # a PIL image
-            v = self.model.encode_images([query])[0]
-        else:
-            raise TypeError(f"cannot search by a {type(query).__name__}")
-        norm = np.linalg.norm(v)
-        if not np.isfinite(norm) or norm == 0:
-            raise QueryError("the query vector must be finite and non-zero")
-        return v / norm
-
-    def _embed_text(self, text: str) -> np.ndarray:
-        text = check_text(text)
-        if is_combined(text):
-            return combined_vector(text, self.model.encode_text)
-        return self.model.encode_text([text])[0]
+        """A query as a unit float32 vector: text, image path or URL, PIL image, item index or vector."""
+        return self.queries.embed(query)
 
     def search(self, query: Any = None, k: int | None = None, *, text: str | None = None, image: Any = None,
-               min_similarity: float | None = None) -> SearchResults:
+               min_similarity: float | None = None, folder: str | None = None, since: Any = None,
+               until: Any = None, types: Iterable[str] | None = None,
+               collapse_duplicates: bool = False) -> SearchResults:
         """The k nearest items by cosine similarity, best first: the one search entry point.
 
-        `query`: text, an image path, a PIL image, an item index, a vector (dim,), or a batch: a list of
-        those or a (Q, dim) array, which returns one list of results per query. `text=` is always text
-        (never opened as a path); `image=` is a PIL image or an image file. Bad input raises QueryError.
+        `query`: text, an image path, an http(s) image URL, a PIL image, an item index, a vector (dim,),
+        or a batch: a list of those or a (Q, dim) array, which returns one list of results per query. A
+        string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/; one
+        that names no file raises QueryError (never a silent text search). `text=` is always text (never
+        opened as a path or fetched); `image=` is a path, a URL or a PIL image. Bad input raises QueryError.
+
+        Filters keep the search exact among the items they allow: `folder` (an absolute folder, or a
+        folder name anywhere in the path), `since`/`until` (file modification time: a date, datetime,
+        `YYYY-MM-DD` or seconds; `until` a date includes that day), `types` (extensions, e.g. ["jpg"]).
+        `collapse_duplicates` returns one result per file content, the copies in SearchResult.duplicates.
         """
         given = [q for q in (query, text, image) if q is not None]
         if len(given) != 1:
             raise QueryError("give one query: text, an image or an item")
         k = check_k(self.settings.k if k is None else k)
         min_similarity = check_min_similarity(min_similarity)
-        if text is not None:
-            query, kind = check_text(text), "text"
-        elif image is not None:
-            kind = "image"
-            query = image if not isinstance(image, str) else Path(image)
-        elif isinstance(query, str):
-            kind = "image" if looks_like_image_file(query) else "text"
-        else:
-            kind = "image" if isinstance(query, os.PathLike) or hasattr(query, "convert") else None
+        query, kind = self.queries.classify(query, text, image)
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
         queries = list(query) if batched else [query]
         t0 = time.perf_counter()
         if text is not None:
-            vectors = self._embed_text(query)[None]  # text is text: never opened as a file
+            vectors = self.queries.embed_text(query)[None]  # text is text: never opened as a file
         elif queries:
-            vectors = np.stack([self.embed_query(q) for q in queries])
+            vectors = np.stack([self.queries.embed(q) for q in queries])
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
-        hits = self._searcher().search(vectors, k)
+        where = row_filter(folder, since, until, types)
+        if where or collapse_duplicates:  # filtered searches run on the local store (exact either way)
+            hits = self.store.search(vectors, k, where, collapse_duplicates)
+        else:
+            hits = self._searcher().search(vectors, k)
         t2 = time.perf_counter()
         results = SearchResults(
-            SearchResults(SearchResult(h.index, h.path, min(h.similarity, 1.0), h.metadata) for h in row
+            SearchResults(SearchResult(h.index, h.path, min(max(h.similarity, -1.0), 1.0), h.metadata, h.duplicates)
+                          for h in row
                           if min_similarity is None or h.similarity >= min_similarity)
             for row in hits
         )
         for r in [results, *results]:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
-        self._record_timing(None if batched else kind, results.encode_ms, results.search_ms)
+        self.timings.record(None if batched else kind, results.encode_ms, results.search_ms)
         return results if batched else results[0]
 
     def _searcher(self):
@@ -399,16 +366,6 @@ class NanoDB:
             if self._shards is None:
                 self._shards = self.cluster.sharded_search(self.store)
         return self._shards
-
-    def _record_timing(self, kind: str | None, encode_ms: float, search_ms: float) -> None:
-        with self._timings_lock:
-            t = self.timings
-            if kind == "text":
-                t.text_encode_ms = encode_ms
-            elif kind == "image":
-                t.image_encode_ms = encode_ms
-            t.search_ms = search_ms
-            t.searches += 1
 
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or an identical item) first."""
@@ -456,14 +413,23 @@ class NanoDB:
         return f"NanoDB({str(self.path)!r}, {self.spec.describe()}, {len(self)} items)"
 
 
-def _check_same_model(m: Manifest, model, pretrained, seed) -> None:
-    asked = ModelSpec(model or m.model, as_pretrained(pretrained or m.pretrained), m.seed if seed is None else seed)
-    if asked.name != m.model or asked.weights_id != m.weights_id:
+def _model_of(m: Manifest, model, pretrained, seed) -> ModelSpec:
+    """The model to open a database with: the one it was built with, from wherever its weights are now.
+
+    A model asked for must be the same (name and weights: a checkpoint's digest, from any path), else
+    DatabaseError naming both."""
+    built = ModelSpec(m.model, m.pretrained, m.seed)
+    asked = ModelSpec(model or m.model, as_pretrained(pretrained) if pretrained else m.pretrained,
+                      m.seed if seed is None else seed)
+    if asked == built:
+        return built  # its weights are checked when the model is loaded
+    if asked.name != m.model or not asked.has_weights(m.weights_id):
         raise DatabaseError(
-            f"this database was built with {ModelSpec(m.model, m.pretrained, m.seed).describe()}, "
-            f"not {asked.describe()}: its vectors would not be comparable. Open it without --model/--pretrained, "
-            f"or use another --path for the other model"
+            f"this database was built with {built.describe(m.weights_id)}, not {asked.describe(asked.weights_id)}: "
+            f"its vectors would not be comparable. Open it without --model/--pretrained, or use another --path "
+            f"for the other model"
         )
+    return asked
 
 
 def _is_number_list(items: list) -> bool:

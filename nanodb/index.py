@@ -1,19 +1,28 @@
 """Exact k-nearest-neighbour search by cosine similarity over unit float16 vectors.
 
-The vectors live in one growable float16 array (and, with CuPy and a GPU, a mirror on the device).
-A search runs in two passes. The fast pass scores every row in float32 (on the CPU: float16 blocks
-converted into a small per-thread float32 scratch, then BLAS, one thread per core) and keeps, per
-query, every row that could still be in the top k given float32 rounding. The exact pass rescores
-those few candidates in float64 and orders them by score, ties to the lower index. So both backends
-return the float64 brute-force top k, never sort all N scores, and never hold a float32 copy.
+The vectors live in one growable float16 array (and, with CuPy and a GPU, a mirror on the device),
+beside a compact copy: each row quantized to 8 bits with its own step (`quantize_rows`), so rows are
+appended independently of each other. A search runs in two passes. The fast pass scores every row
+approximately and keeps, per query, every row that could still be in the top k given a proven bound
+on its error; the exact pass rescores those few candidates in float64 from the float16 rows and orders
+them by score, ties to the lower index. So every path returns the float64 brute-force top k of the
+float16 rows, never sorts all N scores, and never holds a float32 copy.
+
+Fast passes: on the CPU, the compact copy scored by a small C kernel (`nanodb/_scan.c`, AVX-512 VNNI
+where the CPU has it; half the bytes of float16), or, when that kernel was not built, the float16 rows
+converted block by block into a small float32 scratch and scored by BLAS; on a GPU, float32 on CuPy.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.machinery
 import logging
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +32,8 @@ SCRATCH_BYTES = 4 << 20  # float32 rows converted at a time per thread: stays in
 SEGMENT_ROWS = 1 << 16  # rows one CPU task scores before selecting its candidates
 GPU_CHUNK_ROWS = 1 << 18  # rows scored per GPU step: bounds the float32 scores on the device
 ROW_NORM_MAX = 1.01  # stored rows are unit vectors rounded to float16
+BLOCK_ROWS = 256  # rows per block of the compact pass: a block's best score bounds the k-th from below
+EXACT_ROWS = 1024  # candidates rescored at a time: float64 temporaries that stay in cache
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -37,6 +48,68 @@ def cupy_available() -> bool:
         return cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:  # ImportError, or CUDA driver/runtime errors from a machine without a GPU
         return False
+
+
+def _load_kernel():
+    """The compact-copy kernel built from nanodb/_scan.c by the package's install, or None."""
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_scan{suffix}"
+        if path.exists():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as e:
+                log.warning("cannot load %s (%s): searching with the float16 pass", path, e)
+                return None
+            p, i = ctypes.c_void_p, ctypes.c_int64
+            lib.nanodb_scores.argtypes = [p, p, i, i, p, p, p, i, p, i]
+            lib.nanodb_scores.restype = None
+            lib.nanodb_vnni.argtypes = [i]
+            lib.nanodb_vnni.restype = ctypes.c_int
+            return lib
+    return None
+
+
+KERNEL = _load_kernel()
+
+
+def fast_pass(dim: int) -> str:
+    """Which CPU fast pass searches rows of `dim`: "int8 vnni", "int8 c" or "float16 blas" (no kernel built)."""
+    if KERNEL is None:
+        return "float16 blas"
+    return "int8 vnni" if KERNEL.nanodb_vnni(dim) else "int8 c"
+
+
+QUANT_CHUNK = 1024  # rows quantized at a time: float64 temporaries that stay in cache (10x faster than 32K)
+
+
+def quantize_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The compact copy of float16 rows: (codes, scales).
+
+    codes (n, dim) uint8: 128 + the 8-bit code c of each value, c = round(x / step) in [-127, 127].
+    scales (n, 3) float32: step, an upper bound on ||x - step * c||_2 and one on ||x||_2, computed from
+    the codes actually stored, so the bound holds whatever rounding produced them. Each row has its own
+    step: rows are quantized independently, so appending never touches earlier rows."""
+    rows = np.asarray(rows, np.float16)
+    n = len(rows)
+    codes = np.empty(rows.shape, np.uint8)
+    scales = np.empty((n, 3), np.float32)
+    for a in range(0, n, QUANT_CHUNK):
+        x = rows[a : a + QUANT_CHUNK].astype(np.float64)
+        step = (np.abs(x).max(axis=1, initial=0) / 127).astype(np.float32)
+        step[~(step > 0)] = 1  # a zero row (any step is exact) or a non-finite one (its bound is inf)
+        c = np.clip(np.rint(x / step[:, None]), -127, 127)
+        err = x - c * step[:, None].astype(np.float64)  # exact: a float32 times a small integer
+        codes[a : a + QUANT_CHUNK] = (c + 128).astype(np.uint8)
+        scales[a : a + QUANT_CHUNK, 0] = step
+        scales[a : a + QUANT_CHUNK, 1] = _round_up(np.sqrt((err * err).sum(axis=1)))
+        scales[a : a + QUANT_CHUNK, 2] = _round_up(np.sqrt((x * x).sum(axis=1)))
+    return codes, scales
+
+
+def _round_up(v: np.ndarray) -> np.ndarray:
+    """float64 -> float32 no smaller, with room for the float64 rounding of a sum of squares."""
+    return np.nextafter((v * (1 + 1e-9)).astype(np.float32), np.float32(np.inf))
 
 
 def select_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,6 +132,11 @@ class VectorIndex:
     def __init__(self, dim: int, backend: str = "auto"):
         self.dim = dim
         self._buf = np.empty((0, dim), np.float16)
+        self._codes = np.empty((0, dim), np.uint8)
+        self._scales = np.empty((0, 3), np.float32)
+        self._steps = np.empty(0, np.float32)  # scales[:, 0], contiguous for the kernel
+        self._error_max = 0.0  # the largest quantization error bound (scales[:, 1]) of any row
+        self._norm_max = 0.0  # the largest row norm bound (scales[:, 2])
         self.count = 0
         self._dead = np.zeros(0, bool)
         self._any_dead = False
@@ -80,8 +158,23 @@ class VectorIndex:
         return self._buf[: self.count]
 
     @property
+    def gpu_vectors(self):
+        """The CuPy mirror of `vectors` on the GPU (None on the CPU backend)."""
+        return None if self._gpu is None else self._gpu[: self.count]
+
+    @property
     def dead(self) -> np.ndarray:
         return self._dead[: self.count]
+
+    @property
+    def codes(self) -> np.ndarray:
+        """The compact copy's codes, (count, dim) uint8 (see quantize_rows)."""
+        return self._codes[: self.count]
+
+    @property
+    def scales(self) -> np.ndarray:
+        """The compact copy's per-row step and bounds, (count, 3) float32 (see quantize_rows)."""
+        return self._scales[: self.count]
 
     def _grow(self, need: int) -> None:
         cap = max(need, 1024, int(len(self._buf) * 1.5))
@@ -89,7 +182,13 @@ class VectorIndex:
         buf[: self.count] = self._buf[: self.count]
         dead = np.zeros(cap, bool)
         dead[: self.count] = self._dead[: self.count]
-        self._buf, self._dead = buf, dead
+        codes = np.empty((cap, self.dim), np.uint8)
+        codes[: self.count] = self._codes[: self.count]
+        scales = np.empty((cap, 3), np.float32)
+        scales[: self.count] = self._scales[: self.count]
+        steps = np.empty(cap, np.float32)
+        steps[: self.count] = self._steps[: self.count]
+        self._buf, self._dead, self._codes, self._scales, self._steps = buf, dead, codes, scales, steps
         if self._gpu is not None:
             cp = self._cp
             gpu = cp.empty((cap, self.dim), cp.float16)
@@ -103,10 +202,19 @@ class VectorIndex:
             if n > len(self._buf):
                 self._grow(n)
 
-    def load(self, read_into) -> None:
-        """Fill a fresh index from storage: `read_into(buffer_view)` writes count x dim float16 rows."""
+    def load(self, read_into, read_compact=None) -> None:
+        """Fill a fresh index from storage: `read_into(buffer_view)` writes count x dim float16 rows;
+        `read_compact(codes_view, scales_view)` writes their compact copy (else it is computed)."""
         if self.count:
             read_into(memoryview(self._buf[: self.count]).cast("B"))
+            if read_compact is not None:
+                read_compact(memoryview(self._codes[: self.count]).cast("B"),
+                             memoryview(self._scales[: self.count]).cast("B"))
+            else:
+                self._codes[: self.count], self._scales[: self.count] = quantize_rows(self._buf[: self.count])
+            self._steps[: self.count] = self._scales[: self.count, 0]
+            self._error_max = float(self._scales[: self.count, 1].max())
+            self._norm_max = float(self._scales[: self.count, 2].max())
         if self._gpu is not None:
             self._gpu[: self.count] = self._cp.asarray(self._buf[: self.count])
 
@@ -114,11 +222,16 @@ class VectorIndex:
         """Add rows (cast to float16); returns the index of the first. Searches running meanwhile see
         either none or all of them."""
         vectors = np.asarray(vectors, np.float16).reshape(-1, self.dim)
+        codes, scales = quantize_rows(vectors)
         with self._lock:
             start, end = self.count, self.count + len(vectors)
             if end > len(self._buf):
                 self._grow(end)
             self._buf[start:end] = vectors
+            self._codes[start:end], self._scales[start:end], self._steps[start:end] = codes, scales, scales[:, 0]
+            if len(vectors):
+                self._error_max = max(self._error_max, float(scales[:, 1].max()))
+                self._norm_max = max(self._norm_max, float(scales[:, 2].max()))
             if self._gpu is not None:
                 self._gpu[start:end] = self._cp.asarray(vectors)
             self.count = end
@@ -133,21 +246,35 @@ class VectorIndex:
                 self._gpu_dead[self._cp.asarray(indices)] = True
             self._any_dead = bool(self._dead[: self.count].any())
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by cosine similarity for each unit query (Q, dim) -> (indices, scores), each (Q, k')."""
+    def search(self, queries: np.ndarray, k: int, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by cosine similarity for each unit query (Q, dim) -> (indices, scores), each (Q, k').
+
+        `stats`, if given, receives how the passes went (for benchmarks): "fast_pass" (its kind),
+        "fast_s" and "exact_s" (seconds), "rescored" (candidate rows scored exactly, all queries)."""
+        start = time.perf_counter()
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.dim))
         with self._lock:  # a consistent snapshot; appends after it are not seen by this search
             n, buf, dead, any_dead = self.count, self._buf, self._dead, self._any_dead
+            compact = self._codes, self._steps, self._error_max, self._norm_max
             gpu = None if self._gpu is None else (self._gpu, self._gpu_dead)
         k = max(0, min(int(k), n))
         if k == 0 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
+        dead = dead if any_dead else None
         if gpu is not None:
+            margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
             parts = self._candidates_cupy(gpu[0], gpu[1] if any_dead else None, n, queries, k, margins)
+        elif KERNEL is not None:
+            margins, parts = _candidates_compact(*compact, dead, n, queries, k)
         else:
-            parts = _candidates_cpu(buf, dead if any_dead else None, n, queries, k, margins)
-        return _exact_top_k(buf, queries, k, margins, parts)
+            margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
+            parts = _candidates_cpu(buf, dead, n, queries, k, margins)
+        middle = time.perf_counter()
+        result = _exact_top_k(buf, queries, k, margins, parts, stats)
+        if stats is not None:
+            kind = "float32 cupy" if gpu is not None else fast_pass(self.dim)
+            stats.update(fast_pass=kind, fast_s=middle - start, exact_s=time.perf_counter() - middle)
+        return result
 
     def _candidates_cupy(self, gbuf, gdead, n, queries, k, margins):
         """Float32 scores on the GPU in chunks; per chunk, the rows within `margins` of its k-th best.
@@ -231,11 +358,77 @@ def _segment_candidates(buf, dead, lo, hi, q, k, margins):
     return qi, ri + lo, scores[qi, ri]
 
 
-def _exact_top_k(buf, queries, k, margins, parts):
+def quantize_queries(queries: np.ndarray):
+    """8-bit codes of float32 queries, each with its own step: (codes int8, 128 * sum of codes, steps,
+    an upper bound on ||q - step * code||_2, one on ||step * code||_2)."""
+    q = queries.astype(np.float64)
+    step = (np.abs(q).max(axis=1, initial=0) / 127).astype(np.float32)
+    step[~(step > 0)] = 1
+    c = np.clip(np.rint(q / step[:, None]), -127, 127)
+    approx = c * step[:, None].astype(np.float64)
+    codes = np.ascontiguousarray(c.astype(np.int8))
+    offsets = 128 * codes.sum(axis=1, dtype=np.int32)
+    d = np.sqrt(((q - approx) ** 2).sum(axis=1)) * (1 + 1e-9)
+    return codes, offsets, step, d, np.sqrt((approx**2).sum(axis=1)) * (1 + 1e-9)
+
+
+def compact_error_bound(error_max: float, norm_max: float, query_error, query_norm):
+    """Largest |kernel score - exact score| of each query against any row.
+
+    With row x = x' + e (x' its codes times step, ||e|| <= error_max, ||x|| <= norm_max) and query
+    q = q' + d: q.x - q'.x' = q'.e + d.x, so |q'.e| <= ||q'|| error_max and |d.x| <= ||d|| norm_max
+    (Cauchy-Schwarz). The kernel's integer sum is exact; its float32 conversion and two products round
+    at most 3 times (relative 2**-24 each) a value no larger than ||q'|| (norm_max + error_max)."""
+    exact_part = query_norm * error_max + query_error * norm_max
+    return exact_part + 4 * 2.0**-24 * query_norm * (norm_max + error_max)
+
+
+def _candidates_compact(codes, steps, error_max, norm_max, dead, n, queries, k):
+    """The compact pass: segments of rows scored by the kernel in parallel; (margins, candidates)."""
+    qc, offsets, qsteps, qerr, qnorm = quantize_queries(queries)
+    margins = 2 * compact_error_bound(error_max, norm_max, qerr, qnorm)
+    seg = min(SEGMENT_ROWS, max(4096, -(-n // search_threads())))
+    seg = -(-seg // BLOCK_ROWS) * BLOCK_ROWS
+    query = (qc, offsets, qsteps)
+    run = lambda lo: _segment_compact(codes, steps, dead, lo, min(n, lo + seg), query, k, margins)  # noqa: E731
+    starts = range(0, n, seg)
+    return margins, list(_search_pool().map(run, starts)) if len(starts) > 1 else [run(0)]
+
+
+def _segment_compact(codes, steps, dead, lo, hi, query, k, margins):
+    """Candidates of rows lo:hi. The k-th best of the blocks' best scores is at most the segment's k-th
+    best score, so every row within `margins` of it is kept: the few blocks whose best reaches that
+    far are searched, not all scores."""
+    qc, offsets, qsteps = query
+    nq, dim = qc.shape
+    rows = hi - lo
+    nb = -(-rows // BLOCK_ROWS)
+    out = np.empty((nq, nb * BLOCK_ROWS), np.float32)
+    out[:, rows:] = -np.inf
+    KERNEL.nanodb_scores(codes[lo:hi].ctypes.data, steps[lo:hi].ctypes.data, rows, dim, qc.ctypes.data,
+                         offsets.ctypes.data, qsteps.ctypes.data, nq, out.ctypes.data, out.shape[1])
+    if dead is not None:
+        out[:, np.flatnonzero(dead[lo:hi])] = -np.inf
+    blocks = out.reshape(nq, nb, BLOCK_ROWS)
+    best = blocks.max(axis=2)
+    if nb >= k:
+        kth = np.partition(best, nb - k, axis=1)[:, nb - k]
+    else:  # fewer blocks than k: no bound from them, every live row is a candidate
+        kth = np.full(nq, -np.inf, np.float32)
+    floor = np.finfo(np.float32).min  # deleted rows (-inf) never qualify
+    threshold = np.maximum(kth - margins, floor)
+    qi, bi = np.nonzero(best >= threshold[:, None])
+    hot = blocks[qi, bi]
+    hi_, ci = np.nonzero(hot >= threshold[qi, None])
+    return qi[hi_], bi[hi_] * BLOCK_ROWS + ci + lo, hot[hi_, ci]
+
+
+def _exact_top_k(buf, queries, k, margins, parts, stats=None):
     """From every part's candidates: the top k per query by float64 score, ties to the lower index.
 
-    A row of the true top k scores (float32) at least the k-th best float32 score minus twice the
-    error bound, in its segment and overall; so the candidates contain it, and float64 decides."""
+    `margins` is twice the fast pass's error bound. A row of the true top k scores (fast pass) at
+    least the k-th best fast score minus the margin, in its segment and overall; so the candidates
+    contain it, and float64 decides."""
     qi = np.concatenate([p[0] for p in parts]).astype(np.int64)
     rows = np.concatenate([p[1] for p in parts]).astype(np.int64)
     s32 = np.concatenate([p[2] for p in parts])
@@ -250,11 +443,14 @@ def _exact_top_k(buf, queries, k, margins, parts):
     kth = s32[starts + kk - 1]
     keep = s32 >= kth[qi] - margins[qi]
     qi, rows = qi[keep], rows[keep]
+    if stats is not None:
+        stats["rescored"] = len(rows)
     q64 = queries.astype(np.float64)
     exact = np.concatenate(  # in slices: many exact ties (duplicate rows) make many candidates
         [
-            (buf[rows[a : a + 8192]].astype(np.float64) * q64[qi[a : a + 8192]]).sum(axis=1)
-            for a in range(0, len(rows), 8192)
+            (buf[rows[a : a + EXACT_ROWS]].astype(np.float32).astype(np.float64) * q64[qi[a : a + EXACT_ROWS]])
+            .sum(axis=1)
+            for a in range(0, len(rows), EXACT_ROWS)
         ]
     )
     best_i = np.empty((nq, kk), np.int64)

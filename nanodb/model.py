@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
 import threading
 import warnings
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +24,39 @@ class ModelLoadError(RuntimeError):
     """The model or its weights could not be loaded; the message says what to do instead."""
 
 
+_digests: dict[tuple[str, int, int], str] = {}
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint file, computed once per (path, size, mtime) in this process."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _digests:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        _digests[key] = h.hexdigest()
+    return _digests[key]
+
+
+def looks_like_checkpoint(path: str | os.PathLike) -> bool:
+    """A PyTorch file (zip or legacy pickle) or a safetensors file, judged from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":
+        return True
+    header_len = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    return 0 < header_len < 100_000_000 and head[8:9] == b"{"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What identifies the embedding space of a database: model name, weights and (for random weights) seed."""
+    """What identifies the embedding space of a database: model name, weights and (for random weights) seed.
+
+    A checkpoint file is identified by a digest of its bytes, not by where it lies: the same weights
+    from any path are the same model."""
 
     name: str
     pretrained: str  # an open_clip tag, a checkpoint file path, or "none"
@@ -40,18 +72,29 @@ class ModelSpec:
 
     @property
     def weights_id(self) -> str:
-        """Stable id of the weights: the tag, 'none@seed', or a checkpoint's file name and size."""
+        """Stable id of the weights: the tag, 'none@seed', or 'sha256:' and a checkpoint file's digest."""
         if self.random_weights:
             return f"none@{self.seed}"
         if self.is_file:
-            p = Path(self.pretrained)
-            size = p.stat().st_size if p.exists() else "?"
-            return f"file:{p.name}:{size}"
+            if not Path(self.pretrained).is_file():
+                raise ModelLoadError(f"checkpoint file not found: {self.pretrained}")
+            return f"sha256:{weights_digest(self.pretrained)}"
         return self.pretrained
 
-    def describe(self) -> str:
-        weights = f"random weights, seed {self.seed}" if self.random_weights else self.pretrained
-        return f"{self.name} ({weights})"
+    def has_weights(self, weights_id: str) -> bool:
+        """These are the weights `weights_id` names (also an id of nanodb before 0.2: a checkpoint's
+        file name and size)."""
+        if weights_id.startswith("file:") and self.is_file and Path(self.pretrained).is_file():
+            p = Path(self.pretrained)
+            return weights_id == f"file:{p.name}:{p.stat().st_size}"
+        return self.weights_id == weights_id
+
+    def describe(self, weights_id: str | None = None) -> str:
+        """Name and weights; with `weights_id` (a file's), its digest too, to tell two files apart."""
+        what = f"random weights, seed {self.seed}" if self.random_weights else self.pretrained
+        if weights_id and weights_id.startswith("sha256:"):
+            what += f", weights {weights_id[:19]}"
+        return f"{self.name} ({what})"
 
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -185,8 +228,14 @@ class ClipModel:
                     spec.name, pretrained=pretrained, device=self.device
                 )
         except Exception as e:  # open_clip raises RuntimeError/OSError/ValueError depending on the failure
+            if spec.is_file and not looks_like_checkpoint(spec.pretrained):
+                raise ModelLoadError(
+                    f"{spec.pretrained} is not a model checkpoint: pass an open_clip weights file "
+                    f"(open_clip_pytorch_model.bin or .safetensors), a pretrained tag, or none"
+                ) from e
             if spec.is_file:
-                raise ModelLoadError(f"cannot load checkpoint {spec.pretrained} into {spec.name}: {e}") from e
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ModelLoadError(f"cannot load checkpoint {spec.pretrained} into {spec.name}: {why}") from e
             why = "no network connection to the model hub" if offline else str(e).splitlines()[0]
             raise ModelLoadError(
                 f"cannot get the weights {spec.name}/{pretrained}: {why}. Download open_clip_pytorch_model.bin "

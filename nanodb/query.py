@@ -6,13 +6,10 @@ pulls the results towards it, subtracting one pushes them away.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 
 import numpy as np
-
-from pipeline.walk import is_image_name
 
 
 class QueryError(ValueError):
@@ -103,10 +100,3 @@ def check_min_similarity(value) -> float | None:
     if not -1.0 <= value <= 1.0:
         raise QueryError("min_similarity must be between -1 and 1")
     return value
-
-
-def looks_like_image_file(text: str) -> bool:
-    """A query string that names an existing image file (the console and the Python API search by it)."""
-    return "\n" not in text and len(text) < 4096 and is_image_name(text.strip()) and os.path.isfile(
-        os.path.expanduser(text.strip())
-    )

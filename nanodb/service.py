@@ -40,8 +40,8 @@ class IngestService:
     # ------------------------------------------------------------------ starting work
     def scan(self, path: str, on_done=None) -> asyncio.Task:
         """Scan a folder or file in the background; `on_done(report)` is called when it ends."""
-        if not os.path.exists(os.path.expanduser(path)):
-            raise ValueError(f"no such file or folder: {path}")
+        if not os.path.exists(os.path.expanduser(path)) and not self.db.indexed_under(path):
+            raise ValueError(f"no such file or folder: {path}")  # a folder gone since its scan is rescanned
         report = ScanReport()
         task = self._keep(self._scan(path, report, on_done))
         self.scans.append((path, report, task))

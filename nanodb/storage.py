@@ -1,9 +1,12 @@
 """The database folder: append-only binary files committed by an atomically replaced manifest.
 
-Layout of a database folder (format version 1)::
+Layout of a database folder (format version 2)::
 
     nanodb.json           manifest: model, dim, committed item count and byte lengths, generation
     vectors.G.f16         float16 vectors, row i is item i (count x dim, little-endian)
+    codes.G.u8            the compact copy searched first: 8-bit codes of each row (count x dim, see
+                          nanodb.index.quantize_rows)
+    scales.G.f32          per row of the compact copy: its step and two error bounds (count x 3 float32)
     items.G.bin           fixed-size item records (ITEM_DTYPE): size, mtime, content hash, offsets
     paths.G.bin           file paths, os.fsencode()d bytes, concatenated
     meta.G.jsonl          per-item JSON metadata (only for items that have some), concatenated
@@ -11,7 +14,9 @@ Layout of a database folder (format version 1)::
     .lock                 the pid of the one process that has the database open for writing (which
                           holds an flock on the folder itself)
 
-G is the generation, bumped when a compaction rewrites the files without deleted items.
+G is the generation, bumped when a compaction rewrites the files without deleted items. A version 1
+folder (no compact copy) opens as is: its compact copy is computed at opening and written by the next
+save, which commits version 2.
 
 A save appends what was added since the last save to each file (at the committed length, which
 overwrites anything a crashed save left behind), fsyncs, then replaces nanodb.json. So a save costs
@@ -35,9 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from nanodb.index import quantize_rows
+
+FORMAT_VERSION = 2
 MANIFEST = "nanodb.json"
-DATA_FILES = ("vectors", "items", "paths", "meta", "deleted")
+DATA_FILES = ("vectors", "items", "paths", "meta", "deleted", "codes", "scales")
+COMPACT_FILES = ("codes", "scales")  # added by format version 2
+SCALES_BYTES = 12  # bytes per row of scales.G.f32
 LOCK = ".lock"
 
 ITEM_DTYPE = np.dtype(
@@ -74,13 +83,28 @@ class Manifest:
     dtype: str = "float16"
     # How the model computed the vectors (ClipModel.precision_id); any precision can search them.
     precision: str = "float32/torch"
+    compact: int = 0  # rows whose compact copy (codes, scales) is committed: count, or 0 before version 2
     # CRC-32 of the committed bytes of each data file, extended at each save (cost ~ new bytes), so a
     # corrupted file is caught at opening. None when a writer did not record them (then not checked).
     checksums: dict[str, int] | None = field(default_factory=lambda: dict.fromkeys(DATA_FILES, 0))
 
     def file(self, root: Path, kind: str) -> Path:
-        ext = {"vectors": "f16", "items": "bin", "paths": "bin", "meta": "jsonl", "deleted": "bin"}[kind]
+        ext = {"vectors": "f16", "items": "bin", "paths": "bin", "meta": "jsonl", "deleted": "bin",
+               "codes": "u8", "scales": "f32"}[kind]
         return root / f"{kind}.{self.generation}.{ext}"
+
+    def compact_reader(self, root: Path):
+        """`read_compact(codes_view, scales_view)` for VectorIndex.load, or None when this manifest
+        commits no compact copy (a version 1 folder: the index computes it)."""
+        if self.compact != self.count:
+            return None
+        crc = self.checksums or {}
+
+        def read(codes: memoryview, scales: memoryview) -> None:
+            read_exact(self.file(root, "codes"), self.count * self.dim, codes, crc.get("codes"))
+            read_exact(self.file(root, "scales"), self.count * SCALES_BYTES, scales, crc.get("scales"))
+
+        return read
 
 
 def read_manifest(root: Path) -> Manifest | None:
@@ -102,8 +126,11 @@ def read_manifest(root: Path) -> Manifest | None:
             f"{path} was written by a newer nanodb (format version {version}); this nanodb reads version "
             f"{FORMAT_VERSION}: upgrade nanodb"
         )
-    if version != FORMAT_VERSION:
+    if version == 1 and isinstance(data.get("checksums"), dict):  # no compact copy yet: none committed
+        data["checksums"] = {**dict.fromkeys(COMPACT_FILES, 0), **data["checksums"]}
+    if version not in (1, FORMAT_VERSION):
         raise DatabaseError(f"{path} has an unknown format version {version!r}; {REPAIR_HINT}")
+    data["version"] = FORMAT_VERSION  # written as version 2 by the next save
     try:
         manifest = Manifest(**data)
     except TypeError as e:
@@ -122,7 +149,7 @@ def _manifest_problem(m: Manifest) -> str | None:
     for name in ("model", "pretrained", "weights_id"):
         if not isinstance(getattr(m, name), str):
             return f"{name} is not a string"
-    for name in ("seed", "dim", "count", "generation", "paths_bytes", "meta_bytes", "deleted"):
+    for name in ("seed", "dim", "count", "generation", "paths_bytes", "meta_bytes", "deleted", "compact"):
         value = getattr(m, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             return f"{name} is not a non-negative whole number"
@@ -130,6 +157,8 @@ def _manifest_problem(m: Manifest) -> str | None:
         return "dim is 0"
     if m.deleted > m.count:
         return "more deleted items than items"
+    if m.compact not in (0, m.count):
+        return "compact is neither 0 nor count"
     if m.checksums is not None and (
         not isinstance(m.checksums, dict)
         or set(m.checksums) != set(DATA_FILES)
@@ -289,10 +318,10 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
     An item is consistent when its record points inside the path and metadata files, its metadata
     parses, and its vector is finite and unit length. The manifest is kept if readable (nothing past
     its committed count is resurrected), else rebuilt from `fallback()` (model and dim) and the data
-    files of the latest generation. When the paths file cannot be vouched for (its checksum does not
-    match, or there is none), the items whose path is in doubt are deleted (see `doubtful_paths`), so
-    that a rescan adds their files back once instead of beside a garbled ghost. The caller holds the
-    write lock.
+    files of the latest generation. The compact copy is rebuilt from the kept vectors. When the paths
+    file cannot be vouched for (its checksum does not match, or there is none), the items whose path
+    is in doubt are deleted (see `doubtful_paths`), so that a rescan adds their files back once
+    instead of beside a garbled ghost. The caller holds the write lock.
     """
     try:
         committed = read_manifest(root)
@@ -331,7 +360,8 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
     doubtful = [] if paths_intact else doubtful_paths(items[:kept], raw["paths"], deleted)
     deleted = np.union1d(deleted, np.asarray(doubtful, "<i8")).astype("<i8")
 
-    m.count, m.deleted = kept, len(deleted)
+    codes, scales = quantize_rows(np.frombuffer(raw["vectors"], "<f2", kept * m.dim).reshape(kept, m.dim))
+    m.count, m.deleted, m.compact = kept, len(deleted), kept
     m.paths_bytes = int(path_end[:kept].max()) if kept else 0
     m.meta_bytes = int(meta_end[:kept].max()) if kept else 0
     committed_bytes = {
@@ -340,8 +370,11 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
         "paths": raw["paths"][: m.paths_bytes],
         "meta": raw["meta"][: m.meta_bytes],
         "deleted": deleted.tobytes(),
+        "codes": codes.tobytes(),
+        "scales": scales.astype("<f4").tobytes(),
     }
-    append_at(files["deleted"], 0, committed_bytes["deleted"])
+    for kind in ("deleted", *COMPACT_FILES):
+        append_at(files[kind], 0, committed_bytes[kind])
     m.checksums = {kind: zlib.crc32(data) for kind, data in committed_bytes.items()}
     if rebuilt and (root / MANIFEST).exists():
         os.replace(root / MANIFEST, root / (MANIFEST + ".damaged"))
@@ -400,6 +433,8 @@ def committed_lengths(m: Manifest) -> dict[str, int]:
         "paths": m.paths_bytes,
         "meta": m.meta_bytes,
         "deleted": m.deleted * 8,
+        "codes": m.compact * m.dim,
+        "scales": m.compact * SCALES_BYTES,
     }
 
 

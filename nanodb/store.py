@@ -35,12 +35,20 @@ from nanodb.storage import (
     write_manifest,
 )
 from pipeline.sink import ScannedFile
-from pipeline.walk import absolute_path
+from pipeline.walk import absolute_path, printable
 
 log = logging.getLogger(__name__)
 
 # Similarities closer than this are a tie: float16 storage rounds each value by up to ~5e-4 relative.
 SCORE_TIE = 1e-4
+
+
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Float32 rows scaled to unit length; raises ValueError for non-finite or zero rows."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    if not np.isfinite(vectors).all() or (norms == 0).any():
+        raise ValueError("vectors must be finite and non-zero")
+    return vectors / norms
 
 
 @dataclass
@@ -65,6 +73,21 @@ class Hit:
     path: str | None
     similarity: float
     metadata: dict[str, Any]
+    duplicates: list[int] = field(default_factory=list)  # rows with the same file content, when collapsed
+
+
+@dataclass
+class RowFilter:
+    """Which rows a search may return: a folder (an absolute path prefix, or a folder name anywhere in
+    the path), a modification-time range [since, until) in seconds, and file extensions (lowercase, no dot)."""
+
+    folder: str | None = None
+    since: float | None = None
+    until: float | None = None
+    types: frozenset[str] | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.folder, self.since, self.until, self.types))
 
 
 @dataclass
@@ -144,7 +167,8 @@ class ItemStore:
         self.index.count = m.count
         crc = m.checksums or {}
         self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors"))
+            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
+            m.compact_reader(root),
         )
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
@@ -251,14 +275,68 @@ class ItemStore:
         rec = self._items[i]
         return int(rec["size"]) == size and float(rec["mtime"]) == mtime
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """Exact top k per unit query vector, with the paths of the rows as they are now."""
+    def search(self, queries: np.ndarray, k: int, where: RowFilter | None = None,
+               collapse: bool = False) -> list[list[Hit]]:
+        """Exact top k per unit query vector, with the paths of the rows as they are now.
+
+        `where` keeps only the rows it allows; `collapse` keeps the best row of each file content (hash)
+        and lists the others in Hit.duplicates. Both stay exact: the index is asked for more rows,
+        doubling, until k hits pass (or every row was seen)."""
         with self.lock:  # a compaction renumbers rows: indices and paths must come from one state
-            indices, scores = self.index.search(queries, k)
-            return [
-                [Hit(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
-                for ri, rs in zip(indices, scores)
-            ]
+            if not where and not collapse:
+                indices, scores = self.index.search(queries, k)
+                return [
+                    [Hit(int(i), self.path_of(int(i)), float(s), self.metadata_of(int(i))) for i, s in zip(ri, rs)]
+                    for ri, rs in zip(indices, scores)
+                ]
+            allowed = self.allowed_rows(where) if where else None
+            return [self._search_one(q, k, allowed, collapse) for q in np.asarray(queries).reshape(-1, self.dim)]
+
+    def _search_one(self, query: np.ndarray, k: int, allowed: np.ndarray | None, collapse: bool) -> list[Hit]:
+        rows = self.index.count
+        share = 1.0 if allowed is None else max(int(allowed.sum()), 1) / max(rows, 1)
+        fetch = min(rows, int(k / share * 1.5) + 16)
+        hashes = self._items["hash"]
+        while True:
+            top, scores = self.index.search(query[None], fetch)
+            top, scores = top[0], scores[0]
+            if allowed is not None:
+                keep = allowed[top]
+                top, scores = top[keep], scores[keep]
+            if not collapse:
+                chosen = [(int(i), float(s), []) for i, s in zip(top[:k], scores[:k])]
+                enough = len(top) >= k
+            else:
+                groups: dict[bytes, tuple[int, float, list[int]]] = {}
+                for i, s in zip(top, scores):
+                    key = bytes(hashes[i])
+                    if key in groups:
+                        groups[key][2].append(int(i))
+                    elif len(groups) < k:
+                        groups[key] = (int(i), float(s), [])
+                chosen = list(groups.values())
+                # every copy of the k-th kept row scores within SCORE_TIE of it: seen once past that
+                enough = len(chosen) >= k and len(scores) and scores[-1] < chosen[-1][1] - SCORE_TIE
+            if enough or fetch >= rows:
+                return [Hit(i, self.path_of(i), s, self.metadata_of(i), dups) for i, s, dups in chosen]
+            fetch = min(rows, fetch * 2)
+
+    def allowed_rows(self, where: RowFilter) -> np.ndarray:
+        """A boolean mask over rows: those `where` allows (deleted rows are excluded by the index)."""
+        with self.lock:
+            n = self.index.count
+            mask = np.ones(n, bool)
+            mtime = self._items["mtime"][:n]
+            if where.since is not None:
+                mask &= mtime >= where.since
+            if where.until is not None:
+                mask &= mtime < where.until
+            if where.folder is not None or where.types is not None:
+                by_path = np.zeros(n, bool)
+                for path, i in self._paths_to_index().items():
+                    by_path[i] = _path_allowed(path, where)
+                mask &= by_path
+            return mask
 
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or a duplicate) first.
@@ -288,14 +366,14 @@ class ItemStore:
         if self.read_only:
             raise DatabaseError(f"{self.root} is open read-only")
 
-    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]]) -> list[int]:
-        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector."""
+    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]], *, stored: bool = False) -> list[int]:
+        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector.
+
+        `stored`: the vectors are rows of this store (unit length already), kept bit for bit."""
         self.check_writable()
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        if not np.isfinite(vectors).all() or (norms == 0).any():
-            raise ValueError("vectors must be finite and non-zero")
-        vectors = vectors / norms
+        if not stored:
+            vectors = unit_rows(vectors)
         with self.lock:
             start = self.index.count
             n = start + len(vectors)
@@ -327,13 +405,31 @@ class ItemStore:
         """The hash recorded for an item added as a vector (it has no file)."""
         return hashlib.blake2b(np.asarray(vector).tobytes(), digest_size=16).digest()
 
-    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray) -> tuple[int, int]:
-        """Append embedded files; a file indexed before is replaced. Returns (added, updated)."""
+    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray | None) -> tuple[int, int]:
+        """Append embedded files; a file indexed before is replaced. Returns (added, updated).
+
+        A file whose content hash is stored already (an identical copy, or a file touched but not
+        changed) gets that row's vector, bit for bit, so identical files tie: `vectors` may then be
+        None (rows of files not known must be embedded)."""
         with self.lock:
+            fresh = None if vectors is None else unit_rows(np.asarray(vectors, np.float32).reshape(-1, self.dim))
+            rows = np.empty((len(files), self.dim), np.float32)
+            first: dict[bytes, int] = {}  # identical files within this batch share the first one's vector
+            for j, f in enumerate(files):
+                h = bytes(f.hash)
+                if (known := self.row_with_hash(h)) is not None:
+                    rows[j] = self.index.vectors[known]
+                elif h in first:
+                    rows[j] = rows[first[h]]
+                elif fresh is None:
+                    raise ValueError(f"no vector for {printable(f.path)}: its content is not stored")
+                else:
+                    rows[j] = fresh[j].astype(np.float16)  # the bits it is stored with
+                    first[h] = j
             paths = self._paths_to_index()
             old = [paths.get(f.path) for f in files]
             records = [{"path": f.path, "size": f.size, "mtime": f.mtime, "hash": f.hash} for f in files]
-            self.append(vectors, records)
+            self.append(rows, records, stored=True)
             replaced = [i for i in old if i is not None]
             if replaced:
                 self.delete(replaced)
@@ -375,7 +471,7 @@ class ItemStore:
                 records.append({"path": new, "size": int(rec["size"]), "mtime": float(rec["mtime"]),
                                 "hash": bytes(rec["hash"]), "metadata": self.metadata_of(i) or None})
             if rows:
-                self.append(self.index.vectors[rows], records)
+                self.append(self.index.vectors[rows], records, stored=True)
                 self.delete(rows + replaced)
         return len(rows)
 
@@ -413,6 +509,10 @@ class ItemStore:
             self.add_files([found], self.index.vectors[i : i + 1])
             return self._paths_to_index()[found.path]
 
+    def has_content(self, content_hash: bytes) -> bool:
+        """A file with exactly these bytes has a stored vector (it need not be embedded again)."""
+        return self.row_with_hash(content_hash) is not None
+
     def row_with_hash(self, content_hash: bytes) -> int | None:
         """A row (deleted rows too: their vectors stay until compaction) whose content has this hash."""
         with self.lock:
@@ -422,6 +522,16 @@ class ItemStore:
             return self._hash_index.get(bytes(content_hash))
 
     # ----------------------------------------------------------------- committing
+    def record_weights(self, pretrained: str, weights_id: str) -> None:
+        """Remember where the model's checkpoint is now (the same weights, moved), in the manifest."""
+        self.check_writable()
+        with self._save_lock:
+            self.manifest.pretrained, self.manifest.weights_id = pretrained, weights_id
+            try:
+                write_manifest(self.root, self.manifest)
+            except OSError as e:
+                raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
+
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
         Returns False when there was nothing to save."""
@@ -443,8 +553,10 @@ class ItemStore:
                     "paths": bytes(self._paths[m.paths_bytes :]),
                     "meta": bytes(self._meta[m.meta_bytes :]),
                     "deleted": np.asarray(self._deleted[m.deleted :], "<i8"),
+                    "codes": self.index.codes[m.compact : n].ravel(),
+                    "scales": self.index.scales[m.compact : n].astype("<f4").ravel(),
                 }
-                new.count, new.deleted = n, len(self._deleted)
+                new.count, new.deleted, new.compact = n, len(self._deleted), n
                 new.paths_bytes = m.paths_bytes + len(appended["paths"])
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
@@ -479,11 +591,12 @@ class ItemStore:
                 row[off] = len(data)
                 data += old[start : start + int(row[length])]
         new = Manifest(**{**m.__dict__})
-        new.generation, new.count, new.deleted = m.generation + 1, len(live), 0
+        new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
             "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
-            "meta": bytes(meta), "deleted": b"",
+            "meta": bytes(meta), "deleted": b"", "codes": self.index.codes[live].ravel(),
+            "scales": self.index.scales[live].astype("<f4").ravel(),
         }
         log.info("compacting %s: %d items", self.root, len(live))
         try:
@@ -523,3 +636,14 @@ class ItemStore:
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None
+
+
+def _path_allowed(path: str, where: RowFilter) -> bool:
+    if where.types is not None and os.path.splitext(path)[1][1:].lower() not in where.types:
+        return False
+    if where.folder is None:
+        return True
+    folder = where.folder
+    if os.path.isabs(folder):
+        return path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
+    return f"{os.sep}{folder.strip(os.sep)}{os.sep}" in os.path.dirname(path) + os.sep

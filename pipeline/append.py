@@ -27,7 +27,8 @@ class IndexAppender:
             # which runs on this same event loop, handled its event already or will find it indexed.
             present = [i for i, im in enumerate(images) if os.path.exists(im.path)]
             if len(present) < len(images):
-                images, vectors = [images[i] for i in present], vectors[present]
+                images = [images[i] for i in present]
+                vectors = None if vectors is None else vectors[present]
             if not images:
                 continue
             added, updated = self.sink.add_files(images, vectors)

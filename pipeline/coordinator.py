@@ -30,9 +30,10 @@ class ScanReport:
     added: int = 0
     updated: int = 0  # changed files, re-embedded
     dropped: int = 0  # indexed files gone from a rescanned folder
+    embedded: int = 0  # images run through the model (a file identical to an indexed one is not)
     failures: list[tuple[str, str]] = field(default_factory=list)
     walking: bool = True
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # the scan's wall time counts from here
     finished: float | None = None
     on_change: Callable[[ScanReport], None] | None = field(default=None, repr=False)
     queues: dict[str, asyncio.Queue] = field(default_factory=dict, repr=False)  # for the status line
@@ -60,8 +61,8 @@ class ScanReport:
 
     @property
     def rate(self) -> float:
-        """Images embedded per second."""
-        return (self.added + self.updated) / self.seconds if self.seconds > 0 else 0.0
+        """Images embedded per second of the scan's wall time."""
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def status(self) -> str:
         """One line for a live display: files done/total, images/s, errors, ETA, queue depths."""
@@ -75,11 +76,18 @@ class ScanReport:
         )
 
     def summary(self) -> str:
+        """One line: files found, wall time since the scan started, what happened to them, and the rate
+        of images embedded (only when some were)."""
         dropped = f", {self.dropped} gone" if self.dropped else ""
+        rate = f" ({_count(self.embedded, 'image')} embedded, {self.rate:.1f}/s)" if self.embedded else ""
         return (
-            f"scanned {self.found} images in {self.seconds:.1f}s: {self.added} added, {self.updated} updated, "
-            f"{self.unchanged} unchanged{dropped}, {self.failed} skipped ({self.rate:.1f} images/s)"
+            f"scanned {_count(self.found, 'image')} in {self.seconds:.1f}s: {self.added} added, "
+            f"{self.updated} updated, {self.unchanged} unchanged{dropped}, {self.failed} skipped{rate}"
         )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _duration(seconds: float) -> str:
@@ -95,10 +103,13 @@ class ScanPipeline:
     (pause); in-flight work finishes first.
     """
 
-    def __init__(self, sink: IndexSink, model: EmbeddingModel, roots, decode_pool: ImageDecodePool,
-                 batch_size: int, *, excludes=None, autosave_every: int | None = None,
-                 report: ScanReport | None = None, feed: asyncio.Queue | None = None,
-                 running: asyncio.Event | None = None, remote=None):
+    def __init__(self, sink: IndexSink, model: EmbeddingModel | Callable[[], EmbeddingModel], roots,
+                 decode_pool: ImageDecodePool, batch_size: int, *, excludes=None,
+                 autosave_every: int | None = None, report: ScanReport | None = None,
+                 feed: asyncio.Queue | None = None, running: asyncio.Event | None = None, remote=None):
+        """`model`: the model, or a function that returns it, called only once an image needs embedding
+        (the decode pool, likewise, starts its workers on the first file to decode). `remote`: a stage
+        that decodes and embeds elsewhere (a Ray cluster) instead of the pool and the CLIP stage."""
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),), **kwargs)
         self.sink = sink
@@ -109,7 +120,8 @@ class ScanPipeline:
             running = asyncio.Event()
             running.set()
         self.running = running
-        self.clip = ClipStage(model, batch_size, self.report, running)
+        get_model = (lambda: model) if hasattr(model, "encode_pixels") else model
+        self.clip = ClipStage(get_model, batch_size, self.report, running, is_known=sink.has_content)
         self.appender = IndexAppender(sink, self.report, autosave_every)
         # A stage that decodes and embeds elsewhere (pipeline.ray_ingest.RayEmbedStage) instead of the
         # local decode pool and CLIP stage: `run(found, embedded, report, running)`.
@@ -130,6 +142,8 @@ class ScanPipeline:
                     tg.create_task(self._decode(found, decoded))
                     tg.create_task(self.clip.run(decoded, embedded))
                 tg.create_task(self.appender.run(embedded))
+        except ExceptionGroup as group:  # the first failure as itself (it cancelled the other stages)
+            raise group.exceptions[0] from None
         finally:
             self.report.finished = time.monotonic()
         return self.report
@@ -155,7 +169,23 @@ class ScanPipeline:
             problems.append(problem.path)
         self.walker.problems.clear()
 
+    def _vanished_roots(self) -> list[str]:
+        """Scanned folders (or files) that were deleted and have indexed items: the rescan drops
+        their items, without an error. Deleted means gone from a folder that is still there; a folder
+        whose parent is gone too (an unplugged disk) loses nothing."""
+        roots = [absolute_path(r) for r in self.walker.roots]
+        missing = [r for r in roots if not os.path.lexists(r) and os.path.isdir(os.path.dirname(r))]
+        if not missing:
+            return []
+        indexed = self.sink.indexed_paths()
+        return [r for r in missing if any(p == r or p.startswith(r + os.sep) for p in indexed)]
+
     async def _walk(self, outbox: asyncio.Queue) -> None:
+        vanished = self._vanished_roots()
+        self.walker.roots = [r for r in self.walker.roots if absolute_path(r) not in vanished]
+        if vanished:
+            self.report.dropped += self.sink.forget(vanished)
+            log.info("%s gone: its items are dropped", ", ".join(map(printable, vanished)))
         files = iter(self.walker)
         seen: set[str] = set()
         problems: list[str] = []
@@ -166,7 +196,7 @@ class ScanPipeline:
                 await self._offer(f, outbox)
             self.report.changed()
         self._take_walk_problems(problems)
-        self.report.dropped = self._drop_missing(seen, problems)
+        self.report.dropped += self._drop_missing(seen, problems)
         self.report.walking = False
         self.report.changed()
         await outbox.put(None)

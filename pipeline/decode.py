@@ -4,24 +4,36 @@ Workers return uint8 pixels already resized and cropped by the model's own trans
 the bytes of normalised floats); the CLIP stage scales and normalises whole batches at once. A worker
 that dies (a decoder crash) costs only the file that killed it: the files in flight with it are
 retried one at a time in a separate process.
+
+Workers start from loky's fixed entry point, not from the program's main module: multiprocessing's
+'spawn' would re-run a user's unguarded script (`db.scan(...)` at its top level) in every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
 import os
 import threading
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from pipeline.imaging import ImageRejected, content_hash, model_pixels, open_image, read_image_file
+from pipeline.imaging import (
+    DEFAULT_MAX_PIXELS,
+    ImageRejected,
+    content_hash,
+    is_raw_name,
+    model_pixels,
+    open_image,
+    read_image_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +53,16 @@ class DecodeFailure:
     reason: str
 
 
+class DecodeWorkersFailed(RuntimeError):
+    """The decode worker processes could not start: the scan stops, no file is counted as skipped."""
+
+
 def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeFailure:
     """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
     try:
         file = read_image_file(path)
-        pixels = model_pixels(open_image(file.data, max_pixels, getattr(transform, "draft_size", None)), transform)
+        image = open_image(file.data, max_pixels, getattr(transform, "draft_size", None), raw=is_raw_name(path))
+        pixels = model_pixels(image, transform)
     except ImageRejected as e:
         return DecodeFailure(path, str(e))
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on
@@ -71,6 +88,11 @@ def _decode_in_worker(path: str) -> DecodedImage | DecodeFailure:
     return decode_file(path, *_worker_args)
 
 
+def _ready() -> bool:
+    """A worker answers once started and initialised."""
+    return True
+
+
 def _exit_with_parent(parent: int) -> None:
     """A worker whose scan was killed (kill -9) is not told; without this it would wait, holding
     its memory, forever."""
@@ -80,62 +102,71 @@ def _exit_with_parent(parent: int) -> None:
 
 
 class ImageDecodePool:
-    """A pool of decode processes (spawned, so no CUDA or thread state is forked)."""
+    """A pool of decode processes (spawned fresh, so no CUDA or thread state is forked), started on
+    the first decode. `transform` may be given as `get_transform`, called only then: a scan that
+    finds nothing to decode needs no model."""
 
-    def __init__(self, transform, workers: int, max_pixels: int):
+    def __init__(self, transform=None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, *,
+                 get_transform: Callable[[], Any] | None = None):
         self.workers = workers
-        self._args = (transform, max_pixels, os.getpid())
-        self._executor: ProcessPoolExecutor | None = None
-        self._solo: ProcessPoolExecutor | None = None
+        self._max_pixels = max_pixels
+        self._get_transform = get_transform or (lambda: transform)
+        self._executor: Executor | None = None
+        self._solo: Executor | None = None
         self._alone = threading.Lock()
+        self._starting = threading.Lock()
 
-    def _start(self, workers: int) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=self._args
+    def _start(self, workers: int) -> Executor:
+        """Start `workers` processes and wait until one answers: one that cannot start is an error."""
+        from loky import ProcessPoolExecutor
+
+        executor = ProcessPoolExecutor(
+            workers, initializer=_init_worker, initargs=(self._get_transform(), self._max_pixels, os.getpid())
         )
+        try:
+            executor.submit(_ready).result()
+        except Exception as e:
+            executor.shutdown(wait=False, kill_workers=True)
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DecodeWorkersFailed(f"the image decode worker processes could not start ({why})") from e
+        return executor
 
-    @property
-    def executor(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = self._start(self.workers)
-        return self._executor
-
-    @property
-    def solo(self) -> ProcessPoolExecutor:
-        """A one-process pool for retrying, one by one, the files in flight when a worker died."""
-        if self._solo is None:
-            self._solo = self._start(1)
-        return self._solo
+    def _ready_executor(self, name: str, workers: int) -> Executor:
+        with self._starting:
+            if getattr(self, name) is None:
+                setattr(self, name, self._start(workers))
+            return getattr(self, name)
 
     async def decode(self, path: str) -> DecodedImage | DecodeFailure:
         """Decode one file in a worker; a worker crash is pinned on the file that caused it."""
         loop = asyncio.get_running_loop()
-        executor = self.executor
+        executor = self._executor or await loop.run_in_executor(None, self._ready_executor, "_executor", self.workers)
         try:
-            return await loop.run_in_executor(executor, _decode_in_worker, path)
+            return await asyncio.wrap_future(executor.submit(_decode_in_worker, path))
         except BrokenProcessPool:  # some worker died: every file in flight lands here
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path)
 
     def _decode_alone(self, path: str) -> DecodedImage | DecodeFailure:
         with self._alone:
-            solo = self.solo
+            solo = self._ready_executor("_solo", 1)
             try:
                 return solo.submit(_decode_in_worker, path).result()
             except BrokenProcessPool:
                 self._replace(solo)
                 return DecodeFailure(path, "the decoder process crashed on this file")
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _replace(self, broken: Executor) -> None:
         """Drop a pool whose worker died (once, however many of its files report it); the next use
         starts fresh workers."""
-        for name in ("_executor", "_solo"):
-            if getattr(self, name) is broken:
-                broken.shutdown(wait=False, cancel_futures=True)
-                setattr(self, name, None)
+        with self._starting:
+            for name in ("_executor", "_solo"):
+                if getattr(self, name) is broken:
+                    broken.shutdown(wait=False, kill_workers=True)
+                    setattr(self, name, None)
 
     def close(self) -> None:
         for name in ("_executor", "_solo"):
             if (executor := getattr(self, name)) is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+                executor.shutdown(wait=True, kill_workers=True)
                 setattr(self, name, None)

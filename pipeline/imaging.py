@@ -3,7 +3,9 @@ query images alike.
 
 Every check happens on the header, before any pixel is decoded: file size, pixel count and aspect
 ratio. Then the first frame is decoded, EXIF orientation applied, and the mode made 8-bit RGB.
-Nothing here changes process-wide state (no Pillow globals, no warning filters).
+Nothing here changes process-wide state (no Pillow settings, no warning filters) beyond teaching Pillow
+to read HEIF (pillow-heif's opener; Pillow reads AVIF itself). Camera RAW files are read with rawpy:
+the embedded preview JPEG where it is large enough, else the raw data developed at half size.
 """
 
 from __future__ import annotations
@@ -22,6 +24,31 @@ MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole w
 MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
 DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the model's input size
+
+# Camera RAW formats, read with rawpy rather than Pillow (which would find only a TIFF thumbnail in some).
+RAW_EXTENSIONS = frozenset({
+    ".dng", ".arw", ".cr2", ".cr3", ".nef", ".raf", ".orf", ".rw2",
+    ".nrw", ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".crw", ".erf", ".mos", ".raw",
+})
+# A RAW file's embedded preview is used when its short side has at least this many pixels.
+MIN_PREVIEW_SIDE = 256
+
+
+def is_raw_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
+
+
+_plugins_ready = False
+
+
+def register_plugins() -> None:
+    """Teach Pillow to open HEIF/HEIC (once per process; pillow-heif's public opener)."""
+    global _plugins_ready
+    if not _plugins_ready:
+        from pillow_heif import register_heif_opener
+
+        register_heif_opener()
+        _plugins_ready = True
 
 
 class ImageRejected(ValueError):
@@ -67,14 +94,19 @@ def check_dimensions(width: int, height: int, max_pixels: int) -> None:
         raise ImageRejected(f"absurd dimensions ({width}x{height} pixels)")
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, *,
+               raw: bool = False):
     """Bytes -> an 8-bit RGB PIL image of the first frame, EXIF orientation applied.
 
     `draft_size`: where the format can decode at a reduced scale (JPEG), decode at no less than this
-    many pixels on the short side. Raises ImageRejected with a short reason for anything else.
+    many pixels on the short side. `raw`: the bytes are a camera RAW file (see RAW_EXTENSIONS).
+    Raises ImageRejected with a short reason for anything else.
     """
     from PIL import Image, UnidentifiedImageError
 
+    if raw:
+        return open_raw(data, max_pixels, draft_size)
+    register_plugins()
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -98,6 +130,50 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageRejected(f"image too large ({e})") from None
     except Exception as e:  # a broken file can make a decoder raise anything; the caller must go on
         raise ImageRejected(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+    """A camera RAW file's bytes -> 8-bit RGB: its embedded preview, else the raw data developed."""
+    import rawpy
+    from PIL import Image
+
+    try:
+        with rawpy.imread(io.BytesIO(data)) as raw:
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                thumb = None
+            if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
+                preview = open_image(thumb.data, max_pixels, draft_size)
+                if min(preview.size) >= MIN_PREVIEW_SIDE:
+                    # LibRaw's orientation, unless the preview carries its own
+                    return preview if _has_orientation(thumb.data) else _flip(preview, raw.sizes.flip)
+            elif (thumb is not None and thumb.format == rawpy.ThumbFormat.BITMAP
+                  and min(thumb.data.shape[:2]) >= MIN_PREVIEW_SIDE):
+                return _flip(Image.fromarray(thumb.data).convert("RGB"), raw.sizes.flip)
+            check_dimensions(raw.sizes.width // 2, raw.sizes.height // 2, max_pixels)  # half size
+            return Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8))
+    except ImageRejected:
+        raise
+    except rawpy.LibRawFileUnsupportedError:
+        raise ImageRejected("not a camera RAW file (or an unsupported camera)") from None
+    except Exception as e:  # LibRaw raises many kinds of errors on a damaged file
+        raise ImageRejected(f"corrupt or unsupported RAW file ({type(e).__name__}: {e})") from None
+
+
+def _has_orientation(jpeg: bytes) -> bool:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return im.getexif().get(0x0112, 1) != 1
+
+
+def _flip(image, flip: int):
+    """Apply LibRaw's `sizes.flip` (0 none, 3 180 degrees, 5 90 degrees counter-clockwise, 6 clockwise)."""
+    from PIL import Image
+
+    turn = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}.get(flip)
+    return image.transpose(turn) if turn is not None else image
 
 
 def to_rgb(image):

@@ -30,8 +30,12 @@ class IndexSink(Protocol):
     def indexed_paths(self) -> list[str]:
         """The paths of every live item (a rescan drops the ones gone from their folder)."""
 
-    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray) -> tuple[int, int]:
-        """Add embedded files, replacing earlier items of the same paths; returns (added, updated)."""
+    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray | None) -> tuple[int, int]:
+        """Add embedded files, replacing earlier items of the same paths; returns (added, updated).
+        A file whose content is stored already gets that vector (`vectors` None: all are)."""
+
+    def has_content(self, content_hash: bytes) -> bool:
+        """A file with these exact bytes has a stored vector: it need not be embedded."""
 
     def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
         """Index a file whose exact bytes are known with their stored vector; None if they are not."""

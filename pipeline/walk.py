@@ -9,9 +9,20 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from pipeline.imaging import RAW_EXTENSIONS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tiff", ".tif", ".bmp", ".gif", ".webp"})
+# The files a scan indexes: what Pillow reads (with pillow-heif for HEIF/HEIC), and camera RAW (rawpy).
+IMAGE_EXTENSIONS = frozenset({
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tiff", ".tif", ".bmp", ".gif", ".webp",
+    ".jp2", ".j2k", ".jpx", ".jpf", ".pnm", ".ppm", ".pgm", ".pbm",
+    ".heic", ".heif", ".avif", ".tga", ".psd", ".ico",
+}) | RAW_EXTENSIONS
+# Image files nanodb cannot read: each is reported as skipped (never ignored without a word).
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
+    ".jxl", ".svg", ".svgz", ".eps", ".exr", ".hdr", ".xcf", ".kra", ".heics", ".avifs", ".x3f",
+})
 
 # Folders nobody wants indexed: hidden ones, Synology and desktop thumbnail caches.
 DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
@@ -19,6 +30,10 @@ DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_unsupported_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in UNSUPPORTED_IMAGE_EXTENSIONS
 
 
 def absolute_path(path: str | os.PathLike) -> str:
@@ -58,8 +73,8 @@ class DirectoryWalker:
 
     Skips excluded names (glob patterns matched against each file or folder name, or a full path),
     folders it has already entered (symlink loops), and anything that is not a regular file
-    (FIFOs, sockets, devices: reading those would hang or never end). Unreadable folders and broken
-    links are reported in `problems` and the walk goes on.
+    (FIFOs, sockets, devices: reading those would hang or never end). Unreadable folders, broken
+    links and image files of a format nanodb cannot read are reported in `problems` and the walk goes on.
     """
 
     roots: list[str]
@@ -114,6 +129,8 @@ class DirectoryWalker:
                             found = self._file(entry.path, seen_files)
                             if found:
                                 yield found
+                        elif is_unsupported_image_name(entry.name):
+                            self._problem(entry.path, f"unsupported image format ({os.path.splitext(entry.name)[1]})")
                     stack.extend(reversed(subdirs))
             elif is_image_name(root) or stat.S_ISREG(st.st_mode):
                 found = self._file(root, seen_files)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import io
+import json
 import logging
 import os
 import shutil
@@ -13,10 +16,12 @@ import sys
 import tempfile
 from collections.abc import Iterator
 
+import shtab
+
 from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, format_validation
+from nanodb.interfaces.console import Console, format_validation, similar_query
 from nanodb.model import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.service import IngestService
 from nanodb.storage import DatabaseError
@@ -29,6 +34,9 @@ examples:
   nanodb --scan /mnt/nas/photos --path ~/.nanodb/nas --ray auto --autosave
   nanodb --path ~/.nanodb/pictures --watch ~/Pictures --watch /mnt/camera --exclude '*.tmp.jpg'
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
+  nanodb search --path ~/.nanodb/pictures "a red car" -k 5 --json
+  nanodb similar --path ~/.nanodb/pictures ~/Pictures/cat.jpg --preview
+  nanodb --print-completion bash > ~/.local/share/bash-completion/completions/nanodb
 
 Defaults come from configs/default.yaml; --config FILE overrides them, and flags override both."""
 
@@ -40,9 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--path", required=True, help="database folder (created if missing, loaded if present)")
+    shtab.add_argument_to(p, ["--print-completion"], help="print a shell completion script for this shell")
+    p.add_argument("--path", help="database folder (created if missing, loaded if present); required").complete = (
+        shtab.DIRECTORY)
     p.add_argument("--scan", action="append", default=[], metavar="DIR",
-                   help="add the images under a folder (recursively) or a single file; repeatable")
+                   help="add the images under a folder (recursively) or a single file; repeatable"
+                   ).complete = shtab.FILE
     p.add_argument("--watch", action="append", default=[], metavar="DIR",
                    help="scan a folder, then keep indexing what changes in it until Ctrl-C/SIGTERM "
                         "(repeatable; implies --autosave)")
@@ -79,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
+    commands = p.add_subparsers(dest="command", metavar="{search,similar}",
+                                description="one-shot commands for scripts: print the results and exit")
+    search = commands.add_parser("search", help="search by text, print the results and exit")
+    search.add_argument("query", nargs="+", help="the words to search for (joined with spaces)")
+    similar = commands.add_parser("similar", help="images similar to a photo, an item index or an image URL")
+    similar.add_argument("photo", help="an image file, an item index or an http(s) URL").complete = shtab.FILE
+    for sub in (search, similar):
+        sub.add_argument("--path", required=True, help="database folder").complete = shtab.DIRECTORY
+        sub.add_argument("-k", "--k", type=_positive, default=None, help="results (default 8)")
+        sub.add_argument("--json", action="store_true", help="one JSON object per line instead of result lines")
+        sub.add_argument("--preview", action="store_true",
+                         help="show thumbnails in terminals that can (kitty, iTerm2, WezTerm)")
+        sub.add_argument("--folder", help="only files under this folder (or with a folder of this name)")
+        sub.add_argument("--since", metavar="YYYY-MM-DD", help="only files modified on or after this date")
+        sub.add_argument("--until", metavar="YYYY-MM-DD", help="only files modified on or before this date")
+        sub.add_argument("--type", action="append", dest="types", metavar="EXT",
+                         help="only this file type (repeatable)")
+        sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
+        sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
     return p
 
 
@@ -114,12 +144,17 @@ def web_upload_folder() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.path:
+        parser.error("the following arguments are required: --path")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
     )
     try:
+        if args.command:
+            return one_shot(args)
         return asyncio.run(run(args))
     except (DatabaseError, ModelLoadError, ValueError, OSError) as e:
         print(f"nanodb: error: {e}", file=sys.stderr)
@@ -128,6 +163,62 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except asyncio.CancelledError:  # SIGTERM: stopped and saved
         return 0
+
+
+def one_shot(args: argparse.Namespace) -> int:
+    """`nanodb search` / `nanodb similar`: open the database read-only, print the results, exit."""
+    settings = load_settings(args.config, k=args.k, device=args.device)
+    with NanoDB(args.path, settings=settings, read_only=True) as db:
+        query = {"text": " ".join(args.query)} if args.command == "search" else similar_query(args.photo)
+        results = db.search(k=args.k, folder=args.folder, since=args.since, until=args.until, types=args.types,
+                            **query)
+        protocol = preview_protocol() if args.preview else None
+        if args.preview and protocol is None:
+            print("nanodb: --preview needs a terminal that shows images (kitty, iTerm2, WezTerm)", file=sys.stderr)
+        for r in results:
+            if args.json:
+                print(json.dumps({"index": r.index, "path": r.path, "similarity": round(r.similarity, 6)}))
+            else:
+                print(r)
+            if protocol and r.path:
+                print(preview(r.path, protocol, db.settings.max_image_pixels))
+    return 0
+
+
+def preview_protocol() -> str | None:
+    """The inline-image protocol of this terminal: "kitty", "iterm2" (also WezTerm), or None.
+    NANODB_PREVIEW=kitty|iterm2 forces one (e.g. through tmux, or into a file)."""
+    forced = os.environ.get("NANODB_PREVIEW")
+    if forced in ("kitty", "iterm2"):
+        return forced
+    if not sys.stdout.isatty():
+        return None
+    if os.environ.get("KITTY_WINDOW_ID") or os.environ.get("TERM") == "xterm-kitty":
+        return "kitty"
+    if os.environ.get("TERM_PROGRAM") in ("iTerm.app", "WezTerm"):
+        return "iterm2"
+    return None
+
+
+def preview(path: str, protocol: str, max_pixels: int, size: int = 160) -> str:
+    """A thumbnail of `path` as the escape sequence that draws it inline ("" when it cannot be read)."""
+    from pipeline.imaging import ImageRejected, open_image, read_image_file
+
+    try:
+        image = open_image(read_image_file(path).data, max_pixels, draft_size=size)
+    except (ImageRejected, OSError):
+        return ""
+    image.thumbnail((size, size))
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    data = base64.b64encode(out.getvalue()).decode()
+    if protocol == "iterm2":
+        return f"\033]1337;File=inline=1;size={len(out.getvalue())}:{data}\a"
+    chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+    return "".join(
+        f"\033_G{'a=T,f=100,' if i == 0 else ''}m={int(i < len(chunks) - 1)};{chunk}\033\\"
+        for i, chunk in enumerate(chunks)
+    )
 
 
 async def run(args: argparse.Namespace) -> int:

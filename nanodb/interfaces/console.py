@@ -1,13 +1,24 @@
-"""The interactive `> ` console (prompt_toolkit), and the same commands read line by line from a pipe."""
+"""The interactive `> ` console (prompt_toolkit), and the same commands read line by line from a pipe.
+
+Interactive: tab completion of commands and paths, history kept across sessions (and suggested as you
+type), coloured scores and errors, and a status line that fits the terminal."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
+import shutil
+import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
+from prompt_toolkit.document import Document
+from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
 from nanodb.service import IngestService
@@ -15,30 +26,103 @@ from pipeline.walk import is_image_name, printable
 
 HELP = """\
 commands:
-  TEXT                 search by text, e.g.  a girl riding a horse
+  TEXT                 search by text, e.g.  a girl riding a horse   ("quoted" is always text)
   A + B - C            combined query, e.g.  dog + beach - snow  (weights: 2:dog + cat)
-  PATH                 an existing folder or image file: scan it into the database
-  similar PATH|INDEX   images similar to an image file or to a stored item
-  scan PATH            scan a folder or file in the background (also when the name could be read as text)
+  PATH                 an existing folder or image file: scan it (an image: then show its neighbours)
+  similar PATH|INDEX|URL  images similar to an image file, a stored item or an image on the web
+  open INDEX           open an item's file in the desktop's image viewer
+  scan PATH            scan a folder or file in the background
   status               what ingestion is doing: files done/total, images/s, errors, ETA, queues
   pause / resume       pause or resume ingestion (scans and watches); queries keep working
   wait                 wait until the running scans are done
   save                 save the database now
   validate             check that every stored vector finds itself first
+  clear                clear the screen
   help                 this text
   exit                 save and quit (also Ctrl-D)"""
+
+COMMANDS = ["similar", "open", "scan", "status", "pause", "resume", "wait", "save", "validate", "clear", "help",
+            "exit"]
+RESULT_LINE = re.compile(r"^(\* index=\d+  )(.*)(  similarity=)(-?\d+\.\d+)$")
+
+
+def history_file() -> Path:
+    """Where the console keeps its history: $XDG_DATA_HOME/nanodb/history (~/.local/share/...)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return Path(base) / "nanodb" / "history"
+
+
+class ConsoleCompleter(Completer):
+    """Commands for the first word, paths after `scan`/`similar` and for a first word that starts like a path."""
+
+    def __init__(self) -> None:
+        self.commands = WordCompleter(COMMANDS)
+        self.paths = PathCompleter(expanduser=True)
+
+    def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
+        text = document.text_before_cursor.lstrip()
+        word, space, rest = text.partition(" ")
+        if space and word.lower() in ("scan", "similar"):
+            yield from self.paths.get_completions(Document(rest, len(rest)), complete_event)
+        elif not space:
+            if word.startswith(("/", "~", ".")) or os.sep in word:
+                yield from self.paths.get_completions(Document(word, len(word)), complete_event)
+            else:
+                yield from self.commands.get_completions(document, complete_event)
+
+
+def styled(line: str) -> FormattedText:
+    """A line of output with colours: errors red, similarity scores green (high) to grey (low)."""
+    if line.startswith("error:"):
+        return FormattedText([("ansired bold", "error:"), ("ansired", line[len("error:"):])])
+    m = RESULT_LINE.match(line)
+    if not m:
+        return FormattedText([("", line)])
+    score = float(m.group(4))
+    colour = "ansigreen bold" if score >= 0.3 else "ansiyellow" if score >= 0.2 else "ansibrightblack"
+    return FormattedText([("ansicyan", m.group(1)), ("", m.group(2)), ("", m.group(3)), (colour, m.group(4))])
+
+
+def progress_line(db: NanoDB, status: str, width: int) -> str:
+    """The status line: a bar and percentage for the running scans, then the service's status, cut to `width`."""
+    scans = list(db.active_scans)
+    head = ""
+    if scans:
+        found, done = sum(r.found for r in scans), sum(r.done for r in scans)
+        share = done / found if found else 0.0
+        bar = "█" * round(share * 20) + "░" * (20 - round(share * 20))
+        walking = "+" if any(r.walking for r in scans) else ""
+        head = f"{bar} {share:4.0%} {done:,}/{found:,}{walking} | "
+    line = head + status
+    return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
+
+
+def open_in_viewer(path: str) -> None:
+    """Open a file with the desktop's default application (xdg-open, macOS `open`, or Windows)."""
+    if sys.platform == "win32":
+        os.startfile(path)  # noqa: S606 - a file the user asked to see
+        return
+    command = "open" if sys.platform == "darwin" else "xdg-open"
+    if shutil.which(command) is None:
+        raise OSError(f"cannot open {path}: no desktop viewer ({command}) found")
+    subprocess.Popen([command, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 class Console:
     """Reads commands and runs them against `db`. Output goes through `write` (print by default)."""
 
     def __init__(self, db: NanoDB, k: int, write: Callable[[str], None] = print,
-                 service: IngestService | None = None):
+                 service: IngestService | None = None, *, history: str | os.PathLike | None = None,
+                 opener: Callable[[str], None] = open_in_viewer):
         self.db = db
         self.k = k
         self.write = write
         self._service = service
+        self.history = Path(history) if history is not None else history_file()
+        self.opener = opener
         self.exited = False  # `exit` typed, rather than the end of input
+        self._clear: Callable[[], None] | None = None
 
     @property
     def service(self) -> IngestService:
@@ -52,28 +136,56 @@ class Console:
         except (AttributeError, ValueError):
             pass
         if sys.stdin.isatty() and sys.stdout.isatty():
-            await self._interactive()
+            await self.interact()
         else:
             await self._scripted()
 
-    async def _interactive(self) -> None:
+    def session(self, **io):
+        """The prompt: completion, history in `self.history`, suggestions from it, the status line."""
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.patch_stdout import patch_stdout
+        from prompt_toolkit.auto_suggest import AutoSuggestFromHistory
+        from prompt_toolkit.history import FileHistory, InMemoryHistory
 
-        # The bottom toolbar is the live status line: redrawn in place, below the line being typed.
-        session: PromptSession = PromptSession(
-            bottom_toolbar=lambda: self.service.status(), refresh_interval=0.5
+        try:
+            self.history.parent.mkdir(parents=True, exist_ok=True)
+            history = FileHistory(str(self.history))
+        except OSError:  # e.g. a read-only home: history for this session only
+            history = InMemoryHistory()
+        session = None
+
+        def toolbar() -> str:
+            width = session.app.output.get_size().columns if session else 80
+            return progress_line(self.db, self.service.status(), width)
+
+        session = PromptSession(
+            history=history, completer=ConsoleCompleter(), auto_suggest=AutoSuggestFromHistory(),
+            complete_while_typing=False, bottom_toolbar=toolbar, refresh_interval=0.5, **io,
         )
-        with patch_stdout():
-            while True:
-                try:
-                    line = await session.prompt_async("> ")
-                except KeyboardInterrupt:
-                    continue
-                except EOFError:
-                    return
-                if not await self.execute(line):
-                    return
+        return session
+
+    async def interact(self, **io) -> None:
+        """The interactive loop; `io` (input=, output=) lets tests drive it with prompt_toolkit's test input."""
+        from prompt_toolkit import print_formatted_text
+        from prompt_toolkit.patch_stdout import patch_stdout
+        from prompt_toolkit.shortcuts import clear
+
+        session = self.session(**io)
+        output = io.get("output")
+        write, self.write = self.write, lambda line: print_formatted_text(styled(line), output=output)
+        self._clear = clear if output is None else None
+        try:
+            with patch_stdout():
+                while True:
+                    try:
+                        line = await session.prompt_async("> ")
+                    except KeyboardInterrupt:
+                        continue
+                    except EOFError:
+                        return
+                    if not await self.execute(line):
+                        return
+        finally:
+            self.write = write
 
     async def _scripted(self) -> None:
         try:
@@ -104,6 +216,7 @@ class Console:
             return True
         word, _, rest = line.partition(" ")
         word = word.lower()
+        rest = rest.strip()
         try:
             if word in ("exit", "quit"):
                 self.exited = True
@@ -116,7 +229,9 @@ class Console:
             elif word == "validate":
                 self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
             elif word == "similar":
-                await self._search(_image_or_index(rest))
+                await self._search(**similar_query(rest))
+            elif word == "open":
+                self._open(rest)
             elif word == "status":
                 self.write(self.service.status())
             elif word == "pause":
@@ -129,29 +244,55 @@ class Console:
                 await self.service.wait_scans()
                 self.write(self.service.status())
             elif word == "scan":
+                if not rest:
+                    raise ValueError("scan needs a folder or an image file, e.g.  scan ~/Pictures")
                 await self._scan(_unquote(rest))
+            elif word == "clear" and not rest:
+                if self._clear is None:
+                    raise ValueError('clear only clears a terminal; to search for the word, type "clear"')
+                self._clear()
+            elif _is_quoted(line):
+                await self._search(text=_unquote(line))  # quotes force text
             elif _is_existing_path(line):
-                await self._scan(_unquote(line))
-            elif _looks_like_image_path(line):
-                raise ValueError(f"no such image file: {_unquote(line)}")
+                await self._scan(os.path.expanduser(line))
+            elif _looks_like_path(line):
+                raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
             else:
-                await self._search(line)
+                await self._search(text=line)
         except (ValueError, TypeError, OSError) as e:
             self.write(f"error: {printable(str(e))}")
         except Exception as e:  # the console must outlive any single bad command
             self.write(f"error: {type(e).__name__}: {printable(str(e))}")
         return True
 
-    async def _search(self, query) -> None:
-        results = await asyncio.to_thread(self.db.search, query, self.k)
+    async def _search(self, query=None, **named) -> None:
+        results = await asyncio.to_thread(lambda: self.db.search(query, self.k, **named))
         if not results:
-            self.write("no results: the database is empty")
+            self.write("no results: the database is empty" if len(self.db) == 0 else "no results")
         for r in results:
             self.write(str(r))
 
     async def _scan(self, path: str) -> None:
-        self.service.scan(path, on_done=lambda report: self.write(report.summary()))
-        self.write(f"scanning {path} in the background (`status` to follow it)")
+        task = self.service.scan(path, on_done=lambda report: self.write(report.summary()))
+        if not os.path.isfile(path):
+            self.write(f"scanning {path} in the background (`status` to follow it)")
+            return
+        await task  # one image is quick: scan it, then answer with its neighbours
+        if self.db.index_of(path) is not None:
+            self.write(f"nearest to {path}:")
+            await self._search(self.db.index_of(path))
+
+    def _open(self, arg: str) -> None:
+        if not arg.isdigit():
+            raise ValueError("open needs an item index, e.g.  open 12  (the index= of a result)")
+        index = int(arg)
+        if not self.db.has_item(index):
+            raise ValueError(f"no item with index {index}")
+        path = self.db.path_of(index)
+        if path is None or not os.path.isfile(path):
+            raise ValueError(f"item {index} has no file to open" if path is None else f"the file is gone: {path}")
+        self.opener(path)
+        self.write(f"opened {path}")
 
 
 def format_validation(db: NanoDB, report) -> str:
@@ -166,9 +307,13 @@ def format_validation(db: NanoDB, report) -> str:
     return "\n".join(lines)
 
 
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+
+
 def _unquote(text: str) -> str:
     text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    if _is_quoted(text):
         try:
             return shlex.split(text)[0]
         except ValueError:
@@ -177,25 +322,30 @@ def _unquote(text: str) -> str:
 
 
 def _is_existing_path(line: str) -> bool:
-    path = os.path.expanduser(_unquote(line))
-    return (os.sep in path or path.startswith(".")) and os.path.exists(path)
+    """An existing folder or image file, however it is spelt (`cat.jpg`, `./cat.jpg`, `~/Pictures`)."""
+    path = os.path.expanduser(line)
+    return os.path.isdir(path) or (os.path.isfile(path) and is_image_name(path))
 
 
-def _looks_like_image_path(line: str) -> bool:
-    """A missing image file typed as a path, which must not silently become a text search."""
-    path = _unquote(line)
-    return path.startswith(("/", "~/", "./", "../")) and is_image_name(path)
+def _looks_like_path(line: str) -> bool:
+    """A missing file or folder typed as a path, which must not silently become a text search."""
+    if " " in line and not line.startswith(("/", "~/", "./", "../")):
+        return False  # words, e.g.  a dog.jpg on a beach  reads as text
+    return line.startswith(("/", "~/", "./", "../")) or is_image_name(line)
 
 
-def _image_or_index(arg: str):
+def similar_query(arg: str) -> dict:
+    """`similar`'s argument as NanoDB.search arguments: an item index, an image URL or an image file."""
     arg = _unquote(arg)
     if not arg:
-        raise ValueError("similar needs an image path or an item index")
-    if arg.isdigit():
-        return int(arg)
+        raise ValueError("similar needs an image path, an item index or an image URL, e.g.  similar 12")
+    if re.fullmatch(r"[+-]?\d+", arg):
+        if int(arg) < 0:
+            raise ValueError(f"similar {arg}: an item index is 0 or more (the index= of a result)")
+        return {"query": int(arg)}
+    if arg.lower().startswith(("http://", "https://")):
+        return {"image": arg}
     path = os.path.expanduser(arg)
     if not os.path.isfile(path):
         raise ValueError(f"no such image file: {arg}")
-    from pathlib import Path
-
-    return Path(path)
+    return {"image": Path(path)}

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import secrets
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, FastAPI, File, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,8 +26,38 @@ from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_origi
 
 log = logging.getLogger(__name__)
 
-K = Query(64, description=f"number of results, 1..{MAX_K}")
-MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (cosine, -1..1)")
+# Bounds are declared in the schema and checked by NanoDB.search, whose messages say what to send instead.
+K_BOUNDS = {"minimum": 1, "maximum": MAX_K}
+SIMILARITY_BOUNDS = {"minimum": -1.0, "maximum": 1.0}
+K = Query(64, description=f"number of results, 1..{MAX_K}", examples=[16], json_schema_extra=K_BOUNDS)
+MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (cosine, -1..1)", examples=[0.2],
+                       json_schema_extra=SIMILARITY_BOUNDS)
+FOLDER = Query(None, description="only files under this folder: an absolute path, or a folder name anywhere "
+                                 "in the path", examples=["/photos/2024", "holidays"])
+SINCE = Query(None, description="only files modified on or after this date (YYYY-MM-DD)", examples=["2024-01-01"])
+UNTIL = Query(None, description="only files modified on or before this date (YYYY-MM-DD)", examples=["2024-12-31"])
+TYPES = Query(None, alias="type", description="only these file types (repeatable)", examples=[["jpg", "png"]])
+COLLAPSE = Query(False, description="one result per file content; the copies are listed in `duplicates`")
+JPEG = {200: {"content": {"image/jpeg": {}}, "description": "a JPEG image"}}
+
+
+class Filters(BaseModel):
+    """The filters every search takes; the search stays exact among the items they allow."""
+
+    folder: str | None = None
+    since: str | None = None
+    until: str | None = None
+    types: list[str] | None = None
+    collapse: bool = False
+
+    def kwargs(self) -> dict:
+        return {"folder": self.folder, "since": self.since, "until": self.until, "types": self.types,
+                "collapse_duplicates": self.collapse}
+
+
+def filters(folder: str | None = FOLDER, since: str | None = SINCE, until: str | None = UNTIL,
+            types: list[str] | None = TYPES, collapse: bool = COLLAPSE) -> Filters:
+    return Filters(folder=folder, since=since, until=until, types=types, collapse=collapse)
 
 
 class Result(BaseModel):
@@ -34,6 +66,7 @@ class Result(BaseModel):
     similarity: float
     thumbnail: str
     original: str
+    duplicates: list[int] = Field(default_factory=list, description="items with the same file content (collapse)")
 
 
 class SearchResponse(BaseModel):
@@ -44,9 +77,38 @@ class SearchResponse(BaseModel):
 
 
 class TextQuery(BaseModel):
-    q: str = Field(description="words, or a combined query such as `dog + beach - snow` or `2:dog`")
-    k: int = Field(64, description=f"number of results, 1..{MAX_K}")
-    min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)")
+    q: str = Field(description="words, or a combined query such as `dog + beach - snow` or `2:dog`",
+                   examples=["a red car", "dog + beach - snow"])
+    k: int = Field(64, description=f"number of results, 1..{MAX_K}", json_schema_extra=K_BOUNDS)
+    min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)",
+                                  json_schema_extra=SIMILARITY_BOUNDS)
+    folder: str | None = Field(None, description=FOLDER.description)
+    since: str | None = Field(None, description=SINCE.description)
+    until: str | None = Field(None, description=UNTIL.description)
+    types: list[str] | None = Field(None, description="only these file types", examples=[["jpg"]])
+    collapse: bool = Field(False, description=COLLAPSE.description)
+
+
+class Scan(BaseModel):
+    found: int
+    done: int
+    added: int
+    updated: int
+    failed: int
+    walking: bool
+    seconds: float
+
+
+class Stats(BaseModel):
+    items: int = Field(description="live items indexed")
+    unsaved: int = Field(description="items added or deleted since the last save")
+    model: str
+    dim: int
+    text_encode_ms: float | None = Field(description="latest text encoding time")
+    image_encode_ms: float | None = Field(description="latest image encoding time")
+    search_ms: float | None = Field(description="latest vector search time")
+    searches: int
+    scans: list[Scan] = Field(description="scans running now")
 
 
 class ItemInfo(BaseModel):
@@ -73,6 +135,7 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
                 similarity=round(r.similarity, 5),
                 thumbnail=f"/api/items/{r.index}/thumbnail",
                 original=f"/api/items/{r.index}/original",
+                duplicates=r.duplicates,
             )
             for r in outcome
         ],
@@ -93,51 +156,80 @@ def content_disposition(name: str) -> str:
     return f"inline; filename*=utf-8''{quote(name)}"
 
 
-def api_router(service: SearchService, thumbnails: ThumbnailCache) -> APIRouter:
+def basic_auth(user: str, password: str):
+    """A dependency that requires HTTP Basic auth (declared in the OpenAPI schema as `HTTPBasic`)."""
+    scheme = HTTPBasic(realm="nanodb", auto_error=False)
+
+    def check(credentials: HTTPBasicCredentials | None = Depends(scheme)) -> None:
+        ok = credentials is not None and secrets.compare_digest(
+            f"{credentials.username}:{credentials.password}".encode(), f"{user}:{password}".encode())
+        if not ok:
+            raise HTTPException(401, "log in with the user and password given to --auth",
+                                headers={"WWW-Authenticate": 'Basic realm="nanodb"'})
+
+    return check
+
+
+def api_router(service: SearchService, thumbnails: ThumbnailCache,
+               auth: tuple[str, str] | None = None) -> APIRouter:
     db = service.db
-    router = APIRouter(prefix="/api", responses=ERRORS)
+    router = APIRouter(prefix="/api", responses=ERRORS,
+                       dependencies=[Depends(basic_auth(*auth))] if auth else [])
+
+    def exists(index: int) -> int:
+        if not db.has_item(index):
+            raise NotServable(f"no item with index {index}")
+        return index
 
     @router.get("/search/text", response_model=SearchResponse, summary="Search by text")
     def search_text(
-        q: str = Query(..., description="words, or a combined query such as `dog + beach - snow` or `2:dog`"),
+        q: str = Query(..., description="words, or a combined query such as `dog + beach - snow` or `2:dog`",
+                       examples=["a red car"]),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
+        where: Filters = Depends(filters),
     ):
-        return _response(service.by_text(q, k, min_similarity), len(db))
+        return _response(service.by_text(q, k, min_similarity, **where.kwargs()), len(db))
 
     @router.post("/search/text", response_model=SearchResponse, summary="Search by text (long queries)")
     def search_text_post(body: TextQuery):
-        return _response(service.by_text(body.q, body.k, body.min_similarity), len(db))
+        where = Filters(folder=body.folder, since=body.since, until=body.until, types=body.types,
+                        collapse=body.collapse)
+        return _response(service.by_text(body.q, body.k, body.min_similarity, **where.kwargs()), len(db))
 
     @router.post("/search/image", response_model=SearchResponse, summary="Search by an uploaded image")
     async def search_image(
         file: UploadFile = File(..., description="an image file"),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
+        where: Filters = Depends(filters),
     ):
         data = await file.read(service.max_upload_bytes + 1)
-        return _response(await run_in_threadpool(service.by_image, data, k, min_similarity), len(db))
+        outcome = await run_in_threadpool(lambda: service.by_image(data, k, min_similarity, **where.kwargs()))
+        return _response(outcome, len(db))
 
     @router.get("/search/item/{index}", response_model=SearchResponse, summary="Items similar to a stored item")
-    def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY):
-        return _response(service.by_item(index, k, min_similarity), len(db))
+    def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY,
+                    where: Filters = Depends(filters)):
+        return _response(service.by_item(exists(index), k, min_similarity, **where.kwargs()), len(db))
 
-    @router.get("/stats", summary="Items indexed, latest timings, running scans")
+    @router.get("/stats", response_model=Stats, summary="Items indexed, latest timings, running scans")
     def stats():
         return service.stats()
 
     @router.get("/items/{index}", response_model=ItemInfo, summary="One stored item")
     def item(index: int):
-        index = service.check_index(index)
-        it = db[index]
+        it = db[exists(index)]
         return ItemInfo(index=index, path=it.path, size=it.size, mtime=it.mtime, metadata=it.metadata)
 
-    @router.get("/items/{index}/thumbnail", response_class=FileResponse, summary="An item's JPEG thumbnail")
+    @router.get("/items/{index}/thumbnail", response_class=FileResponse, responses=JPEG,
+                summary="An item's JPEG thumbnail")
     def thumbnail(index: int):
         return FileResponse(thumbnails.get(index), media_type="image/jpeg",
                             headers={"Cache-Control": "private, max-age=86400"})
 
-    @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file")
+    @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file",
+                responses={200: {"content": {"image/*": {}}, "description": "the file as indexed"}})
     def original(index: int):
         f = open_original(db, index)  # checked against its content hash, then sent from this descriptor
         name = Path(db[index].path).name

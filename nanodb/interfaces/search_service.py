@@ -67,14 +67,16 @@ class SearchService:
                                f"more than a few megapixels)") from None
             raise BadRequest(f"the uploaded image is damaged or refused: {reason}") from None
 
-    def by_text(self, text, k, min_similarity=None) -> SearchResults:
-        return self.db.search(text=text if isinstance(text, str) else "", k=k, min_similarity=min_similarity)
+    # `filters`: NanoDB.search's folder, since, until, types and collapse_duplicates
+    def by_text(self, text, k, min_similarity=None, **filters) -> SearchResults:
+        return self.db.search(text=text if isinstance(text, str) else "", k=k, min_similarity=min_similarity,
+                              **filters)
 
-    def by_image(self, data: bytes, k, min_similarity=None) -> SearchResults:
-        return self.db.search(image=self.open_upload(data), k=k, min_similarity=min_similarity)
+    def by_image(self, data: bytes, k, min_similarity=None, **filters) -> SearchResults:
+        return self.db.search(image=self.open_upload(data), k=k, min_similarity=min_similarity, **filters)
 
-    def by_item(self, index, k, min_similarity=None) -> SearchResults:
-        return self.db.search(self.check_index(index), k=k, min_similarity=min_similarity)
+    def by_item(self, index, k, min_similarity=None, **filters) -> SearchResults:
+        return self.db.search(self.check_index(index), k=k, min_similarity=min_similarity, **filters)
 
     def stats(self) -> dict:
         db = self.db

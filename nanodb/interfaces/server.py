@@ -16,6 +16,7 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from gradio.utils import get_upload_folder, is_in_or_equal
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
@@ -25,7 +26,7 @@ from nanodb import __version__
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
-from nanodb.interfaces.web import build_ui
+from nanodb.interfaces.web import CSS, JS, build_ui
 
 MAX_JSON_BODY = 1 << 20  # a text query is at most 1,000 characters; the web UI's events are small too
 MULTIPART_SLACK = 1 << 20  # form fields and headers around an uploaded file
@@ -47,15 +48,15 @@ def parse_auth(text: str) -> tuple[str, str]:
 def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     """The FastAPI app: /api/... JSON endpoints, /docs and /openapi.json, and the web UI at /."""
     service = SearchService(db)
-    app = FastAPI(title="nanodb", version=__version__,
+    app = FastAPIOffline(title="nanodb", version=__version__,
                   description="Search a nanodb image database by text, by image or by item.")
     install_error_handlers(app)
-    app.include_router(api_router(service, ThumbnailCache(db)))
+    app.include_router(api_router(service, ThumbnailCache(db), auth))
     unknown_api_route(app)
     ui = build_ui(service).queue(default_concurrency_limit=8)
     ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
-                        run_history=False, blocked_paths=[str(db.path)])
+                        run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
     next(r.app for r in app.routes if isinstance(r, Mount)).add_middleware(MalformedCalls)  # the web UI's app
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.

@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from pipeline.imaging import is_raw_name, open_image
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 
@@ -99,11 +99,11 @@ class ThumbnailCache:
 
     def _make(self, original, thumb: Path, name: str) -> None:
         try:
-            with Image.open(original) as im:
-                im.draft("RGB", (self.size, self.size))  # JPEG: decode at 1/2..1/8 scale, much faster
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                im.thumbnail((self.size, self.size))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            # the scan's own opener (HEIF, RAW...); JPEG decodes at 1/2..1/8 scale, much faster
+            # from the verified descriptor: never reopened by path, which may have been swapped since
+            im = open_image(original.read(), draft_size=self.size, raw=is_raw_name(name))
+            im.thumbnail((self.size, self.size))
+        except (OSError, ValueError) as e:  # ImageRejected is a ValueError
             raise NotServable(f"cannot make a thumbnail of {name}: {e}") from None
         thumb.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=thumb.parent, suffix=".tmp")

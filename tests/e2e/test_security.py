@@ -29,6 +29,8 @@ from nanodb.storage import DatabaseError, Manifest, commit_append, commit_genera
 
 COCO = DATA / "coco-val2017" / "images"
 SECRET = b"nanodb-secret-" + os.urandom(8).hex().encode() + b": never served"  # unique to this run
+# The web UI's search options after the query: k, min similarity, folder, since, until, types, collapse
+WEB_OPTIONS = [3, -1, "", "", "", [], True]
 
 pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
 
@@ -150,7 +152,8 @@ def test_dev_zero_is_refused_at_once_and_the_server_keeps_answering(served):
 
     def call():
         try:
-            hung.append(client.post("/gradio_api/call/on_image", json={"data": [file_descriptor("/dev/zero"), 5, -1]},
+            data = [file_descriptor("/dev/zero"), *WEB_OPTIONS]
+            hung.append(client.post("/gradio_api/call/on_image", json={"data": data},
                                     timeout=30).status_code)
         except httpx.TimeoutException:
             hung.append("hung")
@@ -172,7 +175,7 @@ def test_gradio_file_route_sends_only_uploads_and_fetches_no_url(served):
         r = client.get(f"/gradio_api/{path}")
         assert r.status_code == 403 and set(r.json()) == {"error"}, (path, r.text)
     # and an upload is searchable through the web UI's event
-    status, outcome = call_event(client, "/on_image".lstrip("/"), [file_descriptor(uploaded), 3, -1])
+    status, outcome = call_event(client, "/on_image".lstrip("/"), [file_descriptor(uploaded), *WEB_OPTIONS])
     assert status == 200 and "event: complete" in outcome and "/api/items/" in outcome
 
 
@@ -236,7 +239,7 @@ def test_web_ui_upload_is_not_decoded_before_nanodbs_checks(separate_server):
     uploaded = client.post("/gradio_api/upload", files={"files": ("b.png", png(13000, 13000))}).json()[0]
     peak_rss(server)  # reset the peak
     before = server.memory_info().rss
-    status, outcome = call_event(client, "on_image", [file_descriptor(uploaded), 3, -1])
+    status, outcome = call_event(client, "on_image", [file_descriptor(uploaded), *WEB_OPTIONS])
     assert status == 200 and "too large" in outcome, outcome[:300]
     assert peak_rss(server) - before < 100 << 20
 

@@ -55,7 +55,7 @@ def open_error(path) -> str:
     return str(e.value)
 
 
-@pytest.mark.parametrize("kind", ["vectors", "items", "paths", "meta", "deleted"])
+@pytest.mark.parametrize("kind", ["vectors", "items", "paths", "meta", "deleted", "codes", "scales"])
 def test_a_truncated_data_file_is_named_and_repair_keeps_the_consistent_part(db_path, kind):
     f = data_file(db_path, kind)
     os.truncate(f, f.stat().st_size // 3)
@@ -64,7 +64,8 @@ def test_a_truncated_data_file_is_named_and_repair_keeps_the_consistent_part(db_
     report = NanoDB.repair(db_path)
     assert "rescan" in report.summary()
     with NanoDB(db_path, config="test") as db:
-        assert db.store.rows == report.kept < ROWS or kind == "deleted"
+        # the compact copy (codes, scales) is rebuilt from the vectors: no item is lost
+        assert db.store.rows == report.kept < ROWS or kind in ("deleted", "codes", "scales")
         for i in range(db.store.rows):
             assert db.path_of(i) in {f"/p/{j}" for j in range(ROWS // 2)} | {f"/q/{j}" for j in range(ROWS // 2)}
         assert np.allclose(np.linalg.norm(db.vectors.astype(np.float32), axis=1), 1, atol=1e-2)
@@ -74,7 +75,7 @@ def test_a_truncated_data_file_is_named_and_repair_keeps_the_consistent_part(db_
         assert db.path_of(db.store.rows - 1) == "/after-repair"
 
 
-@pytest.mark.parametrize("kind", ["vectors", "items", "paths", "meta", "deleted"])
+@pytest.mark.parametrize("kind", ["vectors", "items", "paths", "meta", "deleted", "codes", "scales"])
 def test_a_corrupted_data_file_is_refused_naming_it(db_path, kind):
     f = data_file(db_path, kind)
     data = bytearray(f.read_bytes())
@@ -92,7 +93,7 @@ def test_a_corrupted_data_file_is_refused_naming_it(db_path, kind):
         ("", "corrupted"),
         ('{"version": 1}', "not a nanodb manifest"),
         ("NEGATIVE", "count is not a non-negative whole number"),
-        ("NEWER", "newer nanodb (format version 2)"),
+        ("NEWER", "newer nanodb (format version 3)"),
     ],
 )
 def test_a_bad_manifest_is_named(db_path, content, expected):
@@ -101,7 +102,7 @@ def test_a_bad_manifest_is_named(db_path, content, expected):
     if content == "NEGATIVE":
         content = json.dumps({**data, "count": -3})
     elif content == "NEWER":
-        content = json.dumps({**data, "version": 2})
+        content = json.dumps({**data, "version": 3})
     manifest.write_text(content)
     message = open_error(db_path)
     assert str(manifest) in message and expected in message

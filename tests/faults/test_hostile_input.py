@@ -8,10 +8,9 @@ import os
 import subprocess
 import sys
 
-import hostile_corpus
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, hostile_corpus
 from PIL import Image
 
 from nanodb.database import NanoDB

@@ -1,12 +1,10 @@
-"""What the tests share besides fixtures: where the repository and the real photos are, and small
-builders of test files. The one place that names ../shared/data."""
+"""What the tests and benchmarks share: where the repository and the real photos are, and small
+builders of test files. The one place that names ../shared/data (benchmarks import it too)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
@@ -15,6 +13,8 @@ DATA = REPO.parent / "shared" / "data"
 def data_dir(name: str) -> Path:
     path = DATA / name
     if not path.is_dir():
+        import pytest
+
         pytest.skip(f"test photos not found at {path} (clone the repo next to shared/)")
     return path
 

@@ -60,6 +60,7 @@ def assert_same_scan(db: NanoDB, reference: NanoDB) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_ray_scan_equals_a_local_scan(cluster, scanned_db, photo_tree, tmp_path):
     c, _ = cluster
     path, local_report = scanned_db
@@ -74,6 +75,7 @@ def test_ray_scan_equals_a_local_scan(cluster, scanned_db, photo_tree, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_a_worker_node_killed_mid_scan_loses_and_duplicates_nothing(cluster, scanned_db, photo_tree, tmp_path):
     c, workers = cluster
     path, _ = scanned_db
@@ -97,6 +99,7 @@ def test_a_worker_node_killed_mid_scan_loses_and_duplicates_nothing(cluster, sca
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 def test_sharded_search_equals_local_exact_search_on_1000_queries(cluster, tmp_path):
     c, _ = cluster
     rng = np.random.default_rng(7)

@@ -30,6 +30,16 @@ def test_the_pipeline_imports_nothing_from_nanodb():
         assert not [m for m in imported_modules(path) if m.split(".")[0] == "nanodb"], path
 
 
+def test_no_module_imports_another_modules_private_names():
+    """`from m import _name` reaches into m (ruff's SLF001 catches `obj._name`)."""
+    for path in [*(REPO / "nanodb").rglob("*.py"), *(REPO / "pipeline").rglob("*.py"), *(REPO / "tests").rglob("*.py"),
+                 *(REPO / "benchmarks").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.endswith("__")]
+                assert not private, f"{path.relative_to(REPO)} imports {private} from {node.module}"
+
+
 def test_interfaces_never_touch_the_store_or_the_index():
     for path in (REPO / "nanodb" / "interfaces").glob("*.py"):
         text = path.read_text()

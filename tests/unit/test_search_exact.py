@@ -32,11 +32,18 @@ def check(index, queries, k):
     np.testing.assert_allclose(got_s, want_s, rtol=0, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def small_segments(monkeypatch):
-    """Small segments and scratch blocks so a few thousand rows exercise the parallel merge."""
+@pytest.fixture(autouse=True, params=["int8", "float16"])
+def small_segments(monkeypatch, request):
+    """Small segments and scratch blocks so a few thousand rows exercise the parallel merge; every test
+    runs on both CPU fast passes: the compact int8 kernel and the float16 pass (no kernel built)."""
     monkeypatch.setattr(index_module, "SEGMENT_ROWS", 4096)
     monkeypatch.setattr(index_module, "SCRATCH_BYTES", 256 * 4 * 64)
+    if request.param == "int8":
+        if index_module.KERNEL is None:
+            pytest.skip("the compact-copy kernel is not built (pip install -e . builds it)")
+    else:
+        monkeypatch.setattr(index_module, "KERNEL", None)
+    return request.param
 
 
 @pytest.mark.parametrize("n, dim", [(1, 8), (700, 64), (20_000, 384)])

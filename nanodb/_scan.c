@@ -1,0 +1,128 @@
+/* Integer dot products of the compact (8-bit) copy of the vectors with 8-bit queries.
+ *
+ * nanodb_scores(codes, row_scale, rows, dim, q, q_offset, q_scale, nq, out, ldo) writes
+ *     out[j * ldo + r] = (float)(sum_d codes[r, d] * q[j, d] - q_offset[j]) * (q_scale[j] * row_scale[r])
+ * for unsigned 8-bit codes (the signed code plus 128) and signed 8-bit queries, so q_offset[j] is
+ * 128 * sum_d q[j, d] and the integer part is the exact dot product of the signed codes. The sums are
+ * exact (32-bit integers); only the final two float multiplications round. Loaded with ctypes: the
+ * GIL is released while it runs, so one call per core scores segments in parallel.
+ *
+ * AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products per instruction) when the CPU has it
+ * and dim is a multiple of 64; plain C otherwise.
+ */
+#include <stdint.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define NANODB_VNNI 1
+
+/* The four sums of a0..a3, in order. */
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static inline __m128i sum4(__m512i a0, __m512i a1, __m512i a2, __m512i a3)
+{
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1));
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void store4(float *o, __m128i dots, int32_t offset, float qs, const float *rs)
+{
+    __m128 v = _mm_cvtepi32_ps(_mm_sub_epi32(dots, _mm_set1_epi32(offset)));
+    _mm_storeu_ps(o, _mm_mul_ps(v, _mm_mul_ps(_mm_set1_ps(qs), _mm_loadu_ps(rs))));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+static void scores_vnni(const uint8_t *codes, const float *rs, int64_t rows, int64_t dim, const int8_t *q,
+                        const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
+{
+    int64_t r = 0;
+    for (; r + 4 <= rows; r += 4) {
+        const uint8_t *c0 = codes + r * dim, *c1 = c0 + dim, *c2 = c1 + dim, *c3 = c2 + dim;
+        int64_t j = 0;
+        for (; j + 4 <= nq; j += 4) { /* 4 rows x 4 queries: 8 loads per 16 dot instructions */
+            const int8_t *q0 = q + j * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
+            __m512i z = _mm512_setzero_si512();
+            __m512i a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+            __m512i a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;
+            for (int64_t d = 0; d < dim; d += 64) {
+                __m512i x0 = _mm512_loadu_si512(c0 + d), x1 = _mm512_loadu_si512(c1 + d);
+                __m512i x2 = _mm512_loadu_si512(c2 + d), x3 = _mm512_loadu_si512(c3 + d);
+                __m512i v = _mm512_loadu_si512(q0 + d);
+                a00 = _mm512_dpbusd_epi32(a00, x0, v); a01 = _mm512_dpbusd_epi32(a01, x1, v);
+                a02 = _mm512_dpbusd_epi32(a02, x2, v); a03 = _mm512_dpbusd_epi32(a03, x3, v);
+                v = _mm512_loadu_si512(q1 + d);
+                a10 = _mm512_dpbusd_epi32(a10, x0, v); a11 = _mm512_dpbusd_epi32(a11, x1, v);
+                a12 = _mm512_dpbusd_epi32(a12, x2, v); a13 = _mm512_dpbusd_epi32(a13, x3, v);
+                v = _mm512_loadu_si512(q2 + d);
+                a20 = _mm512_dpbusd_epi32(a20, x0, v); a21 = _mm512_dpbusd_epi32(a21, x1, v);
+                a22 = _mm512_dpbusd_epi32(a22, x2, v); a23 = _mm512_dpbusd_epi32(a23, x3, v);
+                v = _mm512_loadu_si512(q3 + d);
+                a30 = _mm512_dpbusd_epi32(a30, x0, v); a31 = _mm512_dpbusd_epi32(a31, x1, v);
+                a32 = _mm512_dpbusd_epi32(a32, x2, v); a33 = _mm512_dpbusd_epi32(a33, x3, v);
+            }
+            store4(out + j * ldo + r, sum4(a00, a01, a02, a03), qo[j], qs[j], rs + r);
+            store4(out + (j + 1) * ldo + r, sum4(a10, a11, a12, a13), qo[j + 1], qs[j + 1], rs + r);
+            store4(out + (j + 2) * ldo + r, sum4(a20, a21, a22, a23), qo[j + 2], qs[j + 2], rs + r);
+            store4(out + (j + 3) * ldo + r, sum4(a30, a31, a32, a33), qo[j + 3], qs[j + 3], rs + r);
+        }
+        for (; j < nq; j++) { /* 4 rows x 1 query */
+            const int8_t *qj = q + j * dim;
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t d = 0; d < dim; d += 64) {
+                __m512i v = _mm512_loadu_si512(qj + d);
+                a0 = _mm512_dpbusd_epi32(a0, _mm512_loadu_si512(c0 + d), v);
+                a1 = _mm512_dpbusd_epi32(a1, _mm512_loadu_si512(c1 + d), v);
+                a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(c2 + d), v);
+                a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(c3 + d), v);
+            }
+            store4(out + j * ldo + r, sum4(a0, a1, a2, a3), qo[j], qs[j], rs + r);
+        }
+    }
+    for (; r < rows; r++)
+        for (int64_t j = 0; j < nq; j++) {
+            __m512i a = _mm512_setzero_si512();
+            for (int64_t d = 0; d < dim; d += 64)
+                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(codes + r * dim + d), _mm512_loadu_si512(q + j * dim + d));
+            out[j * ldo + r] = (float)(_mm512_reduce_add_epi32(a) - qo[j]) * (qs[j] * rs[r]);
+        }
+}
+#endif
+
+static void scores_plain(const uint8_t *codes, const float *rs, int64_t rows, int64_t dim, const int8_t *q,
+                         const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t j = 0; j < nq; j++) {
+            int32_t s = 0;
+            for (int64_t d = 0; d < dim; d++)
+                s += (int32_t)codes[r * dim + d] * q[j * dim + d];
+            out[j * ldo + r] = (float)(s - qo[j]) * (qs[j] * rs[r]);
+        }
+}
+
+/* 1 when the AVX-512 VNNI kernel runs on this CPU for this dim, else 0 (the plain C loop runs). */
+int nanodb_vnni(int64_t dim)
+{
+#ifdef NANODB_VNNI
+    __builtin_cpu_init();
+    return dim % 64 == 0 && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
+#else
+    (void)dim;
+    return 0;
+#endif
+}
+
+void nanodb_scores(const uint8_t *codes, const float *row_scale, int64_t rows, int64_t dim, const int8_t *q,
+                   const int32_t *q_offset, const float *q_scale, int64_t nq, float *out, int64_t ldo)
+{
+#ifdef NANODB_VNNI
+    if (nanodb_vnni(dim)) {
+        scores_vnni(codes, row_scale, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+        return;
+    }
+#endif
+    scores_plain(codes, row_scale, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+}

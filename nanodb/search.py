@@ -1,0 +1,197 @@
+"""What a search takes and gives: queries turned into unit vectors, and the one result type.
+
+`QueryEncoder` decides what a query is (text, an image file, an http(s) image URL, a PIL image, a
+stored item or a vector) and embeds it; NanoDB.search, the one search entry point, uses it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanodb.fetch import fetch_url, is_url
+from nanodb.model import ClipModel
+from nanodb.query import QueryError, check_text, combined_vector, is_combined
+from nanodb.store import ItemStore, RowFilter
+from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
+from pipeline.walk import absolute_path, is_image_name, printable
+
+
+@dataclass
+class SearchResult:
+    """One result of NanoDB.search, the one result type of every interface."""
+
+    index: int
+    path: str | None
+    similarity: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    duplicates: list[int] = field(default_factory=list)  # other items with the same file content
+
+    def __str__(self) -> str:
+        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
+
+
+class SearchResults(list):
+    """The results of one query (a list of SearchResult, best first), with how long each step took."""
+
+    encode_ms: float = 0.0
+    search_ms: float = 0.0
+
+
+@dataclass
+class SearchTimings:
+    """The latest duration of each step of a search, for stats displays."""
+
+    text_encode_ms: float | None = None
+    image_encode_ms: float | None = None
+    search_ms: float | None = None
+    searches: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, kind: str | None, encode_ms: float, search_ms: float) -> None:
+        with self.lock:
+            if kind == "text":
+                self.text_encode_ms = encode_ms
+            elif kind == "image":
+                self.image_encode_ms = encode_ms
+            self.search_ms = search_ms
+            self.searches += 1
+
+
+def looks_like_image_path(text: str) -> bool:
+    """A query string meant as an image file: an image extension, or a path's start (/ ./ ../ ~/)."""
+    text = text.strip()
+    return "\n" not in text and len(text) < 4096 and (
+        is_image_name(text) or text.startswith(("/", "./", "../", "~/"))
+    )
+
+
+def is_image_object(value: Any) -> bool:
+    """A PIL image (or anything that behaves as one)."""
+    return hasattr(value, "convert") and hasattr(value, "size")
+
+
+class QueryEncoder:
+    """Turns queries into unit float32 vectors with the store's model (loaded only when needed)."""
+
+    def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int):
+        self.store = store
+        self.model = model
+        self.max_image_pixels = max_image_pixels
+
+    def classify(self, query: Any, text: str | None, image: Any) -> tuple[Any, str | None]:
+        """(query, kind) from NanoDB.search's arguments; kind is "text", "image" or None (items, vectors)."""
+        if text is not None:
+            return check_text(text), "text"
+        if image is not None:
+            if isinstance(image, str) and not is_url(image):
+                return Path(image), "image"
+            if isinstance(image, (str, os.PathLike)) or is_image_object(image):
+                return image, "image"
+            what = type(image).__name__
+            raise QueryError(f"image= takes a file path, an http(s) URL or a PIL image, not a {what}")
+        if isinstance(query, str):
+            return query, "image" if is_url(query) or looks_like_image_path(query) else "text"
+        return query, "image" if isinstance(query, os.PathLike) or is_image_object(query) else None
+
+    def embed(self, query: Any) -> np.ndarray:
+        """A query as a unit float32 vector: text, image path or URL, PIL image, item index or vector."""
+        store = self.store
+        if isinstance(query, np.ndarray):
+            v = np.asarray(query, np.float32).reshape(-1)
+            if v.shape != (store.dim,):
+                raise QueryError(f"a query vector must have {store.dim} values, not {v.size}")
+        elif isinstance(query, (int, np.integer)) and not isinstance(query, bool):
+            if not store.is_live(int(query)):
+                raise QueryError(f"no item with index {query}")
+            v = store.vectors[int(query)].astype(np.float32)
+        elif isinstance(query, str) and is_url(query):
+            v = self.embed_image_bytes(fetch_url(query), query, raw=is_raw_name(query.split("?")[0]))
+        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_path(query)):
+            path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
+            if not os.path.lexists(path):
+                raise QueryError(f"no such image file: {printable(os.fspath(query))}")
+            try:
+                data = read_image_file(path).data
+            except ImageRejected as e:
+                raise QueryError(f"cannot search by {printable(path)}: {e}") from None
+            v = self.embed_image_bytes(data, path, raw=is_raw_name(path))
+        elif isinstance(query, str):
+            v = self.embed_text(query)
+        elif is_image_object(query):
+            v = self.model().encode_images([query])[0]
+        else:
+            raise TypeError(f"cannot search by a {type(query).__name__}")
+        norm = np.linalg.norm(v)
+        if not np.isfinite(norm) or norm == 0:
+            raise QueryError("the query vector must be finite and non-zero")
+        return v / norm
+
+    def embed_image_bytes(self, data: bytes, name: str, raw: bool = False) -> np.ndarray:
+        """An image file's bytes as a query vector: the stored vector of an indexed identical file (so
+        it ties with it exactly), else the model's embedding, made as a scan makes it."""
+        known = self.store.row_with_hash(content_hash(data))
+        if known is not None:
+            return self.store.vectors[known].astype(np.float32)
+        try:
+            image = open_image(data, self.max_image_pixels, raw=raw)
+        except ImageRejected as e:
+            raise QueryError(f"cannot search by {printable(name)}: {e}") from None
+        model = self.model()
+        return model.encode_pixels(model_pixels(image, model.pixel_transform)[None])[0]
+
+    def embed_text(self, text: str) -> np.ndarray:
+        text = check_text(text)
+        model = self.model()
+        if is_combined(text):
+            return combined_vector(text, model.encode_text)
+        return model.encode_text([text])[0]
+
+
+def row_filter(folder: str | None = None, since: Any = None, until: Any = None,
+               types: Iterable[str] | None = None) -> RowFilter:
+    """Search filters as the store's RowFilter; a bad value raises QueryError."""
+    if folder is not None:
+        folder = folder.strip()
+        if not folder:
+            folder = None
+        elif folder.startswith(("/", "~")):
+            folder = os.path.normpath(os.path.expanduser(folder))
+    if types is not None:
+        if isinstance(types, str):
+            types = types.replace(",", " ").split()
+        aliases = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}, "tif": {"tif", "tiff"}, "tiff": {"tif", "tiff"}}
+        wanted = set()
+        for t in types:
+            t = t.strip().lower().lstrip(".")
+            wanted |= aliases.get(t, {t})
+        types = frozenset(wanted) if wanted else None
+    return RowFilter(folder, _timestamp(since, "since"), _timestamp(until, "until"), types)
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError:
+            raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        day = datetime.combine(value, dt_time())
+        return (day + timedelta(days=1) if name == "until" else day).timestamp()
+    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")

@@ -1,0 +1,126 @@
+"""The compact (8-bit) copy: its kernel computes what it claims, its error bound holds, and searches
+through it equal the float64 brute force even where quantization cannot tell rows apart."""
+
+import numpy as np
+import pytest
+from test_search_exact import check, unit
+
+from nanodb import index as index_module
+from nanodb.index import VectorIndex, compact_error_bound, quantize_queries, quantize_rows
+
+pytestmark = pytest.mark.skipif(index_module.KERNEL is None, reason="the compact-copy kernel is not built")
+
+
+@pytest.fixture(autouse=True)
+def small_segments(monkeypatch):
+    monkeypatch.setattr(index_module, "SEGMENT_ROWS", 4096)
+
+
+def kernel_scores(codes, steps, queries):
+    qc, offsets, qsteps, _, _ = quantize_queries(queries)
+    out = np.empty((len(queries), len(codes)), np.float32)
+    index_module.KERNEL.nanodb_scores(codes.ctypes.data, steps.ctypes.data, len(codes), codes.shape[1],
+                                      qc.ctypes.data, offsets.ctypes.data, qsteps.ctypes.data, len(queries),
+                                      out.ctypes.data, out.shape[1])
+    return out, qc, qsteps
+
+
+@pytest.mark.parametrize("dim", [64, 100, 512, 768])  # VNNI for multiples of 64 (when the CPU has it), plain C else
+@pytest.mark.parametrize("nq", [1, 3, 9])
+def test_kernel_equals_integer_dot_then_two_float32_products(dim, nq):
+    rng = np.random.default_rng(dim * nq)
+    codes = rng.integers(0, 256, (37, dim), dtype=np.uint8)
+    codes[0] = 255  # extremes: the largest sums
+    steps = rng.random(37, dtype=np.float32)
+    out, qc, qsteps = kernel_scores(codes, steps, rng.standard_normal((nq, dim)).astype(np.float32))
+    dots = qc.astype(np.int64) @ (codes.astype(np.int64) - 128).T
+    want = dots.astype(np.float32) * (qsteps[:, None] * steps[None, :])
+    np.testing.assert_array_equal(out, want)
+
+
+def test_quantization_bounds_hold_for_spiky_and_flat_rows():
+    rng = np.random.default_rng(7)
+    x = unit(rng, 500, 256)
+    x[:50, 0] = 30  # one large coordinate: a coarse step for the rest
+    x[50:100] = 1
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    rows = x.astype(np.float16)
+    codes, scales = quantize_rows(rows)
+    exact = rows.astype(np.float64)
+    approx = (codes.astype(np.float64) - 128) * scales[:, :1].astype(np.float64)
+    assert (np.linalg.norm(exact - approx, axis=1) <= scales[:, 1]).all()
+    assert (np.linalg.norm(exact, axis=1) <= scales[:, 2]).all()
+    # appended one by one or all at once: the same codes (each row has its own step)
+    one_by_one = [quantize_rows(r[None]) for r in rows[:20]]
+    np.testing.assert_array_equal(np.concatenate([c for c, _ in one_by_one]), codes[:20])
+    np.testing.assert_array_equal(np.concatenate([s for _, s in one_by_one]), scales[:20])
+
+
+def test_kernel_error_stays_within_the_proven_bound_even_for_a_query_along_the_error():
+    rng = np.random.default_rng(8)
+    rows = unit(rng, 2000, 512).astype(np.float16)
+    codes, scales = quantize_rows(rows)
+    exact = rows.astype(np.float64)
+    err = exact - (codes.astype(np.float64) - 128) * scales[:, :1].astype(np.float64)
+    queries = np.concatenate([unit(rng, 5, 512), (err[:5] / np.linalg.norm(err[:5], axis=1, keepdims=True)),
+                              3 * unit(rng, 1, 512)]).astype(np.float32)  # the worst direction; a non-unit query
+    out, _, _ = kernel_scores(codes, np.ascontiguousarray(scales[:, 0]), queries)
+    _, _, _, qerr, qnorm = quantize_queries(queries)
+    bound = compact_error_bound(float(scales[:, 1].max()), float(scales[:, 2].max()), qerr, qnorm)
+    gap = np.abs(out - queries.astype(np.float64) @ exact.T)
+    assert (gap <= bound[:, None]).all()
+    assert (gap.max(axis=1) > 0.05 * bound).all()  # the bound is not vacuous
+
+
+def test_rows_with_identical_codes_are_ordered_by_their_exact_scores():
+    """Rows a hair apart (same 8-bit codes, different float16 values): only the exact pass tells them apart."""
+    rng = np.random.default_rng(9)
+    base = unit(rng, 1, 128)[0]
+    x = np.repeat(base[None], 3000, axis=0)
+    x[:, :2] += 3e-4 * rng.standard_normal((3000, 2)).astype(np.float32)  # below the 8-bit step (~2e-3)
+    x = np.concatenate([unit(rng, 5000, 128), x / np.linalg.norm(x, axis=1, keepdims=True)])
+    index = VectorIndex(128, "numpy")
+    index.append(x)
+    codes = index.codes[5000:]
+    assert len(np.unique(codes, axis=0)) < 100  # many rows really share their codes
+    check(index, np.stack([base, x[6000], unit(rng, 1, 128)[0]]), 25)
+
+
+def test_appended_in_batches_and_with_deletions_equals_brute_force():
+    rng = np.random.default_rng(10)
+    index = VectorIndex(768, "numpy")
+    x = unit(rng, 6000, 768)
+    for lo in range(0, 6000, 1700):
+        index.append(x[lo : lo + 1700])
+    index.delete(range(0, 6000, 7))
+    check(index, np.concatenate([x[[0, 1, 4095, 5999]], unit(rng, 60, 768)]), 10)
+    check(index, x[[3]], 6000)  # k beyond the live rows: every live row once
+
+
+def test_loaded_compact_copy_searches_like_the_computed_one():
+    rng = np.random.default_rng(11)
+    x = unit(rng, 5000, 64)
+    built = VectorIndex(64, "numpy")
+    built.append(x)
+    loaded = VectorIndex(64, "numpy")
+    loaded.reserve(5000)
+    loaded.count = 5000
+
+    def read_compact(codes_view, scales_view):
+        codes_view[:] = memoryview(built.codes).cast("B")
+        scales_view[:] = memoryview(built.scales).cast("B")
+
+    loaded.load(lambda view: view.__setitem__(slice(None), memoryview(built.vectors).cast("B")), read_compact)
+    for k in (1, 10):
+        np.testing.assert_array_equal(loaded.search(x[:5], k)[0], built.search(x[:5], k)[0])
+    check(loaded, x[:5], 10)
+
+
+def test_stats_report_the_passes():
+    rng = np.random.default_rng(12)
+    index = VectorIndex(64, "numpy")
+    index.append(unit(rng, 3000, 64))
+    stats = {}
+    index.search(unit(rng, 2, 64), 5, stats)
+    assert stats["fast_pass"].startswith("int8") and stats["rescored"] >= 10
+    assert stats["fast_s"] >= 0 and stats["exact_s"] >= 0

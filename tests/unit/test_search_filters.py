@@ -1,0 +1,78 @@
+"""Search filters (folder, date range, file type) and collapsed duplicates stay exact."""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+
+import numpy as np
+import pytest
+
+from nanodb.database import NanoDB
+from nanodb.query import QueryError
+
+N = 300
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    rng = np.random.default_rng(7)
+    vectors = rng.standard_normal((N, 512)).astype(np.float32)
+    vectors[200:205] = vectors[3]  # five copies of item 3's content
+    db = NanoDB(tmp_path_factory.mktemp("filters") / "db", config="test")
+    paths = [f"/photos/{'2023' if i % 2 else '2024'}/trip/img{i}.{('jpg', 'png', 'jpeg')[i % 3]}" for i in range(N)]
+    db.add(vectors[:, : db.dim], paths=paths)
+    yield db
+    db.close()
+
+
+def brute_force(db, query, allowed, k):
+    scores = db.vectors.astype(np.float64) @ query
+    rows = np.flatnonzero(allowed)
+    return list(rows[np.lexsort((rows, -scores[rows]))][:k])
+
+
+@pytest.mark.parametrize("folder,types,want", [
+    ("2023", None, lambda p: "/2023/" in p),
+    ("/photos/2024", ["png"], lambda p: p.startswith("/photos/2024/") and p.endswith(".png")),
+    (None, "jpg", lambda p: p.endswith((".jpg", ".jpeg"))),
+    ("trip", ["PNG"], lambda p: p.endswith(".png")),
+])
+def test_filtered_search_is_the_exact_top_k_of_the_allowed_items(db, folder, types, want):
+    rng = np.random.default_rng(1)
+    allowed = np.array([want(db.path_of(i)) for i in range(N)])
+    for _ in range(5):
+        q = rng.standard_normal(db.dim)
+        q /= np.linalg.norm(q)
+        got = [r.index for r in db.search(q.astype(np.float32), 10, folder=folder, types=types)]
+        assert got == brute_force(db, q, allowed, 10)
+
+
+def test_a_folder_matches_whole_names_only(db):
+    assert db.search(0, 5, folder="/photos/202") == []
+    assert db.search(0, 5, folder="rip") == []
+
+
+def test_date_range_filters_by_file_time(tmp_path):
+    db = NanoDB(tmp_path / "db", config="test")
+    rng = np.random.default_rng(2)
+    times = [datetime(2024, 1, d, 12).timestamp() for d in (1, 2, 3)]
+    for t in times:
+        db.store.append(rng.standard_normal((1, db.dim)), [{"hash": rng.bytes(16), "mtime": t, "path": f"/x/{t}.jpg"}])
+    day2 = db.search(0, 5, since="2024-01-02", until="2024-01-02")
+    assert [r.index for r in day2] == [1]
+    assert {r.index for r in db.search(0, 5, since=date(2024, 1, 2))} == {1, 2}
+    assert {r.index for r in db.search(0, 5, until=times[1])} == {0}
+    with pytest.raises(QueryError, match="since: 'last week' is not a date"):
+        db.search(0, 5, since="last week")
+    db.close()
+
+
+def test_identical_files_collapse_into_one_result_listing_the_copies(db):
+    results = db.search(3, 5, collapse_duplicates=True)
+    assert results[0].index == 3 and sorted(results[0].duplicates) == [200, 201, 202, 203, 204]
+    assert len(results) == 5 and len({r.index for r in results}) == 5
+    plain = db.search(3, 6)
+    assert {r.index for r in plain} == {3, 200, 201, 202, 203, 204}
+    # the rest are the exact next-best distinct items
+    others = [r.index for r in db.search(3, 12) if r.index not in (3, 200, 201, 202, 203, 204)]
+    assert [r.index for r in results[1:]] == others[:4]

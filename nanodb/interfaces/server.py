@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from gradio.routes import App as GradioApp
 from gradio.utils import get_upload_folder, is_in_or_equal
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
@@ -57,7 +58,8 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
-    next(r.app for r in app.routes if isinstance(r, Mount)).add_middleware(MalformedCalls)  # the web UI's app
+    next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp)).add_middleware(
+        MalformedCalls)
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.
     ui.has_launched = True

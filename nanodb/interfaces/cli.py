@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 
 import shtab
 
@@ -118,6 +122,27 @@ def _positive(text: str) -> int:
     return value
 
 
+@contextlib.contextmanager
+def web_upload_folder() -> Iterator[str]:
+    """A private folder (mode 0700) for the web UI's uploads, removed with them when the server stops,
+    instead of the shared /tmp/gradio.
+
+    Gradio has no per-app setting for it: it reads the GRADIO_TEMP_DIR environment variable when the
+    app is built and again at each upload. So the program's entry point, and only it, sets that
+    variable, before gradio is imported, and takes it back when the server is gone (main() may run
+    again in one process). A GRADIO_TEMP_DIR set by the user is theirs: used as it is, never removed."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        yield os.environ["GRADIO_TEMP_DIR"]
+        return
+    folder = tempfile.mkdtemp(prefix="nanodb-uploads-")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    try:
+        yield folder
+    finally:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -217,9 +242,11 @@ async def run(args: argparse.Namespace) -> int:
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):
         asyncio.get_running_loop().add_signal_handler(stop_signal, asyncio.current_task().cancel)
     server = service = None
+    uploads = contextlib.ExitStack()
     try:
         print(f"nanodb: {db}", file=sys.stderr)
         if args.server:  # first, so the web UI serves while the scans below run
+            uploads.enter_context(web_upload_folder())  # before gradio is imported
             from nanodb.interfaces.server import parse_auth, start_server
 
             server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None)
@@ -249,6 +276,7 @@ async def run(args: argparse.Namespace) -> int:
             await service.stop()
         if server is not None:
             server.stop()
+        uploads.close()
         if db.unsaved:
             db.save()
             print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import secrets
 import threading
 import time
@@ -16,8 +17,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from gradio.routes import App as GradioApp
 from gradio.utils import get_upload_folder, is_in_or_equal
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
+from starlette.routing import Mount
 
 from nanodb import __version__
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
@@ -30,6 +34,8 @@ MULTIPART_SLACK = 1 << 20  # form fields and headers around an uploaded file
 UPLOAD_MAX_AGE_S = 600  # the web UI's uploads are deleted this long after they came, and at shutdown
 LOGIN_BURST = 10  # failed logins a client may make at once; then one more per LOGIN_REFILL_S
 LOGIN_REFILL_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def parse_auth(text: str) -> tuple[str, str]:
@@ -52,6 +58,8 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
+    next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp)).add_middleware(
+        MalformedCalls)
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.
     ui.has_launched = True
@@ -149,6 +157,41 @@ class RequestGuard:
                 raise
         if over and not started:
             await too_large(scope, receive, send)
+
+
+class MalformedCalls:
+    """Inside the web UI's Gradio app: a call or an upload that Gradio fails to parse is the client's
+    error, answered 400 in one line, not a 500 that also drops the connection. (Gradio raises on a
+    call that lacks an argument or names no event, and on an upload form without a file.) A result
+    stream asked for an unknown event ends whole after Gradio's error event, instead of cut short."""
+
+    ROUTES = ("/gradio_api/call/", "/gradio_api/upload")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith(self.ROUTES):
+            return await self.app(scope, receive, send)
+        started = ended = False
+
+        async def sending(message):
+            nonlocal started, ended
+            started = True
+            ended = message["type"] == "http.response.body" and not message.get("more_body")
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as e:
+            refused = e.__cause__ if isinstance(e.__cause__, HTTPException) else e  # Starlette wraps it once started
+            if started and not ended and isinstance(refused, HTTPException) and refused.status_code < 500:
+                return await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if started:
+                raise
+            log.info("malformed web UI request to %s: %r", scope["path"], e)
+            reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+            await _refuse(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
 
 
 def is_upload(path: str) -> bool:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from gradio.utils import get_upload_folder
-from helpers import DATA
+from helpers import DATA, REPO
 from PIL import Image
 
 from nanodb.database import NanoDB
@@ -64,8 +67,6 @@ def separate_server(served):
     """(client, process): the served database, read-only, served by another process, whose memory
     alone is measured."""
     db, _, _ = served
-    import subprocess
-    import sys
 
     proc = subprocess.Popen([sys.executable, "-c", SERVE, str(db.path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -338,6 +339,20 @@ def test_unknown_api_routes_answer_nanodbs_json_error(served):
         assert r.status_code == 404 and set(r.json()) == {"error"}, (method, path, r.text)
 
 
+def test_malformed_web_ui_calls_get_a_400_and_result_streams_end_whole(served):
+    _, client, _ = served
+    endpoints = client.get("/gradio_api/info").json()["named_endpoints"]
+    name = next(n for n, e in endpoints.items() if any(not p["parameter_has_default"] for p in e["parameters"]))
+    for path, kwargs in ((f"/gradio_api/call/v2{name}", {"json": {}}),  # a required input missing
+                         ("/gradio_api/call/v2/no_such_event", {"json": {}}),
+                         ("/gradio_api/upload", {"data": {"files": "x"}, "files": {"y": ("y", b"")}})):  # text, no file
+        r = client.post(path, **kwargs)
+        assert r.status_code == 400 and set(r.json()) == {"error"} and "\n" not in r.json()["error"], (path, r.text)
+    r = client.get(f"/gradio_api/call{name}/no-such-id")  # read whole: not cut short
+    assert r.status_code == 200 and r.text.startswith("event: error")
+    assert client.get("/api/stats").status_code == 200
+
+
 def test_web_ui_uploads_are_deleted_when_the_server_stops(tmp_path, empty_db_path):
     shutil.copytree(empty_db_path, tmp_path / "db")
     with NanoDB(tmp_path / "db", config="test") as db:
@@ -347,6 +362,30 @@ def test_web_ui_uploads_are_deleted_when_the_server_stops(tmp_path, empty_db_pat
         assert os.path.exists(uploaded)
         server.stop()
     assert not os.path.exists(uploaded)
+
+
+def test_a_cli_server_keeps_uploads_in_a_private_folder_removed_when_it_stops(tmp_path, empty_db_path):
+    shutil.copytree(empty_db_path, tmp_path / "db")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("GRADIO_TEMP_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nanodb", "--path", str(tmp_path / "db"), "--config", "test",
+                             "--server", "--host", "127.0.0.1", "--port", "0"], cwd=REPO, env=env,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(line.split(" at ")[1].split()[0] for line in proc.stderr if "web UI at" in line)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            uploaded = Path(client.post("/gradio_api/upload", files={"files": ("x.png", png(8, 8))}).json()[0])
+        own = [p for p in uploaded.parents if p.name.startswith("nanodb-uploads-")]
+        assert own, f"the upload went to {uploaded}, not to a folder of the server's own"
+        folder = own[0]
+        assert uploaded.is_file() and (folder.stat().st_mode & 0o777) == 0o700
+        assert not uploaded.is_relative_to(get_upload_folder())  # not the shared /tmp/gradio
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not folder.exists()
 
 
 def test_failed_logins_are_rate_limited_without_checking_the_password(tmp_path, empty_db_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import httpx
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from nanodb.interfaces.server import start_server  # noqa: E402
 
 COCO = DATA / "coco-val2017" / "images"
 DEFAULT_EXAMPLES = 40  # per operation: well under a minute in all on 2 cores
+UI_EXAMPLES = 40  # per Gradio route (about 15): ~15 s on 2 cores
 SLOW_EXAMPLES = int(os.environ.get("NANODB_FUZZ_EXAMPLES", "400"))
 TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages")
 
@@ -27,9 +29,8 @@ pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos ar
 
 
 @pytest.fixture(scope="module")
-def api_schema(tmp_path_factory):
-    """The server's own /openapi.json, pointed at a 127.0.0.1 server over 20 photos, a deleted item
-    and an item whose file is gone."""
+def server(tmp_path_factory):
+    """A 127.0.0.1 server over 20 photos, a deleted item and an item whose file is gone."""
     root = tmp_path_factory.mktemp("fuzz")
     (root / "photos").mkdir()
     photos = [shutil.copy2(p, root / "photos" / p.name) for p in sorted(COCO.glob("*.jpg"))[:20]]
@@ -40,18 +41,34 @@ def api_schema(tmp_path_factory):
     db.add(np.ones(db.dim, np.float32), paths=["/etc/passwd"])  # a label, never a served file
     server = start_server(db, "127.0.0.1", 0)
     try:
-        yield schemathesis.openapi.from_url(f"{server.url}openapi.json")
+        yield server
     finally:
         server.stop()
         db.close()
+
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    """The server's own /openapi.json."""
+    return schemathesis.openapi.from_url(f"{server.url}openapi.json")
+
+
+@pytest.fixture(scope="module")
+def ui_schema(server):
+    """The OpenAPI that Gradio publishes for the web UI's routes (uploads, and each event's call API)."""
+    return schemathesis.openapi.from_url(f"{server.url}gradio_api/openapi.json")
+
+
+def assert_no_trace(where: str, text: str) -> None:
+    assert not any(marker in text for marker in TRACE_MARKERS), f"{where}: a stack trace in {text[:300]}"
 
 
 def check_answer(case) -> None:
     response = case.call(timeout=60)
     where = f"{case.method} {case.formatted_path} {case.query or ''}"
     assert response.status_code < 500, f"{where} -> {response.status_code}: {response.text[:300]}"
-    body = response.text if "json" in response.headers.get("content-type", "") else ""
-    assert not any(marker in body for marker in TRACE_MARKERS), f"{where}: a stack trace in {body[:300]}"
+    body = response.text if "json" in " ".join(response.headers.get("content-type", [])) else ""
+    assert_no_trace(where, body)
     if response.status_code >= 400:
         assert set(response.json()) == {"error"} and "\n" not in response.json()["error"], body[:300]
 
@@ -85,6 +102,35 @@ def fuzz(api_schema, examples: int) -> None:
         answer_is_clean()
 
 
+def check_ui_answer(case, server) -> None:
+    """A web UI route answers below 500 without a stack trace; an accepted event's result stream too."""
+    response = case.call(timeout=60)
+    where = f"{case.method} {case.formatted_path} {str(case.body)[:200]}"
+    assert response.status_code < 500, f"{where} -> {response.status_code}: {response.text[:300]}"
+    assert_no_trace(where, response.text)
+    if "/call/v2/" in case.path and response.status_code == 200:
+        stream = case.path.replace("/call/v2/", "/call/") + "/" + response.json()["event_id"]
+        result = httpx.get(f"{server.url}{stream.lstrip('/')}", timeout=60)
+        assert result.status_code < 500, f"{where} then {stream} -> {result.status_code}: {result.text[:300]}"
+        assert_no_trace(f"{where} then {stream}", result.text)
+
+
+def fuzz_ui(ui_schema, server, examples: int) -> None:
+    operations = [result.ok() for result in ui_schema.get_all_operations()]
+    paths = {op.path for op in operations}
+    assert "/gradio_api/upload" in paths and any("/call/v2/" in p for p in paths), "Gradio's schema changed"
+    for operation in operations:
+
+        @given(case=st.one_of([operation.as_strategy(mode) for mode in GenerationMode]))
+        @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def answer_is_clean(case):
+            check_ui_answer(case, server)
+
+        answer_is_clean()
+    assert httpx.get(f"{server.url}api/stats", timeout=30).status_code == 200  # still serving
+    assert httpx.get(f"{server.url}config", timeout=30).status_code == 200
+
+
 def test_no_input_gets_a_server_error_or_a_stack_trace(api_schema):
     fuzz(api_schema, DEFAULT_EXAMPLES)
 
@@ -92,3 +138,12 @@ def test_no_input_gets_a_server_error_or_a_stack_trace(api_schema):
 @pytest.mark.slow
 def test_no_input_gets_a_server_error_or_a_stack_trace_long(api_schema):
     fuzz(api_schema, SLOW_EXAMPLES)
+
+
+def test_no_web_ui_input_gets_a_server_error_or_a_stack_trace(ui_schema, server):
+    fuzz_ui(ui_schema, server, UI_EXAMPLES)
+
+
+@pytest.mark.slow
+def test_no_web_ui_input_gets_a_server_error_or_a_stack_trace_long(ui_schema, server):
+    fuzz_ui(ui_schema, server, SLOW_EXAMPLES)

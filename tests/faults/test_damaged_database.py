@@ -13,11 +13,11 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, coco_photos
 
 from nanodb.database import NanoDB
 from nanodb.interfaces import cli
-from nanodb.storage import MANIFEST, DatabaseError
+from nanodb.storage import ITEM_DTYPE, MANIFEST, DatabaseError
 
 ROWS = 40
 
@@ -236,3 +236,91 @@ def test_a_second_writer_gets_a_clear_error_and_readers_still_work(db_path):
         holder.wait()
     with NanoDB(db_path, config="test") as db:  # a killed writer's lock is released with it
         assert len(db) == ROWS - 1
+
+
+@pytest.fixture(scope="module")
+def photo_db(tmp_path_factory):
+    """Four real photos in one folder, scanned and saved; the database is copied by each test."""
+    root = tmp_path_factory.mktemp("photo-db")
+    photos = root / "photos"
+    photos.mkdir()
+    for src in coco_photos(4):
+        shutil.copy(src, photos / src.name)
+    with NanoDB(root / "template", config="test") as db:
+        db.scan(photos)
+        db.save()
+    return root / "template", photos
+
+
+def live_paths(db) -> list[str]:
+    return sorted(db.path_of(int(i)) for i in db.store.live_rows())
+
+
+def garble(path, kind: str) -> int:
+    """Corrupt the stored path bytes of one item of a scanned photo database; returns that item."""
+    with NanoDB(path, read_only=True) as db:
+        first, second = db.path_of(0), db.path_of(1)
+    items = np.frombuffer(data_file(path, "items").read_bytes(), ITEM_DTYPE)
+    f = data_file(path, "paths")
+    data = bytearray(f.read_bytes())
+    off = int(items["path_off"][1])
+    if kind == "nul":
+        data[off + len(second) // 2] = 0
+    elif kind == "relative":
+        data[off] = ord("x")
+    elif kind == "undecodable":
+        data[off + len(second) - 6] = 0xFF
+    elif kind == "folder":  # still a clean absolute path, but in a folder that does not exist
+        pos = off + second.index("/photos/") + 2
+        data[pos] ^= 0x01
+    elif kind == "other-file":  # item 0 now names item 1's file
+        name = os.path.basename(second).encode()
+        end = int(items["path_off"][0]) + int(items["path_len"][0])
+        data[end - len(name) : end] = name
+        assert len(first) == len(second)
+        f.write_bytes(bytes(data))
+        return 0
+    f.write_bytes(bytes(data))
+    return 1
+
+
+@pytest.mark.parametrize("kind", ["nul", "relative", "undecodable", "folder", "other-file"])
+def test_repair_drops_an_item_with_a_garbled_path_so_a_rescan_indexes_each_file_once(photo_db, tmp_path, kind):
+    template, photos = photo_db
+    path = tmp_path / "db"
+    shutil.copytree(template, path)
+    with NanoDB(path, read_only=True) as db:
+        before = {i: db.path_of(i) for i in range(db.store.rows)}
+    damaged = garble(path, kind)
+    assert "corrupted" in open_error(path)
+    report = NanoDB.repair(path)
+    assert "deleted 1 item with a damaged path" in report.summary()
+    with NanoDB(path, config="test") as db:
+        for i, p in before.items():  # every other item is kept as it was: nothing to re-embed
+            assert db.store.is_live(i) == (i != damaged) and (i == damaged or db.path_of(i) == p)
+        scan = db.scan(photos)
+        assert (scan.added, scan.unchanged) == (1, 3)
+        files = sorted(str(p) for p in photos.iterdir())
+        assert live_paths(db) == files  # each file exactly once, no garbled path live
+        db.save()
+    with NanoDB(path, read_only=True) as db:
+        assert live_paths(db) == files
+
+
+def test_repair_keeps_items_of_a_missing_folder_when_the_paths_file_is_damaged(photo_db, tmp_path):
+    """A folder that is not there (an unmounted disk) loses nothing: only the garbled item goes."""
+    template, photos = photo_db
+    path = tmp_path / "db"
+    shutil.copytree(template, path)
+    other = tmp_path / "disk" / "photos"
+    shutil.copytree(photos, other)
+    with NanoDB(path, config="test") as db:
+        db.scan(other)
+        db.save()
+        elsewhere = [db.path_of(i) for i in range(4, 8)]
+    damaged = garble(path, "folder")
+    (tmp_path / "disk").rename(tmp_path / "unmounted")
+    NanoDB.repair(path)
+    with NanoDB(path, read_only=True) as db:
+        assert live_paths(db) == sorted([p for i, p in enumerate(map(db.path_of, range(4))) if i != damaged]
+                                        + elsewhere)

@@ -245,31 +245,22 @@ def build_ui(service: SearchService) -> gr.Blocks:
             return move
 
         # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
-        typing = query.input(on_text, [query, *options], outputs, js=DEBOUNCE, trigger_mode="always_last",
-                             show_progress="hidden")
-        # Every other search supersedes the searches before it: the ones still waiting out their debounce
-        # are dropped in the browser (SUPERSEDE_TYPING), and the ones already running are cancelled, so a
-        # slow earlier search cannot replace newer results when it finally answers.
-        superseded = [typing]
-        superseded.append(query.submit(on_text, [query, *options], outputs, js=SUPERSEDE_TYPING,
-                                       show_progress="hidden", cancels=list(superseded)))
-        superseded.append(image.change(on_image, [image, *options], outputs, js=SUPERSEDE_TYPING,
-                                       show_progress="minimal", cancels=list(superseded)))
+        query.input(on_text, [query, *options], outputs, js=DEBOUNCE, trigger_mode="always_last",
+                    show_progress="hidden")
+        query.submit(on_text, [query, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
+        image.change(on_image, [image, *options], outputs, js=SUPERSEDE_TYPING, show_progress="minimal")
         for option in (k, min_similarity):
-            option.release(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden",
-                           cancels=list(superseded))
+            option.release(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
         for option in (folder, since, until):
-            for event in (option.submit, option.blur):
-                event(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden",
-                      cancels=list(superseded))
+            option.submit(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
+            option.blur(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
         for option in (types, collapse):
-            option.input(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden",
-                         cancels=list(superseded))
+            option.input(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
         gallery.select(on_select, [shown], [lightbox, view, position], show_progress="hidden")
         prev_button.click(step(-1), [shown, position], [view, position], show_progress="hidden")
         next_button.click(step(1), [shown, position], [view, position], show_progress="hidden")
         close_button.click(lambda: gr.Column(visible=False), None, lightbox, show_progress="hidden")
         similar_button.click(on_similar, [shown, position, *options], [*outputs, lightbox],
-                             js=SUPERSEDE_TYPING, show_progress="hidden", cancels=list(superseded))
+                             js=SUPERSEDE_TYPING, show_progress="hidden")
         gr.Timer(1.0).tick(lambda: stats_text(service.stats()), None, stats, show_progress="hidden")
     return ui

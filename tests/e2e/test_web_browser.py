@@ -250,6 +250,12 @@ def test_a_phone_sees_a_few_columns_stacked_inputs_and_no_sideways_scroll(browse
         phone.goto(url + "?__theme=dark")
         phone.wait_for_selector("#query textarea")
         search_text(phone, "a dog", images=3)
+        # the gallery lays its tiles out after the images arrive: measure once four tiles sit in rows
+        phone.wait_for_function("""() => {
+            const t = [...document.querySelectorAll('#results .thumbnail-item')].slice(0, 4)
+                .map(e => e.getBoundingClientRect());
+            return t.length === 4 && t[0].width >= 90 && Math.abs(t[1].top - t[0].top) < 2;
+        }""")
         phone.screenshot(path=ARTIFACTS / "web-phone.png")
         assert phone.evaluate("document.documentElement.scrollWidth") <= 400
         boxes = [tiles(phone).nth(i).bounding_box() for i in range(4)]

@@ -26,12 +26,18 @@ from nanodb.storage import (
     DatabaseError,
     Manifest,
     RepairReport,
+    DATA_FILES,
+    VERIFY_AT_OPEN_BYTES,
+    FileCheck,
     WriteLock,
+    check_length,
     commit_append,
     commit_generation,
+    committed_lengths,
     read_exact,
     remove_other_generations,
     repair,
+    verify_file,
     write_manifest,
 )
 from pipeline.sink import ScannedFile
@@ -111,6 +117,7 @@ class ItemStore:
         self._write_lock: WriteLock | None = None
         self._path_index: dict[str, int] | None = None
         self._hash_index: dict[bytes, int] | None = None
+        self.checks = FileCheck([])  # the checksums still being verified after opening
         new = not (root / "nanodb.json").exists()
         if not read_only:
             try:
@@ -144,17 +151,22 @@ class ItemStore:
         self._deleted: list[int] = []
 
     def _load(self) -> None:
-        """Read the committed part of each data file with one binary read (no per-item parsing)."""
+        """Map the vectors and their compact copy, read the other files with one binary read each (no
+        per-item parsing); check small files' checksums now and start the check of big ones."""
         m = self.manifest
         root = self.root
         self._load_empty()
-        self.index.reserve(m.count)
-        self.index.count = m.count
         crc = m.checksums or {}
-        self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
-            m.compact_reader(root),
-        )
+        lengths = committed_lengths(m)
+        later = [k for k in DATA_FILES if crc.get(k) is not None and lengths[k] > VERIFY_AT_OPEN_BYTES]
+        crc = {k: v for k, v in crc.items() if k not in later}  # the ones checked at opening
+        compact = m.compact == m.count
+        for kind in ("vectors", "codes", "scales") if compact else ("vectors",):
+            check_length(m.file(root, kind), lengths[kind])
+            if crc.get(kind) is not None:
+                verify_file(m.file(root, kind), lengths[kind], crc[kind])
+        files = (m.file(root, "codes"), m.file(root, "scales")) if compact else None
+        self.index.load_files(m.count, m.file(root, "vectors"), files)
         self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
         if m.count:
             items_view = memoryview(self._items[: m.count]).cast("B")
@@ -175,6 +187,7 @@ class ItemStore:
             raise DatabaseError(
                 f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
             )
+        self.checks = FileCheck([(m.file(root, k), lengths[k], m.checksums[k]) for k in later])
 
     # ----------------------------------------------------------------- reading
     @property
@@ -262,6 +275,7 @@ class ItemStore:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
         """Exact top k per unit query vector, with the paths of the rows as they are now."""
+        self.checks.raise_if_failed()
         with self.lock:  # a compaction renumbers rows: indices and paths must come from one state
             indices, scores = self.index.search(queries, k)
             return [
@@ -273,7 +287,9 @@ class ItemStore:
         """Query every stored vector; each must find itself (or a duplicate) first.
 
         A duplicate is a row whose similarity ties with the item's own: the same image embedded in two
-        batches can differ in the last float16 bit, and either may then come first."""
+        batches can differ in the last float16 bit, and either may then come first. Every checksum is
+        verified first (the background check of big files is waited for)."""
+        self.checks.wait()
         with self.lock:
             live = self.live_rows()
             vectors = self.index.vectors
@@ -465,8 +481,9 @@ class ItemStore:
 
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
-        Returns False when there was nothing to save."""
+        Returns False when there was nothing to save. Refused once a data file is found corrupted."""
         self.check_writable()
+        self.checks.raise_if_failed()
         with self._save_lock:
             with self.lock:  # a consistent snapshot; appends may go on while the bytes are written
                 m = self.manifest
@@ -507,7 +524,9 @@ class ItemStore:
 
         Crash-safe: the new files are complete and fsynced before the manifest names them, and the old
         generation is deleted only after. Renumbers the items (indices shown earlier become stale).
+        The checksums of the old files must have been verified: new ones are computed from the bytes.
         """
+        self.checks.wait()
         m = self.manifest
         live = self.live_rows()
         dropped = self.index.count - len(live)
@@ -538,7 +557,9 @@ class ItemStore:
                 f"nothing is lost from memory: free some space and save again"
             ) from None
         index = VectorIndex(self.dim, self.index.backend)
-        index.append(vectors)
+        index.load_files(len(live), new.file(self.root, "vectors"),
+                         (new.file(self.root, "codes"), new.file(self.root, "scales")))
+        del vectors, data
         self.index, self._items, self._paths, self._meta = index, items, paths, meta
         self._deleted, self._path_index, self._hash_index = [], None, None
         self.manifest = new
@@ -564,6 +585,9 @@ class ItemStore:
             lock.release()
 
     def close(self) -> None:
+        """Release the write lock and the data files; the store is empty afterwards."""
+        self.checks.stop()
+        self.index.close()
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None

@@ -144,8 +144,9 @@ def file_backed_rows(path: Path, rows: int, row_shape: tuple[int, ...], dtype, c
         region = None
     if region is None:
         region = bytearray(total)
-        with open(path, "rb") as f:
-            f.readinto(memoryview(region)[:file_bytes])
+        if file_bytes:
+            with open(path, "rb") as f:
+                f.readinto(memoryview(region)[:file_bytes])
     return np.frombuffer(region, dtype, capacity * row_bytes // dtype.itemsize).reshape(capacity, *row_shape)
 
 

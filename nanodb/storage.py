@@ -25,7 +25,7 @@ pointing at complete data. Opening maps the vectors and their compact copy (read
 shared with the page cache) and reads the other files with one binary read: no per-item parsing.
 
 Damage detection: each file's CRC-32 is in the manifest. A file of at most VERIFY_AT_OPEN_BYTES is
-checked when the database opens (a damaged one is refused, naming it); a larger one (from about 130K
+checked when the database opens (a damaged one is refused, naming it); a larger one (from about 65K
 vectors at dim 512) is checked by a background thread right after (FileCheck), so opening 10M
 vectors stays under a second. Until that check has passed, a save that rewrites every byte (a
 compaction) waits for it; once it has failed, searches and saves raise the DatabaseError naming the
@@ -350,6 +350,15 @@ def append_at(path: Path, offset: int, data: bytes | memoryview) -> None:
         os.close(fd)
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Atomically replace a data file (fsynced), never rewriting it in place: a process that has it
+    mapped keeps the old bytes (shrinking a mapped file would crash that process)."""
+    tmp = path.with_name(path.name + ".tmp")
+    append_at(tmp, 0, data)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 class WriteLock:
     """An exclusive flock on the database folder itself, so two writers never interleave their saves.
 
@@ -481,8 +490,8 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
         "codes": codes.tobytes(),
         "scales": scales.astype("<f4").tobytes(),
     }
-    for kind in ("deleted", *COMPACT_FILES):
-        append_at(files[kind], 0, committed_bytes[kind])
+    for kind in ("deleted", *COMPACT_FILES):  # new files: a reader may have the old ones mapped
+        replace_file(files[kind], committed_bytes[kind])
     m.checksums = {kind: zlib.crc32(data) for kind, data in committed_bytes.items()}
     if rebuilt and (root / MANIFEST).exists():
         os.replace(root / MANIFEST, root / (MANIFEST + ".damaged"))

@@ -259,7 +259,8 @@ class VectorIndex:
         if path is None:
             new, start = np.empty((cap, *old.shape[1:]), old.dtype), 0
         else:
-            new, start = file_backed_rows(path, self.mapped, old.shape[1:], old.dtype, cap, kind == "vectors"), self.mapped
+            new = file_backed_rows(path, self.mapped, old.shape[1:], old.dtype, cap, kind == "vectors")
+            start = self.mapped
         new[start : self.count] = old[start : self.count]
         return new
 

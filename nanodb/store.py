@@ -21,14 +21,14 @@ import numpy as np
 
 from nanodb.index import VectorIndex
 from nanodb.storage import (
+    DATA_FILES,
     ITEM_DTYPE,
     REPAIR_HINT,
+    VERIFY_AT_OPEN_BYTES,
     DatabaseError,
+    FileCheck,
     Manifest,
     RepairReport,
-    DATA_FILES,
-    VERIFY_AT_OPEN_BYTES,
-    FileCheck,
     WriteLock,
     check_length,
     commit_append,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.index import VectorIndex
+from nanodb.index import VectorIndex, file_backed_rows
 from nanodb.storage import (
     DATA_FILES,
     ITEM_DTYPE,
@@ -146,6 +146,7 @@ class ItemStore:
     def _load_empty(self) -> None:
         self.index = VectorIndex(self.manifest.dim)
         self._items = np.zeros(0, ITEM_DTYPE)
+        self._items_file: tuple[Path, int] | None = None  # (file, rows) mapped at the start of _items
         self._paths = bytearray()
         self._meta = bytearray()
         self._deleted: list[int] = []
@@ -161,16 +162,13 @@ class ItemStore:
         later = [k for k in DATA_FILES if crc.get(k) is not None and lengths[k] > VERIFY_AT_OPEN_BYTES]
         crc = {k: v for k, v in crc.items() if k not in later}  # the ones checked at opening
         compact = m.compact == m.count
-        for kind in ("vectors", "codes", "scales") if compact else ("vectors",):
+        for kind in ("vectors", "items", "codes", "scales") if compact else ("vectors", "items"):
             check_length(m.file(root, kind), lengths[kind])
             if crc.get(kind) is not None:
                 verify_file(m.file(root, kind), lengths[kind], crc[kind])
         files = (m.file(root, "codes"), m.file(root, "scales")) if compact else None
         self.index.load_files(m.count, m.file(root, "vectors"), files)
-        self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
-        if m.count:
-            items_view = memoryview(self._items[: m.count]).cast("B")
-            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, items_view, crc.get("items"))
+        self._map_items(m.file(root, "items"), m.count, max(1024, m.count + m.count // 2))
         self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")))
         self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")))
         deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8, checksum=crc.get("deleted")), "<i8")
@@ -188,6 +186,20 @@ class ItemStore:
                 f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
             )
         self.checks = FileCheck([(m.file(root, k), lengths[k], m.checksums[k]) for k in later])
+
+    def _map_items(self, file: Path, rows: int, capacity: int) -> None:
+        """The item table: its committed rows mapped from `file` (read on demand), room for appends."""
+        self._items = file_backed_rows(file, rows, (), ITEM_DTYPE, capacity)
+        self._items_file = (file, rows)
+
+    def _grow_items(self, capacity: int) -> None:
+        old, start = self._items, 0
+        if self._items_file is None:
+            self._items = np.zeros(capacity, ITEM_DTYPE)
+        else:
+            start = self._items_file[1]
+            self._map_items(*self._items_file, capacity)
+        self._items[start : self.index.count] = old[start : self.index.count]
 
     # ----------------------------------------------------------------- reading
     @property
@@ -325,9 +337,7 @@ class ItemStore:
             start = self.index.count
             n = start + len(vectors)
             if n > len(self._items):
-                grown = np.zeros(max(n, int(len(self._items) * 1.5)), ITEM_DTYPE)
-                grown[:start] = self._items[:start]
-                self._items = grown
+                self._grow_items(max(n, int(len(self._items) * 1.5)))
             path_index = self._path_index
             for i, rec in enumerate(records):
                 row = self._items[start + i]
@@ -560,7 +570,8 @@ class ItemStore:
         index.load_files(len(live), new.file(self.root, "vectors"),
                          (new.file(self.root, "codes"), new.file(self.root, "scales")))
         del vectors, data
-        self.index, self._items, self._paths, self._meta = index, items, paths, meta
+        self.index, self._paths, self._meta = index, paths, meta
+        self._map_items(new.file(self.root, "items"), len(live), len(items))
         self._deleted, self._path_index, self._hash_index = [], None, None
         self.manifest = new
         try:
@@ -588,6 +599,7 @@ class ItemStore:
         """Release the write lock and the data files; the store is empty afterwards."""
         self.checks.stop()
         self.index.close()
+        self._items, self._items_file = np.zeros(0, ITEM_DTYPE), None
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None

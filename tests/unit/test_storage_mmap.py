@@ -54,18 +54,20 @@ def test_appends_after_reopening_save_and_reopen_bit_for_bit(saved):
         before = db.vectors.copy()
         added = unit_vectors(ROWS, db.dim, seed=9)  # past the mapped capacity: the index grows
         db.add(added[: ROWS // 3])
-        db.add(added[ROWS // 3 :])
+        db.add(added[ROWS // 3 :], paths=[f"/q/{i}" for i in range(ROWS - ROWS // 3)])
         assert db.store.index.mapped == ROWS
         db.vectors[0] = 0  # copy-on-write: the file never sees a change made in memory
         assert file.read_bytes() == committed
         db.vectors[0] = before[0]
         assert_exact_search(db, unit_vectors(4, db.dim, seed=6))
+        assert db.path_of(5) == "/p/5" and db.path_of(2 * ROWS - 1) == f"/q/{ROWS - ROWS // 3 - 1}"
         db.save()
         everything = db.vectors.copy()
     np.testing.assert_array_equal(everything[:ROWS], before)
     with NanoDB(saved, read_only=True) as db:
         assert db.store.index.mapped == 2 * ROWS
         np.testing.assert_array_equal(db.vectors, everything)
+        assert db.path_of(5) == "/p/5" and db.path_of(2 * ROWS - 1) == f"/q/{ROWS - ROWS // 3 - 1}"
         assert_exact_search(db, unit_vectors(4, db.dim, seed=7))
 
 
@@ -76,12 +78,13 @@ def test_compacting_a_mapped_database(saved):
         db.save()  # most rows are deleted: the save compacts
         assert db.store.manifest.generation == 1 and db.store.index.mapped == 100
         np.testing.assert_array_equal(db.vectors, keep)
+        assert db.path_of(0) == f"/p/{ROWS - 100}"
         assert_exact_search(db, unit_vectors(4, db.dim, seed=8))
         db.add(unit_vectors(10, db.dim, seed=10))
         db.save()
     assert not list(saved.glob("*.0.*"))
     with NanoDB(saved, read_only=True) as db:
-        assert len(db) == 110
+        assert len(db) == 110 and db.path_of(99) == f"/p/{ROWS - 1}"
         np.testing.assert_array_equal(db.vectors[:100], keep)
 
 

@@ -4,14 +4,17 @@ searched exactly, grows, saves, compacts and still catches a corrupted file (big
 from __future__ import annotations
 
 import mmap
+import time
 
 import numpy as np
 import pytest
 from test_storage import unit_vectors
 from test_storage_compact import assert_exact_search
 
+import nanodb.index
 import nanodb.store
 from nanodb import DatabaseError, NanoDB
+from nanodb.index import quantize_rows
 
 ROWS = 2000
 
@@ -116,3 +119,19 @@ def test_a_big_intact_database_passes_the_check_after_opening(saved, monkeypatch
         assert db.validate().ok
         db.add(unit_vectors(1, db.dim))
         assert db.save()
+
+
+def test_a_big_compact_copy_moves_to_memory_after_opening(saved, monkeypatch):
+    """Above COMPACT_TO_MEMORY_BYTES the codes are read into memory by a background thread (faster to
+    scan than the mapping); rows appended meanwhile are kept, and searches stay exact throughout."""
+    monkeypatch.setattr(nanodb.index, "COMPACT_TO_MEMORY_BYTES", 0)
+    with NanoDB(saved) as db:
+        index = db.store.index
+        db.add(unit_vectors(ROWS, db.dim, seed=4))  # grows the index, maybe while the copy runs
+        assert_exact_search(db, unit_vectors(2, db.dim, seed=12))
+        deadline = time.monotonic() + 60
+        while not index.codes_in_memory and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert index.codes_in_memory and not isinstance(memory_behind(index.codes), mmap.mmap)
+        np.testing.assert_array_equal(index.codes, quantize_rows(db.vectors)[0])
+        assert_exact_search(db, unit_vectors(4, db.dim, seed=13))

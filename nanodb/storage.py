@@ -22,8 +22,9 @@ A save appends what was added since the last save to each file (at the committed
 overwrites anything a crashed save left behind), fsyncs, then replaces nanodb.json. So a save costs
 time in proportion to the new items, and a kill at any moment leaves the last committed manifest
 pointing at complete data. Opening maps the vectors, their compact copy and the item table (read
-on demand, pages shared with the page cache) and reads the paths, metadata and deletions with one
-binary read each: no per-item parsing.
+on demand, pages shared with the page cache; a compact copy over 64 MiB is then read into memory by
+a background thread, as the fast pass scans it faster there) and reads the paths, metadata and
+deletions with one binary read each: no per-item parsing.
 
 Damage detection: each file's CRC-32 is in the manifest. A file of at most VERIFY_AT_OPEN_BYTES is
 checked when the database opens (a damaged one is refused, naming it); a larger one (from about 65K

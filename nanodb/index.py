@@ -18,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import importlib.machinery
 import logging
+import mmap
 import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +114,67 @@ def _round_up(v: np.ndarray) -> np.ndarray:
     return np.nextafter((v * (1 + 1e-9)).astype(np.float32), np.float32(np.inf))
 
 
+# A mapped compact copy larger than this is copied into anonymous memory by a background thread after
+# opening: the fast pass scans it ~2.5x faster there (huge pages) than through a file's 4 KB pages
+# (measured at 10M x 512; benchmarks/RESULTS.md). Searches use the mapping until the copy is done.
+COMPACT_TO_MEMORY_BYTES = 64 << 20
+COPY_CHUNK = 16 << 20
+MAP_FIXED, MAP_NORESERVE = 0x10, 0x4000  # Linux values; the mmap module does not export them
+if sys.platform == "linux":
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.mmap.restype = ctypes.c_void_p
+    _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int64]
+
+
+def file_backed_rows(path: Path, rows: int, row_shape: tuple[int, ...], dtype, capacity: int,
+                     random_access: bool = False) -> np.ndarray:
+    """A writable (capacity, *row_shape) array whose first `rows` rows are the first bytes of `path`,
+    mapped copy-on-write, and whose other rows are anonymous memory for appends.
+
+    Opening costs no read: pages of the file are read when first touched (and shared with the page
+    cache, not copied), and writes to them stay private to this process, never reaching the file. The
+    whole capacity is one contiguous array, so appends need no second part. `random_access` turns off
+    read-ahead (rows read one by one, e.g. candidates rescored). Off Linux, or when mapping fails, the
+    rows are read into memory instead."""
+    dtype = np.dtype(dtype)
+    row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    file_bytes = rows * row_bytes
+    total = max(capacity * row_bytes, mmap.PAGESIZE)
+    if sys.platform == "linux":
+        region = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        if file_bytes and not _map_file_over(region, path, file_bytes, random_access):
+            region = None
+    else:
+        region = None
+    if region is None:
+        region = bytearray(total)
+        if file_bytes:
+            with open(path, "rb") as f:
+                f.readinto(memoryview(region)[:file_bytes])
+    return np.frombuffer(region, dtype, capacity * row_bytes // dtype.itemsize).reshape(capacity, *row_shape)
+
+
+def _map_file_over(region: mmap.mmap, path: Path, nbytes: int, random_access: bool) -> bool:
+    """Map the first `nbytes` of `path` copy-on-write over the start of `region` (which keeps owning
+    the address range: unmapping it unmaps the file too). False when the kernel refuses."""
+    anchor = ctypes.c_char.from_buffer(region)
+    addr = ctypes.addressof(anchor)
+    del anchor  # releases the buffer export: the region can be closed when its arrays are gone
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = _LIBC.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, 0)
+    finally:
+        os.close(fd)
+    if got != addr:
+        log.warning("cannot map %s (errno %d): reading it into memory", path, ctypes.get_errno())
+        return False
+    if random_access:
+        region.madvise(mmap.MADV_RANDOM, 0, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return True
+
+
 def select_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best k per row of `scores` (Q, M), highest first, ties to the lower index; never sorts all M."""
     k = min(k, scores.shape[1])
@@ -138,6 +201,9 @@ class VectorIndex:
         self._error_max = 0.0  # the largest quantization error bound (scales[:, 1]) of any row
         self._norm_max = 0.0  # the largest row norm bound (scales[:, 2])
         self.count = 0
+        self.mapped = 0  # rows 0..mapped-1 are the data files' (see load_files), read on demand
+        self._files: dict[str, Path] = {}
+        self._stop = threading.Event()
         self._dead = np.zeros(0, bool)
         self._any_dead = False
         self._lock = threading.Lock()
@@ -178,14 +244,10 @@ class VectorIndex:
 
     def _grow(self, need: int) -> None:
         cap = max(need, 1024, int(len(self._buf) * 1.5))
-        buf = np.empty((cap, self.dim), np.float16)
-        buf[: self.count] = self._buf[: self.count]
+        buf, codes, scales = (self._grown(kind, old, cap) for kind, old in
+                              (("vectors", self._buf), ("codes", self._codes), ("scales", self._scales)))
         dead = np.zeros(cap, bool)
         dead[: self.count] = self._dead[: self.count]
-        codes = np.empty((cap, self.dim), np.uint8)
-        codes[: self.count] = self._codes[: self.count]
-        scales = np.empty((cap, 3), np.float32)
-        scales[: self.count] = self._scales[: self.count]
         steps = np.empty(cap, np.float32)
         steps[: self.count] = self._steps[: self.count]
         self._buf, self._dead, self._codes, self._scales, self._steps = buf, dead, codes, scales, steps
@@ -197,26 +259,97 @@ class VectorIndex:
             gdead[: self.count] = self._gpu_dead[: self.count]
             self._gpu, self._gpu_dead = gpu, gdead
 
+    def _grown(self, kind: str, old: np.ndarray, cap: int) -> np.ndarray:
+        """A copy of `old` with room for `cap` rows: the mapped rows are mapped again, not copied."""
+        path = self._files.get(kind)
+        if path is None:
+            new, start = np.empty((cap, *old.shape[1:]), old.dtype), 0
+        else:
+            new = file_backed_rows(path, self.mapped, old.shape[1:], old.dtype, cap, kind == "vectors")
+            start = self.mapped
+        new[start : self.count] = old[start : self.count]
+        return new
+
     def reserve(self, n: int) -> None:
         with self._lock:
             if n > len(self._buf):
                 self._grow(n)
 
-    def load(self, read_into, read_compact=None) -> None:
-        """Fill a fresh index from storage: `read_into(buffer_view)` writes count x dim float16 rows;
-        `read_compact(codes_view, scales_view)` writes their compact copy (else it is computed)."""
-        if self.count:
-            read_into(memoryview(self._buf[: self.count]).cast("B"))
-            if read_compact is not None:
-                read_compact(memoryview(self._codes[: self.count]).cast("B"),
-                             memoryview(self._scales[: self.count]).cast("B"))
-            else:
-                self._codes[: self.count], self._scales[: self.count] = quantize_rows(self._buf[: self.count])
-            self._steps[: self.count] = self._scales[: self.count, 0]
-            self._error_max = float(self._scales[: self.count, 1].max())
-            self._norm_max = float(self._scales[: self.count, 2].max())
+    def load_files(self, count: int, vectors: Path, compact: tuple[Path, Path] | None = None) -> None:
+        """Fill a fresh index with the first `count` rows of data files, mapped (file_backed_rows), not
+        read: `vectors` holds float16 rows, `compact` their codes and scales (else they are computed,
+        which reads every row). The caller has checked the files are long enough: a file shortened
+        while mapped makes touching its lost pages fatal (SIGBUS), and nanodb only ever appends."""
+        cap = max(1024, count + count // 2)  # address space only: nothing is allocated until appended
+        self._files = {"vectors": vectors}
+        self.mapped = count
+        self._buf = file_backed_rows(vectors, count, (self.dim,), np.float16, cap, random_access=True)
+        if compact is not None:
+            self._files.update(codes=compact[0], scales=compact[1])
+            self._codes = file_backed_rows(compact[0], count, (self.dim,), np.uint8, cap)
+            self._scales = file_backed_rows(compact[1], count, (3,), np.float32, cap)
+        else:
+            self._codes, self._scales = np.empty((cap, self.dim), np.uint8), np.empty((cap, 3), np.float32)
+            self._codes[:count], self._scales[:count] = quantize_rows(self._buf[:count])
+        self._dead = np.zeros(cap, bool)
+        self._steps = np.empty(cap, np.float32)
+        self.count = count
+        if count:
+            self._steps[:count] = self._scales[:count, 0]
+            self._error_max = float(self._scales[:count, 1].max())
+            self._norm_max = float(self._scales[:count, 2].max())
         if self._gpu is not None:
-            self._gpu[: self.count] = self._cp.asarray(self._buf[: self.count])
+            cp = self._cp
+            self._gpu = cp.empty((cap, self.dim), cp.float16)
+            self._gpu[:count] = cp.asarray(self._buf[:count])
+            self._gpu_dead = cp.zeros(cap, bool)
+        elif compact is not None and count * self.dim > COMPACT_TO_MEMORY_BYTES:
+            threading.Thread(target=self._copy_codes_to_memory, name="nanodb-codes", daemon=True).start()
+
+    def _copy_codes_to_memory(self) -> None:
+        """Read the mapped codes into anonymous memory, then search that: read from the file, not the
+        mapping, so the process never holds both copies."""
+        with self._lock:
+            path, n, cap = self._files.get("codes"), self.mapped, len(self._codes)
+        if path is None:
+            return
+        fresh = np.empty((cap, self.dim), np.uint8)
+        view = memoryview(fresh[:n]).cast("B")
+        try:
+            with open(path, "rb", buffering=0) as f:
+                for lo in range(0, len(view), COPY_CHUNK):
+                    chunk = view[lo : lo + COPY_CHUNK]
+                    if self._stop.is_set() or f.readinto(chunk) != len(chunk):
+                        return
+        except OSError as e:
+            log.warning("cannot read %s into memory (%s): searching the mapped file", path, e)
+            return
+        with self._lock:
+            if self._files.get("codes") != path or self._stop.is_set():
+                return
+            if len(self._codes) != cap:  # grown meanwhile
+                grown = np.empty((len(self._codes), self.dim), np.uint8)
+                grown[:n] = fresh[:n]
+                fresh = grown
+            fresh[n : self.count] = self._codes[n : self.count]
+            self._codes = fresh
+            del self._files["codes"]
+
+    @property
+    def codes_in_memory(self) -> bool:
+        """The compact copy's codes are in anonymous memory, not (or no longer) read through a mapping."""
+        return "codes" not in self._files
+
+    def close(self) -> None:
+        """Drop the rows, so the data files are unmapped now rather than when garbage collected (the
+        folder of a closed database can be unmounted); arrays handed out earlier keep theirs."""
+        self._stop.set()
+        with self._lock:
+            self._buf = np.empty((0, self.dim), np.float16)
+            self._codes, self._scales = np.empty((0, self.dim), np.uint8), np.empty((0, 3), np.float32)
+            self._steps, self._dead = np.empty(0, np.float32), np.zeros(0, bool)
+            self.count = self.mapped = 0
+            self._files = {}
 
     def append(self, vectors: np.ndarray) -> int:
         """Add rows (cast to float16); returns the index of the first. Searches running meanwhile see

@@ -19,19 +19,25 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.index import VectorIndex
+from nanodb.index import VectorIndex, file_backed_rows
 from nanodb.storage import (
+    DATA_FILES,
     ITEM_DTYPE,
     REPAIR_HINT,
+    VERIFY_AT_OPEN_BYTES,
     DatabaseError,
+    FileCheck,
     Manifest,
     RepairReport,
     WriteLock,
+    check_length,
     commit_append,
     commit_generation,
+    committed_lengths,
     read_exact,
     remove_other_generations,
     repair,
+    verify_file,
     write_manifest,
 )
 from pipeline.sink import ScannedFile
@@ -126,6 +132,7 @@ class ItemStore:
         self._write_lock: WriteLock | None = None
         self._path_index: dict[str, int] | None = None
         self._hash_index: dict[bytes, int] | None = None
+        self.checks = FileCheck([])  # the checksums still being verified after opening
         new = not (root / "nanodb.json").exists()
         if not read_only:
             try:
@@ -154,26 +161,29 @@ class ItemStore:
     def _load_empty(self) -> None:
         self.index = VectorIndex(self.manifest.dim)
         self._items = np.zeros(0, ITEM_DTYPE)
+        self._items_file: tuple[Path, int] | None = None  # (file, rows) mapped at the start of _items
         self._paths = bytearray()
         self._meta = bytearray()
         self._deleted: list[int] = []
 
     def _load(self) -> None:
-        """Read the committed part of each data file with one binary read (no per-item parsing)."""
+        """Map the vectors and their compact copy, read the other files with one binary read each (no
+        per-item parsing); check small files' checksums now and start the check of big ones."""
         m = self.manifest
         root = self.root
         self._load_empty()
-        self.index.reserve(m.count)
-        self.index.count = m.count
         crc = m.checksums or {}
-        self.index.load(
-            lambda view: read_exact(m.file(root, "vectors"), m.count * m.dim * 2, view, crc.get("vectors")),
-            m.compact_reader(root),
-        )
-        self._items = np.zeros(max(m.count, 1024), ITEM_DTYPE)
-        if m.count:
-            items_view = memoryview(self._items[: m.count]).cast("B")
-            read_exact(m.file(root, "items"), m.count * ITEM_DTYPE.itemsize, items_view, crc.get("items"))
+        lengths = committed_lengths(m)
+        later = [k for k in DATA_FILES if crc.get(k) is not None and lengths[k] > VERIFY_AT_OPEN_BYTES]
+        crc = {k: v for k, v in crc.items() if k not in later}  # the ones checked at opening
+        compact = m.compact == m.count
+        for kind in ("vectors", "items", "codes", "scales") if compact else ("vectors", "items"):
+            check_length(m.file(root, kind), lengths[kind])
+            if crc.get(kind) is not None:
+                verify_file(m.file(root, kind), lengths[kind], crc[kind])
+        files = (m.file(root, "codes"), m.file(root, "scales")) if compact else None
+        self.index.load_files(m.count, m.file(root, "vectors"), files)
+        self._map_items(m.file(root, "items"), m.count, max(1024, m.count + m.count // 2))
         self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")))
         self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")))
         deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8, checksum=crc.get("deleted")), "<i8")
@@ -190,6 +200,21 @@ class ItemStore:
             raise DatabaseError(
                 f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
             )
+        self.checks = FileCheck([(m.file(root, k), lengths[k], m.checksums[k]) for k in later])
+
+    def _map_items(self, file: Path, rows: int, capacity: int) -> None:
+        """The item table: its committed rows mapped from `file` (read on demand), room for appends."""
+        self._items = file_backed_rows(file, rows, (), ITEM_DTYPE, capacity)
+        self._items_file = (file, rows)
+
+    def _grow_items(self, capacity: int) -> None:
+        old, start = self._items, 0
+        if self._items_file is None:
+            self._items = np.zeros(capacity, ITEM_DTYPE)
+        else:
+            start = self._items_file[1]
+            self._map_items(*self._items_file, capacity)
+        self._items[start : self.index.count] = old[start : self.index.count]
 
     # ----------------------------------------------------------------- reading
     @property
@@ -282,6 +307,7 @@ class ItemStore:
         `where` keeps only the rows it allows; `collapse` keeps the best row of each file content (hash)
         and lists the others in Hit.duplicates. Both stay exact: the index is asked for more rows,
         doubling, until k hits pass (or every row was seen)."""
+        self.checks.raise_if_failed()
         with self.lock:  # a compaction renumbers rows: indices and paths must come from one state
             if not where and not collapse:
                 indices, scores = self.index.search(queries, k)
@@ -342,7 +368,9 @@ class ItemStore:
         """Query every stored vector; each must find itself (or a duplicate) first.
 
         A duplicate is a row whose similarity ties with the item's own: the same image embedded in two
-        batches can differ in the last float16 bit, and either may then come first."""
+        batches can differ in the last float16 bit, and either may then come first. Every checksum is
+        verified first (the background check of big files is waited for)."""
+        self.checks.wait()
         with self.lock:
             live = self.live_rows()
             vectors = self.index.vectors
@@ -378,9 +406,7 @@ class ItemStore:
             start = self.index.count
             n = start + len(vectors)
             if n > len(self._items):
-                grown = np.zeros(max(n, int(len(self._items) * 1.5)), ITEM_DTYPE)
-                grown[:start] = self._items[:start]
-                self._items = grown
+                self._grow_items(max(n, int(len(self._items) * 1.5)))
             path_index = self._path_index
             for i, rec in enumerate(records):
                 row = self._items[start + i]
@@ -534,8 +560,9 @@ class ItemStore:
 
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
-        Returns False when there was nothing to save."""
+        Returns False when there was nothing to save. Refused once a data file is found corrupted."""
         self.check_writable()
+        self.checks.raise_if_failed()
         with self._save_lock:
             with self.lock:  # a consistent snapshot; appends may go on while the bytes are written
                 m = self.manifest
@@ -576,7 +603,9 @@ class ItemStore:
 
         Crash-safe: the new files are complete and fsynced before the manifest names them, and the old
         generation is deleted only after. Renumbers the items (indices shown earlier become stale).
+        The checksums of the old files must have been verified: new ones are computed from the bytes.
         """
+        self.checks.wait()
         m = self.manifest
         live = self.live_rows()
         dropped = self.index.count - len(live)
@@ -607,8 +636,11 @@ class ItemStore:
                 f"nothing is lost from memory: free some space and save again"
             ) from None
         index = VectorIndex(self.dim, self.index.backend)
-        index.append(vectors)
-        self.index, self._items, self._paths, self._meta = index, items, paths, meta
+        index.load_files(len(live), new.file(self.root, "vectors"),
+                         (new.file(self.root, "codes"), new.file(self.root, "scales")))
+        del vectors, data
+        self.index, self._paths, self._meta = index, paths, meta
+        self._map_items(new.file(self.root, "items"), len(live), len(items))
         self._deleted, self._path_index, self._hash_index = [], None, None
         self.manifest = new
         try:
@@ -633,6 +665,10 @@ class ItemStore:
             lock.release()
 
     def close(self) -> None:
+        """Release the write lock and the data files; the store is empty afterwards."""
+        self.checks.stop()
+        self.index.close()
+        self._items, self._items_file = np.zeros(0, ITEM_DTYPE), None
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None

@@ -97,20 +97,16 @@ def test_appended_in_batches_and_with_deletions_equals_brute_force():
     check(index, x[[3]], 6000)  # k beyond the live rows: every live row once
 
 
-def test_loaded_compact_copy_searches_like_the_computed_one():
+def test_loaded_compact_copy_searches_like_the_computed_one(tmp_path):
     rng = np.random.default_rng(11)
     x = unit(rng, 5000, 64)
     built = VectorIndex(64, "numpy")
     built.append(x)
+    for kind, rows in (("vectors", built.vectors), ("codes", built.codes), ("scales", built.scales)):
+        rows.tofile(tmp_path / kind)
     loaded = VectorIndex(64, "numpy")
-    loaded.reserve(5000)
-    loaded.count = 5000
-
-    def read_compact(codes_view, scales_view):
-        codes_view[:] = memoryview(built.codes).cast("B")
-        scales_view[:] = memoryview(built.scales).cast("B")
-
-    loaded.load(lambda view: view.__setitem__(slice(None), memoryview(built.vectors).cast("B")), read_compact)
+    loaded.load_files(5000, tmp_path / "vectors", (tmp_path / "codes", tmp_path / "scales"))
+    assert loaded.mapped == 5000
     for k in (1, 10):
         np.testing.assert_array_equal(loaded.search(x[:5], k)[0], built.search(x[:5], k)[0])
     check(loaded, x[:5], 10)

@@ -268,14 +268,19 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
                     errors.append(r.text)
                     continue
                 answers.append((q, r.json()["results"], before, after))
-                if n == 0:
-                    scans_seen.extend(c.get("/api/stats").json()["scans"])
+
+    def watch_stats() -> None:
+        with httpx.Client(base_url=client.base_url, timeout=120) as c:
+            while scan.is_alive() and not scans_seen:
+                scans_seen.extend(c.get("/api/stats").json()["scans"])
+                time.sleep(0.02)
 
     start = db.store.rows
     scan.start()
     while db.store.rows == start and scan.is_alive():  # the first batch is in: the scan is streaming
         time.sleep(0.05)
     clients = [threading.Thread(target=one_client, args=(n,)) for n in range(20)]
+    clients.append(threading.Thread(target=watch_stats))
     for t in clients:
         t.start()
     for t in clients:

@@ -178,11 +178,12 @@ def _quiet_open_clip():
     if log.isEnabledFor(logging.INFO):
         yield
         return
-    logging.disable(logging.ERROR)
+    before = logging.root.manager.disable  # the caller's own setting, put back after
+    logging.disable(max(before, logging.ERROR))
     try:
         yield
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 class ClipModel:

@@ -8,10 +8,7 @@ lightbox: the original large, its details, previous/next, "similar to this" and 
 from __future__ import annotations
 
 import html
-import itertools
 import os
-import threading
-from collections import OrderedDict
 from datetime import datetime
 
 import gradio as gr
@@ -63,31 +60,6 @@ DEBOUNCE = """(text, ...rest) => new Promise(resolve => {
 SUPERSEDE_TYPING = """(...inputs) => { window.nanodbTyped = (window.nanodbTyped || 0) + 1; return inputs; }"""
 
 TEXT_LABEL = "Search by text"
-
-
-class LatestSearch:
-    """Which search each browser started last. Searches run concurrently, so a slow one (a text query
-    typed before a click on "similar to this") can answer after a later one: its results are dropped."""
-
-    SESSIONS = 4096  # browsers remembered; the oldest are forgotten
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._latest: OrderedDict[str, int] = OrderedDict()
-        self._tickets = itertools.count(1)
-
-    def start(self, session: str) -> int:
-        with self._lock:
-            ticket = next(self._tickets)
-            self._latest[session] = ticket
-            self._latest.move_to_end(session)
-            while len(self._latest) > self.SESSIONS:
-                self._latest.popitem(last=False)
-            return ticket
-
-    def superseded(self, session: str, ticket: int) -> bool:
-        with self._lock:
-            return self._latest.get(session, ticket) != ticket
 
 
 def stats_text(stats: dict) -> str:
@@ -175,16 +147,11 @@ def build_ui(service: SearchService) -> gr.Blocks:
         position = gr.State(0)  # the tile shown in the lightbox
         last = gr.State(None)  # the last search as (kind, query, what), rerun when an option changes
 
-        latest = LatestSearch()
-
         def base_url(request: gr.Request | None) -> str:
             return str(request.request.base_url).rstrip("/") if request and request.request else ""
 
         def run(kind: str, query, what: str, options: list, request: gr.Request) -> list:
-            """Search; returns the new values of [gallery, shown, status, last, query], or no change when
-            a later search of the same browser started meanwhile (its results must not be replaced)."""
-            session = request.session_hash if request else ""
-            ticket = latest.start(session)
+            """Search; returns the new values of [gallery, shown, status, last, query]."""
             k, min_similarity, folder, since, until, types, collapse = options
             filters = {"folder": folder or None, "since": since or None, "until": until or None,
                        "types": types or None, "collapse_duplicates": bool(collapse)}
@@ -199,8 +166,6 @@ def build_ui(service: SearchService) -> gr.Blocks:
                     outcome = service.by_item(query, k, min_similarity, **filters)
             except (BadRequest, OSError) as e:
                 return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
-            if latest.superseded(session, ticket):
-                return unchanged
             base = base_url(request)
             tiles = [(f"{base}/api/items/{r.index}/thumbnail", caption(r)) for r in outcome]
             filtered = " (filtered)" if any(v for v in (folder, since, until, types)) else ""

@@ -85,15 +85,3 @@ def test_a_compaction_waits_for_a_running_web_search(tmp_path):
         assert len(results) == 90
         for r in results:
             assert abs(float(vectors[r.path] @ query) - r.similarity) < 2e-3, r
-
-
-def test_a_web_search_that_answers_after_a_later_one_started_is_dropped():
-    from nanodb.interfaces.web import LatestSearch
-
-    latest = LatestSearch()
-    typed = latest.start("browser-a")  # a slow text search
-    clicked = latest.start("browser-a")  # "similar to this", clicked while it runs
-    other = latest.start("browser-b")
-    assert latest.superseded("browser-a", typed)
-    assert not latest.superseded("browser-a", clicked)
-    assert not latest.superseded("browser-b", other)

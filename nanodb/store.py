@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -587,13 +588,8 @@ class ItemStore:
                 new.paths_bytes = m.paths_bytes + len(appended["paths"])
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
-            try:
+            with _commit_errors(f"save to {self.root}"):
                 commit_append(self.root, m, new, appended)
-            except OSError as e:
-                raise DatabaseError(
-                    f"save to {self.root} failed ({e.strerror or e}); the previous save is intact and "
-                    f"nothing is lost from memory: free some space and save again"
-                ) from None
             self.manifest = new
             log.info("saved %s: %d items", self.root, len(self))
             return True
@@ -628,13 +624,8 @@ class ItemStore:
             "scales": self.index.scales[live].astype("<f4").ravel(),
         }
         log.info("compacting %s: %d items", self.root, len(live))
-        try:
+        with _commit_errors(f"compacting {self.root}"):
             commit_generation(self.root, m, new, data)
-        except OSError as e:
-            raise DatabaseError(
-                f"compacting {self.root} failed ({e.strerror or e}); the previous save is intact and "
-                f"nothing is lost from memory: free some space and save again"
-            ) from None
         index = VectorIndex(self.dim, self.index.backend)
         index.load_files(len(live), new.file(self.root, "vectors"),
                          (new.file(self.root, "codes"), new.file(self.root, "scales")))
@@ -683,3 +674,15 @@ def _path_allowed(path: str, where: RowFilter) -> bool:
     if os.path.isabs(folder):
         return path.startswith(folder if folder.endswith(os.sep) else folder + os.sep)
     return f"{os.sep}{folder.strip(os.sep)}{os.sep}" in os.path.dirname(path) + os.sep
+
+
+@contextmanager
+def _commit_errors(what: str):
+    """A commit that fails on the disk (e.g. full) is one clear DatabaseError; the last commit stays."""
+    try:
+        yield
+    except OSError as e:
+        raise DatabaseError(
+            f"{what} failed ({e.strerror or e}); the previous save is intact and "
+            f"nothing is lost from memory: free some space and save again"
+        ) from None

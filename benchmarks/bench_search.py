@@ -68,13 +68,22 @@ def timed(fn, reps: int) -> np.ndarray:
     return np.array(out)
 
 
-def interleaved(fns, reps: int) -> list[np.ndarray]:
-    """Seconds of fns[i](r) for r in range(reps), the functions taking turns (after one warm-up each)."""
+# Untimed rest after each call: OpenBLAS (NumPy) keeps its worker threads spinning for up to 2**28
+# cycles (~0.1 s) after a product, and OpenMP runtimes (faiss, torch) spin too; without the rest,
+# whichever method runs next shares the cores with those spinning threads (measured: nanodb's single
+# query took 57 ms right after NumPy's matmul, 28 ms after a rest).
+REST_S = 0.25
+
+
+def interleaved(fns, reps: int, rest: float = REST_S) -> list[np.ndarray]:
+    """Seconds of fns[i](r) for r in range(reps), the functions taking turns (after one warm-up each),
+    each call starting on idle cores (`rest` seconds after the previous one)."""
     for fn in fns:
         fn(0)
     out = [[] for _ in fns]
     for r in range(reps):
         for fn, times in zip(fns, out):
+            time.sleep(rest)
             t = time.perf_counter()
             fn(r)
             times.append(time.perf_counter() - t)
@@ -218,6 +227,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="benchmark the CuPy backend on a CUDA GPU")
     ap.add_argument("--no-peers", action="store_true", help="nanodb only")
+    ap.add_argument("--rest", type=float, default=REST_S,
+                    help="untimed seconds between calls, so no library's spinning threads are still busy")
     args = ap.parse_args(argv)
 
     bandwidth = copy_bandwidth(args.gpu)
@@ -242,8 +253,9 @@ def main(argv=None) -> None:
             batch_reps = 5 if n * dim <= 1e8 else 3
             # interleaved: query r runs on every method in turn, so all of them see the same load
             recalls = [recall(m.search(check, args.k), truth) for m in methods]
-            lat = interleaved([lambda r, m=m: m.search(singles[r : r + 1], args.k) for m in methods], single_reps)
-            thr = interleaved([lambda r, m=m: m.search(batch, args.k) for m in methods], batch_reps)
+            lat = interleaved([lambda r, m=m: m.search(singles[r : r + 1], args.k) for m in methods], single_reps,
+                              args.rest)
+            thr = interleaved([lambda r, m=m: m.search(batch, args.k) for m in methods], batch_reps, args.rest)
             for m, rec, ml, mt in zip(methods, recalls, lat, thr):
                 med = float(np.median(ml))
                 gbs = m.bytes_per_query / med / GB

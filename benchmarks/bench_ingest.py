@@ -48,7 +48,7 @@ COCO = SHARED / "coco-val2017" / "images"
 # (precision, backend, decode workers or 0 for one per core) of each NanoDB.scan row of --compare
 SCAN_CONFIGS = [
     ("float32", "torch", 0), ("bfloat16", "torch", 0), ("float32", "openvino", 0),
-    ("bfloat16", "openvino", 0), ("bfloat16", "openvino", 1),
+    ("bfloat16", "openvino", 0), ("int8", "openvino", 0), ("int8", "openvino", 1),
 ]
 
 

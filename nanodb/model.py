@@ -213,8 +213,9 @@ class ClipModel:
 
     `precision` and `backend` choose how the forward passes run: float16 on a GPU; bfloat16 (or
     float32) on a CPU, the image tower through OpenVINO when installed (its matrix kernels use the
-    CPU's bfloat16 units; torch's bfloat16 autocast gains less, see benchmarks/RESULTS.md). Vectors
-    stay within cosine 0.999 of float32 ones, so databases built in any precision mix.
+    CPU's bfloat16 units; torch's bfloat16 autocast gains less, see benchmarks/RESULTS.md), or that
+    tower quantized to int8 (OpenVinoImageTower). Vectors stay within cosine 0.999 of float32 ones
+    (0.99 for int8), so databases built in any precision mix.
     """
 
     def __init__(self, spec: ModelSpec, device: str = "auto", precision: str = "auto", backend: str = "auto"):
@@ -394,28 +395,34 @@ class OpenVinoImageTower:
         return (x - mean) / np.asarray(self._std, np.float32)[None, :, None, None]
 
     def _calibrate(self, pixels: np.ndarray) -> None:
-        """Quantize the tower on `pixels`; keep it (on disk and here) if it is faithful on them."""
+        """Quantize the tower on `pixels` (in a child process, nanodb/quantize.py); keep it, on disk and
+        here, if its vectors of those images stay within INT8_MIN_COSINE of floating point."""
+        import subprocess
+        import sys
         import tempfile
 
-        ov = self._ov
-        log.warning("calibrating the int8 image tower on the first %d images (once per model; about a minute)",
+        log.warning("calibrating the int8 image tower on the first %d images (once per model, about a minute)",
                     len(pixels))
-        nncf = _quiet_import_nncf()
-        inputs = self._normalized(pixels)
-        with _quiet_nncf(nncf):
-            quantized = nncf.quantize(ov.Core().read_model(self._xml), nncf.Dataset([inputs[i : i + 1]
-                                      for i in range(len(inputs))]), model_type=nncf.ModelType.TRANSFORMER,
-                                      subset_size=len(inputs))
-        reference = self._request.infer({0: pixels})[0].copy()
-        request = self._compile(quantized)
-        cosine = float(_cosines(request.infer({0: pixels})[0], reference).min())
         self._int8_folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._int8_folder.parent, ignore_cleanup_errors=True) as tmp:
-            if cosine >= INT8_MIN_COSINE:
-                ov.save_model(quantized, Path(tmp) / "model.xml", compress_to_fp16=False)
-            else:
-                log.warning("the int8 image tower is not faithful on these images (cosine %.4f to float32, "
-                            "under %.3f): the image tower stays in floating point", cosine, INT8_MIN_COSINE)
+            np.save(Path(tmp) / "inputs.npy", self._normalized(pixels))
+            done = subprocess.run([sys.executable, "-m", "nanodb.quantize", str(self._xml),
+                                   str(Path(tmp) / "inputs.npy"), str(Path(tmp) / "model.xml")],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env=_child_env())
+            (Path(tmp) / "inputs.npy").unlink()
+            if done.returncode:
+                why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                log.warning("cannot calibrate the int8 image tower (%s): it stays in floating point", why)
+                return
+            quantized = self._compile(self._ov.Core().read_model(Path(tmp) / "model.xml"))
+            reference = self._request.infer({0: pixels})[0].copy()
+            cosine = float(_cosines(quantized.infer({0: pixels})[0], reference).min())
+            if cosine < INT8_MIN_COSINE:
+                log.warning("the int8 image tower is not faithful on these images (cosine %.4f to floating point, "
+                            "under %.3f): it stays in floating point", cosine, INT8_MIN_COSINE)
+                for f in Path(tmp).iterdir():
+                    f.unlink()
                 (Path(tmp) / "refused").write_text(f"cosine {cosine:.6f}\n")
             try:
                 os.replace(tmp, self._int8_folder)  # atomic: another process may be calibrating too
@@ -423,7 +430,7 @@ class OpenVinoImageTower:
                 if not self._int8_folder.is_dir():
                     raise
         if (self._int8_folder / "model.xml").is_file():
-            self._request = self._compile(ov.Core().read_model(self._int8_folder / "model.xml"))
+            self._request = self._compile(self._ov.Core().read_model(self._int8_folder / "model.xml"))
 
     @staticmethod
     def _converted(clip: ClipModel, ov) -> Path:
@@ -470,29 +477,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
 
 
-def _quiet_import_nncf():
-    """Import nncf without the CUDA notice torch logs when nncf's import probes for it."""
-    cpp = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp.level
-    cpp.setLevel(logging.ERROR)
-    try:
-        import nncf
-    finally:
-        cpp.setLevel(level)
-    return nncf
-
-
-@contextmanager
-def _quiet_nncf(nncf):
-    """nncf's tables and progress bars (rich, on stdout) only while we log at INFO; its level put back."""
-    nncf_log = logging.getLogger("nncf")
-    level = nncf_log.level
-    if not log.isEnabledFor(logging.INFO):
-        nncf_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        nncf_log.setLevel(level)
+def _child_env() -> dict[str, str]:
+    """This process's environment, with nanodb importable by a child started from any directory."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 
 
 def pillow_transform(steps) -> ResizeCenterCrop | None:

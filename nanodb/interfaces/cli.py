@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image decode processes (0 = one per core)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="model arithmetic (default auto: float16 on a GPU, bfloat16 on a CPU that has it)")
+                   help="model arithmetic (default auto: float16 on a GPU, bfloat16 on a CPU that has it; "
+                        "int8: fastest on a CPU, calibrated once on the first photos scanned)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="image tower runtime on a CPU (default auto: OpenVINO if installed)")
     p.add_argument("--server", action="store_true", help="serve the web UI (Gradio)")

@@ -339,16 +339,42 @@ class FileCheck:
             self._thread.join()
 
 
-def append_at(path: Path, offset: int, data: bytes | memoryview) -> None:
+class Chunks:
+    """A data file's bytes made piece by piece when iterated (each time anew), so a compaction of 10M
+    rows never holds a second copy of the vectors: see ItemStore's compaction."""
+
+    def __init__(self, make: Callable[[], object]):
+        self._make = make
+
+    def __iter__(self):
+        return iter(self._make())
+
+
+def pieces(data) -> list | Chunks:
+    """The byte pieces of `data`: a bytes-like object is one piece."""
+    return data if isinstance(data, Chunks) else [data]
+
+
+def crc_of(data, crc: int = 0) -> int:
+    """CRC-32 of `data` (bytes-like or Chunks), continued from `crc`."""
+    for piece in pieces(data):
+        crc = zlib.crc32(memoryview(piece).cast("B"), crc)
+    return crc
+
+
+def append_at(path: Path, offset: int, data: bytes | memoryview | Chunks) -> None:
     """Write `data` at `offset` (the committed length), drop anything after it, and fsync."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.lseek(fd, offset, os.SEEK_SET)
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.ftruncate(fd, offset + len(memoryview(data).cast("B")))
+        end = offset
+        for piece in pieces(data):
+            view = memoryview(piece).cast("B")
+            end += len(view)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        os.ftruncate(fd, end)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -599,13 +625,14 @@ def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict
     write_manifest(root, new)
 
 
-def commit_generation(root: Path, committed: Manifest, new: Manifest, data: dict[str, bytes | memoryview]) -> None:
+def commit_generation(root: Path, committed: Manifest, new: Manifest,
+                      data: dict[str, bytes | memoryview | Chunks]) -> None:
     """A compaction: write every data file of `new.generation` from scratch, fsynced, then replace the
     manifest. Files left by a compaction that crashed before its manifest are simply overwritten; the
     old generation stays committed until the manifest names the new one. Refused, like commit_append,
     when another process committed since `committed`."""
     check_unchanged(root, committed)
-    new.checksums = {kind: zlib.crc32(memoryview(data[kind]).cast("B")) for kind in DATA_FILES}
+    new.checksums = {kind: crc_of(data[kind]) for kind in DATA_FILES}
     for kind in DATA_FILES:
         append_at(new.file(root, kind), 0, data[kind])
     write_manifest(root, new)

@@ -26,6 +26,7 @@ from nanodb.storage import (
     ITEM_DTYPE,
     REPAIR_HINT,
     VERIFY_AT_OPEN_BYTES,
+    Chunks,
     DatabaseError,
     FileCheck,
     Manifest,
@@ -116,6 +117,16 @@ class _Record:
     size: int
     mtime: float
     hash: bytes
+
+
+COMPACT_CHUNK_ROWS = 1 << 16  # rows of a data file a compaction gathers at a time (64 MB of 512-d vectors)
+
+
+def live_chunks(rows: np.ndarray, live: np.ndarray, dtype: str) -> Chunks:
+    """rows[live] as `dtype`, gathered COMPACT_CHUNK_ROWS at a time while it is written (at 10M x 512 a
+    whole copy of the vectors would be 10 GB more)."""
+    return Chunks(lambda: (np.ascontiguousarray(rows[live[a : a + COMPACT_CHUNK_ROWS]], dtype)
+                           for a in range(0, len(live), COMPACT_CHUNK_ROWS)))
 
 
 class ItemStore:
@@ -605,7 +616,6 @@ class ItemStore:
         m = self.manifest
         live = self.live_rows()
         dropped = self.index.count - len(live)
-        vectors = self.index.vectors[live]
         items = np.zeros(max(len(live), 1024), ITEM_DTYPE)
         items[: len(live)] = self._items[live]
         paths, meta = bytearray(), bytearray()
@@ -619,9 +629,9 @@ class ItemStore:
         new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
         new.paths_bytes, new.meta_bytes = len(paths), len(meta)
         data = {
-            "vectors": vectors.astype("<f2").ravel(), "items": items[: len(live)], "paths": bytes(paths),
-            "meta": bytes(meta), "deleted": b"", "codes": self.index.codes[live].ravel(),
-            "scales": self.index.scales[live].astype("<f4").ravel(),
+            "vectors": live_chunks(self.index.vectors, live, "<f2"), "items": items[: len(live)],
+            "paths": bytes(paths), "meta": bytes(meta), "deleted": b"",
+            "codes": live_chunks(self.index.codes, live, "u1"), "scales": live_chunks(self.index.scales, live, "<f4"),
         }
         log.info("compacting %s: %d items", self.root, len(live))
         with _commit_errors(f"compacting {self.root}"):
@@ -629,7 +639,7 @@ class ItemStore:
         index = VectorIndex(self.dim, self.index.backend)
         index.load_files(len(live), new.file(self.root, "vectors"),
                          (new.file(self.root, "codes"), new.file(self.root, "scales")))
-        del vectors, data
+        del data
         self.index, self._paths, self._meta = index, paths, meta
         self._map_items(new.file(self.root, "items"), len(live), len(items))
         self._deleted, self._path_index, self._hash_index = [], None, None

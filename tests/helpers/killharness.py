@@ -163,7 +163,7 @@ def kill_at(step: str) -> None:
 
     def append_at(path, offset, data):
         if step == f"write{len(writes)}":
-            whole = bytes(memoryview(data).cast("B"))
+            whole = b"".join(bytes(memoryview(p).cast("B")) for p in storage.pieces(data))
             real_append(path, offset, whole[: len(whole) // 2])
             die()
         writes.append(path)

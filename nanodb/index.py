@@ -587,13 +587,12 @@ def _exact_top_k(buf, queries, k, margins, parts, stats=None):
     if stats is not None:
         stats["rescored"] = len(rows)
     q64 = queries.astype(np.float64)
-    exact = np.concatenate(  # in slices: many exact ties (duplicate rows) make many candidates
-        [
-            (buf[rows[a : a + EXACT_ROWS]].astype(np.float32).astype(np.float64) * q64[qi[a : a + EXACT_ROWS]])
-            .sum(axis=1)
-            for a in range(0, len(rows), EXACT_ROWS)
-        ]
-    )
+    exact = np.empty(len(rows))
+    for a in range(0, len(rows), EXACT_ROWS):  # in slices: many exact ties (duplicate rows) make many candidates
+        # each product of a float16 and a float32 is exact in float64; einsum sums them 4x faster than
+        # a product array and .sum (64 queries at 1M x 512: 31 ms against 125 for 32K candidates)
+        np.einsum("ij,ij->i", buf[rows[a : a + EXACT_ROWS]].astype(np.float64), q64[qi[a : a + EXACT_ROWS]],
+                  out=exact[a : a + EXACT_ROWS])
     best_i = np.empty((nq, kk), np.int64)
     best_s = np.empty((nq, kk), np.float32)
     bounds = np.searchsorted(qi, np.arange(nq + 1))

@@ -247,7 +247,7 @@ def main(argv=None) -> None:
             methods = gpu_methods(index) if args.gpu else cpu_methods(index, not args.no_peers)
             check = unit_queries(8, dim, seed=1)
             truth = reference_top_k(index.vectors, check, args.k)
-            single_reps = max(20, min(200, int(2e10 / (n * dim))))
+            single_reps = max(20, min(100, int(2e10 / (n * dim))))
             singles = unit_queries(single_reps + 1, dim, seed=2)
             batch = unit_queries(args.batch, dim, seed=3)
             batch_reps = 5 if n * dim <= 1e8 else 3

@@ -86,10 +86,15 @@ def main(argv=None) -> None:
         return run
 
     def openvino_model():
+        """The tower converted once (then read back from disk: nncf changes the model it is given)."""
         import openvino as ov
 
-        return ov.convert_model(visual, example_input=torch.from_numpy(batch[:1]),
-                                input=[ov.PartialShape([-1, *batch.shape[1:]])])
+        path = tmp / "tower.xml"
+        if not path.exists():
+            with torch.no_grad():
+                ov.save_model(ov.convert_model(visual, example_input=torch.from_numpy(batch[:1]),
+                                               input=[ov.PartialShape([-1, *batch.shape[1:]])]), path)
+        return ov.Core().read_model(path)
 
     def openvino_run(ov_model, hint, extra=None):
         import openvino as ov

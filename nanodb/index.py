@@ -37,6 +37,7 @@ GPU_CHUNK_ROWS = 1 << 18  # rows scored per GPU step: bounds the float32 scores 
 ROW_NORM_MAX = 1.01  # stored rows are unit vectors rounded to float16
 BLOCK_ROWS = 256  # rows per block of the compact pass: a block's best score bounds the k-th from below
 EXACT_ROWS = 1024  # candidates rescored at a time: float64 temporaries that stay in cache
+EXACT_PARALLEL_ROWS = 4096  # fewer candidates than this are rescored by one thread (a single query's)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -590,9 +591,10 @@ def _exact_top_k(buf, queries, k, margins, parts, stats=None):
     kk = min(k, int(np.bincount(qi, minlength=nq).min()))  # fewer than k live rows: all are candidates
     if kk == 0:
         return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
-    order = np.lexsort((-s32, qi))
+    order = np.argsort(qi, kind="stable")  # grouped by query (a radix sort of small integers)
     qi, rows, s32 = qi[order], rows[order], s32[order]
-    kth = s32[np.searchsorted(qi, np.arange(nq)) + kk - 1]
+    bounds = np.searchsorted(qi, np.arange(nq + 1))
+    kth = np.array([np.partition(s32[a:b], b - a - kk)[b - a - kk] for a, b in zip(bounds[:-1], bounds[1:])])
     keep = s32 >= kth[qi] - margins[qi]
     qi, rows = qi[keep], rows[keep]
     if stats is not None:
@@ -619,8 +621,15 @@ def float64_dots(buf: np.ndarray, rows: np.ndarray, queries: np.ndarray, qi: np.
     if KERNEL is not None and KERNEL.nanodb_dots_ok(dim) and buf.flags.c_contiguous and len(rows):
         rows, qi = np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(qi, np.int64)
         queries = np.ascontiguousarray(queries, np.float64)
-        KERNEL.nanodb_dots(buf.ctypes.data, rows.ctypes.data, len(rows), dim, queries.ctypes.data, qi.ctypes.data,
-                           out.ctypes.data)
+
+        def run(span):
+            a, b = span
+            KERNEL.nanodb_dots(buf.ctypes.data, rows[a:].ctypes.data, b - a, dim, queries.ctypes.data,
+                               qi[a:].ctypes.data, out[a:].ctypes.data)
+
+        step = max(EXACT_PARALLEL_ROWS, -(-len(rows) // search_threads()))
+        spans = [(a, min(len(rows), a + step)) for a in range(0, len(rows), step)]
+        list(_search_pool().map(run, spans)) if len(spans) > 1 else run(spans[0])
         return out
     for a in range(0, len(rows), EXACT_ROWS):
         np.einsum("ij,ij->i", buf[rows[a : a + EXACT_ROWS]].astype(np.float64), queries[qi[a : a + EXACT_ROWS]],

@@ -401,8 +401,8 @@ class OpenVinoImageTower:
         import sys
         import tempfile
 
-        log.warning("calibrating the int8 image tower on the first %d images (once per model, about a minute)",
-                    len(pixels))
+        log.warning("calibrating the int8 image tower on the first %d images (once per model and machine, "
+                    "seconds to a minute)", len(pixels))
         self._int8_folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._int8_folder.parent, ignore_cleanup_errors=True) as tmp:
             np.save(Path(tmp) / "inputs.npy", self._normalized(pixels))

@@ -229,6 +229,7 @@ def test_filters_restrict_the_results_exactly(page, site):
     assert tiles(page).count() == 0
     page.locator("#folder textarea").fill(str(photos[0].parent))
     page.locator("#folder textarea").press("Enter")
+    page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('5 results')")
     page.locator("#since textarea").fill("2000-01-01")
     page.locator("#since textarea").press("Enter")
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('5 results')")

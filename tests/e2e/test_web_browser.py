@@ -81,6 +81,8 @@ def set_results(page, k: int) -> None:
     box = page.locator("#k input[type=number]")
     box.fill(str(k))
     box.press("Enter")
+    # the slider takes the number on Enter, asynchronously: a search sent before that would use the old k
+    page.wait_for_function(f"() => document.querySelector('#k input[type=range]')?.value === '{k}'")
 
 
 def tiles(page):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import html
 import os
-import threading
-from collections import OrderedDict
 from datetime import datetime
 
 import gradio as gr
@@ -53,42 +51,13 @@ JS = """() => document.addEventListener("keydown", (e) => {
 
 # Runs in the browser before each keystroke's search: waits 250 ms, then sends the text only if no
 # later keystroke came meanwhile (else None, which the server answers at once with no change).
-# Every search also gets a number when the user asks for it (the last input, see LatestSearch).
 DEBOUNCE = """(text, ...rest) => new Promise(resolve => {
     const typed = (window.nanodbTyped = (window.nanodbTyped || 0) + 1);
-    rest[rest.length - 1] = (window.nanodbAsked = (window.nanodbAsked || 0) + 1);
     setTimeout(() => resolve([typed === window.nanodbTyped ? text : null, ...rest]), 250);
 })"""
 # Runs in the browser before any other search (Enter, an image, a click, a slider): a keystroke's
 # search still waiting out its debounce is dropped, so it cannot replace these results a moment later.
-SUPERSEDE_TYPING = """(...inputs) => {
-    window.nanodbTyped = (window.nanodbTyped || 0) + 1;
-    inputs[inputs.length - 1] = (window.nanodbAsked = (window.nanodbAsked || 0) + 1);
-    return inputs;
-}"""
-
-
-class LatestSearch:
-    """The newest search number each browser has sent (numbered in the browser as the user acts, see
-    DEBOUNCE), so that a search finishing after a newer one has reached the server is not shown:
-    Gradio's queue may run and finish two searches of one browser in either order (e.g. a text box's
-    blur and a filter click), and the older must not replace the newer's results."""
-
-    def __init__(self, browsers: int = 10_000):
-        self._newest: OrderedDict[str, float] = OrderedDict()
-        self._browsers = browsers
-        self._lock = threading.Lock()
-
-    def asked(self, browser: str, number: float) -> None:
-        with self._lock:
-            self._newest[browser] = max(number, self._newest.get(browser, number))
-            self._newest.move_to_end(browser)
-            while len(self._newest) > self._browsers:
-                self._newest.popitem(last=False)
-
-    def superseded(self, browser: str, number: float) -> bool:
-        with self._lock:
-            return number < self._newest.get(browser, number)
+SUPERSEDE_TYPING = """(...inputs) => { window.nanodbTyped = (window.nanodbTyped || 0) + 1; return inputs; }"""
 
 TEXT_LABEL = "Search by text"
 
@@ -137,7 +106,6 @@ def human_size(size: int) -> str:
 
 def build_ui(service: SearchService) -> gr.Blocks:
     db = service.db
-    latest = LatestSearch()
     with gr.Blocks(title="nanodb", analytics_enabled=False) as ui:
         gr.Markdown("## nanodb")
         with gr.Row(equal_height=True, elem_id="inputs"):
@@ -216,49 +184,32 @@ def build_ui(service: SearchService) -> gr.Blocks:
 
         unchanged = [gr.skip()] * 5
         outputs = [gallery, shown, status, last, query]
-        asked = gr.Number(0, visible=False)  # the search's number, set in the browser (DEBOUNCE)
-        options = [k, min_similarity, folder, since, until, types, collapse, asked]
+        options = [k, min_similarity, folder, since, until, types, collapse]
 
-        def newest_only(request: gr.Request, number, search) -> list:
-            """search() -> its outputs, dropped if a newer search of the same browser has arrived meanwhile."""
-            browser, number = request.session_hash or "", number or 0
-            latest.asked(browser, number)
-            result = search()
-            return [gr.skip()] * len(result) if latest.superseded(browser, number) else result
-
-        def on_text(text, k, min_similarity, folder, since, until, types, collapse, asked, request: gr.Request):
+        def on_text(text, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
             values = [k, min_similarity, folder, since, until, types, collapse]
+            if text is None:  # superseded by a later keystroke (see DEBOUNCE)
+                return unchanged
+            if not text.strip():
+                return [gr.Gallery(value=[], selected_index=None), [], HINT, None, gr.Textbox(label=TEXT_LABEL)]
+            return run("text", text, f"“{html.escape(text.strip()[:80])}”", values, request)
 
-            def search():
-                if text is None:  # superseded by a later keystroke (see DEBOUNCE)
-                    return unchanged
-                if not text.strip():
-                    return [gr.Gallery(value=[], selected_index=None), [], HINT, None, gr.Textbox(label=TEXT_LABEL)]
-                return run("text", text, f"“{html.escape(text.strip()[:80])}”", values, request)
-            return newest_only(request, asked, search)
-
-        def on_image(path, k, min_similarity, folder, since, until, types, collapse, asked, request: gr.Request):
+        def on_image(path, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
             values = [k, min_similarity, folder, since, until, types, collapse]
-            return newest_only(request, asked, lambda: run("image", path, "the uploaded image", values, request)
-                               if path else unchanged)
+            return run("image", path, "the uploaded image", values, request) if path else unchanged
 
-        def on_options(searched, k, min_similarity, folder, since, until, types, collapse, asked,
-                       request: gr.Request):
+        def on_options(searched, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
             values = [k, min_similarity, folder, since, until, types, collapse]
-            return newest_only(request, asked, lambda: run(*searched, values, request) if searched else unchanged)
+            return run(*searched, values, request) if searched else unchanged
 
-        def on_similar(tiles, at, k, min_similarity, folder, since, until, types, collapse, asked,
-                       request: gr.Request):
+        def on_similar(tiles, at, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
             values = [k, min_similarity, folder, since, until, types, collapse]
-
-            def search():
-                if not 0 <= at < len(tiles):
-                    return [*unchanged, gr.skip()]
-                index = tiles[at][0]
-                name = os.path.basename(db.path_of(index) or "") or f"item {index}"
-                return [*run("item", index, f"similar to {html.escape(name)}", values, request),
-                        gr.Column(visible=False)]
-            return newest_only(request, asked, search)
+            if not 0 <= at < len(tiles):
+                return [*unchanged, gr.skip()]
+            index = tiles[at][0]
+            name = os.path.basename(db.path_of(index) or "") or f"item {index}"
+            return [*run("item", index, f"similar to {html.escape(name)}", values, request),
+                    gr.Column(visible=False)]
 
         def lightbox_html(tiles, at, request: gr.Request | None) -> str:
             index, similarity, copies = tiles[at]

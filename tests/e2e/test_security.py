@@ -29,8 +29,8 @@ from nanodb.storage import DatabaseError, Manifest, commit_append, commit_genera
 
 COCO = DATA / "coco-val2017" / "images"
 SECRET = b"nanodb-secret-" + os.urandom(8).hex().encode() + b": never served"  # unique to this run
-# The web UI's search options after the query, then the number the browser gives each search (LatestSearch)
-WEB_OPTIONS = [3, -1, "", "", "", [], True, 1]
+# The web UI's search options after the query: k, min similarity, folder, since, until, types, collapse
+WEB_OPTIONS = [3, -1, "", "", "", [], True]
 
 pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
 

@@ -38,10 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from helpers import DATA as SHARED  # noqa: E402
+from nanodb.pipeline.decode import DecodedImage, decode_file  # noqa: E402
+from nanodb.pipeline.walk import DirectoryWalker  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
-from pipeline.decode import DecodedImage, decode_file  # noqa: E402
-from pipeline.walk import DirectoryWalker  # noqa: E402
 
 DATA = SHARED / "caltech101"
 COCO = SHARED / "coco-val2017" / "images"
@@ -115,7 +115,7 @@ def openclip_loop(model, preprocess, files: list[str], batch: int = 32) -> tuple
 
 def compare(args, tmp: Path) -> None:
     """Table 0: the float32 open_clip loop against NanoDB.scan per precision/backend, interleaved."""
-    from nanodb.model import ModelSpec, load_model
+    from nanodb.model.clip import ModelSpec, load_model
 
     photos = sorted(str(p) for p in COCO.glob("*.jpg"))
     chosen, spare = photos[: args.compare], photos[args.compare :][:16]

@@ -25,10 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from helpers import DATA as SHARED  # noqa: E402
+from nanodb.pipeline.ray_ingest import EmbeddedFile  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
-from nanodb.ray_cluster import RayOptions, merge_top_k  # noqa: E402
-from pipeline.ray_ingest import EmbeddedFile  # noqa: E402
+from nanodb.search.sharded import RayOptions, merge_top_k  # noqa: E402
 
 DATA = SHARED / "coco-val2017" / "images"
 

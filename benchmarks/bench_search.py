@@ -26,7 +26,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanodb.index import VectorIndex, fast_pass  # noqa: E402
+from nanodb.storage.index import VectorIndex, fast_pass  # noqa: E402
 
 GB = 1e9
 

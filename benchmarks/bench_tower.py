@@ -28,7 +28,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from helpers import coco_photos  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nanodb.model import ModelSpec, load_model  # noqa: E402
+from nanodb.model.clip import ModelSpec, load_model  # noqa: E402
 
 
 def normalized(model, files) -> np.ndarray:

@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nanodb.config import Settings, load_settings
-from nanodb.model import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
-from nanodb.query import QueryError, check_k, check_min_similarity
-from nanodb.search import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
-from nanodb.storage import DatabaseError, Manifest, RepairReport, read_manifest
-from nanodb.store import Item, ItemStore, ValidationReport
-from pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
-from pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
-from pipeline.walk import absolute_path
-from pipeline.watch import FolderWatcher
+from nanodb.media.paths import absolute_path
+from nanodb.model.clip import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
+from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
+from nanodb.pipeline.watch import FolderWatcher
+from nanodb.search.encoder import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
+from nanodb.search.query import QueryError, check_k, check_min_similarity
+from nanodb.storage.format import DatabaseError, Manifest, RepairReport, read_manifest
+from nanodb.storage.store import Item, ItemStore, ValidationReport
 
 if TYPE_CHECKING:
-    from nanodb.ray_cluster import RayOptions
+    from nanodb.search.sharded import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class NanoDB:
         # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
         self.cluster = None
         if ray is not None:
-            from nanodb.ray_cluster import RayCluster
+            from nanodb.search.sharded import RayCluster
 
             self.cluster = RayCluster(ray)
             # now, in this thread: Ray's local processes die with the thread that starts them, and a

@@ -9,8 +9,8 @@ import os
 import time
 
 from nanodb.database import NanoDB
-from pipeline.coordinator import ScanReport
-from pipeline.watch import FolderWatcher
+from nanodb.pipeline.coordinator import ScanReport
+from nanodb.pipeline.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 
-from pipeline.sink import IndexSink
+from nanodb.pipeline.sink import IndexSink
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import islice
 
-from pipeline.append import IndexAppender
-from pipeline.decode import ImageDecodePool
-from pipeline.embed import ClipStage
-from pipeline.sink import EmbeddingModel, IndexSink
-from pipeline.walk import DirectoryWalker, FoundFile, absolute_path, printable
+from nanodb.pipeline.append import IndexAppender
+from nanodb.pipeline.decode import ImageDecodePool
+from nanodb.pipeline.embed import ClipStage
+from nanodb.pipeline.sink import EmbeddingModel, IndexSink
+from nanodb.pipeline.walk import DirectoryWalker, FoundFile
+
+from nanodb.media.paths import absolute_path, printable
 
 log = logging.getLogger(__name__)
 

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.imaging import (
+from nanodb.media.opener import (
     DEFAULT_MAX_PIXELS,
     ImageRejected,
     content_hash,
-    is_raw_name,
     model_pixels,
     open_image,
     read_image_file,
 )
+from nanodb.media.paths import is_raw_name
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
-from pipeline.decode import DecodedImage, DecodeFailure
-from pipeline.sink import EmbeddingModel
+from nanodb.pipeline.decode import DecodedImage, DecodeFailure
+from nanodb.pipeline.sink import EmbeddingModel
 
 # A partial batch is embedded once no further image has arrived for this long, so a trickle
 # of new files (a watched folder) is searchable quickly.

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from pipeline.decode import DecodedImage, DecodeFailure, decode_file
-from pipeline.sink import EmbeddingModel
+from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_file
+from nanodb.pipeline.sink import EmbeddingModel
 
 log = logging.getLogger(__name__)
 

@@ -2,57 +2,22 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from pipeline.imaging import RAW_EXTENSIONS
+from nanodb.media.paths import (
+    DEFAULT_EXCLUDES,
+    absolute_path,
+    is_excluded,
+    is_image_name,
+    is_unsupported_image_name,
+    printable,
+)
 
 log = logging.getLogger(__name__)
-
-# The files a scan indexes: what Pillow reads (with pillow-heif for HEIF/HEIC), and camera RAW (rawpy).
-IMAGE_EXTENSIONS = frozenset({
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tiff", ".tif", ".bmp", ".gif", ".webp",
-    ".jp2", ".j2k", ".jpx", ".jpf", ".pnm", ".ppm", ".pgm", ".pbm",
-    ".heic", ".heif", ".avif", ".tga", ".psd", ".ico",
-}) | RAW_EXTENSIONS
-# Image files nanodb cannot read: each is reported as skipped (never ignored without a word).
-UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
-    ".jxl", ".svg", ".svgz", ".eps", ".exr", ".hdr", ".xcf", ".kra", ".heics", ".avifs", ".x3f",
-})
-
-# Folders nobody wants indexed: hidden ones, Synology and desktop thumbnail caches.
-DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-
-
-def is_unsupported_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in UNSUPPORTED_IMAGE_EXTENSIONS
-
-
-def absolute_path(path: str | os.PathLike) -> str:
-    """How every path is stored and compared: absolute, `~` expanded, symlinks kept as named."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-def is_excluded(relative_parts: list[str], path: str, patterns: tuple[str, ...]) -> bool:
-    """The one exclusion rule: a glob pattern matches a file or folder name on the way, or the full path."""
-    return any(fnmatch.fnmatch(part, pat) for part in relative_parts for pat in patterns) or any(
-        fnmatch.fnmatch(path, pat) for pat in patterns
-    )
-
-
-def printable(path: str) -> str:
-    """A file name fit for one log or console line: newlines, control characters and undecodable
-    bytes (surrogate escapes) shown as Python escapes, so no name can split or garble the output."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
-
 
 @dataclass(frozen=True)
 class FoundFile:

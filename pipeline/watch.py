@@ -18,12 +18,13 @@ import os
 import time
 from dataclasses import dataclass
 
+from nanodb.pipeline.sink import IndexSink
+from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from pipeline.imaging import MAX_FILE_BYTES, content_hash
-from pipeline.sink import IndexSink
-from pipeline.walk import DEFAULT_EXCLUDES, DirectoryWalker, FoundFile, absolute_path, is_excluded, is_image_name
+from nanodb.media.opener import MAX_FILE_BYTES, content_hash
+from nanodb.media.paths import DEFAULT_EXCLUDES, absolute_path, is_excluded, is_image_name
 
 log = logging.getLogger(__name__)
 

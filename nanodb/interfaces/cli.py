@@ -22,10 +22,10 @@ from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, format_validation, similar_query
-from nanodb.model import BACKENDS, PRECISIONS, ModelLoadError
+from nanodb.media.paths import DEFAULT_EXCLUDES
+from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.service import IngestService
-from nanodb.storage import DatabaseError
-from pipeline.walk import DEFAULT_EXCLUDES
+from nanodb.storage.format import DatabaseError
 
 EPILOG = """\
 examples:
@@ -203,7 +203,7 @@ def preview_protocol() -> str | None:
 
 def preview(path: str, protocol: str, max_pixels: int, size: int = 160) -> str:
     """A thumbnail of `path` as the escape sequence that draws it inline ("" when it cannot be read)."""
-    from pipeline.imaging import ImageRejected, open_image, read_image_file
+    from nanodb.media.opener import ImageRejected, open_image, read_image_file
 
     try:
         image = open_image(read_image_file(path).data, max_pixels, draft_size=size)

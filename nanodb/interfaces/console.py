@@ -21,8 +21,8 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
+from nanodb.media.paths import is_image_name, printable
 from nanodb.service import IngestService
-from pipeline.walk import is_image_name, printable
 
 HELP = """\
 commands:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 
 from nanodb.database import NanoDB, SearchResults
-from nanodb.query import MAX_K, MAX_QUERY_CHARS, QueryError
-from pipeline.imaging import ImageRejected, open_image
+from nanodb.media.opener import ImageRejected, open_image
+from nanodb.search.query import MAX_K, MAX_QUERY_CHARS, QueryError
 
 MAX_UPLOAD_BYTES = 32 << 20
 # A query image needs few pixels (the model sees ~224x224). JPEGs decode at a reduced scale (draft), so

@@ -15,7 +15,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from pipeline.imaging import is_raw_name, open_image
+from nanodb.media.opener import open_image
+from nanodb.media.paths import is_raw_name
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nanodb.model import hub_reachable
+from nanodb.model.clip import hub_reachable
 
 RESULT_LINE = re.compile(r"^\* index=(\d+)  (.+)  similarity=(-?\d\.\d+)$")
 

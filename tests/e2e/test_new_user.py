@@ -19,9 +19,9 @@ from helpers import REPO, coco_photos
 from PIL import Image
 
 from nanodb import NanoDB
-from nanodb.model import ModelLoadError
-from nanodb.query import QueryError
-from nanodb.storage import DatabaseError
+from nanodb.model.clip import ModelLoadError
+from nanodb.search.query import QueryError
+from nanodb.storage.format import DatabaseError
 
 
 # ------------------------------------------------------------------ 1. the README, as scripts
@@ -63,7 +63,7 @@ class DiesWhenUnpickled:
 
 
 def test_a_decode_worker_that_cannot_start_fails_the_scan_loudly(tmp_path):
-    from pipeline.decode import ImageDecodePool
+    from nanodb.pipeline.decode import ImageDecodePool
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -290,7 +290,7 @@ def test_image_queries_by_path_pil_image_and_url_agree(served):
 
 
 def test_a_url_that_cannot_be_searched_gets_one_clear_line(served):
-    from nanodb.fetch import fetch_url
+    from nanodb.search.fetch import fetch_url
 
     db, _, server = served
     for url, why in ((f"{server.url}/nope.jpg", "HTTP 404"), (f"{server.url}/notes.txt", "not an image"),

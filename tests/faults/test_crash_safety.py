@@ -20,7 +20,7 @@ from helpers.killharness import (
 )
 
 from nanodb.database import NanoDB
-from nanodb.storage import MANIFEST, read_manifest
+from nanodb.storage.format import MANIFEST, read_manifest
 
 
 def check_after_kill(db_path, run, folder_files, rng) -> int:
@@ -54,7 +54,7 @@ def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0.5, 8.0))
         else:
             run = kill_after(args, tmp_path / f"run{trial}.log", rng.uniform(0, 2.0),
-                             after_line="nanodb.store: saving")
+                             after_line="nanodb.storage.store: saving")
         rows = check_after_kill(db_path, run, folder_files, rng)
         assert run.orphans == 0, "a decode worker outlived its killed scan"
         in_flight = run.saves()[1]

@@ -14,7 +14,7 @@ from helpers import REPO, hostile_corpus
 from PIL import Image
 
 from nanodb.database import NanoDB
-from pipeline.walk import printable
+from nanodb.media.paths import printable
 
 
 @pytest.fixture(scope="module")

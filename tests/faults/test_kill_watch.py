@@ -15,7 +15,7 @@ from helpers.churn import FolderChurn, check_caught_up, check_committed, source_
 from helpers.killharness import kill_after, run_script_until_killed, start, write_config
 
 from nanodb.database import NanoDB
-from nanodb.storage import DATA_FILES
+from nanodb.storage.format import DATA_FILES
 
 WATCH_SETTINGS = dict(autosave_every=8, autosave_seconds=1, settle_seconds=0.3,
                       compact_dead_fraction=0.05)  # compact at almost every save: deletes and renames leave dead rows
@@ -45,8 +45,8 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
     committed, outcomes, compactions = None, [], 0
     for trial in range(trials):
         # In turn: right after a compaction starts, during the churn after a save starts, at any moment.
-        after, delay = [("nanodb.store: compacting", rng.uniform(0, 0.02)),
-                        ("nanodb.store: saving", rng.uniform(0, 4.0)),
+        after, delay = [("nanodb.storage.store: compacting", rng.uniform(0, 0.02)),
+                        ("nanodb.storage.store: saving", rng.uniform(0, 4.0)),
                         (None, rng.uniform(1.0, 15.0))][trial % 3]
         churn.start(every=0.15)
         try:
@@ -56,7 +56,7 @@ def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
         assert run.killed, f"the watch ended by itself: {run.log[-3000:]}"
         assert run.orphans == 0, "a decode worker outlived its killed watch"
         committed = check_committed(db_path, run, committed, churn, rng)
-        compactions += run.log.count("nanodb.store: compacted ")
+        compactions += run.log.count("nanodb.storage.store: compacted ")
         in_flight = run.saves()[1]
         during = f" inside a commit of {in_flight} rows" if in_flight is not None else ""
         outcomes.append(f"trial {trial}: killed{during}, {committed} rows committed, "

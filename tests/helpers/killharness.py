@@ -152,8 +152,8 @@ def kill_at(step: str) -> None:
     Steps: "write{i}" (half of the i-th data file written), "before_replace" and "after_replace" (around
     the manifest's rename, the commit point), "removing_old" (a compaction deleting the old files).
     """
-    import nanodb.storage as storage
-    import nanodb.store as store
+    import nanodb.storage.format as storage
+    import nanodb.storage.store as store
 
     def die():
         os.kill(os.getpid(), signal.SIGKILL)

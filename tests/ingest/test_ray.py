@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanodb import NanoDB
-from nanodb.ray_cluster import RayOptions
+from nanodb.search.sharded import RayOptions
 
 STORE_MB = 100 * 2**20
 

@@ -84,13 +84,13 @@ def test_compaction_drops_dead_rows_and_old_files(tmp_path, photos):
 
 
 def test_a_crashed_compaction_leaves_the_last_save_intact(tmp_path, photos, monkeypatch):
-    import nanodb.storage
+    import nanodb.storage.format
 
     with NanoDB(tmp_path / "db", config="test") as db:
         db.scan(photos)
         db.save()
         db.forget([str(photos / "trip")])
-        monkeypatch.setattr(nanodb.storage, "write_manifest", _crash)
+        monkeypatch.setattr(nanodb.storage.format, "write_manifest", _crash)
         with pytest.raises(SystemExit):
             db.save()  # the new generation's files are written, the manifest is not
     monkeypatch.undo()
@@ -116,9 +116,8 @@ class CrashOnSize:
 
 
 def test_a_dead_decode_worker_is_replaced_and_only_its_file_reported(tmp_path, photos):
+    from nanodb.pipeline.decode import ImageDecodePool
     from PIL import Image
-
-    from pipeline.decode import ImageDecodePool
 
     culprit = photos / "trip" / "culprit.jpg"
     Image.open(coco_photos(1)[0]).resize((123, 77)).save(culprit)

@@ -7,8 +7,8 @@ import pytest
 from helpers import coco_photos, data_dir
 from PIL import Image
 
-from nanodb.model import ClipModel, ModelSpec, pillow_transform
-from pipeline.imaging import ResizeCenterCrop, to_rgb
+from nanodb.media.opener import ResizeCenterCrop, to_rgb
+from nanodb.model.clip import ClipModel, ModelSpec, pillow_transform
 
 
 @pytest.fixture(scope="module")

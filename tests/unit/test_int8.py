@@ -11,9 +11,16 @@ import pytest
 from helpers import coco_photos
 from PIL import Image
 
-import nanodb.model as model_module
+import nanodb.model.clip as model_module
 from nanodb import NanoDB
-from nanodb.model import CALIBRATION_IMAGES, ClipModel, ModelLoadError, ModelSpec, nncf_available, openvino_available
+from nanodb.model.clip import (
+    CALIBRATION_IMAGES,
+    ClipModel,
+    ModelLoadError,
+    ModelSpec,
+    nncf_available,
+    openvino_available,
+)
 
 pytestmark = pytest.mark.skipif(not (openvino_available() and nncf_available()), reason="needs openvino and nncf")
 

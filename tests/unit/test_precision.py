@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import coco_photos
+from nanodb.pipeline.decode import DecodedImage, ImageDecodePool
 from PIL import Image
 
 from nanodb import NanoDB
-from nanodb.model import (
+from nanodb.media.opener import ResizeCenterCrop, open_image
+from nanodb.model.clip import (
     ClipModel,
     ModelLoadError,
     ModelSpec,
@@ -22,8 +24,6 @@ from nanodb.model import (
     openvino_available,
     resolve_precision,
 )
-from pipeline.decode import DecodedImage, ImageDecodePool
-from pipeline.imaging import ResizeCenterCrop, open_image
 
 SPEC = ModelSpec("ViT-S-32", "none")
 PATHS = [("float32", "torch"), ("bfloat16", "torch")]
@@ -96,7 +96,7 @@ def test_large_jpeg_decodes_at_reduced_scale_but_at_least_twice_the_input(refere
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import nanodb.model as m
+    import nanodb.model.clip as m
 
     monkeypatch.setattr(m, "cpu_has_bfloat16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bfloat16"
@@ -113,7 +113,7 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
 def test_openvino_conversion_is_cached_and_falls_back_to_torch(monkeypatch, tmp_path):
     import openvino
 
-    import nanodb.model as m
+    import nanodb.model.clip as m
 
     monkeypatch.setenv("NANODB_CACHE", str(tmp_path))
     spec = ModelSpec("ViT-S-32", "none", seed=7)  # not in the process cache of load_model

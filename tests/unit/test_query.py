@@ -9,7 +9,7 @@ import pytest
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console
-from nanodb.query import combined_vector, is_combined, parse_query
+from nanodb.search.query import combined_vector, is_combined, parse_query
 
 
 @pytest.mark.parametrize(

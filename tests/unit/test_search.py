@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nanodb import NanoDB
-from nanodb.index import VectorIndex, cupy_available
+from nanodb.storage.index import VectorIndex, cupy_available
 
 
 def brute_force(stored: np.ndarray, queries: np.ndarray, k: int):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_search_exact import check, unit
 
-from nanodb import index as index_module
-from nanodb.index import VectorIndex, compact_error_bound, quantize_queries, quantize_rows
+from nanodb.storage import index as index_module
+from nanodb.storage.index import VectorIndex, compact_error_bound, quantize_queries, quantize_rows
 
 pytestmark = pytest.mark.skipif(index_module.KERNEL is None, reason="the compact-copy kernel is not built")
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from nanodb import index as index_module
-from nanodb.index import VectorIndex, cupy_available, select_top_k
+from nanodb.storage import index as index_module
+from nanodb.storage.index import VectorIndex, cupy_available, select_top_k
 
 
 def unit(rng, n, dim):

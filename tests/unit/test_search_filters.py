@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nanodb.database import NanoDB
-from nanodb.query import QueryError
+from nanodb.search.query import QueryError
 
 N = 300
 

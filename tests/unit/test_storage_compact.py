@@ -10,7 +10,7 @@ import pytest
 from test_storage import unit_vectors
 
 from nanodb import DatabaseError, NanoDB
-from nanodb.index import quantize_rows
+from nanodb.storage.index import quantize_rows
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_compaction_writes_the_live_rows_in_pieces_without_a_second_copy_of_the_
     while writing. The rows are those of the live items, in order, across piece boundaries."""
     import tracemalloc
 
-    import nanodb.store as store
+    import nanodb.storage.store as store
 
     monkeypatch.setattr(store, "COMPACT_CHUNK_ROWS", 1000, raising=False)
     n = 20_000

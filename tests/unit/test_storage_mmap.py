@@ -11,10 +11,10 @@ import pytest
 from test_storage import unit_vectors
 from test_storage_compact import assert_exact_search
 
-import nanodb.index
-import nanodb.store
+import nanodb.storage.index
+import nanodb.storage.store
 from nanodb import DatabaseError, NanoDB
-from nanodb.index import quantize_rows
+from nanodb.storage.index import quantize_rows
 
 ROWS = 2000
 
@@ -97,7 +97,7 @@ def test_a_big_corrupted_file_is_reported_by_the_check_after_opening(saved, monk
     data = bytearray((saved / "vectors.0.f16").read_bytes())
     data[100] ^= 0x01
     (saved / "vectors.0.f16").write_bytes(bytes(data))
-    monkeypatch.setattr(nanodb.store, "VERIFY_AT_OPEN_BYTES", 1024)
+    monkeypatch.setattr(nanodb.storage.store, "VERIFY_AT_OPEN_BYTES", 1024)
     with NanoDB(saved) as db:
         with pytest.raises(DatabaseError, match="vectors.0.f16 is corrupted"):
             db.validate()
@@ -113,7 +113,7 @@ def test_a_big_corrupted_file_is_reported_by_the_check_after_opening(saved, monk
 
 
 def test_a_big_intact_database_passes_the_check_after_opening(saved, monkeypatch):
-    monkeypatch.setattr(nanodb.store, "VERIFY_AT_OPEN_BYTES", 1024)
+    monkeypatch.setattr(nanodb.storage.store, "VERIFY_AT_OPEN_BYTES", 1024)
     with NanoDB(saved) as db:
         db.store.checks.wait()
         assert db.validate().ok
@@ -124,7 +124,7 @@ def test_a_big_intact_database_passes_the_check_after_opening(saved, monkeypatch
 def test_a_big_compact_copy_moves_to_memory_after_opening(saved, monkeypatch):
     """Above COMPACT_TO_MEMORY_BYTES the codes are read into memory by a background thread (faster to
     scan than the mapping); rows appended meanwhile are kept, and searches stay exact throughout."""
-    monkeypatch.setattr(nanodb.index, "COMPACT_TO_MEMORY_BYTES", 0)
+    monkeypatch.setattr(nanodb.storage.index, "COMPACT_TO_MEMORY_BYTES", 0)
     with NanoDB(saved) as db:
         index = db.store.index
         db.add(unit_vectors(ROWS, db.dim, seed=4))  # grows the index, maybe while the copy runs

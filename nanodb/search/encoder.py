@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.fetch import fetch_url, is_url
-from nanodb.model import ClipModel
-from nanodb.query import QueryError, check_text, combined_vector, is_combined
-from nanodb.store import ItemStore, RowFilter
-from pipeline.imaging import ImageRejected, content_hash, is_raw_name, model_pixels, open_image, read_image_file
-from pipeline.walk import absolute_path, is_image_name, printable
+from nanodb.media.opener import ImageRejected, content_hash, model_pixels, open_image, read_image_file
+from nanodb.media.paths import absolute_path, is_image_name, is_raw_name, printable
+from nanodb.model.clip import ClipModel
+from nanodb.search.fetch import fetch_url, is_url
+from nanodb.search.query import QueryError, check_text, combined_vector, is_combined
+from nanodb.storage.store import ItemStore, RowFilter
 
 
 @dataclass

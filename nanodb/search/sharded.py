@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.index import VectorIndex
-from nanodb.model import ModelSpec, load_model
-from nanodb.store import Hit, ItemStore
-from pipeline.ray_ingest import RayEmbedStage, RayStageOptions
+from nanodb.model.clip import ModelSpec, load_model
+from nanodb.pipeline.ray_ingest import RayEmbedStage, RayStageOptions
+from nanodb.storage.index import VectorIndex
+from nanodb.storage.store import Hit, ItemStore
 
 log = logging.getLogger(__name__)
 

@@ -25,17 +25,8 @@ MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
 DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the model's input size
 
-# Camera RAW formats, read with rawpy rather than Pillow (which would find only a TIFF thumbnail in some).
-RAW_EXTENSIONS = frozenset({
-    ".dng", ".arw", ".cr2", ".cr3", ".nef", ".raf", ".orf", ".rw2",
-    ".nrw", ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".crw", ".erf", ".mos", ".raw",
-})
 # A RAW file's embedded preview is used when its short side has at least this many pixels.
 MIN_PREVIEW_SIDE = 256
-
-
-def is_raw_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in RAW_EXTENSIONS
 
 
 _plugins_ready = False

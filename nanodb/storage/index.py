@@ -8,7 +8,7 @@ on its error; the exact pass rescores those few candidates in float64 from the f
 them by score, ties to the lower index. So every path returns the float64 brute-force top k of the
 float16 rows, never sorts all N scores, and never holds a float32 copy.
 
-Fast passes: on the CPU, the compact copy scored by a small C kernel (`nanodb/_scan.c`, AVX-512 VNNI
+Fast passes: on the CPU, the compact copy scored by a small C kernel (`nanodb/storage/_scan.c`, AVX-512 VNNI
 where the CPU has it; half the bytes of float16), or, when that kernel was not built, the float16 rows
 converted block by block into a small float32 scratch and scored by BLAS; on a GPU, float32 on CuPy.
 """
@@ -55,7 +55,7 @@ def cupy_available() -> bool:
 
 
 def _load_kernel():
-    """The compact-copy kernel built from nanodb/_scan.c by the package's install, or None."""
+    """The compact-copy kernel built from nanodb/storage/_scan.c by the package's install, or None."""
     here = Path(__file__).resolve().parent
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         path = here / f"_scan{suffix}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.imaging import ResizeCenterCrop, model_pixels, to_rgb
+from nanodb.media.opener import ResizeCenterCrop, model_pixels, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -406,7 +406,7 @@ class OpenVinoImageTower:
         self._int8_folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self._int8_folder.parent, ignore_cleanup_errors=True) as tmp:
             np.save(Path(tmp) / "inputs.npy", self._normalized(pixels))
-            done = subprocess.run([sys.executable, "-m", "nanodb.quantize", str(self._xml),
+            done = subprocess.run([sys.executable, "-m", "nanodb.model.quantize", str(self._xml),
                                    str(Path(tmp) / "inputs.npy"), str(Path(tmp) / "model.xml")],
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True, env=_child_env())
@@ -479,7 +479,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _child_env() -> dict[str, str]:
     """This process's environment, with nanodb importable by a child started from any directory."""
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])
     path = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.index import VectorIndex, file_backed_rows
-from nanodb.storage import (
+from nanodb.media.paths import absolute_path, printable
+from nanodb.pipeline.sink import ScannedFile
+from nanodb.storage.format import (
     DATA_FILES,
     ITEM_DTYPE,
     REPAIR_HINT,
@@ -42,8 +43,7 @@ from nanodb.storage import (
     verify_file,
     write_manifest,
 )
-from pipeline.sink import ScannedFile
-from pipeline.walk import absolute_path, printable
+from nanodb.storage.index import VectorIndex, file_backed_rows
 
 log = logging.getLogger(__name__)
 

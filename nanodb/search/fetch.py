@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from nanodb.query import QueryError
+from nanodb.search.query import QueryError
 
 MAX_FETCH_BYTES = 32 << 20  # the HTTP API's upload limit
 FETCH_TIMEOUT_S = 15.0  # for the whole download

@@ -1,6 +1,6 @@
 """int8 post-training quantization of a converted image tower (NNCF), run as a child process.
 
-    python -m nanodb.quantize MODEL.xml INPUTS.npy OUT.xml
+    python -m nanodb.model.quantize MODEL.xml INPUTS.npy OUT.xml
 
 NNCF draws progress bars on stdout and probes for CUDA when imported: neither belongs in the program
 that uses nanodb, so the model's calibration runs here, in its own process (see OpenVinoImageTower).

@@ -25,7 +25,7 @@ def scanned(tmp_path_factory):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    logger = logging.getLogger("pipeline")
+    logger = logging.getLogger("nanodb.pipeline")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)

@@ -41,8 +41,6 @@ commands:
   help                 this text
   exit                 save and quit (also Ctrl-D)"""
 
-COMMANDS = ["similar", "open", "scan", "status", "pause", "resume", "wait", "save", "validate", "clear", "help",
-            "exit"]
 RESULT_LINE = re.compile(r"^(\* index=\d+  )(.*)(  similarity=)(-?\d+\.\d+)$")
 
 
@@ -56,7 +54,7 @@ class ConsoleCompleter(Completer):
     """Commands for the first word, paths after `scan`/`similar` and for a first word that starts like a path."""
 
     def __init__(self) -> None:
-        self.commands = WordCompleter(COMMANDS)
+        self.commands = WordCompleter([word for word in Console.COMMANDS if word != "quit"])
         self.paths = PathCompleter(expanduser=True)
 
     def get_completions(self, document: Document, complete_event: CompleteEvent) -> Iterable[Completion]:
@@ -215,55 +213,70 @@ class Console:
             self.write("error: empty query: type some words, or give an image path")
             return True
         word, _, rest = line.partition(" ")
-        word = word.lower()
-        rest = rest.strip()
+        word, rest = word.lower(), rest.strip()
+        command = self.COMMANDS.get(word)
+        if word == "clear" and rest:
+            command = None  # `clear sky` is a search
         try:
-            if word in ("exit", "quit"):
-                self.exited = True
-                return False
-            if word == "help":
-                self.write(HELP)
-            elif word == "save":
-                saved = await asyncio.to_thread(self.db.save)
-                self.write(f"saved {len(self.db)} items to {self.db.path}" if saved else "nothing to save")
-            elif word == "validate":
-                self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
-            elif word == "similar":
-                await self._search(**similar_query(rest))
-            elif word == "open":
-                self._open(rest)
-            elif word == "status":
-                self.write(self.service.status())
-            elif word == "pause":
-                self.service.pause()
-                self.write("ingestion paused (queries still work); `resume` to go on")
-            elif word == "resume":
-                self.service.resume()
-                self.write("ingestion resumed")
-            elif word == "wait":
-                await self.service.wait_scans()
-                self.write(self.service.status())
-            elif word == "scan":
-                if not rest:
-                    raise ValueError("scan needs a folder or an image file, e.g.  scan ~/Pictures")
-                await self._scan(_unquote(rest))
-            elif word == "clear" and not rest:
-                if self._clear is None:
-                    raise ValueError('clear only clears a terminal; to search for the word, type "clear"')
-                self._clear()
-            elif _is_quoted(line):
-                await self._search(text=_unquote(line))  # quotes force text
-            elif _is_existing_path(line):
-                await self._scan(os.path.expanduser(line))
-            elif _looks_like_path(line):
-                raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
-            else:
-                await self._search(text=line)
+            await (command(self, rest) if command else self._query(line))
         except (ValueError, TypeError, OSError) as e:
             self.write(f"error: {printable(str(e))}")
         except Exception as e:  # the console must outlive any single bad command
             self.write(f"error: {type(e).__name__}: {printable(str(e))}")
-        return True
+        return not self.exited
+
+    # ------------------------------------------------------------------ commands: each takes the rest of the line
+    async def do_exit(self, rest: str) -> None:
+        self.exited = True
+
+    async def do_help(self, rest: str) -> None:
+        self.write(HELP)
+
+    async def do_save(self, rest: str) -> None:
+        saved = await asyncio.to_thread(self.db.save)
+        self.write(f"saved {len(self.db)} items to {self.db.path}" if saved else "nothing to save")
+
+    async def do_validate(self, rest: str) -> None:
+        self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
+
+    async def do_similar(self, rest: str) -> None:
+        await self._search(**similar_query(rest))
+
+    async def do_status(self, rest: str) -> None:
+        self.write(self.service.status())
+
+    async def do_pause(self, rest: str) -> None:
+        self.service.pause()
+        self.write("ingestion paused (queries still work); `resume` to go on")
+
+    async def do_resume(self, rest: str) -> None:
+        self.service.resume()
+        self.write("ingestion resumed")
+
+    async def do_wait(self, rest: str) -> None:
+        await self.service.wait_scans()
+        self.write(self.service.status())
+
+    async def do_scan(self, rest: str) -> None:
+        if not rest:
+            raise ValueError("scan needs a folder or an image file, e.g.  scan ~/Pictures")
+        await self._scan(_unquote(rest))
+
+    async def do_clear(self, rest: str) -> None:
+        if self._clear is None:
+            raise ValueError('clear only clears a terminal; to search for the word, type "clear"')
+        self._clear()
+
+    async def _query(self, line: str) -> None:
+        """Not a command: quoted text, an existing path to scan, a missing path (an error), or text."""
+        if _is_quoted(line):
+            await self._search(text=_unquote(line))  # quotes force text
+        elif _is_existing_path(line):
+            await self._scan(os.path.expanduser(line))
+        elif _looks_like_path(line):
+            raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+        else:
+            await self._search(text=line)
 
     async def _search(self, query=None, **named) -> None:
         results = await asyncio.to_thread(lambda: self.db.search(query, self.k, **named))
@@ -282,7 +295,7 @@ class Console:
             self.write(f"nearest to {path}:")
             await self._search(self.db.index_of(path))
 
-    def _open(self, arg: str) -> None:
+    async def do_open(self, arg: str) -> None:
         if not arg.isdigit():
             raise ValueError("open needs an item index, e.g.  open 12  (the index= of a result)")
         index = int(arg)
@@ -293,6 +306,13 @@ class Console:
             raise ValueError(f"item {index} has no file to open" if path is None else f"the file is gone: {path}")
         self.opener(path)
         self.write(f"opened {path}")
+
+    # The commands by their first word (`help` lists them); any other line is a query (see `_query`).
+    COMMANDS = {
+        "similar": do_similar, "open": do_open, "scan": do_scan, "status": do_status, "pause": do_pause,
+        "resume": do_resume, "wait": do_wait, "save": do_save, "validate": do_validate, "clear": do_clear,
+        "help": do_help, "exit": do_exit, "quit": do_exit,
+    }
 
 
 def format_validation(db: NanoDB, report) -> str:

@@ -9,7 +9,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 venv="${NANODB_VENV:-$here/.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.nanodb-installed"
-want="$(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -d' ' -f1)"
+# reinstalled when the requirements or the C search kernel change (pip install -e rebuilds _scan)
+want="$(cat "$here/pyproject.toml" "$here/constraints.txt" "$here/nanodb/storage/_scan.c" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "nanodb: setting up the environment in $venv (first run only, a few minutes)..." >&2

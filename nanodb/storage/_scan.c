@@ -12,6 +12,15 @@
  */
 #include <stdint.h>
 
+/* The version of this file's exported functions and their signatures. nanodb.storage.kernel.KERNEL_ABI
+ * must equal it, or a library built from another _scan.c is not used: bump both with any change. */
+#define NANODB_KERNEL_ABI 1
+
+int nanodb_kernel_abi(void)
+{
+    return NANODB_KERNEL_ABI;
+}
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define NANODB_VNNI 1

@@ -9,14 +9,14 @@ them by score, ties to the lower index. So every path returns the float64 brute-
 float16 rows, never sorts all N scores, and never holds a float32 copy.
 
 Fast passes: on the CPU, the compact copy scored by a small C kernel (`nanodb/storage/_scan.c`, AVX-512 VNNI
-where the CPU has it; half the bytes of float16), or, when that kernel was not built, the float16 rows
-converted block by block into a small float32 scratch and scored by BLAS; on a GPU, float32 on CuPy.
+where the CPU has it; half the bytes of float16; loaded by `kernel`), or, when that kernel was not built
+or does not match this code, the float16 rows converted block by block into a small float32 scratch and
+scored by BLAS; on a GPU, float32 on CuPy.
 """
 
 from __future__ import annotations
 
 import ctypes
-import importlib.machinery
 import logging
 import mmap
 import os
@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from nanodb.storage.kernel import built_kernel
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +56,7 @@ def cupy_available() -> bool:
         return False
 
 
-def _load_kernel():
-    """The compact-copy kernel built from nanodb/storage/_scan.c by the package's install, or None."""
-    here = Path(__file__).resolve().parent
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_scan{suffix}"
-        if path.exists():
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as e:
-                log.warning("cannot load %s (%s): searching with the float16 pass", path, e)
-                return None
-            p, i = ctypes.c_void_p, ctypes.c_int64
-            lib.nanodb_scores.argtypes = [p, p, i, i, p, p, p, i, p, i]
-            lib.nanodb_scores.restype = None
-            lib.nanodb_vnni.argtypes = [i]
-            lib.nanodb_vnni.restype = ctypes.c_int
-            lib.nanodb_dots.argtypes = [p, p, i, i, p, p, p]
-            lib.nanodb_dots.restype = None
-            lib.nanodb_dots_ok.argtypes = [i]
-            lib.nanodb_dots_ok.restype = ctypes.c_int
-            return lib
-    return None
-
-
-KERNEL = _load_kernel()
+KERNEL = built_kernel()
 
 
 def fast_pass(dim: int) -> str:

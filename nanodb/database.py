@@ -22,7 +22,8 @@ from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.encoder import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
 from nanodb.search.query import QueryError, check_k, check_min_similarity
-from nanodb.storage.format import DatabaseError, Manifest, RepairReport, read_manifest
+from nanodb.storage.format import DatabaseError, Manifest, read_manifest
+from nanodb.storage.repair import RepairReport
 from nanodb.storage.store import Item, ItemStore, ValidationReport
 
 if TYPE_CHECKING:

@@ -1,2 +1,3 @@
-"""The storage layer: the on-disk format and commit protocol (`format`), the vector index and its C
-kernel (`index`), and the item store that keeps one database folder (`store`)."""
+"""The storage layer: the on-disk format and its migrations (`format`), the commit protocol (`commit`),
+damage detection (`checks`) and `repair`; the vector index (`index`) and its C kernel (`kernel`); and the
+item store that keeps one database folder (`store`)."""

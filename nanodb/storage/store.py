@@ -22,28 +22,19 @@ import numpy as np
 
 from nanodb.media.paths import absolute_path, printable
 from nanodb.pipeline.sink import ScannedFile
+from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length, read_exact, verify_file
+from nanodb.storage.commit import Chunks, WriteLock, commit_append, commit_generation, remove_other_generations
 from nanodb.storage.format import (
     DATA_FILES,
     ITEM_DTYPE,
     REPAIR_HINT,
-    VERIFY_AT_OPEN_BYTES,
-    Chunks,
     DatabaseError,
-    FileCheck,
     Manifest,
-    RepairReport,
-    WriteLock,
-    check_length,
-    commit_append,
-    commit_generation,
     committed_lengths,
-    read_exact,
-    remove_other_generations,
-    repair,
-    verify_file,
     write_manifest,
 )
 from nanodb.storage.index import VectorIndex, file_backed_rows
+from nanodb.storage.repair import RepairReport, repair
 
 log = logging.getLogger(__name__)
 

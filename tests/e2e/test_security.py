@@ -25,7 +25,8 @@ from PIL import Image
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import start_server
 from nanodb.search.query import MAX_TERMS
-from nanodb.storage.format import DatabaseError, Manifest, commit_append, commit_generation, read_manifest
+from nanodb.storage.commit import commit_append, commit_generation
+from nanodb.storage.format import DatabaseError, Manifest, read_manifest
 
 COCO = DATA / "coco-val2017" / "images"
 SECRET = b"nanodb-secret-" + os.urandom(8).hex().encode() + b": never served"  # unique to this run

@@ -129,7 +129,7 @@ def test_cli_repair_flag(db_path, monkeypatch, capsys):
 
 
 def test_a_full_disk_during_save_keeps_the_previous_save_and_the_process_goes_on(db_path, monkeypatch):
-    import nanodb.storage.format as storage
+    import nanodb.storage.commit as storage
 
     real_append_at = storage.append_at
 

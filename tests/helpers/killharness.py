@@ -152,7 +152,7 @@ def kill_at(step: str) -> None:
     Steps: "write{i}" (half of the i-th data file written), "before_replace" and "after_replace" (around
     the manifest's rename, the commit point), "removing_old" (a compaction deleting the old files).
     """
-    import nanodb.storage.format as storage
+    import nanodb.storage.commit as storage
     import nanodb.storage.store as store
 
     def die():

@@ -84,13 +84,13 @@ def test_compaction_drops_dead_rows_and_old_files(tmp_path, photos):
 
 
 def test_a_crashed_compaction_leaves_the_last_save_intact(tmp_path, photos, monkeypatch):
-    import nanodb.storage.format
+    import nanodb.storage.commit
 
     with NanoDB(tmp_path / "db", config="test") as db:
         db.scan(photos)
         db.save()
         db.forget([str(photos / "trip")])
-        monkeypatch.setattr(nanodb.storage.format, "write_manifest", _crash)
+        monkeypatch.setattr(nanodb.storage.commit, "write_manifest", _crash)
         with pytest.raises(SystemExit):
             db.save()  # the new generation's files are written, the manifest is not
     monkeypatch.undo()

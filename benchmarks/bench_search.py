@@ -32,13 +32,15 @@ GB = 1e9
 
 
 def random_index(n: int, dim: int, backend: str, seed: int = 0) -> VectorIndex:
-    """An index of n random unit vectors, generated in chunks so no float32 copy of all N exists."""
+    """An index of n random unit vectors, generated in chunks so no float32 copy of all N exists, and
+    appended at once, so the index allocates its rows once."""
     rng = np.random.default_rng(seed)
-    index = VectorIndex(dim, backend)
-    index.reserve(n)
+    rows = np.empty((n, dim), np.float16)
     for lo in range(0, n, 100_000):
         x = rng.standard_normal((min(n, lo + 100_000) - lo, dim), dtype=np.float32)
-        index.append(x / np.linalg.norm(x, axis=1, keepdims=True))
+        rows[lo : lo + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    index = VectorIndex(dim, backend)
+    index.append(rows)
     return index
 
 
@@ -195,7 +197,7 @@ def gpu_methods(index: VectorIndex) -> list[Method]:
     import torch
 
     n, dim = index.count, index.dim
-    rows = torch.from_dlpack(index.gpu_vectors)  # the same float16 rows on the device, no copy
+    rows = torch.from_numpy(index.vectors).cuda()  # the same float16 rows on the device (a copy beside nanodb's)
 
     def torch_search(q, k):
         scores = rows @ torch.from_numpy(q).to("cuda", torch.float16).T

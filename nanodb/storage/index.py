@@ -208,11 +208,6 @@ class VectorIndex:
         return self._buf[: self.count]
 
     @property
-    def gpu_vectors(self):
-        """The CuPy mirror of `vectors` on the GPU (None on the CPU backend)."""
-        return None if self._gpu is None else self._gpu[: self.count]
-
-    @property
     def dead(self) -> np.ndarray:
         return self._dead[: self.count]
 
@@ -253,11 +248,6 @@ class VectorIndex:
             start = self.mapped
         new[start : self.count] = old[start : self.count]
         return new
-
-    def reserve(self, n: int) -> None:
-        with self._lock:
-            if n > len(self._buf):
-                self._grow(n)
 
     def load_files(self, count: int, vectors: Path, compact: tuple[Path, Path] | None = None) -> None:
         """Fill a fresh index with the first `count` rows of data files, mapped (file_backed_rows), not

@@ -100,11 +100,6 @@ class IngestService:
     def resume(self) -> None:
         self.running.set()
 
-    @property
-    def busy(self) -> bool:
-        """A scan is running (watching alone does not count)."""
-        return any(not task.done() for _, _, task in self.scans)
-
     async def wait_scans(self) -> None:
         await asyncio.gather(*(task for _, _, task in self.scans), return_exceptions=True)
 

@@ -19,7 +19,7 @@ MAX_UPLOAD_BYTES = 32 << 20
 MAX_UPLOAD_PIXELS = 16_000_000
 MAX_CONCURRENT_DECODES = 2  # uploads decoded at once; the others wait, so memory stays bounded
 
-__all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "TooLarge", "SearchService", "stats_line"]
+__all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "TooLarge", "SearchService"]
 
 BadRequest = QueryError  # a client's input that cannot be searched; the message is shown as is
 
@@ -31,7 +31,6 @@ class TooLarge(BadRequest):
 class SearchService:
     def __init__(self, db: NanoDB, max_upload_bytes: int = MAX_UPLOAD_BYTES):
         self.db = db
-        self.max_k = MAX_K
         self.max_query_chars = MAX_QUERY_CHARS
         self.max_upload_bytes = max_upload_bytes
         self._decoding = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
@@ -104,22 +103,6 @@ class SearchService:
             "searches": t.searches,
             "scans": scans,
         }
-
-
-def stats_line(stats: dict) -> str:
-    """The stats as one line of text for the web UI."""
-
-    def ms(v):
-        return "-" if v is None else f"{v:.1f} ms"
-
-    line = (
-        f"{stats['items']:,} items indexed · text encode {ms(stats['text_encode_ms'])} · "
-        f"image encode {ms(stats['image_encode_ms'])} · search {ms(stats['search_ms'])}"
-    )
-    for scan in stats["scans"]:
-        total = f"{scan['found']:,}{'+' if scan['walking'] else ''}"
-        line += f" · scanning: {scan['done']:,}/{total} ({scan['added']:,} added, {scan['failed']:,} skipped)"
-    return line
 
 
 def _round(v: float | None) -> float | None:

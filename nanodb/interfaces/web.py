@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import html
 import os
+from dataclasses import dataclass
 from datetime import datetime
 
 import gradio as gr
 
+from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import BadRequest, SearchService
 
 DEFAULT_K = 64
@@ -105,162 +107,237 @@ def human_size(size: int) -> str:
 
 
 def build_ui(service: SearchService) -> gr.Blocks:
-    db = service.db
+    """The page: search inputs, filters and options, the stats, the results and the lightbox."""
     with gr.Blocks(title="nanodb", analytics_enabled=False) as ui:
         gr.Markdown("## nanodb")
-        with gr.Row(equal_height=True, elem_id="inputs"):
-            query = gr.Textbox(
-                label=TEXT_LABEL, placeholder="a girl riding a horse", scale=3, min_width=260, elem_id="query",
-                max_length=service.max_query_chars,
-            )
-            image = gr.Image(
-                label="Search by image (drop, upload or paste)", type="filepath", image_mode=None,
-                sources=["upload", "clipboard"], height=140, scale=1, min_width=260, elem_id="image-query",
-            )
-        with gr.Accordion("Filters and options", open=False, elem_id="filters"):
-            with gr.Row():
-                folder = gr.Textbox(label="Folder", placeholder="/photos/2024 or holidays", elem_id="folder",
-                                    min_width=180)
-                since = gr.Textbox(label="From date", placeholder="YYYY-MM-DD", elem_id="since", min_width=120)
-                until = gr.Textbox(label="To date", placeholder="YYYY-MM-DD", elem_id="until", min_width=120)
-            types = gr.CheckboxGroup(TYPES, label="File types (none: all)", elem_id="types")
-            with gr.Row():
-                collapse = gr.Checkbox(True, label="One tile for identical files", elem_id="collapse")
-                k = gr.Slider(1, 256, value=DEFAULT_K, step=1, label="Results", elem_id="k", min_width=180)
-                min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
-                                           elem_id="min-similarity", min_width=180)
+        query, image = search_inputs(service)
+        options = option_inputs()
         stats = gr.Markdown(stats_text(service.stats()), elem_id="stats")
-        status = gr.Markdown(HINT, elem_id="status")
-        gallery = gr.Gallery(
-            label="Results", columns=8, height="auto", object_fit="cover", allow_preview=False,
-            elem_id="results", interactive=False, buttons=[], show_label=False,
+        page = Page(
+            query=query, image=image, options=options,
+            status=gr.Markdown(HINT, elem_id="status"),
+            gallery=gr.Gallery(
+                label="Results", columns=8, height="auto", object_fit="cover", allow_preview=False,
+                elem_id="results", interactive=False, buttons=[], show_label=False,
+            ),
+            lightbox=lightbox_layout(),
+            shown=gr.State([]),  # (item index, similarity, copies) of each gallery tile
+            position=gr.State(0),  # the tile shown in the lightbox
+            last=gr.State(None),  # the last search as (kind, query, what), rerun when an option changes
         )
-        with gr.Column(visible=False, elem_id="lightbox") as lightbox:
-            view = gr.HTML(elem_id="lightbox-view")
-            with gr.Row(elem_id="lightbox-buttons"):
-                prev_button = gr.Button("← Previous", elem_id="lightbox-prev", size="sm")
-                similar_button = gr.Button("Similar to this", elem_id="lightbox-similar", size="sm",
-                                           variant="primary")
-                next_button = gr.Button("Next →", elem_id="lightbox-next", size="sm")
-                close_button = gr.Button("Close", elem_id="lightbox-close", size="sm")
-        shown = gr.State([])  # (item index, similarity, copies) of each gallery tile
-        position = gr.State(0)  # the tile shown in the lightbox
-        last = gr.State(None)  # the last search as (kind, query, what), rerun when an option changes
-
-        def base_url(request: gr.Request | None) -> str:
-            return str(request.request.base_url).rstrip("/") if request and request.request else ""
-
-        def run(kind: str, query, what: str, options: list, request: gr.Request) -> list:
-            """Search; returns the new values of [gallery, shown, status, last, query]."""
-            k, min_similarity, folder, since, until, types, collapse = options
-            filters = {"folder": folder or None, "since": since or None, "until": until or None,
-                       "types": types or None, "collapse_duplicates": bool(collapse)}
-            try:
-                if kind == "text":
-                    outcome = service.by_text(query, k, min_similarity, **filters)
-                elif kind == "image":
-                    with open(query, "rb") as f:
-                        data = f.read(service.max_upload_bytes + 1)
-                    outcome = service.by_image(data, k, min_similarity, **filters)
-                else:
-                    outcome = service.by_item(query, k, min_similarity, **filters)
-            except (BadRequest, OSError) as e:
-                return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
-            base = base_url(request)
-            tiles = [(f"{base}/api/items/{r.index}/thumbnail", caption(r)) for r in outcome]
-            filtered = " (filtered)" if any(v for v in (folder, since, until, types)) else ""
-            note = (f"**{len(tiles)} results for {what}**{filtered} · encode {outcome.encode_ms:.1f} ms · "
-                    f"search {outcome.search_ms:.1f} ms")
-            if not tiles:
-                note += " · nothing matches: loosen the filters or the minimum similarity"
-            label = TEXT_LABEL if kind == "text" else f"{TEXT_LABEL} · showing {what}"
-            return [gr.Gallery(value=tiles, selected_index=None), [(r.index, r.similarity, len(r.duplicates) + 1)
-                    for r in outcome], note, (kind, query, what), gr.Textbox(label=label)]
-
-        def caption(r) -> str:
-            name = os.path.basename(r.path) if r.path else f"item {r.index}"
-            copies = f" ×{len(r.duplicates) + 1}" if r.duplicates else ""
-            return f"{name}{copies} · {r.similarity:.3f}"
-
-        unchanged = [gr.skip()] * 5
-        outputs = [gallery, shown, status, last, query]
-        options = [k, min_similarity, folder, since, until, types, collapse]
-
-        def on_text(text, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
-            values = [k, min_similarity, folder, since, until, types, collapse]
-            if text is None:  # superseded by a later keystroke (see DEBOUNCE)
-                return unchanged
-            if not text.strip():
-                return [gr.Gallery(value=[], selected_index=None), [], HINT, None, gr.Textbox(label=TEXT_LABEL)]
-            return run("text", text, f"“{html.escape(text.strip()[:80])}”", values, request)
-
-        def on_image(path, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
-            values = [k, min_similarity, folder, since, until, types, collapse]
-            return run("image", path, "the uploaded image", values, request) if path else unchanged
-
-        def on_options(searched, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
-            values = [k, min_similarity, folder, since, until, types, collapse]
-            return run(*searched, values, request) if searched else unchanged
-
-        def on_similar(tiles, at, k, min_similarity, folder, since, until, types, collapse, request: gr.Request):
-            values = [k, min_similarity, folder, since, until, types, collapse]
-            if not 0 <= at < len(tiles):
-                return [*unchanged, gr.skip()]
-            index = tiles[at][0]
-            name = os.path.basename(db.path_of(index) or "") or f"item {index}"
-            return [*run("item", index, f"similar to {html.escape(name)}", values, request),
-                    gr.Column(visible=False)]
-
-        def lightbox_html(tiles, at, request: gr.Request | None) -> str:
-            index, similarity, copies = tiles[at]
-            base = base_url(request)
-            item = db[index] if db.has_item(index) else None
-            path = item.path if item else None
-            name = html.escape(os.path.basename(path)) if path else f"item {index}"
-            folder_name = html.escape(os.path.dirname(path)) if path else "-"
-            when, source = taken_date(path) if path else ("unknown", "date")
-            original = f"{base}/api/items/{index}/original"
-            thumb = f"{base}/api/items/{index}/thumbnail"
-            copies_text = f" · {copies} identical files" if copies > 1 else ""
-            return (
-                f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
-                f'<div class="details"><b>{name}</b> · {at + 1} of {len(tiles)}<br>'
-                f'{folder_name}<br>{when} ({source}) · {human_size(item.size if item else -1)} · '
-                f'similarity {similarity:.3f}{copies_text} · '
-                f'<a href="{original}" target="_blank" rel="noopener" id="lightbox-original">open original</a>'
-                f"</div>"
-            )
-
-        def on_select(tiles, evt: gr.SelectData, request: gr.Request):
-            if evt.index is None or not 0 <= evt.index < len(tiles):
-                return gr.skip(), gr.skip(), gr.skip()
-            return gr.Column(visible=True), lightbox_html(tiles, evt.index, request), evt.index
-
-        def step(by: int):
-            def move(tiles, at, request: gr.Request):
-                if not tiles:
-                    return gr.skip(), gr.skip()
-                at = (at + by) % len(tiles)
-                return lightbox_html(tiles, at, request), at
-            return move
-
-        # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
-        query.input(on_text, [query, *options], outputs, js=DEBOUNCE, trigger_mode="always_last",
-                    show_progress="hidden")
-        query.submit(on_text, [query, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
-        image.change(on_image, [image, *options], outputs, js=SUPERSEDE_TYPING, show_progress="minimal")
-        for option in (k, min_similarity):
-            option.release(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
-        for option in (folder, since, until):
-            option.submit(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
-            option.blur(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
-        for option in (types, collapse):
-            option.input(on_options, [last, *options], outputs, js=SUPERSEDE_TYPING, show_progress="hidden")
-        gallery.select(on_select, [shown], [lightbox, view, position], show_progress="hidden")
-        prev_button.click(step(-1), [shown, position], [view, position], show_progress="hidden")
-        next_button.click(step(1), [shown, position], [view, position], show_progress="hidden")
-        close_button.click(lambda: gr.Column(visible=False), None, lightbox, show_progress="hidden")
-        similar_button.click(on_similar, [shown, position, *options], [*outputs, lightbox],
-                             js=SUPERSEDE_TYPING, show_progress="hidden")
+        events = SearchEvents(service)
+        wire_search(page, events)
+        wire_lightbox(page, events)
         gr.Timer(1.0).tick(lambda: stats_text(service.stats()), None, stats, show_progress="hidden")
     return ui
+
+
+def search_inputs(service: SearchService) -> tuple[gr.Textbox, gr.Image]:
+    with gr.Row(equal_height=True, elem_id="inputs"):
+        query = gr.Textbox(
+            label=TEXT_LABEL, placeholder="a girl riding a horse", scale=3, min_width=260, elem_id="query",
+            max_length=service.max_query_chars,
+        )
+        image = gr.Image(
+            label="Search by image (drop, upload or paste)", type="filepath", image_mode=None,
+            sources=["upload", "clipboard"], height=140, scale=1, min_width=260, elem_id="image-query",
+        )
+    return query, image
+
+
+def option_inputs() -> dict[str, gr.components.Component]:
+    """The filters and options, by the name every search event takes them as (in this order)."""
+    with gr.Accordion("Filters and options", open=False, elem_id="filters"):
+        with gr.Row():
+            folder = gr.Textbox(label="Folder", placeholder="/photos/2024 or holidays", elem_id="folder",
+                                min_width=180)
+            since = gr.Textbox(label="From date", placeholder="YYYY-MM-DD", elem_id="since", min_width=120)
+            until = gr.Textbox(label="To date", placeholder="YYYY-MM-DD", elem_id="until", min_width=120)
+        types = gr.CheckboxGroup(TYPES, label="File types (none: all)", elem_id="types")
+        with gr.Row():
+            collapse = gr.Checkbox(True, label="One tile for identical files", elem_id="collapse")
+            k = gr.Slider(1, 256, value=DEFAULT_K, step=1, label="Results", elem_id="k", min_width=180)
+            min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
+                                       elem_id="min-similarity", min_width=180)
+    return {"k": k, "min_similarity": min_similarity, "folder": folder, "since": since, "until": until,
+            "types": types, "collapse": collapse}
+
+
+def search_filters(options: dict) -> dict:
+    """The options' values as NanoDB.search's filters (empty fields filter nothing)."""
+    return {"folder": options["folder"] or None, "since": options["since"] or None,
+            "until": options["until"] or None, "types": options["types"] or None,
+            "collapse_duplicates": bool(options["collapse"])}
+
+
+@dataclass
+class Lightbox:
+    column: gr.Column
+    view: gr.HTML
+    prev_button: gr.Button
+    similar_button: gr.Button
+    next_button: gr.Button
+    close_button: gr.Button
+
+
+def lightbox_layout() -> Lightbox:
+    with gr.Column(visible=False, elem_id="lightbox") as column:
+        view = gr.HTML(elem_id="lightbox-view")
+        with gr.Row(elem_id="lightbox-buttons"):
+            buttons = [gr.Button("← Previous", elem_id="lightbox-prev", size="sm"),
+                       gr.Button("Similar to this", elem_id="lightbox-similar", size="sm", variant="primary"),
+                       gr.Button("Next →", elem_id="lightbox-next", size="sm"),
+                       gr.Button("Close", elem_id="lightbox-close", size="sm")]
+    return Lightbox(column, view, *buttons)
+
+
+@dataclass
+class Page:
+    """The components that the events read and write."""
+
+    query: gr.Textbox
+    image: gr.Image
+    options: dict[str, gr.components.Component]
+    status: gr.Markdown
+    gallery: gr.Gallery
+    lightbox: Lightbox
+    shown: gr.State
+    position: gr.State
+    last: gr.State
+
+    @property
+    def search_outputs(self) -> list:
+        """What a search updates, in the order of SearchEvents.run's values."""
+        return [self.gallery, self.shown, self.status, self.last, self.query]
+
+
+def wire_search(page: Page, events: SearchEvents) -> None:
+    """Search on typing, Enter, a dropped image, and again with the last query when an option changes."""
+    outputs, by_name = page.search_outputs, {"inputs_kwargs": page.options, "show_progress": "hidden"}
+    rerun = {"js": SUPERSEDE_TYPING, **by_name}
+    # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
+    page.query.input(events.on_text, [page.query], outputs, js=DEBOUNCE, trigger_mode="always_last", **by_name)
+    page.query.submit(events.on_text, [page.query], outputs, **rerun)
+    page.image.change(events.on_image, [page.image], outputs, js=SUPERSEDE_TYPING, inputs_kwargs=page.options,
+                      show_progress="minimal")
+    options = page.options
+    for option in (options["k"], options["min_similarity"]):
+        option.release(events.on_options, [page.last], outputs, **rerun)
+    for option in (options["folder"], options["since"], options["until"]):
+        option.submit(events.on_options, [page.last], outputs, **rerun)
+        option.blur(events.on_options, [page.last], outputs, **rerun)
+    for option in (options["types"], options["collapse"]):
+        option.input(events.on_options, [page.last], outputs, **rerun)
+
+
+def wire_lightbox(page: Page, events: SearchEvents) -> None:
+    """A click on a tile opens the lightbox; previous, next, close and "similar to this" act in it."""
+    box, quiet = page.lightbox, {"show_progress": "hidden"}
+    page.gallery.select(events.on_select, [page.shown], [box.column, box.view, page.position], **quiet)
+    box.prev_button.click(events.step(-1), [page.shown, page.position], [box.view, page.position], **quiet)
+    box.next_button.click(events.step(1), [page.shown, page.position], [box.view, page.position], **quiet)
+    box.close_button.click(lambda: gr.Column(visible=False), None, box.column, **quiet)
+    box.similar_button.click(events.on_similar, [page.shown, page.position], [*page.search_outputs, box.column],
+                             js=SUPERSEDE_TYPING, inputs_kwargs=page.options, **quiet)
+
+
+def base_url(request: gr.Request | None) -> str:
+    return str(request.request.base_url).rstrip("/") if request and request.request else ""
+
+
+def caption(r) -> str:
+    name = os.path.basename(r.path) if r.path else f"item {r.index}"
+    copies = f" ×{len(r.duplicates) + 1}" if r.duplicates else ""
+    return f"{name}{copies} · {r.similarity:.3f}"
+
+
+class SearchEvents:
+    """The page's event handlers. The search events take their own inputs, then the options by name
+    (see `option_inputs`); their names are the web UI's API names (/gradio_api/info)."""
+
+    UNCHANGED = [gr.skip()] * 5
+
+    def __init__(self, service: SearchService):
+        self.service = service
+        self.db = service.db
+
+    def run(self, kind: str, query, what: str, request: gr.Request, options: dict) -> list:
+        """Search; returns the new values of Page.search_outputs."""
+        try:
+            outcome = self.search(kind, query, options)
+        except (BadRequest, OSError) as e:
+            return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
+        base = base_url(request)
+        tiles = [(f"{base}/api/items/{r.index}/thumbnail", caption(r)) for r in outcome]
+        filtered = " (filtered)" if any(options[name] for name in ("folder", "since", "until", "types")) else ""
+        note = (f"**{len(tiles)} results for {what}**{filtered} · encode {outcome.encode_ms:.1f} ms · "
+                f"search {outcome.search_ms:.1f} ms")
+        if not tiles:
+            note += " · nothing matches: loosen the filters or the minimum similarity"
+        label = TEXT_LABEL if kind == "text" else f"{TEXT_LABEL} · showing {what}"
+        return [gr.Gallery(value=tiles, selected_index=None), [(r.index, r.similarity, len(r.duplicates) + 1)
+                for r in outcome], note, (kind, query, what), gr.Textbox(label=label)]
+
+    def search(self, kind: str, query, options: dict) -> SearchResults:
+        k, min_similarity, filters = options["k"], options["min_similarity"], search_filters(options)
+        if kind == "text":
+            return self.service.by_text(query, k, min_similarity, **filters)
+        if kind == "image":
+            with open(query, "rb") as f:
+                data = f.read(self.service.max_upload_bytes + 1)
+            return self.service.by_image(data, k, min_similarity, **filters)
+        return self.service.by_item(query, k, min_similarity, **filters)
+
+    def on_text(self, text, request: gr.Request, **options):
+        if text is None:  # superseded by a later keystroke (see DEBOUNCE)
+            return self.UNCHANGED
+        if not text.strip():
+            return [gr.Gallery(value=[], selected_index=None), [], HINT, None, gr.Textbox(label=TEXT_LABEL)]
+        return self.run("text", text, f"“{html.escape(text.strip()[:80])}”", request, options)
+
+    def on_image(self, path, request: gr.Request, **options):
+        return self.run("image", path, "the uploaded image", request, options) if path else self.UNCHANGED
+
+    def on_options(self, searched, request: gr.Request, **options):
+        return self.run(*searched, request, options) if searched else self.UNCHANGED
+
+    def on_similar(self, tiles, at, request: gr.Request, **options):
+        if not 0 <= at < len(tiles):
+            return [*self.UNCHANGED, gr.skip()]
+        index = tiles[at][0]
+        name = os.path.basename(self.db.path_of(index) or "") or f"item {index}"
+        return [*self.run("item", index, f"similar to {html.escape(name)}", request, options),
+                gr.Column(visible=False)]
+
+    def on_select(self, tiles, evt: gr.SelectData, request: gr.Request):
+        if evt.index is None or not 0 <= evt.index < len(tiles):
+            return gr.skip(), gr.skip(), gr.skip()
+        return gr.Column(visible=True), self.lightbox_html(tiles, evt.index, request), evt.index
+
+    def step(self, by: int):
+        def move(tiles, at, request: gr.Request):
+            if not tiles:
+                return gr.skip(), gr.skip()
+            at = (at + by) % len(tiles)
+            return self.lightbox_html(tiles, at, request), at
+        return move
+
+    def lightbox_html(self, tiles, at, request: gr.Request | None) -> str:
+        index, similarity, copies = tiles[at]
+        base = base_url(request)
+        item = self.db[index] if self.db.has_item(index) else None
+        path = item.path if item else None
+        name = html.escape(os.path.basename(path)) if path else f"item {index}"
+        folder_name = html.escape(os.path.dirname(path)) if path else "-"
+        when, source = taken_date(path) if path else ("unknown", "date")
+        original = f"{base}/api/items/{index}/original"
+        thumb = f"{base}/api/items/{index}/thumbnail"
+        copies_text = f" · {copies} identical files" if copies > 1 else ""
+        return (
+            f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
+            f'<div class="details"><b>{name}</b> · {at + 1} of {len(tiles)}<br>'
+            f'{folder_name}<br>{when} ({source}) · {human_size(item.size if item else -1)} · '
+            f'similarity {similarity:.3f}{copies_text} · '
+            f'<a href="{original}" target="_blank" rel="noopener" id="lightbox-original">open original</a>'
+            f"</div>"
+        )

@@ -5,7 +5,7 @@ Layout of a database folder (format version 2)::
     nanodb.json           manifest: model, dim, committed item count and byte lengths, generation
     vectors.G.f16         float16 vectors, row i is item i (count x dim, little-endian)
     codes.G.u8            the compact copy searched first: 8-bit codes of each row (count x dim, see
-                          nanodb.storage.index.quantize_rows)
+                          nanodb.storage.compact.quantize_rows)
     scales.G.f32          per row of the compact copy: its step and two error bounds (count x 3 float32)
     items.G.bin           fixed-size item records (ITEM_DTYPE): size, mtime, content hash, offsets
     paths.G.bin           file paths, os.fsencode()d bytes, concatenated

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nanodb.storage.commit import replace_file
+from nanodb.storage.compact import quantize_rows
 from nanodb.storage.format import (
     DATA_FILES,
     ITEM_DTYPE,
@@ -23,7 +24,6 @@ from nanodb.storage.format import (
     read_manifest,
     write_manifest,
 )
-from nanodb.storage.index import quantize_rows
 
 
 @dataclass

@@ -6,14 +6,16 @@ import pytest
 from test_search_exact import check, unit
 
 from nanodb.storage import index as index_module
-from nanodb.storage.index import VectorIndex, compact_error_bound, quantize_queries, quantize_rows
+from nanodb.storage import scan
+from nanodb.storage.compact import compact_error_bound, quantize_queries, quantize_rows
+from nanodb.storage.index import VectorIndex
 
 pytestmark = pytest.mark.skipif(index_module.KERNEL is None, reason="the compact-copy kernel is not built")
 
 
 @pytest.fixture(autouse=True)
 def small_segments(monkeypatch):
-    monkeypatch.setattr(index_module, "SEGMENT_ROWS", 4096)
+    monkeypatch.setattr(scan, "SEGMENT_ROWS", 4096)
 
 
 def kernel_scores(codes, steps, queries):

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from nanodb.storage import index as index_module
-from nanodb.storage.index import VectorIndex, cupy_available, select_top_k
+from nanodb.storage import scan
+from nanodb.storage.exact import select_top_k
+from nanodb.storage.index import VectorIndex, cupy_available
 
 
 def unit(rng, n, dim):
@@ -36,8 +38,8 @@ def check(index, queries, k):
 def small_segments(monkeypatch, request):
     """Small segments and scratch blocks so a few thousand rows exercise the parallel merge; every test
     runs on both CPU fast passes: the compact int8 kernel and the float16 pass (no kernel built)."""
-    monkeypatch.setattr(index_module, "SEGMENT_ROWS", 4096)
-    monkeypatch.setattr(index_module, "SCRATCH_BYTES", 256 * 4 * 64)
+    monkeypatch.setattr(scan, "SEGMENT_ROWS", 4096)
+    monkeypatch.setattr(scan, "SCRATCH_BYTES", 256 * 4 * 64)
     if request.param == "int8":
         if index_module.KERNEL is None:
             pytest.skip("the compact-copy kernel is not built (pip install -e . builds it)")

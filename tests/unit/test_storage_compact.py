@@ -10,7 +10,7 @@ import pytest
 from test_storage import unit_vectors
 
 from nanodb import DatabaseError, NanoDB
-from nanodb.storage.index import quantize_rows
+from nanodb.storage.compact import quantize_rows
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from test_storage_compact import assert_exact_search
 import nanodb.storage.index
 import nanodb.storage.store
 from nanodb import DatabaseError, NanoDB
-from nanodb.storage.index import quantize_rows
+from nanodb.storage.compact import quantize_rows
 
 ROWS = 2000
 

@@ -1,0 +1,69 @@
+"""Rows of a data file mapped copy-on-write at the start of an array that appends grow into."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAP_FIXED, MAP_NORESERVE = 0x10, 0x4000  # Linux values; the mmap module does not export them
+if sys.platform == "linux":
+    _LIBC = ctypes.CDLL(None, use_errno=True)
+    _LIBC.mmap.restype = ctypes.c_void_p
+    _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_int64]
+
+
+def file_backed_rows(path: Path, rows: int, row_shape: tuple[int, ...], dtype, capacity: int,
+                     random_access: bool = False) -> np.ndarray:
+    """A writable (capacity, *row_shape) array whose first `rows` rows are the first bytes of `path`,
+    mapped copy-on-write, and whose other rows are anonymous memory for appends.
+
+    Opening costs no read: pages of the file are read when first touched (and shared with the page
+    cache, not copied), and writes to them stay private to this process, never reaching the file. The
+    whole capacity is one contiguous array, so appends need no second part. `random_access` turns off
+    read-ahead (rows read one by one, e.g. candidates rescored). Off Linux, or when mapping fails, the
+    rows are read into memory instead."""
+    dtype = np.dtype(dtype)
+    row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
+    file_bytes = rows * row_bytes
+    total = max(capacity * row_bytes, mmap.PAGESIZE)
+    if sys.platform == "linux":
+        region = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+        if file_bytes and not _map_file_over(region, path, file_bytes, random_access):
+            region = None
+    else:
+        region = None
+    if region is None:
+        region = bytearray(total)
+        if file_bytes:
+            with open(path, "rb") as f:
+                f.readinto(memoryview(region)[:file_bytes])
+    return np.frombuffer(region, dtype, capacity * row_bytes // dtype.itemsize).reshape(capacity, *row_shape)
+
+
+def _map_file_over(region: mmap.mmap, path: Path, nbytes: int, random_access: bool) -> bool:
+    """Map the first `nbytes` of `path` copy-on-write over the start of `region` (which keeps owning
+    the address range: unmapping it unmaps the file too). False when the kernel refuses."""
+    anchor = ctypes.c_char.from_buffer(region)
+    addr = ctypes.addressof(anchor)
+    del anchor  # releases the buffer export: the region can be closed when its arrays are gone
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = _LIBC.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                         mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, 0)
+    finally:
+        os.close(fd)
+    if got != addr:
+        log.warning("cannot map %s (errno %d): reading it into memory", path, ctypes.get_errno())
+        return False
+    if random_access:
+        region.madvise(mmap.MADV_RANDOM, 0, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    return True

@@ -14,8 +14,9 @@ _PUBLIC = {
     "Item": "nanodb.database",
     "ValidationReport": "nanodb.database",
     "DatabaseError": "nanodb.storage.format",
-    "ModelLoadError": "nanodb.model.clip",
+    "ModelLoadError": "nanodb.model.spec",
     "QueryError": "nanodb.search.query",
+    "RayOptions": "nanodb.search.sharded",
 }
 __all__ = list(_PUBLIC)
 

@@ -73,18 +73,8 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
     rows = min(len(raw["vectors"]) // (m.dim * 2), len(raw["items"]) // ITEM_DTYPE.itemsize)
     if not rebuilt:
         rows = min(rows, m.count)
-    vectors = np.frombuffer(raw["vectors"], "<f2", rows * m.dim).reshape(rows, m.dim).astype(np.float32)
     items = np.frombuffer(raw["items"], ITEM_DTYPE, rows)
-    path_end = items["path_off"].astype(np.uint64) + items["path_len"]
-    meta_end = items["meta_off"].astype(np.uint64) + items["meta_len"]
-    norms = np.linalg.norm(vectors, axis=1)
-    ok = (path_end <= len(raw["paths"])) & (meta_end <= len(raw["meta"])) & (np.abs(norms - 1) < 0.01)
-    for i in np.flatnonzero(ok & (items["meta_len"] > 0)):
-        try:
-            ok[i] = isinstance(json.loads(raw["meta"][int(items["meta_off"][i]) : int(meta_end[i])]), dict)
-        except ValueError:
-            ok[i] = False
-    kept = int(np.argmin(ok)) if not ok.all() else rows
+    kept = consistent_prefix(raw, items, m.dim)
     deleted = np.frombuffer(raw["deleted"], "<i8", len(raw["deleted"]) // 8)
     if not rebuilt:
         deleted = deleted[: m.deleted]
@@ -98,8 +88,8 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
 
     codes, scales = quantize_rows(np.frombuffer(raw["vectors"], "<f2", kept * m.dim).reshape(kept, m.dim))
     m.count, m.deleted, m.compact = kept, len(deleted), kept
-    m.paths_bytes = int(path_end[:kept].max()) if kept else 0
-    m.meta_bytes = int(meta_end[:kept].max()) if kept else 0
+    m.paths_bytes = int(record_ends(items[:kept], "path").max()) if kept else 0
+    m.meta_bytes = int(record_ends(items[:kept], "meta").max()) if kept else 0
     committed_bytes = {
         "vectors": raw["vectors"][: kept * m.dim * 2],
         "items": raw["items"][: kept * ITEM_DTYPE.itemsize],
@@ -116,6 +106,27 @@ def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
         os.replace(root / MANIFEST, root / (MANIFEST + ".damaged"))
     write_manifest(root, m)
     return RepairReport(committed.count if committed else rows, kept, len(deleted), rebuilt, len(doubtful))
+
+
+def record_ends(items: np.ndarray, kind: str) -> np.ndarray:
+    """Where each item's bytes in the `kind` ("path" or "meta") file end."""
+    return items[f"{kind}_off"].astype(np.uint64) + items[f"{kind}_len"]
+
+
+def consistent_prefix(raw: dict[str, bytes], items: np.ndarray, dim: int) -> int:
+    """How many leading items are consistent: their record points inside the path and metadata files,
+    their metadata is a JSON object, and their vector is finite and unit length."""
+    rows = len(items)
+    vectors = np.frombuffer(raw["vectors"], "<f2", rows * dim).reshape(rows, dim).astype(np.float32)
+    meta_end = record_ends(items, "meta")
+    ok = (record_ends(items, "path") <= len(raw["paths"])) & (meta_end <= len(raw["meta"]))
+    ok &= np.abs(np.linalg.norm(vectors, axis=1) - 1) < 0.01
+    for i in np.flatnonzero(ok & (items["meta_len"] > 0)):
+        try:
+            ok[i] = isinstance(json.loads(raw["meta"][int(items["meta_off"][i]) : int(meta_end[i])]), dict)
+        except ValueError:
+            ok[i] = False
+    return int(np.argmin(ok)) if not ok.all() else rows
 
 
 def doubtful_paths(items: np.ndarray, paths: bytes, deleted: np.ndarray) -> list[int]:

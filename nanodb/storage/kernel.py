@@ -49,11 +49,11 @@ def load_kernel(path: Path) -> ctypes.CDLL | None:
     return None
 
 
-def built_kernel() -> ctypes.CDLL | None:
-    """The kernel the package's install built beside this module (see load_kernel), None if none was."""
-    here = Path(__file__).resolve().parent
+def built_kernel(folder: Path = Path(__file__).resolve().parent) -> ctypes.CDLL | None:
+    """The kernel the package's install built in `folder`, beside this module (see load_kernel); None,
+    silently, when none was built."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = here / f"_scan{suffix}"
+        path = folder / f"_scan{suffix}"
         if path.exists():
             return load_kernel(path)
     return None

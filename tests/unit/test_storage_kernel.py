@@ -6,11 +6,12 @@ import logging
 import os
 import shutil
 import subprocess
+from importlib.machinery import EXTENSION_SUFFIXES
 
 import pytest
 from helpers import REPO
 
-from nanodb.storage.kernel import KERNEL_ABI, load_kernel
+from nanodb.storage.kernel import KERNEL_ABI, built_kernel, load_kernel
 
 SOURCE = REPO / "nanodb" / "storage" / "_scan.c"
 ABI_FUNCTION = "int nanodb_kernel_abi(void)\n{\n    return NANODB_KERNEL_ABI;\n}\n"
@@ -52,6 +53,17 @@ def test_a_stale_library_falls_back_with_one_log_line(tmp_path, caplog, stale):
     with caplog.at_level(logging.WARNING):
         assert load_kernel(library) is None
     assert len(caplog.records) == 1 and str(library) in caplog.records[0].getMessage()
+
+
+@needs_cc
+def test_a_stale_build_beside_the_package_falls_back_with_one_log_line(tmp_path, caplog):
+    """What `import nanodb` does with a library an older _scan.c left in place (it raised before)."""
+    build(tmp_path, "stale", edited(ABI_FUNCTION, "")).rename(tmp_path / f"_scan{EXTENSION_SUFFIXES[0]}")
+    with caplog.at_level(logging.WARNING):
+        assert built_kernel(tmp_path) is None
+    assert len(caplog.records) == 1 and "rebuild" in caplog.records[0].getMessage()
+    (tmp_path / f"_scan{EXTENSION_SUFFIXES[0]}").unlink()
+    assert built_kernel(tmp_path) is None and len(caplog.records) == 1  # none built: nothing to say
 
 
 def test_a_file_that_is_no_library_falls_back_with_one_log_line(tmp_path, caplog):

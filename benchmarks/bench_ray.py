@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from helpers import DATA as SHARED  # noqa: E402
-from nanodb.pipeline.ray_ingest import EmbeddedFile  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
+from nanodb.media.record import FileRecord  # noqa: E402
 from nanodb.search.sharded import RayOptions, merge_top_k  # noqa: E402
 
 DATA = SHARED / "coco-val2017" / "images"
@@ -48,7 +48,7 @@ def scan_rate(tree: Path, model: str, batch: int, ray=None) -> tuple[float, floa
             if ray is None:  # warm the decode pool and the model, as the Ray path starts its actors
                 db.scan(next(tree.iterdir()))
             else:
-                stage = db.cluster.embed_stage(db.spec, db.settings.device, db.model.pixel_transform,
+                stage = db.cluster.embed_stage(db.model_config, db.model.pixel_transform,
                                                db.settings.max_image_pixels, batch)
                 stage.start()
             warm = time.perf_counter() - t0
@@ -59,7 +59,8 @@ def scan_rate(tree: Path, model: str, batch: int, ray=None) -> tuple[float, floa
 def append_rate(model: str, n: int, batch: int, autosave_every: int) -> float:
     """Items/s the coordinator appends (add_files + an autosave every `autosave_every`), no model run."""
     rng = np.random.default_rng(0)
-    files = [EmbeddedFile(f"/nas/photos/{i:08d}.jpg", 100_000 + i, 1.7e9 + i, rng.bytes(16)) for i in range(n)]
+    files = [FileRecord(path=f"/nas/photos/{i:08d}.jpg", size=100_000 + i, mtime=1.7e9 + i, hash=rng.bytes(16))
+             for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         with NanoDB(Path(tmp) / "db", model, "none") as db:
             vectors = rng.standard_normal((n, db.dim)).astype(np.float32)

@@ -4,6 +4,7 @@ command line, the console, the HTTP API and the web UI are thin layers over it."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ import numpy as np
 
 from nanodb.config import Settings, load_settings
 from nanodb.media.paths import absolute_path
+from nanodb.media.record import FileRecord, content_hash
 from nanodb.model.clip import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
@@ -191,14 +193,14 @@ class NanoDB:
         list of images/paths. `metadata`: one dict for all, or one per item. `paths`: optional labels.
         """
         self.store.check_writable()
-        records: list[dict[str, Any]] = []
+        records: list[FileRecord] = []
         if isinstance(items, np.ndarray) or (isinstance(items, list) and items and _is_number_list(items)):
             vectors = np.asarray(items, np.float32)
             if vectors.ndim == 1:
                 vectors = vectors[None]
             if vectors.ndim != 2 or vectors.shape[1] != self.dim:
                 raise ValueError(f"vectors must have shape (n, {self.dim}), not {vectors.shape}")
-            records = [{"hash": ItemStore.vector_hash(v)} for v in vectors]
+            records = [FileRecord(path=None, hash=content_hash(v.tobytes())) for v in vectors]
         else:
             images = items if isinstance(items, (list, tuple)) else [items]
             decoded = []
@@ -208,23 +210,19 @@ class NanoDB:
                     if isinstance(result, DecodeFailure):
                         raise ValueError(f"cannot add {result.path}: {result.reason}")
                     decoded.append(result.pixels)
-                    records.append({"path": result.path, "size": result.size, "mtime": result.mtime,
-                                    "hash": result.hash})
+                    records.append(result.record)
                 else:
                     decoded.append(self.model.image_pixels(im))
-                    records.append({"hash": ItemStore.vector_hash(decoded[-1])})
+                    records.append(FileRecord(path=None, hash=content_hash(np.asarray(decoded[-1]).tobytes())))
             vectors = self.model.encode_pixels(np.stack(decoded)) if decoded else np.zeros((0, self.dim))
         n = len(records)
         metas = [metadata] * n if isinstance(metadata, dict) or metadata is None else list(metadata)
         if len(metas) != n:
             raise ValueError(f"got {len(metas)} metadata entries for {n} items")
-        if paths is not None:
-            if len(paths) != n:
-                raise ValueError(f"got {len(paths)} paths for {n} items")
-            for rec, p in zip(records, paths):
-                rec["path"] = p
-        for rec, meta in zip(records, metas):
-            rec["metadata"] = meta
+        if paths is not None and len(paths) != n:
+            raise ValueError(f"got {len(paths)} paths for {n} items")
+        labels = [r.path for r in records] if paths is None else paths
+        records = [dataclasses.replace(r, path=p, metadata=m) for r, p, m in zip(records, labels, metas)]
         indices = self.store.append(vectors, records)
         if self.autosave_every and self.unsaved >= self.autosave_every:
             self.save()

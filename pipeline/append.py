@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 
 class IndexAppender:
-    """Consumes (images, vectors) batches (None ends the stream) into `sink`; saves every
+    """Consumes (FileRecords, vectors) batches (None ends the stream) into `sink`; saves every
     `autosave_every` new items when autosave is on."""
 
     def __init__(self, sink: IndexSink, report, autosave_every: int | None):
@@ -22,16 +22,16 @@ class IndexAppender:
 
     async def run(self, inbox: asyncio.Queue) -> None:
         while (batch := await inbox.get()) is not None:
-            images, vectors = batch
+            records, vectors = batch
             # A file deleted or moved away while it was being embedded is not added: the watcher,
             # which runs on this same event loop, handled its event already or will find it indexed.
-            present = [i for i, im in enumerate(images) if os.path.exists(im.path)]
-            if len(present) < len(images):
-                images = [images[i] for i in present]
+            present = [i for i, r in enumerate(records) if os.path.exists(r.path)]
+            if len(present) < len(records):
+                records = [records[i] for i in present]
                 vectors = None if vectors is None else vectors[present]
-            if not images:
+            if not records:
                 continue
-            added, updated = self.sink.add_files(images, vectors)
+            added, updated = self.sink.add_files(records, vectors)
             self.report.added += added
             self.report.updated += updated
             self.report.changed()

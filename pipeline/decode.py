@@ -25,25 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.media.opener import (
-    DEFAULT_MAX_PIXELS,
-    ImageRejected,
-    content_hash,
-    model_pixels,
-    open_image,
-    read_image_file,
-)
-from nanodb.media.paths import is_raw_name
+from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
+from nanodb.media.record import FileRecord, content_hash
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DecodedImage:
-    path: str
-    size: int
-    mtime: float
-    hash: bytes
+    record: FileRecord  # what the sink stores of the file, passed on once the pixels are embedded
     pixels: np.ndarray  # (H, W, 3) uint8, the model's input size
 
 
@@ -61,13 +51,13 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
     """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
     try:
         file = read_image_file(path)
-        image = open_image(file.data, max_pixels, getattr(transform, "draft_size", None), raw=is_raw_name(path))
+        image = open_image(file.data, max_pixels, getattr(transform, "draft_size", None))
         pixels = model_pixels(image, transform)
     except ImageRejected as e:
         return DecodeFailure(path, str(e))
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on
         return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
-    return DecodedImage(path, file.size, file.mtime, content_hash(file.data), pixels)
+    return DecodedImage(FileRecord(path=path, size=file.size, mtime=file.mtime, hash=content_hash(file.data)), pixels)
 
 
 # The pixel transform and pixel limit of a decode worker process, set once by its initializer.

@@ -21,7 +21,7 @@ CLIP_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanodb-clip"
 
 
 class ClipStage:
-    """Consumes DecodedImage / DecodeFailure (None ends the stream); emits (images, vectors) batches.
+    """Consumes DecodedImage / DecodeFailure (None ends the stream); emits (records, vectors) batches.
 
     An image whose exact bytes the sink has a vector for is passed on alone, unembedded (vectors None).
     `get_model` is called on the first batch to embed: a rescan with nothing new loads no model.
@@ -47,15 +47,15 @@ class ClipStage:
                 done = True
             elif isinstance(item, DecodeFailure):
                 self.report.fail(item.path, item.reason)
-            elif isinstance(item, DecodedImage) and self.is_known(item.hash):
-                await outbox.put(([item], None))
+            elif isinstance(item, DecodedImage) and self.is_known(item.record.hash):
+                await outbox.put(([item.record], None))
             elif isinstance(item, DecodedImage):
                 batch.append(item)
             if batch and (done or item is ... or len(batch) >= self.batch_size):
                 await self.running.wait()
                 vectors = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self._embed, batch)
                 self.report.embedded += len(batch)
-                await outbox.put((batch, vectors))
+                await outbox.put(([b.record for b in batch], vectors))
                 batch = []
         await outbox.put(None)
 

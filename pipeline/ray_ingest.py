@@ -1,10 +1,11 @@
 """Stages 2 and 3 on a Ray cluster: Ray tasks read and decode batches of files on any node, a pool of
-CLIP actors embeds them, and the (files, vectors) batches stream back to the one process that owns
-the database, whose walker, unchanged-file skip and appender stay as in a local scan.
+CLIP actors embeds them, and the (records, vectors) batches stream back to the one process that owns
+the database, whose walker, unchanged-file skip and appender stay as in a local scan. Files come back
+as their FileRecords: the pixels stay on the node that decoded them.
 
 Ray retries a task whose worker or node died (and rebuilds a lost decoded batch from its lineage);
 an actor is restarted elsewhere and its call retried. A batch still failing after that is sent again
-up to `attempts` times, then its files are reported as failed. A batch's files and vectors travel in
+up to `attempts` times, then its files are reported as failed. A batch's records and vectors travel in
 one object, so they cannot misalign, and a path is passed on at most once, so nothing is appended
 twice. Ray is imported only when the stage starts: this module imports without it.
 """
@@ -25,16 +26,6 @@ from nanodb.pipeline.sink import EmbeddingModel
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EmbeddedFile:
-    """A file as the appender needs it (pipeline.sink.ScannedFile): no pixels, they stayed remote."""
-
-    path: str
-    size: int
-    mtime: float
-    hash: bytes
-
-
 def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
     """A Ray task: read and decode files, where they are visible to every node (a shared folder)."""
     return [decode_file(p, transform, max_pixels) for p in paths]
@@ -42,7 +33,7 @@ def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedIm
 
 class ClipWorker:
     """A Ray actor: builds the model once from `model_factory` (on its GPU where it has one), then
-    embeds decoded batches. Returns (files, failures, vectors), the files in the vectors' order."""
+    embeds decoded batches. Returns (records, failures, vectors), the records in the vectors' order."""
 
     def __init__(self, model_factory: Callable[[], EmbeddingModel]):
         self.model = model_factory()
@@ -54,8 +45,7 @@ class ClipWorker:
         images = [d for d in decoded if isinstance(d, DecodedImage)]
         failures = [(d.path, d.reason) for d in decoded if isinstance(d, DecodeFailure)]
         vectors = self.model.encode_pixels(np.stack([d.pixels for d in images])) if images else None
-        files = [EmbeddedFile(d.path, d.size, d.mtime, d.hash) for d in images]
-        return files, failures, vectors
+        return [d.record for d in images], failures, vectors
 
 
 @dataclass
@@ -107,7 +97,7 @@ class RayEmbedStage:
         self.actors = []
 
     async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue, report, running: asyncio.Event) -> None:
-        """Consumes FoundFiles (None ends the stream); emits (files, vectors) batches, then None."""
+        """Consumes FoundFiles (None ends the stream); emits (records, vectors) batches, then None."""
         self.start()
         load = [0] * len(self.actors)
         slots = asyncio.Semaphore(len(self.actors) * self.options.in_flight_per_actor)
@@ -115,16 +105,16 @@ class RayEmbedStage:
 
         async def one(paths: list[str]) -> None:
             try:
-                files, failures, vectors = await self._embed(paths, load)
+                records, failures, vectors = await self._embed(paths, load)
                 for path, reason in failures:
                     report.fail(path, reason)
                 keep, unsent = [], Counter(paths)
-                for i, f in enumerate(files):
-                    if unsent[f.path] > 0:  # each path sent is passed on once, however often it came back
-                        unsent[f.path] -= 1
+                for i, r in enumerate(records):
+                    if unsent[r.path] > 0:  # each path sent is passed on once, however often it came back
+                        unsent[r.path] -= 1
                         keep.append(i)
                 if keep:
-                    await outbox.put(([files[i] for i in keep], vectors[keep]))
+                    await outbox.put(([records[i] for i in keep], vectors[keep]))
             finally:
                 slots.release()
 

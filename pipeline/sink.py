@@ -11,14 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
-
-class ScannedFile(Protocol):
-    """A file as the appender hands it to the sink (pipeline.decode.DecodedImage is one)."""
-
-    path: str
-    size: int
-    mtime: float
-    hash: bytes
+from nanodb.media.record import FileRecord
 
 
 class IndexSink(Protocol):
@@ -30,14 +23,14 @@ class IndexSink(Protocol):
     def indexed_paths(self) -> list[str]:
         """The paths of every live item (a rescan drops the ones gone from their folder)."""
 
-    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray | None) -> tuple[int, int]:
+    def add_files(self, files: Sequence[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
         """Add embedded files, replacing earlier items of the same paths; returns (added, updated).
         A file whose content is stored already gets that vector (`vectors` None: all are)."""
 
     def has_content(self, content_hash: bytes) -> bool:
         """A file with these exact bytes has a stored vector: it need not be embedded."""
 
-    def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
+    def add_known_file(self, file: FileRecord) -> int | None:
         """Index a file whose exact bytes are known with their stored vector; None if they are not."""
 
     def move_paths(self, moves: Iterable[tuple[str, str]]) -> int:

@@ -19,6 +19,7 @@ from nanodb.media.paths import (
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class FoundFile:
     path: str  # absolute, normalised, symlinks kept as named
@@ -30,6 +31,22 @@ class FoundFile:
 class WalkProblem:
     path: str
     reason: str
+
+
+@dataclass
+class _Visited:
+    """One walk's memory: folders entered (by device and inode: symlink loops) and files found."""
+
+    skip_dirs: set[str]
+    dirs: set[tuple[int, int]] = field(default_factory=set)
+    files: set[str] = field(default_factory=set)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; loops are cut by _Visited.dirs
+    except OSError:
+        return False
 
 
 @dataclass
@@ -52,55 +69,61 @@ class DirectoryWalker:
         self.problems.append(WalkProblem(path, reason))
 
     def __iter__(self) -> Iterator[FoundFile]:
-        seen_dirs: set[tuple[int, int]] = set()
-        seen_files: set[str] = set()
-        skip = {os.path.abspath(d) for d in self.skip_dirs}
+        visited = _Visited(skip_dirs={os.path.abspath(d) for d in self.skip_dirs})
         for root in self.roots:
-            root = absolute_path(root)
-            try:
-                st = os.stat(root)
-            except OSError as e:
-                self._problem(root, e.strerror or str(e))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack = [root]
-                while stack:
-                    folder = stack.pop()
-                    try:
-                        dst = os.stat(folder)
-                    except OSError as e:
-                        self._problem(folder, e.strerror or str(e))
-                        continue
-                    if (dst.st_dev, dst.st_ino) in seen_dirs or folder in skip:
-                        continue
-                    seen_dirs.add((dst.st_dev, dst.st_ino))
-                    try:
-                        with os.scandir(folder) as it:
-                            entries = sorted(it, key=lambda e: e.name)
-                    except OSError as e:
-                        self._problem(folder, e.strerror or str(e))
-                        continue
-                    subdirs = []
-                    for entry in entries:
-                        if is_excluded([entry.name], entry.path, self.excludes):
-                            continue
-                        try:
-                            is_dir = entry.is_dir()  # follows symlinks; loops are cut by seen_dirs
-                        except OSError:
-                            is_dir = False
-                        if is_dir:
-                            subdirs.append(entry.path)
-                        elif is_image_name(entry.name):
-                            found = self._file(entry.path, seen_files)
-                            if found:
-                                yield found
-                        elif is_unsupported_image_name(entry.name):
-                            self._problem(entry.path, f"unsupported image format ({os.path.splitext(entry.name)[1]})")
-                    stack.extend(reversed(subdirs))
-            elif is_image_name(root) or stat.S_ISREG(st.st_mode):
-                found = self._file(root, seen_files)
-                if found:
+            yield from self._walk_root(absolute_path(root), visited)
+
+    def _walk_root(self, root: str, visited: _Visited) -> Iterator[FoundFile]:
+        """A root folder's tree, or a root file (any regular file: named, so wanted)."""
+        try:
+            st = os.stat(root)
+        except OSError as e:
+            self._problem(root, e.strerror or str(e))
+            return
+        if stat.S_ISDIR(st.st_mode):
+            yield from self._walk_tree(root, visited)
+        elif is_image_name(root) or stat.S_ISREG(st.st_mode):
+            if found := self._file(root, visited.files):
+                yield found
+
+    def _walk_tree(self, root: str, visited: _Visited) -> Iterator[FoundFile]:
+        """Depth first, each folder's entries in name order."""
+        stack = [root]
+        while stack:
+            subdirs = []
+            for entry in self._entries(stack.pop(), visited):
+                if is_excluded([entry.name], entry.path, self.excludes):
+                    continue
+                if _is_dir(entry):
+                    subdirs.append(entry.path)
+                elif found := self._image(entry, visited.files):
                     yield found
+            stack.extend(reversed(subdirs))
+
+    def _entries(self, folder: str, visited: _Visited) -> list[os.DirEntry]:
+        """A folder's entries in name order; none if it is skipped, entered already or unreadable."""
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            self._problem(folder, e.strerror or str(e))
+            return []
+        if (st.st_dev, st.st_ino) in visited.dirs or folder in visited.skip_dirs:
+            return []
+        visited.dirs.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(folder) as it:
+                return sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self._problem(folder, e.strerror or str(e))
+            return []
+
+    def _image(self, entry: os.DirEntry, seen: set[str]) -> FoundFile | None:
+        """A folder entry that is an image file; an image format nanodb cannot read is a problem."""
+        if is_image_name(entry.name):
+            return self._file(entry.path, seen)
+        if is_unsupported_image_name(entry.name):
+            self._problem(entry.path, f"unsupported image format ({os.path.splitext(entry.name)[1]})")
+        return None
 
     def _file(self, path: str, seen: set[str]) -> FoundFile | None:
         if path in seen:

@@ -23,8 +23,9 @@ from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from nanodb.media.opener import MAX_FILE_BYTES, content_hash
+from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.media.paths import DEFAULT_EXCLUDES, absolute_path, is_excluded, is_image_name
+from nanodb.media.record import FileRecord, content_hash
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,10 @@ class FolderWatcher:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""
         if self.sink.is_unchanged(found.path, found.size, found.mtime):
             return
-        content_hash = await asyncio.to_thread(_hash_file, found.path)
-        if content_hash is not None and os.path.exists(found.path):  # not deleted while hashing
-            if self.sink.add_known_file(found.path, found.size, found.mtime, content_hash) is not None:
+        digest = await asyncio.to_thread(_hash_file, found.path)
+        if digest is not None and os.path.exists(found.path):  # not deleted while hashing
+            known = FileRecord(path=found.path, size=found.size, mtime=found.mtime, hash=digest)
+            if self.sink.add_known_file(known) is not None:
                 self.changes += 1
                 return
         self.changes += 1
@@ -200,11 +202,9 @@ class FolderWatcher:
 
 
 def _hash_file(path: str) -> bytes | None:
-    """The content hash decode workers store for these bytes; None if unreadable."""
+    """The content hash decode workers store for these bytes, read as they read them; None if the
+    opener refuses the file (unreadable, empty, too large, not a regular file)."""
     try:
-        if os.path.getsize(path) > MAX_FILE_BYTES:
-            return None
-        with open(path, "rb") as f:
-            return content_hash(f.read())
-    except OSError:
+        return content_hash(read_image_file(path).data)
+    except ImageRejected:
         return None

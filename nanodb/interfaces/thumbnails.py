@@ -8,7 +8,6 @@ with the same size and mtime, is refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 import tempfile
@@ -16,7 +15,7 @@ import threading
 from pathlib import Path
 
 from nanodb.media.opener import open_image
-from nanodb.media.paths import is_raw_name
+from nanodb.media.record import content_hash
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 
@@ -58,10 +57,7 @@ def open_original(db, index: int):
         raise NotServable(f"the file of item {index} is gone") from None
     try:
         _check_stat(os.fstat(f.fileno()), item, index)
-        digest = hashlib.blake2b(digest_size=16)
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-        if digest.hexdigest() != item.hash:
+        if content_hash(iter(lambda: f.read(1 << 20), b"")).hex() != item.hash:
             raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
         f.seek(0)
         return f
@@ -102,7 +98,7 @@ class ThumbnailCache:
         try:
             # the scan's own opener (HEIF, RAW...); JPEG decodes at 1/2..1/8 scale, much faster
             # from the verified descriptor: never reopened by path, which may have been swapped since
-            im = open_image(original.read(), draft_size=self.size, raw=is_raw_name(name))
+            im = open_image(original.read(), draft_size=self.size)
             im.thumbnail((self.size, self.size))
         except (OSError, ValueError) as e:  # ImageRejected is a ValueError
             raise NotServable(f"cannot make a thumbnail of {name}: {e}") from None

@@ -4,13 +4,13 @@ query images alike.
 Every check happens on the header, before any pixel is decoded: file size, pixel count and aspect
 ratio. Then the first frame is decoded, EXIF orientation applied, and the mode made 8-bit RGB.
 Nothing here changes process-wide state (no Pillow settings, no warning filters) beyond teaching Pillow
-to read HEIF (pillow-heif's opener; Pillow reads AVIF itself). Camera RAW files are read with rawpy:
-the embedded preview JPEG where it is large enough, else the raw data developed at half size.
+to read HEIF (pillow-heif's opener; Pillow reads AVIF itself). Camera RAW files, recognised by their
+bytes (never by their name, so no caller has to tell), are read with rawpy: the embedded preview JPEG
+where it is large enough, else the raw data developed at half size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import stat
@@ -28,6 +28,21 @@ DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the
 # A RAW file's embedded preview is used when its short side has at least this many pixels.
 MIN_PREVIEW_SIDE = 256
 
+# Camera RAW formats with a signature of their own, as (offset, bytes); LibRaw reads them.
+RAW_SIGNATURES = (
+    (4, b"ftypcrx "),  # Canon CR3
+    (0, b"FUJIFILMCCD-RAW"),  # Fujifilm RAF
+    (0, b"IIRO"), (0, b"IIRS"), (0, b"MMOR"),  # Olympus ORF
+    (0, b"IIU\x00"),  # Panasonic RW2, Leica RWL
+    (6, b"HEAPCCDR"),  # Canon CRW
+    (0, b"\x00MRM"),  # Minolta MRW
+)
+# DNG, NEF, CR2, ARW, PEF, SRW... begin as any TIFF does.
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
+TIFF_MAKE, TIFF_BITS, TIFF_PHOTOMETRIC, TIFF_DNG_VERSION = 271, 258, 262, 50706
+# Photometric interpretations of plain pictures (grayscale, RGB, CMYK), as opposed to a sensor's CFA.
+PICTURE_PHOTOMETRICS = (0, 1, 2, 5)
+
 
 _plugins_ready = False
 
@@ -44,11 +59,6 @@ def register_plugins() -> None:
 
 class ImageRejected(ValueError):
     """A file or upload that is not opened as an image; the message says why in a few words."""
-
-
-def content_hash(data: bytes) -> bytes:
-    """The content hash of a file's bytes (blake2b-128): identical files have identical hashes."""
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 @dataclass(frozen=True)
@@ -85,18 +95,17 @@ def check_dimensions(width: int, height: int, max_pixels: int) -> None:
         raise ImageRejected(f"absurd dimensions ({width}x{height} pixels)")
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, *,
-               raw: bool = False):
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
     """Bytes -> an 8-bit RGB PIL image of the first frame, EXIF orientation applied.
 
     `draft_size`: where the format can decode at a reduced scale (JPEG), decode at no less than this
-    many pixels on the short side. `raw`: the bytes are a camera RAW file (see RAW_EXTENSIONS).
+    many pixels on the short side. A camera RAW file is developed (see is_camera_raw).
     Raises ImageRejected with a short reason for anything else.
     """
     from PIL import Image, UnidentifiedImageError
 
-    if raw:
-        return open_raw(data, max_pixels, draft_size)
+    if is_camera_raw(data) and (developed := open_raw(data, max_pixels, draft_size)) is not None:
+        return developed
     register_plugins()
     try:
         image = Image.open(io.BytesIO(data))
@@ -123,8 +132,34 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageRejected(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
+def is_camera_raw(data: bytes) -> bool:
+    """Bytes that LibRaw, not Pillow, should read first: a RAW format's own signature, or a TIFF that a
+    camera wrote (a DNG, or one naming its camera's maker whose first image is not a deep picture).
+
+    Plain TIFFs go to Pillow without asking LibRaw: it would develop a 16-bit grayscale, RGBA or CMYK
+    TIFF as if it were a sensor's mosaic. A TIFF sent to LibRaw that it refuses (an 8-bit photo exported
+    with its camera's EXIF) still opens with Pillow."""
+    if any(data[at : at + len(sig)] == sig for at, sig in RAW_SIGNATURES):
+        return True
+    if data[:4] not in TIFF_SIGNATURES:
+        return False
+    from PIL import TiffImagePlugin
+
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
+        header = io.BytesIO(data)
+        header.seek(ifd.next)
+        ifd.load(header)
+        deep = max(ifd.get(TIFF_BITS) or (8,)) > 8
+        picture = deep and ifd.get(TIFF_PHOTOMETRIC) in PICTURE_PHOTOMETRICS
+        return TIFF_DNG_VERSION in ifd or (TIFF_MAKE in ifd and not picture)
+    except Exception:  # a damaged header: Pillow says what is wrong with it
+        return False
+
+
 def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
-    """A camera RAW file's bytes -> 8-bit RGB: its embedded preview, else the raw data developed."""
+    """A camera RAW file's bytes -> 8-bit RGB: its embedded preview, else the raw data developed.
+    None when LibRaw does not know the format (the caller tries Pillow)."""
     import rawpy
     from PIL import Image
 
@@ -147,7 +182,7 @@ def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int 
     except ImageRejected:
         raise
     except rawpy.LibRawFileUnsupportedError:
-        raise ImageRejected("not a camera RAW file (or an unsupported camera)") from None
+        return None
     except Exception as e:  # LibRaw raises many kinds of errors on a damaged file
         raise ImageRejected(f"corrupt or unsupported RAW file ({type(e).__name__}: {e})") from None
 

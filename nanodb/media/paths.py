@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 
-# Camera RAW formats, read with rawpy rather than Pillow (which would find only a TIFF thumbnail in some).
+# Camera RAW file names: a scan looks for them (the opener recognises RAW bytes by their content, not by name).
 RAW_EXTENSIONS = frozenset({
     ".dng", ".arw", ".cr2", ".cr3", ".nef", ".raf", ".orf", ".rw2",
     ".nrw", ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".crw", ".erf", ".mos", ".raw",
@@ -50,7 +50,3 @@ def printable(path: str) -> str:
     """A file name fit for one log or console line: newlines, control characters and undecodable
     bytes (surrogate escapes) shown as Python escapes, so no name can split or garble the output."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
-
-
-def is_raw_name(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in RAW_EXTENSIONS

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.media.opener import ImageRejected, content_hash, model_pixels, open_image, read_image_file
-from nanodb.media.paths import absolute_path, is_image_name, is_raw_name, printable
+from nanodb.media.opener import ImageRejected, model_pixels, open_image, read_image_file
+from nanodb.media.paths import absolute_path, is_image_name, printable
+from nanodb.media.record import content_hash
 from nanodb.model.clip import ClipModel
 from nanodb.search.fetch import fetch_url, is_url
 from nanodb.search.query import QueryError, check_text, combined_vector, is_combined
@@ -114,7 +115,7 @@ class QueryEncoder:
                 raise QueryError(f"no item with index {query}")
             v = store.vectors[int(query)].astype(np.float32)
         elif isinstance(query, str) and is_url(query):
-            v = self.embed_image_bytes(fetch_url(query), query, raw=is_raw_name(query.split("?")[0]))
+            v = self.embed_image_bytes(fetch_url(query), query)
         elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_path(query)):
             path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
             if not os.path.lexists(path):
@@ -123,7 +124,7 @@ class QueryEncoder:
                 data = read_image_file(path).data
             except ImageRejected as e:
                 raise QueryError(f"cannot search by {printable(path)}: {e}") from None
-            v = self.embed_image_bytes(data, path, raw=is_raw_name(path))
+            v = self.embed_image_bytes(data, path)
         elif isinstance(query, str):
             v = self.embed_text(query)
         elif is_image_object(query):
@@ -135,14 +136,14 @@ class QueryEncoder:
             raise QueryError("the query vector must be finite and non-zero")
         return v / norm
 
-    def embed_image_bytes(self, data: bytes, name: str, raw: bool = False) -> np.ndarray:
+    def embed_image_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file's bytes as a query vector: the stored vector of an indexed identical file (so
         it ties with it exactly), else the model's embedding, made as a scan makes it."""
         known = self.store.row_with_hash(content_hash(data))
         if known is not None:
             return self.store.vectors[known].astype(np.float32)
         try:
-            image = open_image(data, self.max_image_pixels, raw=raw)
+            image = open_image(data, self.max_image_pixels)
         except ImageRejected as e:
             raise QueryError(f"cannot search by {printable(name)}: {e}") from None
         model = self.model()

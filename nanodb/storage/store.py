@@ -7,21 +7,20 @@ change happen under `lock`; a compaction renumbers rows under that same lock.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nanodb.media.paths import absolute_path, printable
-from nanodb.pipeline.sink import ScannedFile
+from nanodb.media.record import FileRecord
 from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length, read_exact, verify_file
 from nanodb.storage.commit import Chunks, WriteLock, commit_append, commit_generation, remove_other_generations
 from nanodb.storage.format import (
@@ -98,16 +97,6 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self.failures
-
-
-@dataclass
-class _Record:
-    """What the appender needs to know of a file, besides its vector."""
-
-    path: str
-    size: int
-    mtime: float
-    hash: bytes
 
 
 COMPACT_CHUNK_ROWS = 1 << 16  # rows of a data file a compaction gathers at a time (64 MB of 512-d vectors)
@@ -397,8 +386,8 @@ class ItemStore:
         if self.read_only:
             raise DatabaseError(f"{self.root} is open read-only")
 
-    def append(self, vectors: np.ndarray, records: Sequence[dict[str, Any]], *, stored: bool = False) -> list[int]:
-        """Append rows: `records` hold path, size, mtime, hash (bytes) and metadata (dict) per vector.
+    def append(self, vectors: np.ndarray, records: Sequence[FileRecord], *, stored: bool = False) -> list[int]:
+        """Append rows: one FileRecord per vector.
 
         `stored`: the vectors are rows of this store (unit length already), kept bit for bit."""
         self.check_writable()
@@ -413,28 +402,22 @@ class ItemStore:
             path_index = self._path_index
             for i, rec in enumerate(records):
                 row = self._items[start + i]
-                path = rec.get("path")
+                path = rec.path
                 pbytes = os.fsencode(path) if path else b""
                 row["path_off"], row["path_len"] = len(self._paths), len(pbytes)
                 self._paths += pbytes
-                meta = rec.get("metadata")
-                mbytes = json.dumps(meta, ensure_ascii=False, default=str).encode() if meta else b""
+                mbytes = json.dumps(rec.metadata, ensure_ascii=False, default=str).encode() if rec.metadata else b""
                 row["meta_off"], row["meta_len"] = len(self._meta), len(mbytes)
                 self._meta += mbytes
-                row["size"], row["mtime"], row["hash"] = rec.get("size", -1), rec.get("mtime", 0.0), rec["hash"]
+                row["size"], row["mtime"], row["hash"] = rec.size, rec.mtime, rec.hash
                 if path and path_index is not None:
                     path_index[path] = start + i
                 if self._hash_index is not None:
-                    self._hash_index[bytes(rec["hash"])] = start + i
+                    self._hash_index[bytes(rec.hash)] = start + i
             self.index.append(vectors)  # last: a concurrent search sees complete rows only
         return list(range(start, n))
 
-    @staticmethod
-    def vector_hash(vector: np.ndarray) -> bytes:
-        """The hash recorded for an item added as a vector (it has no file)."""
-        return hashlib.blake2b(np.asarray(vector).tobytes(), digest_size=16).digest()
-
-    def add_files(self, files: Sequence[ScannedFile], vectors: np.ndarray | None) -> tuple[int, int]:
+    def add_files(self, files: Sequence[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
         """Append embedded files; a file indexed before is replaced. Returns (added, updated).
 
         A file whose content hash is stored already (an identical copy, or a file touched but not
@@ -457,8 +440,7 @@ class ItemStore:
                     first[h] = j
             paths = self._paths_to_index()
             old = [paths.get(f.path) for f in files]
-            records = [{"path": f.path, "size": f.size, "mtime": f.mtime, "hash": f.hash} for f in files]
-            self.append(rows, records, stored=True)
+            self.append(rows, files, stored=True)
             replaced = [i for i in old if i is not None]
             if replaced:
                 self.delete(replaced)
@@ -497,8 +479,8 @@ class ItemStore:
                     replaced.append(paths[new])
                 # The old size and mtime (a rename keeps both), not the file's now: if it has changed
                 # since the move, the next scan sees the difference and re-embeds it.
-                records.append({"path": new, "size": int(rec["size"]), "mtime": float(rec["mtime"]),
-                                "hash": bytes(rec["hash"]), "metadata": self.metadata_of(i) or None})
+                records.append(FileRecord(path=new, size=int(rec["size"]), mtime=float(rec["mtime"]),
+                                          hash=bytes(rec["hash"]), metadata=self.metadata_of(i) or None))
             if rows:
                 self.append(self.index.vectors[rows], records, stored=True)
                 self.delete(rows + replaced)
@@ -526,15 +508,15 @@ class ItemStore:
             self.delete(rows)
         return len(rows)
 
-    def add_known_file(self, path: str, size: int, mtime: float, content_hash: bytes) -> int | None:
+    def add_known_file(self, file: FileRecord) -> int | None:
         """Index a file whose exact bytes are already known (a copy, or a move that arrived as a delete
         then a create) with the stored vector, without decoding. Returns its index, None if unknown."""
         self.check_writable()
         with self.lock:
-            i = self.row_with_hash(content_hash)
+            i = self.row_with_hash(file.hash)
             if i is None:
                 return None
-            found = _Record(absolute_path(path), size, mtime, bytes(content_hash))
+            found = replace(file, path=absolute_path(file.path), hash=bytes(file.hash))
             self.add_files([found], self.index.vectors[i : i + 1])
             return self._paths_to_index()[found.path]
 

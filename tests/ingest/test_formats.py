@@ -121,3 +121,22 @@ def test_the_web_ui_makes_thumbnails_of_every_format(scanned):
     for path in good.values():
         with Image.open(cache.get(db.index_of(path))) as thumb:
             assert max(thumb.size) <= 64 and thumb.mode == "RGB", path.name
+
+
+def test_an_uploaded_raw_file_searches_and_finds_itself(scanned):
+    """Issue 19, bug 5: the HTTP API refused RAW uploads (400, "not an image"): only the scan told the
+    opener that a file was RAW. The opener now knows from the bytes."""
+    import httpx
+
+    from nanodb.interfaces.server import start_server
+
+    db, _, good, _, _ = scanned
+    server = start_server(db, "127.0.0.1", 0)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            r = client.post("/api/search/image", params={"k": 1}, files={"file": ("photo", DNG.read_bytes())})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    [hit] = r.json()["results"]
+    assert hit["index"] == db.index_of(good["m.dng"]) and hit["similarity"] > 0.99

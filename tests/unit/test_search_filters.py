@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from nanodb.database import NanoDB
+from nanodb.media.record import FileRecord
 from nanodb.search.query import QueryError
 
 N = 300
@@ -57,7 +58,7 @@ def test_date_range_filters_by_file_time(tmp_path):
     rng = np.random.default_rng(2)
     times = [datetime(2024, 1, d, 12).timestamp() for d in (1, 2, 3)]
     for t in times:
-        db.store.append(rng.standard_normal((1, db.dim)), [{"hash": rng.bytes(16), "mtime": t, "path": f"/x/{t}.jpg"}])
+        db.store.append(rng.standard_normal((1, db.dim)), [FileRecord(path=f"/x/{t}.jpg", mtime=t, hash=rng.bytes(16))])
     day2 = db.search(0, 5, since="2024-01-02", until="2024-01-02")
     assert [r.index for r in day2] == [1]
     assert {r.index for r in db.search(0, 5, since=date(2024, 1, 2))} == {1, 2}

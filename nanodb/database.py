@@ -22,18 +22,20 @@ from nanodb.model.clip import ClipModel, ModelLoadError, ModelSpec, as_pretraine
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.watch import FolderWatcher
-from nanodb.search.encoder import QueryEncoder, SearchResult, SearchResults, SearchTimings, row_filter
-from nanodb.search.query import QueryError, check_k, check_min_similarity
+from nanodb.search.encoder import QueryEncoder, SearchTimings
+from nanodb.search.local import LocalSearcher, ValidationReport, validate
+from nanodb.search.request import Filters, Searcher, SearchRequest, SearchResult, SearchResults
 from nanodb.storage.format import DatabaseError, Manifest, read_manifest
 from nanodb.storage.repair import RepairReport
-from nanodb.storage.store import Item, ItemStore, ValidationReport
+from nanodb.storage.store import Item, ItemStore
 
 if TYPE_CHECKING:
     from nanodb.search.sharded import RayOptions
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NanoDB", "SearchResult", "SearchResults", "Item", "ValidationReport", "SearchTimings"]
+__all__ = ["NanoDB", "SearchRequest", "Filters", "SearchResult", "SearchResults", "Item", "ValidationReport",
+           "SearchTimings"]
 
 
 class NanoDB:
@@ -311,11 +313,12 @@ class NanoDB:
                min_similarity: float | None = None, folder: str | None = None, since: Any = None,
                until: Any = None, types: Iterable[str] | None = None,
                collapse_duplicates: bool = False) -> SearchResults:
-        """The k nearest items by cosine similarity, best first: the one search entry point.
+        """The k nearest items by cosine similarity, best first (the keyword form of `find`).
 
         `query`: text, an image path, an http(s) image URL, a PIL image, an item index, a vector (dim,),
         or a batch: a list of those or a (Q, dim) array, which returns one list of results per query. A
-        string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/; one
+        string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/ (the rule
+        of every interface: search.query.is_image_reference); one
         that names no file raises QueryError (never a silent text search). `text=` is always text (never
         opened as a path or fetched); `image=` is a path, a URL or a PIL image. Bad input raises QueryError.
 
@@ -324,43 +327,35 @@ class NanoDB:
         `YYYY-MM-DD` or seconds; `until` a date includes that day), `types` (extensions, e.g. ["jpg"]).
         `collapse_duplicates` returns one result per file content, the copies in SearchResult.duplicates.
         """
-        given = [q for q in (query, text, image) if q is not None]
-        if len(given) != 1:
-            raise QueryError("give one query: text, an image or an item")
-        k = check_k(self.settings.k if k is None else k)
-        min_similarity = check_min_similarity(min_similarity)
-        query, kind = self.queries.classify(query, text, image)
+        return self.find(SearchRequest(query, k, text=text, image=image, min_similarity=min_similarity,
+                                       filters=Filters(folder, since, until, types), collapse=collapse_duplicates))
+
+    def find(self, request: SearchRequest) -> SearchResults:
+        """Answer a SearchRequest, the form every interface builds (NanoDB.search is its keyword form):
+        embed its query, then search with the local store, or with the shards on a Ray cluster."""
+        request = request.checked(self.settings.k)
+        query, kind = self.queries.classify(request.query, request.text, request.image)
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
         queries = list(query) if batched else [query]
         t0 = time.perf_counter()
-        if text is not None:
+        if request.text is not None:
             vectors = self.queries.embed_text(query)[None]  # text is text: never opened as a file
         elif queries:
             vectors = np.stack([self.queries.embed(q) for q in queries])
         else:
             vectors = np.zeros((0, self.dim))
         t1 = time.perf_counter()
-        where = row_filter(folder, since, until, types)
-        if where or collapse_duplicates:  # filtered searches run on the local store (exact either way)
-            hits = self.store.search(vectors, k, where, collapse_duplicates)
-        else:
-            hits = self._searcher().search(vectors, k)
+        results = SearchResults(self._searcher().search(dataclasses.replace(request, vectors=vectors)))
         t2 = time.perf_counter()
-        results = SearchResults(
-            SearchResults(SearchResult(h.index, h.path, min(max(h.similarity, -1.0), 1.0), h.metadata, h.duplicates)
-                          for h in row
-                          if min_similarity is None or h.similarity >= min_similarity)
-            for row in hits
-        )
         for r in [results, *results]:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
         self.timings.record(None if batched else kind, results.encode_ms, results.search_ms)
         return results if batched else results[0]
 
-    def _searcher(self):
-        """The store, or with a Ray cluster the shard actors serving its vectors (made on first search)."""
+    def _searcher(self) -> Searcher:
+        """The local searcher, or with a Ray cluster the shard actors serving the vectors (made on first search)."""
         if self.cluster is None:
-            return self.store
+            return LocalSearcher(self.store)
         with self.store.lock:
             if self._shards is None:
                 self._shards = self.cluster.sharded_search(self.store)
@@ -368,7 +363,7 @@ class NanoDB:
 
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or an identical item) first."""
-        return self.store.validate(batch)
+        return validate(self.store, batch)
 
     # ----------------------------------------------------------------- saving and repairing
     def save(self) -> bool:

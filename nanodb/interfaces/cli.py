@@ -21,9 +21,10 @@ import shtab
 from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, format_validation, similar_query
+from nanodb.interfaces.console import Console, format_validation, similar_query, words_query
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
+from nanodb.search.request import Filters, SearchRequest
 from nanodb.service import IngestService
 from nanodb.storage.format import DatabaseError
 
@@ -103,11 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="one JSON object per line instead of result lines")
         sub.add_argument("--preview", action="store_true",
                          help="show thumbnails in terminals that can (kitty, iTerm2, WezTerm)")
-        sub.add_argument("--folder", help="only files under this folder (or with a folder of this name)")
-        sub.add_argument("--since", metavar="YYYY-MM-DD", help="only files modified on or after this date")
-        sub.add_argument("--until", metavar="YYYY-MM-DD", help="only files modified on or before this date")
-        sub.add_argument("--type", action="append", dest="types", metavar="EXT",
-                         help="only this file type (repeatable)")
+        for f in Filters.described():
+            sub.add_argument(f"--{f.flag}", dest=f.name, metavar=f.metavar, action="append" if f.choices else "store",
+                             help=f.help)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
     return p
@@ -170,9 +169,9 @@ def one_shot(args: argparse.Namespace) -> int:
     """`nanodb search` / `nanodb similar`: open the database read-only, print the results, exit."""
     settings = load_settings(args.config, k=args.k, device=args.device)
     with NanoDB(args.path, settings=settings, read_only=True) as db:
-        query = {"text": " ".join(args.query)} if args.command == "search" else similar_query(args.photo)
-        results = db.search(k=args.k, folder=args.folder, since=args.since, until=args.until, types=args.types,
-                            **query)
+        query = words_query(" ".join(args.query)) if args.command == "search" else similar_query(args.photo)
+        filters = Filters(**{f.name: getattr(args, f.name) for f in Filters.described()})
+        results = db.find(SearchRequest(k=args.k, filters=filters, **query))
         protocol = preview_protocol() if args.preview else None
         if args.preview and protocol is None:
             print("nanodb: --preview needs a terminal that shows images (kitty, iTerm2, WezTerm)", file=sys.stderr)

@@ -22,6 +22,7 @@ from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
 from nanodb.media.paths import is_image_name, printable
+from nanodb.search.query import is_image_reference, is_url
 from nanodb.service import IngestService
 
 HELP = """\
@@ -268,13 +269,15 @@ class Console:
         self._clear()
 
     async def _query(self, line: str) -> None:
-        """Not a command: quoted text, an existing path to scan, a missing path (an error), or text."""
+        """Not a command: quoted text, an existing path to scan, an image URL, a missing path (an error), or text."""
         if _is_quoted(line):
             await self._search(text=_unquote(line))  # quotes force text
         elif _is_existing_path(line):
             await self._scan(os.path.expanduser(line))
-        elif _looks_like_path(line):
-            raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+        elif is_image_reference(line):  # NanoDB.search's rule too: a URL, an image's name, a path
+            if not is_url(line):
+                raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+            await self._search(line)
         else:
             await self._search(text=line)
 
@@ -347,11 +350,13 @@ def _is_existing_path(line: str) -> bool:
     return os.path.isdir(path) or (os.path.isfile(path) and is_image_name(path))
 
 
-def _looks_like_path(line: str) -> bool:
-    """A missing file or folder typed as a path, which must not silently become a text search."""
-    if " " in line and not line.startswith(("/", "~/", "./", "../")):
-        return False  # words, e.g.  a dog.jpg on a beach  reads as text
-    return line.startswith(("/", "~/", "./", "../")) or is_image_name(line)
+def words_query(words: str) -> dict:
+    """Words typed to search (`nanodb search`) as NanoDB.search arguments: "quoted" is text, words that
+    name an image by the rule of every interface (search.query.is_image_reference) are that image,
+    anything else is text."""
+    if _is_quoted(words.strip()):
+        return {"text": _unquote(words)}
+    return {"query": words} if is_image_reference(words) else {"text": words}
 
 
 def similar_query(arg: str) -> dict:
@@ -363,7 +368,7 @@ def similar_query(arg: str) -> dict:
         if int(arg) < 0:
             raise ValueError(f"similar {arg}: an item index is 0 or more (the index= of a result)")
         return {"query": int(arg)}
-    if arg.lower().startswith(("http://", "https://")):
+    if is_url(arg):
         return {"image": arg}
     path = os.path.expanduser(arg)
     if not os.path.isfile(path):

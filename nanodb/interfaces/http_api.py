@@ -6,10 +6,13 @@ make the server stop serving. The OpenAPI schema is at /openapi.json, browsable 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import mimetypes
 import secrets
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
@@ -17,12 +20,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
+from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +36,47 @@ SIMILARITY_BOUNDS = {"minimum": -1.0, "maximum": 1.0}
 K = Query(64, description=f"number of results, 1..{MAX_K}", examples=[16], json_schema_extra=K_BOUNDS)
 MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (cosine, -1..1)", examples=[0.2],
                        json_schema_extra=SIMILARITY_BOUNDS)
-FOLDER = Query(None, description="only files under this folder: an absolute path, or a folder name anywhere "
-                                 "in the path", examples=["/photos/2024", "holidays"])
-SINCE = Query(None, description="only files modified on or after this date (YYYY-MM-DD)", examples=["2024-01-01"])
-UNTIL = Query(None, description="only files modified on or before this date (YYYY-MM-DD)", examples=["2024-12-31"])
-TYPES = Query(None, alias="type", description="only these file types (repeatable)", examples=[["jpg", "png"]])
-COLLAPSE = Query(False, description="one result per file content; the copies are listed in `duplicates`")
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "a JPEG image"}}
 
 
-class Filters(BaseModel):
-    """The filters every search takes; the search stays exact among the items they allow."""
+class Where(NamedTuple):
+    """The filters and the collapse option of a search, as a client sent them."""
 
-    folder: str | None = None
-    since: str | None = None
-    until: str | None = None
-    types: list[str] | None = None
-    collapse: bool = False
+    filters: Filters
+    collapse: bool
 
-    def kwargs(self) -> dict:
-        return {"folder": self.folder, "since": self.since, "until": self.until, "types": self.types,
-                "collapse_duplicates": self.collapse}
+    def options(self) -> dict:
+        """As SearchService's keyword arguments."""
+        return {"filters": self.filters, "collapse": self.collapse}
 
 
-def filters(folder: str | None = FOLDER, since: str | None = SINCE, until: str | None = UNTIL,
-            types: list[str] | None = TYPES, collapse: bool = COLLAPSE) -> Filters:
-    return Filters(folder=folder, since=since, until=until, types=types, collapse=collapse)
+def _http_type(f: FilterField) -> Any:
+    return list[str] | None if f.choices else str | None
+
+
+def _query_filters() -> Callable[..., Where]:
+    """A FastAPI dependency reading the filters (each declared once, in search.request.Filters) and
+    `collapse` from the query string."""
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_http_type(f),
+                                default=Query(None, alias=None if f.flag == f.name else f.flag, description=f.help,
+                                              examples=list(f.examples)))
+              for f in Filters.described()]
+    params.append(inspect.Parameter("collapse", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                                    default=Query(False, description=COLLAPSE_HELP)))
+
+    def where(collapse: bool, **filters) -> Where:
+        return Where(Filters(**filters), collapse)
+
+    where.__signature__ = inspect.Signature(params)
+    return where
+
+
+query_filters = _query_filters()
+# The same filters in a JSON body: the fields of search.request.Filters, and `collapse`.
+BodyFilters = create_model(
+    "BodyFilters", collapse=(bool, Field(False, description=COLLAPSE_HELP)),
+    **{f.name: (_http_type(f), Field(None, description=f.help, examples=list(f.examples)))
+       for f in Filters.described()})
 
 
 class Result(BaseModel):
@@ -76,17 +95,15 @@ class SearchResponse(BaseModel):
     search_ms: float
 
 
-class TextQuery(BaseModel):
+class TextQuery(BodyFilters):
     q: str = Field(description="words, or a combined query such as `dog + beach - snow` or `2:dog`",
                    examples=["a red car", "dog + beach - snow"])
     k: int = Field(64, description=f"number of results, 1..{MAX_K}", json_schema_extra=K_BOUNDS)
     min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)",
                                   json_schema_extra=SIMILARITY_BOUNDS)
-    folder: str | None = Field(None, description=FOLDER.description)
-    since: str | None = Field(None, description=SINCE.description)
-    until: str | None = Field(None, description=UNTIL.description)
-    types: list[str] | None = Field(None, description="only these file types", examples=[["jpg"]])
-    collapse: bool = Field(False, description=COLLAPSE.description)
+
+    def where(self) -> Where:
+        return Where(Filters(**{f.name: getattr(self, f.name) for f in Filters.described()}), self.collapse)
 
 
 class Scan(BaseModel):
@@ -187,31 +204,29 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache,
                        examples=["a red car"]),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
-        where: Filters = Depends(filters),
+        where: Where = Depends(query_filters),
     ):
-        return _response(service.by_text(q, k, min_similarity, **where.kwargs()), len(db))
+        return _response(service.by_text(q, k, min_similarity, **where.options()), len(db))
 
     @router.post("/search/text", response_model=SearchResponse, summary="Search by text (long queries)")
     def search_text_post(body: TextQuery):
-        where = Filters(folder=body.folder, since=body.since, until=body.until, types=body.types,
-                        collapse=body.collapse)
-        return _response(service.by_text(body.q, body.k, body.min_similarity, **where.kwargs()), len(db))
+        return _response(service.by_text(body.q, body.k, body.min_similarity, **body.where().options()), len(db))
 
     @router.post("/search/image", response_model=SearchResponse, summary="Search by an uploaded image")
     async def search_image(
         file: UploadFile = File(..., description="an image file"),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
-        where: Filters = Depends(filters),
+        where: Where = Depends(query_filters),
     ):
         data = await file.read(service.max_upload_bytes + 1)
-        outcome = await run_in_threadpool(lambda: service.by_image(data, k, min_similarity, **where.kwargs()))
+        outcome = await run_in_threadpool(lambda: service.by_image(data, k, min_similarity, **where.options()))
         return _response(outcome, len(db))
 
     @router.get("/search/item/{index}", response_model=SearchResponse, summary="Items similar to a stored item")
     def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY,
-                    where: Filters = Depends(filters)):
-        return _response(service.by_item(exists(index), k, min_similarity, **where.kwargs()), len(db))
+                    where: Where = Depends(query_filters)):
+        return _response(service.by_item(exists(index), k, min_similarity, **where.options()), len(db))
 
     @router.get("/stats", response_model=Stats, summary="Items indexed, latest timings, running scans")
     def stats():

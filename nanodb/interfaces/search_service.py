@@ -1,6 +1,6 @@
 """Searching on behalf of web clients: what the HTTP API and the web UI share.
 
-Both go through one `SearchService`, which goes through `NanoDB.search`, so they accept and refuse
+Both go through one `SearchService`, which builds SearchRequests for `NanoDB.find`, so they accept and refuse
 the same inputs with the same one-line messages. Over HTTP, text is only ever text: an image comes
 as an upload or as an item index, never as a path on the server.
 """
@@ -12,6 +12,7 @@ import threading
 from nanodb.database import NanoDB, SearchResults
 from nanodb.media.opener import ImageRejected, open_image
 from nanodb.search.query import MAX_K, MAX_QUERY_CHARS, QueryError
+from nanodb.search.request import Filters, SearchRequest
 
 MAX_UPLOAD_BYTES = 32 << 20
 # A query image needs few pixels (the model sees ~224x224). JPEGs decode at a reduced scale (draft), so
@@ -21,6 +22,7 @@ MAX_CONCURRENT_DECODES = 2  # uploads decoded at once; the others wait, so memor
 
 __all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "TooLarge", "SearchService"]
 
+NO_FILTERS = Filters()
 BadRequest = QueryError  # a client's input that cannot be searched; the message is shown as is
 
 
@@ -66,16 +68,19 @@ class SearchService:
                                f"more than a few megapixels)") from None
             raise BadRequest(f"the uploaded image is damaged or refused: {reason}") from None
 
-    # `filters`: NanoDB.search's folder, since, until, types and collapse_duplicates
-    def by_text(self, text, k, min_similarity=None, **filters) -> SearchResults:
-        return self.db.search(text=text if isinstance(text, str) else "", k=k, min_similarity=min_similarity,
-                              **filters)
+    # `filters` and `collapse`: as in the SearchRequest each of these builds
+    def by_text(self, text, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:
+        text = text if isinstance(text, str) else ""
+        return self.db.find(SearchRequest(text=text, k=k, min_similarity=min_similarity, filters=filters,
+                                          collapse=collapse))
 
-    def by_image(self, data: bytes, k, min_similarity=None, **filters) -> SearchResults:
-        return self.db.search(image=self.open_upload(data), k=k, min_similarity=min_similarity, **filters)
+    def by_image(self, data: bytes, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:
+        return self.db.find(SearchRequest(image=self.open_upload(data), k=k, min_similarity=min_similarity,
+                                          filters=filters, collapse=collapse))
 
-    def by_item(self, index, k, min_similarity=None, **filters) -> SearchResults:
-        return self.db.search(self.check_index(index), k=k, min_similarity=min_similarity, **filters)
+    def by_item(self, index, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:
+        return self.db.find(SearchRequest(self.check_index(index), k=k, min_similarity=min_similarity,
+                                          filters=filters, collapse=collapse))
 
     def stats(self) -> dict:
         db = self.db

@@ -16,9 +16,9 @@ import gradio as gr
 
 from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import BadRequest, SearchService
+from nanodb.search.request import Filters
 
 DEFAULT_K = 64
-TYPES = ["jpg", "png", "webp", "gif", "heic", "tiff", "bmp"]
 HINT = ("Type what you are looking for (`a red car`, `dog + beach - snow`), or drop a photo to find similar ones. "
         "Click a result to see it large.")
 
@@ -148,26 +148,23 @@ def search_inputs(service: SearchService) -> tuple[gr.Textbox, gr.Image]:
 def option_inputs() -> dict[str, gr.components.Component]:
     """The filters and options, by the name every search event takes them as (in this order)."""
     with gr.Accordion("Filters and options", open=False, elem_id="filters"):
-        with gr.Row():
-            folder = gr.Textbox(label="Folder", placeholder="/photos/2024 or holidays", elem_id="folder",
-                                min_width=180)
-            since = gr.Textbox(label="From date", placeholder="YYYY-MM-DD", elem_id="since", min_width=120)
-            until = gr.Textbox(label="To date", placeholder="YYYY-MM-DD", elem_id="until", min_width=120)
-        types = gr.CheckboxGroup(TYPES, label="File types (none: all)", elem_id="types")
+        with gr.Row():  # the filters, as search.request.Filters declares them: typed in, or picked
+            filters = {f.name: gr.Textbox(label=f.label, placeholder=f.placeholder, elem_id=f.name, min_width=150)
+                       for f in Filters.described() if not f.choices}
+        filters |= {f.name: gr.CheckboxGroup(list(f.choices), label=f.label, elem_id=f.name)
+                    for f in Filters.described() if f.choices}
         with gr.Row():
             collapse = gr.Checkbox(True, label="One tile for identical files", elem_id="collapse")
             k = gr.Slider(1, 256, value=DEFAULT_K, step=1, label="Results", elem_id="k", min_width=180)
             min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
                                        elem_id="min-similarity", min_width=180)
-    return {"k": k, "min_similarity": min_similarity, "folder": folder, "since": since, "until": until,
-            "types": types, "collapse": collapse}
+    return {"k": k, "min_similarity": min_similarity, **filters, "collapse": collapse}
 
 
 def search_filters(options: dict) -> dict:
-    """The options' values as NanoDB.search's filters (empty fields filter nothing)."""
-    return {"folder": options["folder"] or None, "since": options["since"] or None,
-            "until": options["until"] or None, "types": options["types"] or None,
-            "collapse_duplicates": bool(options["collapse"])}
+    """The options' values as SearchService's filters and collapse (empty fields filter nothing)."""
+    return {"filters": Filters(**{f.name: options[f.name] or None for f in Filters.described()}),
+            "collapse": bool(options["collapse"])}
 
 
 @dataclass
@@ -223,10 +220,11 @@ def wire_search(page: Page, events: SearchEvents) -> None:
     options = page.options
     for option in (options["k"], options["min_similarity"]):
         option.release(events.on_options, [page.last], outputs, **rerun)
-    for option in (options["folder"], options["since"], options["until"]):
-        option.submit(events.on_options, [page.last], outputs, **rerun)
-        option.blur(events.on_options, [page.last], outputs, **rerun)
-    for option in (options["types"], options["collapse"]):
+    for f in Filters.described():
+        if not f.choices:  # a typed filter: searched when done typing
+            options[f.name].submit(events.on_options, [page.last], outputs, **rerun)
+            options[f.name].blur(events.on_options, [page.last], outputs, **rerun)
+    for option in [options[f.name] for f in Filters.described() if f.choices] + [options["collapse"]]:
         option.input(events.on_options, [page.last], outputs, **rerun)
 
 
@@ -269,7 +267,7 @@ class SearchEvents:
             return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
         base = base_url(request)
         tiles = [(f"{base}/api/items/{r.index}/thumbnail", caption(r)) for r in outcome]
-        filtered = " (filtered)" if any(options[name] for name in ("folder", "since", "until", "types")) else ""
+        filtered = " (filtered)" if search_filters(options)["filters"] else ""
         note = (f"**{len(tiles)} results for {what}**{filtered} · encode {outcome.encode_ms:.1f} ms · "
                 f"search {outcome.search_ms:.1f} ms")
         if not tiles:

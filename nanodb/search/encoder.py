@@ -1,50 +1,25 @@
-"""What a search takes and gives: queries turned into unit vectors, and the one result type.
-
-`QueryEncoder` decides what a query is (text, an image file, an http(s) image URL, a PIL image, a
-stored item or a vector) and embeds it; NanoDB.search, the one search entry point, uses it.
+"""Queries turned into unit vectors: `QueryEncoder` decides what a query is (text, an image file, an
+http(s) image URL, a PIL image, a stored item or a vector) and embeds it for NanoDB.search.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
-from datetime import time as dt_time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from nanodb.media.opener import ImageRejected, model_pixels, open_image, read_image_file
-from nanodb.media.paths import absolute_path, is_image_name, printable
+from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import content_hash
 from nanodb.model.clip import ClipModel
-from nanodb.search.fetch import fetch_url, is_url
-from nanodb.search.query import QueryError, check_text, combined_vector, is_combined
-from nanodb.storage.store import ItemStore, RowFilter
-
-
-@dataclass
-class SearchResult:
-    """One result of NanoDB.search, the one result type of every interface."""
-
-    index: int
-    path: str | None
-    similarity: float
-    metadata: dict[str, Any] = field(default_factory=dict)
-    duplicates: list[int] = field(default_factory=list)  # other items with the same file content
-
-    def __str__(self) -> str:
-        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
-
-
-class SearchResults(list):
-    """The results of one query (a list of SearchResult, best first), with how long each step took."""
-
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
+from nanodb.search.fetch import fetch_url
+from nanodb.search.query import QueryError, check_text, combined_vector, is_combined, is_image_reference, is_url
+from nanodb.storage.store import ItemStore
 
 
 @dataclass
@@ -65,14 +40,6 @@ class SearchTimings:
                 self.image_encode_ms = encode_ms
             self.search_ms = search_ms
             self.searches += 1
-
-
-def looks_like_image_path(text: str) -> bool:
-    """A query string meant as an image file: an image extension, or a path's start (/ ./ ../ ~/)."""
-    text = text.strip()
-    return "\n" not in text and len(text) < 4096 and (
-        is_image_name(text) or text.startswith(("/", "./", "../", "~/"))
-    )
 
 
 def is_image_object(value: Any) -> bool:
@@ -100,7 +67,7 @@ class QueryEncoder:
             what = type(image).__name__
             raise QueryError(f"image= takes a file path, an http(s) URL or a PIL image, not a {what}")
         if isinstance(query, str):
-            return query, "image" if is_url(query) or looks_like_image_path(query) else "text"
+            return query, "image" if is_image_reference(query) else "text"
         return query, "image" if isinstance(query, os.PathLike) or is_image_object(query) else None
 
     def embed(self, query: Any) -> np.ndarray:
@@ -116,7 +83,7 @@ class QueryEncoder:
             v = store.vectors[int(query)].astype(np.float32)
         elif isinstance(query, str) and is_url(query):
             v = self.embed_image_bytes(fetch_url(query), query)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and looks_like_image_path(query)):
+        elif isinstance(query, os.PathLike) or (isinstance(query, str) and is_image_reference(query)):
             path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
             if not os.path.lexists(path):
                 raise QueryError(f"no such image file: {printable(os.fspath(query))}")
@@ -156,43 +123,3 @@ class QueryEncoder:
             return combined_vector(text, model.encode_text)
         return model.encode_text([text])[0]
 
-
-def row_filter(folder: str | None = None, since: Any = None, until: Any = None,
-               types: Iterable[str] | None = None) -> RowFilter:
-    """Search filters as the store's RowFilter; a bad value raises QueryError."""
-    if folder is not None:
-        folder = folder.strip()
-        if not folder:
-            folder = None
-        elif folder.startswith(("/", "~")):
-            folder = os.path.normpath(os.path.expanduser(folder))
-    if types is not None:
-        if isinstance(types, str):
-            types = types.replace(",", " ").split()
-        aliases = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}, "tif": {"tif", "tiff"}, "tiff": {"tif", "tiff"}}
-        wanted = set()
-        for t in types:
-            t = t.strip().lower().lstrip(".")
-            wanted |= aliases.get(t, {t})
-        types = frozenset(wanted) if wanted else None
-    return RowFilter(folder, _timestamp(since, "since"), _timestamp(until, "until"), types)
-
-
-def _timestamp(value: Any, name: str) -> float | None:
-    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
-        except ValueError:
-            raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, date):
-        day = datetime.combine(value, dt_time())
-        return (day + timedelta(days=1) if name == "until" else day).timestamp()
-    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")

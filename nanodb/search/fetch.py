@@ -8,16 +8,10 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
-from nanodb.search.query import QueryError
+from nanodb.search.query import QueryError, is_url
 
 MAX_FETCH_BYTES = 32 << 20  # the HTTP API's upload limit
 FETCH_TIMEOUT_S = 15.0  # for the whole download
-
-
-def is_url(text: str) -> bool:
-    """An http(s) URL (what `fetch_url` fetches)."""
-    text = text.strip()
-    return text.lower().startswith(("http://", "https://")) and not any(c.isspace() for c in text)
 
 
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nanodb.media.paths import is_image_name
+
 
 class QueryError(ValueError):
     """A query that cannot be searched; the message is shown to the user as is."""
@@ -59,6 +61,26 @@ def combined_vector(text: str, embed: Callable[[list[str]], np.ndarray]) -> np.n
     if not np.isfinite(norm) or norm < 1e-6:
         raise QueryError(f"the terms of {text.strip()!r} cancel out: nothing is left to search for")
     return total / norm
+
+
+# ------------------------------------------------------------------ path or text: one rule for every interface
+PATH_STARTS = ("/", "./", "../", "~/")
+
+
+def is_url(text: str) -> bool:
+    """An http(s) URL (what `search.fetch.fetch_url` fetches)."""
+    text = text.strip()
+    return text.lower().startswith(("http://", "https://")) and not any(c.isspace() for c in text)
+
+
+def is_image_reference(text: str) -> bool:
+    """A query string that names an image rather than words, for NanoDB.search, the console and the
+    command line alike: an http(s) URL, a name with an image extension (`a dog.jpg` too), or a path's
+    start (/ ./ ../ ~/). A missing file so named is an error, never a silent text search."""
+    text = text.strip()
+    if is_url(text):
+        return True
+    return "\n" not in text and len(text) < 4096 and (is_image_name(text) or text.startswith(PATH_STARTS))
 
 
 # ------------------------------------------------------------------ input limits, one set for every interface

@@ -17,8 +17,10 @@ import numpy as np
 
 from nanodb.model.clip import ModelSpec, load_model
 from nanodb.pipeline.ray_ingest import RayEmbedStage, RayStageOptions
+from nanodb.search.local import RowFilter, allowed_rows, allowed_top, answer
+from nanodb.search.request import SearchRequest, SearchResults
 from nanodb.storage.index import VectorIndex
-from nanodb.storage.store import Hit, ItemStore
+from nanodb.storage.store import ItemStore
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +136,12 @@ class SearchShard:
         """Delete by global row index."""
         self.index.delete(np.asarray(rows) - self.offset)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Global row indices and float64 scores of this shard's top k. The scores are recomputed the
-        way the index's exact pass computes them, so the merge orders candidates of different shards
-        exactly as one index would."""
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Global row indices and float64 scores of this shard's top k among the rows `allowed` (a mask
+        over this shard's rows; None: all) allows. The scores are recomputed the way the index's exact
+        pass computes them, so the merge orders candidates of different shards exactly as one index would."""
         queries = np.array(queries, np.float32)  # Ray hands over a read-only view of its object store
-        indices, _ = self.index.search(queries, k)
+        indices, _ = allowed_top(self.index, queries, k, allowed)
         q64 = queries.astype(np.float64)
         rows = self.index.vectors[indices].astype(np.float64)  # (Q, k, dim)
         scores = (rows * q64[:, None, :]).sum(axis=2)
@@ -213,24 +215,24 @@ class ShardedSearch:
         ray.get(calls)
         self.dead = dead
 
-    def search_indices(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Like VectorIndex.search: (indices, float32 scores), each (Q, k')."""
+    def top_rows(self, queries: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Like search.local.allowed_top over all the shards: (indices, float32 scores), each (Q, n').
+        Each shard gets its slice of the `allowed` mask and returns its own exact top n."""
         import ray
 
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.dim))
-        parts = ray.get([a.search.remote(queries, k) for a in self.actors])
-        return merge_top_k(parts, k)
+        slices = [None if allowed is None else allowed[lo:hi] for lo, hi in zip(self.bounds, self.bounds[1:])]
+        parts = ray.get([a.search.remote(queries, n, part) for a, part in zip(self.actors, slices)])
+        return merge_top_k(parts, n)
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
-        """ItemStore.search, served by the shards."""
+    def search(self, request: SearchRequest) -> list[SearchResults]:
+        """The local searcher's answer, served by the shards: each keeps the rows the filters allow; the
+        duplicates of a file's content are collapsed after the exact merge (asking for more as needed)."""
+        where = RowFilter.of(request.filters)
         with self.store.lock:  # indices and the paths they name come from one state
             self.sync()
-            indices, scores = self.search_indices(queries, k)
-            return [
-                [Hit(int(i), self.store.path_of(int(i)), float(s), self.store.metadata_of(int(i)))
-                 for i, s in zip(ri, rs)]
-                for ri, rs in zip(indices, scores)
-            ]
+            allowed = allowed_rows(self.store, where)
+            return answer(request, self.store, lambda queries, n: self.top_rows(queries, n, allowed))
 
     def stop(self) -> None:
         import ray

@@ -132,3 +132,36 @@ def test_without_ray_the_ray_flag_says_how_to_install(tmp_path, monkeypatch, cap
     assert main(["--path", str(tmp_path / "db"), "--config", "test", "--ray", "local"]) == 2
     err = capsys.readouterr().err
     assert "pip install 'nanodb[ray]'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sharded_search_filters_and_collapses_like_the_local_searcher(cluster, tmp_path):
+    """Filtered and collapsed searches used to leave the shards silently for the local store: now each
+    shard keeps the rows the filters allow and copies are collapsed after the exact merge, same results."""
+    c, _ = cluster
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((600, 384)).astype(np.float32)
+    vectors[400:410] = vectors[5]  # copies of one content, on two shards
+    paths = [f"/photos/{'2023' if i % 2 else '2024'}/img{i}.{('jpg', 'png', 'webp')[i % 3]}" for i in range(600)]
+    queries = np.concatenate([rng.standard_normal((20, 384)), vectors[[5, 7, 400]]]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    searches = [{"folder": "2023"}, {"types": ["png"]}, {"folder": "/photos/2024", "types": "webp"},
+                {"collapse_duplicates": True}, {"folder": "2024", "collapse_duplicates": True, "min_similarity": 0.0}]
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
+        db.add(vectors, paths=paths)
+        db.delete(range(0, 600, 11))
+        db.save()
+
+        def not_here(*args, **kwargs):
+            raise AssertionError("searched in this process, not on the shards")
+
+        db.store.index.search = not_here
+        with NanoDB(tmp_path / "db", read_only=True) as local:
+            for named in searches:
+                sharded = db.search(queries, k=10, **named)
+                expected = local.search(queries, k=10, **named)
+                assert [[(r.index, r.similarity, r.duplicates) for r in row] for row in sharded] == \
+                       [[(r.index, r.similarity, r.duplicates) for r in row] for row in expected], named
+            collapsed = db.search(vectors[5], k=3, collapse_duplicates=True)[0]
+        assert sorted([collapsed.index, *collapsed.duplicates]) == [5, *range(400, 407), 408, 409]  # 407 deleted

@@ -77,3 +77,26 @@ def test_identical_files_collapse_into_one_result_listing_the_copies(db):
     # the rest are the exact next-best distinct items
     others = [r.index for r in db.search(3, 12) if r.index not in (3, 200, 201, 202, 203, 204)]
     assert [r.index for r in results[1:]] == others[:4]
+
+
+def test_every_interface_takes_every_filter_declared_once(db):
+    """The command line's flags, the HTTP API's parameters and body fields and the web UI's controls are
+    made from search.request.Filters: a filter added there reaches all of them."""
+    from fastapi.testclient import TestClient
+
+    from nanodb.interfaces.cli import build_parser
+    from nanodb.interfaces.server import build_app
+    from nanodb.search.request import Filters
+
+    declared = Filters.described()
+    assert [f.name for f in declared] == ["folder", "since", "until", "types"]
+    for command in (["search", "words"], ["similar", "12"]):
+        flags = [arg for f in declared for arg in (f"--{f.flag}", f.examples[0] if not f.choices else "jpg")]
+        args = build_parser().parse_args([*command, "--path", "db", *flags])
+        assert all(getattr(args, f.name) == (["jpg"] if f.choices else f.examples[0]) for f in declared)
+    schema = TestClient(build_app(db)).get("/openapi.json").json()
+    for route in ("/api/search/text", "/api/search/item/{index}"):
+        parameters = {p["name"]: p for p in schema["paths"][route]["get"]["parameters"]}
+        assert all(parameters[f.flag]["description"] == f.help for f in declared), route
+    body = schema["components"]["schemas"]["TextQuery"]["properties"]
+    assert all(body[f.name]["description"] == f.help for f in declared)

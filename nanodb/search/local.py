@@ -1,0 +1,227 @@
+"""The local searcher: the exact top k of one ItemStore's rows, with the filters and collapsed duplicates,
+and the check that every stored vector finds itself.
+
+The sharded searcher reuses these pieces: `allowed_top` on each shard's rows, `answer` on the merge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from datetime import time as dt_time
+from typing import Any
+
+import numpy as np
+
+from nanodb.search.query import QueryError
+from nanodb.search.request import Filters, SearchRequest, SearchResult, SearchResults
+from nanodb.storage.index import VectorIndex
+from nanodb.storage.store import ItemStore
+
+# Similarities closer than this are a tie: float16 storage rounds each value by up to ~5e-4 relative.
+SCORE_TIE = 1e-4
+
+# (queries (Q, dim), n) -> the exact top n allowed rows of each query: (indices, scores), each (Q, n')
+TopRows = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Chosen = list[tuple[int, float, list[int]]]  # (row, similarity, rows of the same content)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Filters resolved for the rows: a folder (an absolute path prefix, or a folder name anywhere in the
+    path), a modification-time range [since, until) in seconds, and file extensions (lowercase, no dot)."""
+
+    folder: str | None = None
+    since: float | None = None
+    until: float | None = None
+    types: frozenset[str] | None = None
+
+    def __bool__(self) -> bool:
+        return any(v is not None for v in (self.folder, self.since, self.until, self.types))
+
+    @classmethod
+    def of(cls, filters: Filters) -> RowFilter:
+        """The filters as users gave them, resolved; a bad value raises QueryError."""
+        return cls(_folder(filters.folder), _timestamp(filters.since, "since"), _timestamp(filters.until, "until"),
+                   _extensions(filters.types))
+
+    def allows_path(self, path: str) -> bool:
+        if self.types is not None and os.path.splitext(path)[1][1:].lower() not in self.types:
+            return False
+        if self.folder is None:
+            return True
+        if os.path.isabs(self.folder):
+            return path.startswith(self.folder if self.folder.endswith(os.sep) else self.folder + os.sep)
+        return f"{os.sep}{self.folder.strip(os.sep)}{os.sep}" in os.path.dirname(path) + os.sep
+
+
+def _folder(folder: str | None) -> str | None:
+    folder = (folder or "").strip()
+    if folder.startswith(("/", "~")):
+        return os.path.normpath(os.path.expanduser(folder))
+    return folder or None
+
+
+def _extensions(types: Iterable[str] | str | None) -> frozenset[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        types = types.replace(",", " ").split()
+    aliases = {"jpg": {"jpg", "jpeg"}, "jpeg": {"jpg", "jpeg"}, "tif": {"tif", "tiff"}, "tiff": {"tif", "tiff"}}
+    wanted: set[str] = set()
+    for t in types:
+        t = t.strip().lower().lstrip(".")
+        wanted |= aliases.get(t, {t})
+    return frozenset(wanted) if wanted else None
+
+
+def _timestamp(value: Any, name: str) -> float | None:
+    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError:
+            raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, date):
+        day = datetime.combine(value, dt_time())
+        return (day + timedelta(days=1) if name == "until" else day).timestamp()
+    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")
+
+
+def allowed_rows(store: ItemStore, where: RowFilter) -> np.ndarray | None:
+    """A boolean mask over the store's rows: those `where` allows (deleted rows are excluded by the
+    index); None when it allows all. The caller holds the store's lock."""
+    if not where:
+        return None
+    n = store.rows
+    mask = np.ones(n, bool)
+    mtime = store.column("mtime")
+    if where.since is not None:
+        mask &= mtime >= where.since
+    if where.until is not None:
+        mask &= mtime < where.until
+    if where.folder is not None or where.types is not None:
+        by_path = np.zeros(n, bool)
+        for path, i in store.rows_by_path().items():
+            by_path[i] = where.allows_path(path)
+        mask &= by_path
+    return mask
+
+
+def allowed_top(index: VectorIndex, queries: np.ndarray, n: int,
+                allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top n of the rows `allowed` allows (all: None) for each query, like VectorIndex.search:
+    the index is asked for more rows, doubling, until n pass for every query or every row was seen."""
+    if allowed is None:
+        return index.search(queries, n)
+    rows = index.count
+    share = max(int(allowed.sum()), 1) / max(rows, 1)
+    fetch = min(rows, int(n / share * 1.5) + 16)
+    while True:
+        top, scores = index.search(queries, fetch)
+        keep = allowed[top]
+        passed = int(keep.sum(axis=1).min()) if len(keep) else 0
+        if passed >= n or fetch >= rows:  # once every row was seen, every query has as many rows passing
+            width = min(n, passed)
+            return (np.array([t[m][:width] for t, m in zip(top, keep)], np.int64).reshape(len(top), width),
+                    np.array([s[m][:width] for s, m in zip(scores, keep)], scores.dtype).reshape(len(top), width))
+        fetch = min(rows, fetch * 2)
+
+
+def best_per_content(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int, hashes: np.ndarray) -> Chosen:
+    """The k best rows of distinct file content (hash), each with the other rows of its content. `top(n)`
+    gives one query's exact top n allowed rows; it is asked for more, doubling, until every copy of the
+    k-th kept row was seen (they all score within SCORE_TIE of it) or no row is left."""
+    fetch = int(k * 1.5) + 16
+    while True:
+        rows, scores = top(fetch)
+        groups: dict[bytes, tuple[int, float, list[int]]] = {}
+        for i, s in zip(rows, scores):
+            key = bytes(hashes[i])
+            if key in groups:
+                groups[key][2].append(int(i))
+            elif len(groups) < k:
+                groups[key] = (int(i), float(s), [])
+        chosen = list(groups.values())
+        if len(rows) < fetch or (len(chosen) >= k and scores[-1] < chosen[-1][1] - SCORE_TIE):
+            return chosen
+        fetch *= 2
+
+
+def answer(request: SearchRequest, store: ItemStore, top_rows: TopRows) -> list[SearchResults]:
+    """An embedded request answered from `top_rows` (the exact top n allowed rows of each query), with
+    the paths and metadata of the rows as they are now: the caller holds the store's lock."""
+    vectors = np.asarray(request.vectors, np.float32).reshape(-1, store.dim)
+    if not request.collapse:
+        indices, scores = top_rows(vectors, request.k)
+        chosen = [[(int(i), float(s), []) for i, s in zip(ri, rs)] for ri, rs in zip(indices, scores)]
+    else:
+        hashes = store.column("hash")
+        chosen = [best_per_content(lambda n, q=q: tuple(a[0] for a in top_rows(q[None], n)), request.k, hashes)
+                  for q in vectors]
+    return [
+        SearchResults(SearchResult(i, store.path_of(i), min(max(s, -1.0), 1.0), store.metadata_of(i), copies)
+                      for i, s, copies in row if request.keeps(s))
+        for row in chosen
+    ]
+
+
+class LocalSearcher:
+    """Exact search over the store's rows in this process."""
+
+    def __init__(self, store: ItemStore):
+        self.store = store
+
+    def search(self, request: SearchRequest) -> list[SearchResults]:
+        store = self.store
+        store.checks.raise_if_failed()
+        where = RowFilter.of(request.filters)
+        with store.lock:  # a compaction renumbers rows: indices and paths must come from one state
+            allowed = allowed_rows(store, where)
+            return answer(request, store, lambda queries, n: allowed_top(store.index, queries, n, allowed))
+
+
+@dataclass
+class ValidationReport:
+    checked: int
+    failures: list[tuple[int, int]]  # (item, what it found first instead)
+    duplicates: list[list[int]]  # groups of items with identical vectors
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def validate(store: ItemStore, batch: int = 256) -> ValidationReport:
+    """Query every stored vector; each must find itself (or a duplicate) first.
+
+    A duplicate is a row whose similarity ties with the item's own: the same image embedded in two
+    batches can differ in the last float16 bit, and either may then come first. Every checksum is
+    verified first (the background check of big files is waited for)."""
+    store.checks.wait()
+    with store.lock:
+        live = store.live_rows()
+        vectors = store.vectors
+        groups: dict[bytes, list[int]] = {}
+        for i in live:
+            groups.setdefault(vectors[i].tobytes(), []).append(int(i))
+        failures = []
+        for lo in range(0, len(live), batch):
+            ids = live[lo : lo + batch]
+            queries = vectors[ids].astype(np.float32)
+            top, scores = store.index.search(queries, 1)
+            own = np.einsum("ij,ij->i", queries, queries)
+            for i, t, best, self_score in zip(ids, top[:, 0], scores[:, 0], own):
+                if t != i and best > self_score + SCORE_TIE:
+                    failures.append((int(i), int(t)))
+    dups = [g for g in groups.values() if len(g) > 1]
+    return ValidationReport(len(live), failures, dups)

@@ -31,7 +31,7 @@ def nanodb(capsys, monkeypatch, vector_db, tmp_path):
         except SystemExit as e:  # argparse: --help, or a bad flag
             status = e.code
         out, err = capsys.readouterr()
-        normalise = lambda text: text.replace(str(vector_db), "<DB>").replace(str(tmp_path), "<TMP>")  # noqa: E731
+        normalise = lambda text: text.replace(str(vector_db), "<DB>").replace(str(tmp_path), "<TMP>")
         return status, normalise(out), normalise(err)
 
     return run

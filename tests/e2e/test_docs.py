@@ -1,5 +1,5 @@
 """The README says what the code does: its flag tables list exactly the flags of `--help`, the main
-parser's and every subcommand's."""
+parser's and every subcommand's, and it names every console command."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO
 
 from nanodb.interfaces.cli import build_parser
+from nanodb.interfaces.console import HELP, Console
 
 FLAG = r"(?<![\w-])(--?[a-z][a-z-]*)"  # `-k`, `--read-only`; not a metavar (upper case) or a date
 
@@ -74,3 +75,10 @@ def test_the_readme_documents_every_flag_of_every_subcommand_and_no_other():
         assert not missing, f"`nanodb {name}` flags missing from the README's one-shot table: {sorted(missing)}"
     extra = in_readme - set().union(*in_help.values())
     assert not extra, f"the README's one-shot table lists flags no subcommand has: {sorted(extra)}"
+
+
+def test_help_and_the_readme_list_every_console_command():
+    listed = readme_section("Console")
+    for command in set(Console.COMMANDS) - {"quit"}:  # `quit`: an alias of exit, not advertised
+        assert re.search(rf"^  {command}\b", HELP, re.MULTILINE) or f" / {command} " in HELP, f"help lacks {command}"
+        assert f"`{command}" in listed, f"the README's Console section does not list `{command}`"

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanodb.media.formats import is_camera_raw, register_plugins
+
 MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole would hurt
 # Resizing the short side to the model's input multiplies the pixels by the aspect ratio: a 1x100000
 # strip (a small file) would become gigabytes. Real panoramas stay far below this.
@@ -27,35 +29,6 @@ DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the
 
 # A RAW file's embedded preview is used when its short side has at least this many pixels.
 MIN_PREVIEW_SIDE = 256
-
-# Camera RAW formats with a signature of their own, as (offset, bytes); LibRaw reads them.
-RAW_SIGNATURES = (
-    (4, b"ftypcrx "),  # Canon CR3
-    (0, b"FUJIFILMCCD-RAW"),  # Fujifilm RAF
-    (0, b"IIRO"), (0, b"IIRS"), (0, b"MMOR"),  # Olympus ORF
-    (0, b"IIU\x00"),  # Panasonic RW2, Leica RWL
-    (6, b"HEAPCCDR"),  # Canon CRW
-    (0, b"\x00MRM"),  # Minolta MRW
-)
-# DNG, NEF, CR2, ARW, PEF, SRW... begin as any TIFF does.
-TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*")
-TIFF_MAKE, TIFF_BITS, TIFF_PHOTOMETRIC, TIFF_DNG_VERSION = 271, 258, 262, 50706
-# Photometric interpretations of plain pictures (grayscale, RGB, CMYK), as opposed to a sensor's CFA.
-PICTURE_PHOTOMETRICS = (0, 1, 2, 5)
-
-
-_plugins_ready = False
-
-
-def register_plugins() -> None:
-    """Teach Pillow to open HEIF/HEIC (once per process; pillow-heif's public opener)."""
-    global _plugins_ready
-    if not _plugins_ready:
-        from pillow_heif import register_heif_opener
-
-        register_heif_opener()
-        _plugins_ready = True
-
 
 class ImageRejected(ValueError):
     """A file or upload that is not opened as an image; the message says why in a few words."""
@@ -130,31 +103,6 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         raise ImageRejected(f"image too large ({e})") from None
     except Exception as e:  # a broken file can make a decoder raise anything; the caller must go on
         raise ImageRejected(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-
-
-def is_camera_raw(data: bytes) -> bool:
-    """Bytes that LibRaw, not Pillow, should read first: a RAW format's own signature, or a TIFF that a
-    camera wrote (a DNG, or one naming its camera's maker whose first image is not a deep picture).
-
-    Plain TIFFs go to Pillow without asking LibRaw: it would develop a 16-bit grayscale, RGBA or CMYK
-    TIFF as if it were a sensor's mosaic. A TIFF sent to LibRaw that it refuses (an 8-bit photo exported
-    with its camera's EXIF) still opens with Pillow."""
-    if any(data[at : at + len(sig)] == sig for at, sig in RAW_SIGNATURES):
-        return True
-    if data[:4] not in TIFF_SIGNATURES:
-        return False
-    from PIL import TiffImagePlugin
-
-    try:
-        ifd = TiffImagePlugin.ImageFileDirectory_v2(data[:8])
-        header = io.BytesIO(data)
-        header.seek(ifd.next)
-        ifd.load(header)
-        deep = max(ifd.get(TIFF_BITS) or (8,)) > 8
-        picture = deep and ifd.get(TIFF_PHOTOMETRIC) in PICTURE_PHOTOMETRICS
-        return TIFF_DNG_VERSION in ifd or (TIFF_MAKE in ifd and not picture)
-    except Exception:  # a damaged header: Pillow says what is wrong with it
-        return False
 
 
 def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):

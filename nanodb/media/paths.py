@@ -1,4 +1,4 @@
-"""File names and paths: which files are images (and which of them camera RAW), how a path is stored,
+"""File names and paths: which files are images (by the extensions of `formats`), how a path is stored,
 shown and excluded. The walker, the watcher, the store and every interface share these rules."""
 
 from __future__ import annotations
@@ -6,21 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 
-# Camera RAW file names: a scan looks for them (the opener recognises RAW bytes by their content, not by name).
-RAW_EXTENSIONS = frozenset({
-    ".dng", ".arw", ".cr2", ".cr3", ".nef", ".raf", ".orf", ".rw2",
-    ".nrw", ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".crw", ".erf", ".mos", ".raw",
-})
-# The files a scan indexes: what Pillow reads (with pillow-heif for HEIF/HEIC), and camera RAW (rawpy).
-IMAGE_EXTENSIONS = frozenset({
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tiff", ".tif", ".bmp", ".gif", ".webp",
-    ".jp2", ".j2k", ".jpx", ".jpf", ".pnm", ".ppm", ".pgm", ".pbm",
-    ".heic", ".heif", ".avif", ".tga", ".psd", ".ico",
-}) | RAW_EXTENSIONS
-# Image files nanodb cannot read: each is reported as skipped (never ignored without a word).
-UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
-    ".jxl", ".svg", ".svgz", ".eps", ".exr", ".hdr", ".xcf", ".kra", ".heics", ".avifs", ".x3f",
-})
+from nanodb.media.formats import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 
 # Folders nobody wants indexed: hidden ones, Synology and desktop thumbnail caches.
 DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")

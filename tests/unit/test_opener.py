@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nanodb.media.opener import ImageRejected, is_camera_raw, open_image, to_rgb
+from nanodb.media.formats import is_camera_raw
+from nanodb.media.opener import ImageRejected, open_image, to_rgb
 from nanodb.media.record import content_hash
 
 DNG = Path(helpers.__file__).parent / "data" / "gradient.dng"

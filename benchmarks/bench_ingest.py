@@ -115,14 +115,14 @@ def openclip_loop(model, preprocess, files: list[str], batch: int = 32) -> tuple
 
 def compare(args, tmp: Path) -> None:
     """Table 0: the float32 open_clip loop against NanoDB.scan per precision/backend, interleaved."""
-    from nanodb.model.clip import ModelSpec, load_model
+    from nanodb.model.clip import ModelConfig, ModelSpec, load_model
 
     photos = sorted(str(p) for p in COCO.glob("*.jpg"))
     chosen, spare = photos[: args.compare], photos[args.compare :][:16]
     folder, warmup = link_tree(chosen, tmp / "compare", prefix=False), link_tree(spare, tmp / "compare-warmup")
     by_name = {Path(f).name: i for i, f in enumerate(chosen)}
     folder_paths = {str(p) for p in folder.iterdir()}
-    reference = load_model(ModelSpec(args.model, "none"), "cpu", "float32", "torch")  # the loop's own model
+    reference = load_model(ModelConfig(ModelSpec(args.model, "none"), "cpu", "float32", "torch"))  # the loop's own model
     rates: dict[str, list[float]] = {}
     cosines: dict[str, np.ndarray] = {}
     ref_vectors = None

@@ -28,7 +28,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from helpers import coco_photos  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nanodb.model.clip import ModelSpec, load_model  # noqa: E402
+from nanodb.model.clip import ModelConfig, ModelSpec, load_model  # noqa: E402
 
 
 def normalized(model, files) -> np.ndarray:
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
 
     import torch
 
-    model = load_model(ModelSpec(args.model, "none"), "cpu", "float32", "torch")
+    model = load_model(ModelConfig(ModelSpec(args.model, "none"), "cpu", "float32", "torch"))
     visual = model.model.visual.eval()
     photos = coco_photos(64 + args.batch)
     calibration, batch = normalized(model, photos[:64]), normalized(model, photos[64:])

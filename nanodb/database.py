@@ -18,7 +18,7 @@ import numpy as np
 from nanodb.config import Settings, load_settings
 from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord, content_hash
-from nanodb.model.clip import ClipModel, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.watch import FolderWatcher
@@ -87,25 +87,27 @@ class NanoDB:
         self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
+        # the one description of the model, for every loader (this process's, Ray actors'): the model asked
+        # for, or an existing database's own, run on the settings' device, precision and backend
+        self.model_config = ModelConfig.from_settings(self.settings, model, pretrained, seed)
         if manifest is None:
             if read_only:
                 raise DatabaseError(f"no nanodb database at {self.path}")
-            self.spec = ModelSpec(
-                model or self.settings.model,
-                as_pretrained(pretrained or self.settings.pretrained),
-                self.settings.seed if seed is None else seed,
-            )
             # a new database needs the model (for its dimension): fail before creating files
-            manifest = Manifest(self.spec.name, self.spec.pretrained, self.spec.weights_id, self.spec.seed,
-                                self.model.dim, precision=self.model.precision_id)
+            manifest = _new_manifest(self.model)
         else:
-            self.spec = _model_of(manifest, model, pretrained, seed)
+            self.model_config = self.model_config.with_spec(_model_of(manifest, model, pretrained, seed))
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels)
         if self.spec.pretrained != manifest.pretrained and not read_only:
             # the database's checkpoint, moved: remember where it is now
             self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model of this database's embedding space (name, weights, seed)."""
+        return self.model_config.spec
 
     @property
     def precision(self) -> str:
@@ -128,8 +130,7 @@ class NanoDB:
                     f"this database's weights {self.spec.describe(weights)} are not at {self.spec.pretrained} "
                     f"any more: pass the checkpoint's path with --pretrained (NanoDB(..., pretrained=PATH))"
                 )
-            s = self.settings
-            self._model = load_model(self.spec, s.device, s.precision, s.backend)
+            self._model = load_model(self.model_config)
         return self._model
 
     def indexed_under(self, path: str | os.PathLike) -> int:
@@ -259,7 +260,7 @@ class NanoDB:
         remote = None
         if self.cluster is not None:
             remote = await asyncio.to_thread(
-                self.cluster.embed_stage, self.spec, self.settings.device, self.model.pixel_transform,
+                self.cluster.embed_stage, self.model_config, self.model.pixel_transform,
                 self.settings.max_image_pixels, self.settings.batch_size)
         # the model and the decode workers start only once a file needs them: a rescan that finds
         # nothing new loads neither
@@ -381,10 +382,7 @@ class NanoDB:
         settings = settings or load_settings()
 
         def from_settings() -> Manifest:
-            spec = ModelSpec(model or settings.model, as_pretrained(pretrained or settings.pretrained),
-                             settings.seed if seed is None else seed)
-            dim = load_model(spec, settings.device).dim
-            return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, dim)
+            return _new_manifest(load_model(ModelConfig.from_settings(settings, model, pretrained, seed)))
 
         return ItemStore.repair(Path(path).expanduser().absolute(), from_settings)
 
@@ -405,6 +403,12 @@ class NanoDB:
 
     def __repr__(self) -> str:
         return f"NanoDB({str(self.path)!r}, {self.spec.describe()}, {len(self)} items)"
+
+
+def _new_manifest(model: ClipModel) -> Manifest:
+    """The manifest of an empty database of `model`'s vectors (a new one's, or a repair's that lost its own)."""
+    spec = model.spec
+    return Manifest(spec.name, spec.pretrained, spec.weights_id, spec.seed, model.dim, precision=model.precision_id)
 
 
 def _model_of(m: Manifest, model, pretrained, seed) -> ModelSpec:

@@ -25,10 +25,10 @@ MAX_FILE_BYTES = 1 << 30  # no real photo is larger; reading such a file whole w
 # strip (a small file) would become gigabytes. Real panoramas stay far below this.
 MAX_ASPECT_RATIO = 200
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default limit
-DRAFT_MARGIN = 2  # a JPEG decodes at reduced scale down to this multiple of the model's input size
 
 # A RAW file's embedded preview is used when its short side has at least this many pixels.
 MIN_PREVIEW_SIDE = 256
+
 
 class ImageRejected(ValueError):
     """A file or upload that is not opened as an image; the message says why in a few words."""
@@ -164,37 +164,6 @@ def to_rgb(image):
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
     return image.convert("RGB")
-
-
-@dataclass(frozen=True)
-class ResizeCenterCrop:
-    """open_clip's usual pixel steps (torchvision Resize of the short side, CenterCrop, RGB) in plain
-    Pillow, with torchvision's arithmetic, pixel for pixel: so decode workers need not import torch,
-    which would cost each of them about 500 MB."""
-
-    short_side: int
-    crop: tuple[int, int]  # (height, width), at most short_side
-    resample: int  # a PIL.Image.Resampling filter
-
-    @property
-    def draft_size(self) -> int:
-        """The short side a JPEG may decode at (1/2, 1/4 or 1/8 DCT scaling) before the exact resize.
-        Twice the input: a 12-megapixel photo decodes ~6x faster, and vectors stay within cosine
-        0.998 of a full decode (at 1x, 0.996); a photo under twice the input decodes in full."""
-        return DRAFT_MARGIN * self.short_side
-
-    def __call__(self, image):
-        w, h = image.size
-        short, long = (w, h) if w <= h else (h, w)
-        new_long = int(self.short_side * long / short)
-        new_w, new_h = (self.short_side, new_long) if w <= h else (new_long, self.short_side)
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), self.resample)
-        crop_h, crop_w = self.crop
-        if (crop_w, crop_h) != (new_w, new_h):
-            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
-            image = image.crop((left, top, left + crop_w, top + crop_h))
-        return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def model_pixels(image, transform) -> np.ndarray:

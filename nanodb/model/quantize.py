@@ -3,7 +3,7 @@
     python -m nanodb.model.quantize MODEL.xml INPUTS.npy OUT.xml
 
 NNCF draws progress bars on stdout and probes for CUDA when imported: neither belongs in the program
-that uses nanodb, so the model's calibration runs here, in its own process (see OpenVinoImageTower).
+that uses nanodb, so the model's calibration runs here, in its own process (see runtimes/openvino_int8.py).
 INPUTS.npy holds the calibration images as the converted model's float input (N, 3, H, W)."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.model.clip import ModelSpec, load_model
+from nanodb.model.clip import ModelConfig, load_model
 from nanodb.pipeline.ray_ingest import RayEmbedStage, RayStageOptions
 from nanodb.search.local import RowFilter, allowed_rows, allowed_top, answer
 from nanodb.search.request import SearchRequest, SearchResults
@@ -76,16 +76,16 @@ class RayCluster:
         self.connect()
         return self.ray.cluster_resources()
 
-    def embed_stage(self, spec: ModelSpec, device: str, transform, max_pixels: int, batch_size: int) -> RayEmbedStage:
-        """The decode + CLIP stage of scans: CLIP actors on GPUs where the cluster has them, started once
-        and kept for later scans (as the local decode pool is)."""
+    def embed_stage(self, model: ModelConfig, transform, max_pixels: int, batch_size: int) -> RayEmbedStage:
+        """The decode + CLIP stage of scans: CLIP actors running `model` (on GPUs where the cluster has them),
+        started once and kept for later scans (as the local decode pool is)."""
         if self._stages:
             return self._stages[0]
         o = self.options
         gpus = int(self.resources().get("GPU", 0))
         actors = o.clip_actors or max(1, gpus)
         resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": o.actor_cpus}
-        factory = functools.partial(actor_model, spec, device, o.actor_cpus)
+        factory = functools.partial(actor_model, model, o.actor_cpus)
         stage = RayEmbedStage(factory, transform, max_pixels, RayStageOptions(
             actors=actors, batch_size=batch_size, actor_resources=resources, decode_cpus=o.decode_cpus))
         self._stages.append(stage)
@@ -111,12 +111,13 @@ class RayCluster:
             self._connected_here = False
 
 
-def actor_model(spec: ModelSpec, device: str, threads: int):
-    """The model of one CLIP actor (its own process: it may set its torch thread count)."""
+def actor_model(model: ModelConfig, threads: int):
+    """The model of one CLIP actor (its own process: it may set its torch thread count); its device,
+    precision and backend are resolved there, on the actor's own hardware."""
     import torch
 
     torch.set_num_threads(max(1, threads))
-    return load_model(spec, device)
+    return load_model(model)
 
 
 class SearchShard:

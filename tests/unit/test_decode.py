@@ -7,13 +7,14 @@ import pytest
 from helpers import coco_photos, data_dir
 from PIL import Image
 
-from nanodb.media.opener import ResizeCenterCrop, to_rgb
-from nanodb.model.clip import ClipModel, ModelSpec, pillow_transform
+from nanodb.media.opener import to_rgb
+from nanodb.model.clip import ClipModel, ModelConfig, ModelSpec
+from nanodb.model.preprocess import ResizeCenterCrop
 
 
 @pytest.fixture(scope="module")
 def model():
-    return ClipModel(ModelSpec("ViT-S-32", "none"))
+    return ClipModel(ModelConfig(ModelSpec("ViT-S-32", "none")))
 
 
 def test_decode_workers_use_the_pillow_transform(model):
@@ -21,9 +22,8 @@ def test_decode_workers_use_the_pillow_transform(model):
 
 
 def test_pillow_transform_equals_open_clips_torchvision_steps(model):
-    steps = list(model.preprocess.transforms)[:3]
-    torchvision_steps = type(model.preprocess)(steps)
-    pillow = pillow_transform(steps)
+    torchvision_steps = type(model.preprocess)(list(model.preprocess.transforms)[:-2])  # before tensor, normalise
+    pillow = model.pixel_transform
     photos = [Image.open(p) for p in coco_photos(6)]
     photos += [Image.open(next(data_dir("caltech101").rglob("*.jpg")))]
     photos += [im.transpose(Image.Transpose.ROTATE_90) for im in photos[:3]]  # portrait

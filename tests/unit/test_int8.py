@@ -5,26 +5,27 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
 from helpers import coco_photos
 from PIL import Image
 
-import nanodb.model.clip as model_module
+import nanodb.model.runtimes.openvino_int8 as int8_module
 from nanodb import NanoDB
-from nanodb.model.clip import (
-    CALIBRATION_IMAGES,
-    ClipModel,
-    ModelLoadError,
-    ModelSpec,
-    nncf_available,
-    openvino_available,
-)
+from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec
+from nanodb.model.runtimes import resolve_precision
+from nanodb.model.runtimes.openvino_int8 import CALIBRATION_IMAGES
 
-pytestmark = pytest.mark.skipif(not (openvino_available() and nncf_available()), reason="needs openvino and nncf")
+pytestmark = pytest.mark.skipif(not (find_spec("openvino") and find_spec("nncf")), reason="needs openvino and nncf")
 
 SPEC = ModelSpec("ViT-S-32", "none", seed=11)  # its own weights: no other test's cached tower
+
+
+def clip(precision: str, backend: str = "openvino") -> ClipModel:
+    """A model of SPEC built now (not load_model's process cache: each test has its own model cache)."""
+    return ClipModel(ModelConfig(SPEC, "cpu", precision, backend))
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANODB_CACHE", str(folder))
-        ClipModel(SPEC, "cpu", "int8", "openvino").encode_images([Image.open(f) for f in coco_photos(24)])
+        clip("int8").encode_images([Image.open(f) for f in coco_photos(24)])
     return folder
 
 
@@ -54,22 +55,22 @@ def test_int8_vectors_stay_within_cosine_099_of_float32(in_cache, monkeypatch):
     refuse_calibration(monkeypatch)  # the cached tower is used as it is
     files = coco_photos(40)[24:]  # photos the calibration never saw
     images = [Image.open(f) for f in files]
-    int8 = ClipModel(SPEC, "cpu", "int8", "openvino")
+    int8 = clip("int8")
     assert int8.precision_id == "int8/openvino"
     vectors = int8.encode_images(images)
-    reference = ClipModel(SPEC, "cpu", "float32", "torch").encode_images(images)
+    reference = clip("float32", "torch").encode_images(images)
     assert np.sum(vectors * reference, axis=1).min() > 0.99
-    again = ClipModel(SPEC, "cpu", "int8", "openvino").encode_images(images)
+    again = clip("int8").encode_images(images)
     np.testing.assert_array_equal(again, vectors)  # the same tower, from disk
 
 
 def test_calibration_waits_for_a_batch_large_enough_and_happens_once(tmp_path, monkeypatch):
     monkeypatch.setenv("NANODB_CACHE", str(tmp_path))
     images = [Image.open(f) for f in coco_photos(CALIBRATION_IMAGES + 2)]
-    model = ClipModel(SPEC, "cpu", "int8", "openvino")
+    model = clip("int8")
     floating = model.encode_images(images[:2])  # too few to calibrate on: floating point, not quantized
     assert not list(tmp_path.glob("openvino/*-int8"))
-    np.testing.assert_allclose(floating, ClipModel(SPEC, "cpu", "bfloat16", "openvino").encode_images(images[:2]),
+    np.testing.assert_allclose(floating, clip("bfloat16").encode_images(images[:2]),
                                atol=1e-6)
     model.encode_images(images[2:])
     assert len(list(tmp_path.glob("openvino/*-int8/model.xml"))) == 1
@@ -79,14 +80,14 @@ def test_calibration_waits_for_a_batch_large_enough_and_happens_once(tmp_path, m
 
 def test_a_tower_that_is_not_faithful_stays_in_floating_point(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("NANODB_CACHE", str(tmp_path))
-    monkeypatch.setattr(model_module, "INT8_MIN_COSINE", 1.5)  # no quantized tower can pass
+    monkeypatch.setattr(int8_module, "INT8_MIN_COSINE", 1.5)  # no quantized tower can pass
     images = [Image.open(f) for f in coco_photos(CALIBRATION_IMAGES)]
-    vectors = ClipModel(SPEC, "cpu", "int8", "openvino").encode_images(images)
+    vectors = clip("int8").encode_images(images)
     assert "not faithful" in caplog.text
-    np.testing.assert_allclose(vectors, ClipModel(SPEC, "cpu", "bfloat16", "openvino").encode_images(images),
+    np.testing.assert_allclose(vectors, clip("bfloat16").encode_images(images),
                                atol=1e-6)
     refuse_calibration(monkeypatch)  # the refusal is remembered: no second calibration
-    ClipModel(SPEC, "cpu", "int8", "openvino").encode_images(images)
+    clip("int8").encode_images(images)
 
 
 def test_int8_database_finds_each_photo_and_its_resized_copy(in_cache, tmp_path, monkeypatch):
@@ -111,6 +112,6 @@ def test_int8_database_finds_each_photo_and_its_resized_copy(in_cache, tmp_path,
 
 def test_int8_needs_openvino_on_a_cpu():
     with pytest.raises(ModelLoadError, match="int8 runs on the openvino backend"):
-        ClipModel(SPEC, "cpu", "int8", "torch")
+        clip("int8", "torch")
     with pytest.raises(ModelLoadError, match="int8 runs on a CPU"):
-        model_module.resolve_precision("int8", "cuda")
+        resolve_precision("int8", "cuda")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -15,26 +16,21 @@ from nanodb.pipeline.decode import DecodedImage, ImageDecodePool
 from PIL import Image
 
 from nanodb import NanoDB
-from nanodb.media.opener import ResizeCenterCrop, open_image
-from nanodb.model.clip import (
-    ClipModel,
-    ModelLoadError,
-    ModelSpec,
-    load_model,
-    openvino_available,
-    resolve_precision,
-)
+from nanodb.media.opener import open_image
+from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, load_model
+from nanodb.model.preprocess import ResizeCenterCrop
+from nanodb.model.runtimes import resolve_precision
 
 SPEC = ModelSpec("ViT-S-32", "none")
 PATHS = [("float32", "torch"), ("bfloat16", "torch")]
-if openvino_available():
+if find_spec("openvino"):
     PATHS += [("float32", "openvino"), ("bfloat16", "openvino")]
 
 
 @pytest.fixture(scope="module")
 def reference():
     """open_clip's own float32 preprocess + encode_image: what NanoDB and rclip computed before."""
-    return load_model(SPEC, "cpu", "float32", "torch")
+    return load_model(ModelConfig(SPEC, "cpu", "float32", "torch"))
 
 
 def open_clip_vectors(reference: ClipModel, files) -> np.ndarray:
@@ -54,7 +50,7 @@ def big_jpeg(tmp_path_factory):
 
 @pytest.mark.parametrize("precision,backend", PATHS)
 def test_every_path_matches_open_clip_float32(reference, precision, backend):
-    model = load_model(SPEC, "cpu", precision, backend)
+    model = load_model(ModelConfig(SPEC, "cpu", precision, backend))
     assert model.precision_id == f"{precision}/{backend}"
     files = coco_photos(8)
     cosines = np.sum(model.encode_images([Image.open(f) for f in files]) * open_clip_vectors(reference, files), 1)
@@ -64,13 +60,14 @@ def test_every_path_matches_open_clip_float32(reference, precision, backend):
 @pytest.mark.parametrize("precision,backend", PATHS)
 def test_text_vectors_match_float32(reference, precision, backend):
     texts = ["a dog on a beach", "two people riding horses", "x"]
-    cosines = np.sum(load_model(SPEC, "cpu", precision, backend).encode_text(texts) * reference.encode_text(texts), 1)
+    model = load_model(ModelConfig(SPEC, "cpu", precision, backend))
+    cosines = np.sum(model.encode_text(texts) * reference.encode_text(texts), 1)
     assert cosines.min() > 0.999
 
 
 def test_scan_decoding_matches_open_clip_float32(reference, big_jpeg):
     """The decode workers' path (draft decoding of large JPEGs, Pillow resize) plus the fastest model."""
-    model = load_model(SPEC, "cpu", "auto", "auto")
+    model = load_model(ModelConfig(SPEC, "cpu"))
     files = [*coco_photos(6), big_jpeg]
     pool = ImageDecodePool(model.pixel_transform, 1, 89478485)  # a decode worker, as in a scan
 
@@ -96,28 +93,28 @@ def test_large_jpeg_decodes_at_reduced_scale_but_at_least_twice_the_input(refere
 
 
 def test_auto_precision_follows_the_hardware(monkeypatch):
-    import nanodb.model.clip as m
+    import nanodb.model.runtimes as m
 
     monkeypatch.setattr(m, "cpu_has_bfloat16", lambda: True)
     assert resolve_precision("auto", "cpu") == "bfloat16"
     assert resolve_precision("auto", "cuda") == "float16"
     monkeypatch.setattr(m, "cpu_has_bfloat16", lambda: False)
     assert resolve_precision("auto", "cpu") == "float32"
-    with pytest.raises(ModelLoadError, match="float16 needs a CUDA GPU"):
+    with pytest.raises(ModelLoadError, match="float16 runs on a CUDA GPU"):
         resolve_precision("float16", "cpu")
     with pytest.raises(ModelLoadError, match="unknown precision"):
         resolve_precision("int4", "cpu")
 
 
-@pytest.mark.skipif(not openvino_available(), reason="openvino is not installed")
+@pytest.mark.skipif(not find_spec("openvino"), reason="openvino is not installed")
 def test_openvino_conversion_is_cached_and_falls_back_to_torch(monkeypatch, tmp_path):
     import openvino
 
-    import nanodb.model.clip as m
+    from nanodb.model.runtimes.openvino_float import OpenVinoImageTower
 
     monkeypatch.setenv("NANODB_CACHE", str(tmp_path))
     spec = ModelSpec("ViT-S-32", "none", seed=7)  # not in the process cache of load_model
-    first = ClipModel(spec, "cpu", "bfloat16", "openvino")
+    first = ClipModel(ModelConfig(spec, "cpu", "bfloat16", "openvino"))
     assert len(list((tmp_path / "openvino").glob("ViT-S-32-*/model.xml"))) == 1
     image = Image.open(coco_photos(1)[0])
 
@@ -125,15 +122,15 @@ def test_openvino_conversion_is_cached_and_falls_back_to_torch(monkeypatch, tmp_
         raise RuntimeError("unsupported operation")
 
     monkeypatch.setattr(openvino, "convert_model", fail)
-    again = ClipModel(spec, "cpu", "bfloat16", "openvino")  # from the cache: no conversion
+    again = ClipModel(ModelConfig(spec, "cpu", "bfloat16", "openvino"))  # from the cache: no conversion
     np.testing.assert_allclose(again.encode_images([image]), first.encode_images([image]), atol=1e-6)
 
-    monkeypatch.setattr(m.OpenVinoImageTower, "__init__", fail)
-    fallback = ClipModel(spec, "cpu", "bfloat16", "auto")
+    monkeypatch.setattr(OpenVinoImageTower, "__init__", fail)
+    fallback = ClipModel(ModelConfig(spec, "cpu", "bfloat16", "auto"))
     assert fallback.precision_id == "bfloat16/torch"
     assert float(np.sum(fallback.encode_images([image]) * first.encode_images([image]))) > 0.999
-    with pytest.raises(ModelLoadError, match="OpenVINO cannot run the image tower"):
-        ClipModel(spec, "cpu", "bfloat16", "openvino")
+    with pytest.raises(ModelLoadError, match="backend openvino cannot run the image tower"):
+        ClipModel(ModelConfig(spec, "cpu", "bfloat16", "openvino"))
 
 
 def test_database_records_its_precision_and_opens_in_another(tmp_path):
@@ -165,7 +162,7 @@ def test_database_records_its_precision_and_opens_in_another(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_float16_matches_cpu_float32(reference):
-    model = ClipModel(SPEC, "cuda", "auto", "auto")
+    model = ClipModel(ModelConfig(SPEC, "cuda"))
     assert model.precision_id == "float16/torch"
     files = coco_photos(8)
     cosines = np.sum(model.encode_images([Image.open(f) for f in files]) * open_clip_vectors(reference, files), 1)

@@ -79,6 +79,13 @@ def test_identical_files_collapse_into_one_result_listing_the_copies(db):
     assert [r.index for r in results[1:]] == others[:4]
 
 
+
+def test_filters_and_collapse_together_keep_the_allowed_copies_only(db):
+    results = db.search(3, 4, folder="2024", collapse_duplicates=True)  # item 3 is in 2023, copies 200-204 both
+    assert results[0].index == 200 and results[0].duplicates == [202, 204]
+    assert all("/2024/" in r.path for r in results) and len({r.index for r in results}) == 4
+
+
 def test_every_interface_takes_every_filter_declared_once(db):
     """The command line's flags, the HTTP API's parameters and body fields and the web UI's controls are
     made from search.request.Filters: a filter added there reaches all of them."""

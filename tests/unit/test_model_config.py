@@ -22,7 +22,7 @@ from PIL import Image
 import nanodb.search.sharded as sharded
 from nanodb import NanoDB
 from nanodb.config import load_settings
-from nanodb.model.clip import BACKENDS, PRECISIONS, ModelConfig, ModelSpec
+from nanodb.model.clip import BACKENDS, PRECISIONS, ModelConfig, ModelLoadError, ModelSpec
 from nanodb.model.preprocess import Preprocessing, ResizeCenterCrop
 from nanodb.storage.format import MANIFEST
 
@@ -124,6 +124,19 @@ def test_decode_workers_unpickle_the_pixel_transform_without_torch():
 def test_the_choices_of_precision_and_backend_come_from_the_registered_runtimes():
     assert set(BACKENDS) == {"auto", "torch", "openvino"}
     assert PRECISIONS == ("auto", "float32", "bfloat16", "float16", "int8")
+
+
+def test_auto_takes_the_preferred_runtime_that_is_installed(monkeypatch):
+    import nanodb.model.runtimes as runtimes
+
+    monkeypatch.setattr(runtimes, "find_spec", lambda name: None if name in ("openvino", "nncf") else name)
+    assert runtimes.resolve_backend("auto", "cpu", "float32") == "torch"
+    with pytest.raises(ModelLoadError, match="needs openvino, nncf: pip install openvino nncf"):
+        runtimes.resolve_backend("auto", "cpu", "int8")
+    with pytest.raises(ModelLoadError, match="int8 runs on the openvino backend"):
+        runtimes.resolve_backend("torch", "cpu", "int8")
+    with pytest.raises(ModelLoadError, match="backend openvino does not run on a CUDA GPU"):
+        runtimes.resolve_backend("openvino", "cuda", "float32")
 
 
 FAKE_RUNTIME = '''

@@ -52,10 +52,10 @@ def runtime(backend: str, *, needs: tuple[str, ...] = (), preferred: bool = Fals
     arguments name devices and the precisions it runs on each, e.g. cpu=("float32", "bfloat16")."""
 
     def register(build):
-        clash = [(p, d) for r in _registry if r.backend == backend for d in precisions for p in precisions[d]
-                 if r.runs(p, d)]
-        if clash:
-            raise ValueError(f"two runtimes of backend {backend} run {clash}")
+        for device, names in precisions.items():
+            for name in names:
+                if any(r.backend == backend and r.runs(name, device) for r in _registry):
+                    raise ValueError(f"two runtimes of backend {backend} run precision {name} on {device}")
         _registry.append(Runtime(backend, precisions, needs, preferred, build))
         return build
 

@@ -7,7 +7,6 @@ change happen under `lock`; a compaction renumbers rows under that same lock.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -26,14 +25,14 @@ from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length,
 from nanodb.storage.commit import Chunks, WriteLock, commit_append, commit_generation, remove_other_generations
 from nanodb.storage.format import (
     DATA_FILES,
-    ITEM_DTYPE,
     REPAIR_HINT,
     DatabaseError,
     Manifest,
     committed_lengths,
     write_manifest,
 )
-from nanodb.storage.index import VectorIndex, file_backed_rows
+from nanodb.storage.index import VectorIndex
+from nanodb.storage.items import ItemTable
 from nanodb.storage.repair import RepairReport, repair
 
 log = logging.getLogger(__name__)
@@ -83,8 +82,6 @@ class ItemStore:
         self.lock = threading.RLock()
         self._save_lock = threading.Lock()
         self._write_lock: WriteLock | None = None
-        self._path_index: dict[str, int] | None = None
-        self._hash_index: dict[bytes, int] | None = None
         self.checks = FileCheck([])  # the checksums still being verified after opening
         new = not (root / "nanodb.json").exists()
         if not read_only:
@@ -113,10 +110,7 @@ class ItemStore:
     # ----------------------------------------------------------------- loading
     def _load_empty(self) -> None:
         self.index = VectorIndex(self.manifest.dim)
-        self._items = np.zeros(0, ITEM_DTYPE)
-        self._items_file: tuple[Path, int] | None = None  # (file, rows) mapped at the start of _items
-        self._paths = bytearray()
-        self._meta = bytearray()
+        self.table = ItemTable.empty()
         self._deleted: list[int] = []
 
     def _load(self) -> None:
@@ -136,38 +130,22 @@ class ItemStore:
                 verify_file(m.file(root, kind), lengths[kind], crc[kind])
         files = (m.file(root, "codes"), m.file(root, "scales")) if compact else None
         self.index.load_files(m.count, m.file(root, "vectors"), files)
-        self._map_items(m.file(root, "items"), m.count, max(1024, m.count + m.count // 2))
-        self._paths = bytearray(read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")))
-        self._meta = bytearray(read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")))
+        self.table = ItemTable.load(
+            m.file(root, "items"), m.count,
+            read_exact(m.file(root, "paths"), m.paths_bytes, checksum=crc.get("paths")),
+            read_exact(m.file(root, "meta"), m.meta_bytes, checksum=crc.get("meta")),
+        )
         deleted = np.frombuffer(read_exact(m.file(root, "deleted"), m.deleted * 8, checksum=crc.get("deleted")), "<i8")
         if ((deleted < 0) | (deleted >= m.count)).any():
             raise DatabaseError(f"{m.file(root, 'deleted')} names items that do not exist; {REPAIR_HINT}")
         self._deleted = deleted.tolist()
         if self._deleted:
             self.index.delete(self._deleted)
-        items = self._items[: m.count]
-        if m.count and (
-            int((items["path_off"] + items["path_len"]).max()) > m.paths_bytes
-            or int((items["meta_off"] + items["meta_len"]).max()) > m.meta_bytes
-        ):
+        if self.table.points_past(m.paths_bytes, m.meta_bytes):
             raise DatabaseError(
                 f"{m.file(root, 'items')} points past the end of its path or metadata file; {REPAIR_HINT}"
             )
         self.checks = FileCheck([(m.file(root, k), lengths[k], m.checksums[k]) for k in later])
-
-    def _map_items(self, file: Path, rows: int, capacity: int) -> None:
-        """The item table: its committed rows mapped from `file` (read on demand), room for appends."""
-        self._items = file_backed_rows(file, rows, (), ITEM_DTYPE, capacity)
-        self._items_file = (file, rows)
-
-    def _grow_items(self, capacity: int) -> None:
-        old, start = self._items, 0
-        if self._items_file is None:
-            self._items = np.zeros(capacity, ITEM_DTYPE)
-        else:
-            start = self._items_file[1]
-            self._map_items(*self._items_file, capacity)
-        self._items[start : self.index.count] = old[start : self.index.count]
 
     # ----------------------------------------------------------------- reading
     @property
@@ -200,35 +178,20 @@ class ItemStore:
         return np.flatnonzero(~self.index.dead)
 
     def path_of(self, index: int) -> str | None:
-        rec = self._items[index]
-        if rec["path_len"] == 0:
-            return None
-        off = int(rec["path_off"])
-        return os.fsdecode(bytes(self._paths[off : off + int(rec["path_len"])]))
+        return self.table.path_of(index)
 
     def metadata_of(self, index: int) -> dict[str, Any]:
-        rec = self._items[index]
-        if rec["meta_len"] == 0:
-            return {}
-        off = int(rec["meta_off"])
-        return json.loads(self._meta[off : off + int(rec["meta_len"])])
+        return self.table.metadata_of(index)
 
     def item(self, index: int) -> Item:
         with self.lock:
             if not -self.index.count <= index < self.index.count:
                 raise IndexError(f"item {index} does not exist (the database has {self.index.count} rows)")
             index %= self.index.count
-            rec = self._items[index]
-            return Item(
-                index=index,
-                path=self.path_of(index),
-                vector=self.index.vectors[index].copy(),
-                size=int(rec["size"]),
-                mtime=float(rec["mtime"]),
-                hash=bytes(rec["hash"]).hex(),
-                metadata=self.metadata_of(index),
-                deleted=bool(self.index.dead[index]),
-            )
+            rec = self.table.record_of(index)
+            return Item(index=index, path=rec.path, vector=self.index.vectors[index].copy(), size=rec.size,
+                        mtime=rec.mtime, hash=rec.hash.hex(), metadata=rec.metadata or {},
+                        deleted=bool(self.index.dead[index]))
 
     def index_of(self, path: str | os.PathLike) -> int | None:
         """The live item stored for a file path, if any."""
@@ -236,12 +199,7 @@ class ItemStore:
 
     def _paths_to_index(self) -> dict[str, int]:
         with self.lock:
-            if self._path_index is None:
-                dead = self.index.dead
-                self._path_index = {
-                    p: i for i in range(self.index.count) if not dead[i] and (p := self.path_of(i)) is not None
-                }
-            return self._path_index
+            return self.table.live_paths(self.index.dead)
 
     def indexed_paths(self) -> list[str]:
         return list(self._paths_to_index())
@@ -250,12 +208,12 @@ class ItemStore:
         i = self._paths_to_index().get(path)
         if i is None:
             return False
-        rec = self._items[i]
+        rec = self.table.records[i]
         return int(rec["size"]) == size and float(rec["mtime"]) == mtime
 
     def column(self, name: str) -> np.ndarray:
         """One field of the item table over the rows (e.g. "mtime", "hash"): a view, not to be changed."""
-        return self._items[name][: self.index.count]
+        return self.table.column(name)
 
     def rows_by_path(self) -> Mapping[str, int]:
         """The live row of each file path."""
@@ -275,27 +233,9 @@ class ItemStore:
         if not stored:
             vectors = unit_rows(vectors)
         with self.lock:
-            start = self.index.count
-            n = start + len(vectors)
-            if n > len(self._items):
-                self._grow_items(max(n, int(len(self._items) * 1.5)))
-            path_index = self._path_index
-            for i, rec in enumerate(records):
-                row = self._items[start + i]
-                path = rec.path
-                pbytes = os.fsencode(path) if path else b""
-                row["path_off"], row["path_len"] = len(self._paths), len(pbytes)
-                self._paths += pbytes
-                mbytes = json.dumps(rec.metadata, ensure_ascii=False, default=str).encode() if rec.metadata else b""
-                row["meta_off"], row["meta_len"] = len(self._meta), len(mbytes)
-                self._meta += mbytes
-                row["size"], row["mtime"], row["hash"] = rec.size, rec.mtime, rec.hash
-                if path and path_index is not None:
-                    path_index[path] = start + i
-                if self._hash_index is not None:
-                    self._hash_index[bytes(rec.hash)] = start + i
+            start = self.table.append(records)
             self.index.append(vectors)  # last: a concurrent search sees complete rows only
-        return list(range(start, n))
+        return list(range(start, start + len(vectors)))
 
     def add_files(self, files: Sequence[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
         """Append embedded files; a file indexed before is replaced. Returns (added, updated).
@@ -333,11 +273,7 @@ class ItemStore:
             fresh = [i for i in map(int, indices) if self.is_live(i)]
             if not fresh:
                 return
-            if self._path_index is not None:
-                for i in fresh:
-                    p = self.path_of(i)
-                    if p is not None and self._path_index.get(p) == i:
-                        del self._path_index[p]
+            self.table.drop_paths(fresh)
             self.index.delete(fresh)
             self._deleted.extend(fresh)
 
@@ -353,14 +289,12 @@ class ItemStore:
                 if i is None:
                     continue
                 new = absolute_path(new)
-                rec = self._items[i]
                 rows.append(i)
                 if new in paths:
                     replaced.append(paths[new])
                 # The old size and mtime (a rename keeps both), not the file's now: if it has changed
                 # since the move, the next scan sees the difference and re-embeds it.
-                records.append(FileRecord(path=new, size=int(rec["size"]), mtime=float(rec["mtime"]),
-                                          hash=bytes(rec["hash"]), metadata=self.metadata_of(i) or None))
+                records.append(replace(self.table.record_of(i), path=new))
             if rows:
                 self.append(self.index.vectors[rows], records, stored=True)
                 self.delete(rows + replaced)
@@ -407,10 +341,7 @@ class ItemStore:
     def row_with_hash(self, content_hash: bytes) -> int | None:
         """A row (deleted rows too: their vectors stay until compaction) whose content has this hash."""
         with self.lock:
-            if self._hash_index is None:
-                hashes = self._items["hash"][: self.index.count]
-                self._hash_index = {bytes(h): i for i, h in enumerate(hashes)}
-            return self._hash_index.get(bytes(content_hash))
+            return self.table.row_with_hash(content_hash)
 
     # ----------------------------------------------------------------- committing
     def record_weights(self, pretrained: str, weights_id: str) -> None:
@@ -441,9 +372,7 @@ class ItemStore:
                 # 1-D vectors: an empty 2-D array (a save of deletions alone) cannot be cast to bytes
                 appended = {
                     "vectors": self.index.vectors[m.count : n].astype("<f2").ravel(),
-                    "items": self._items[m.count : n].copy(),
-                    "paths": bytes(self._paths[m.paths_bytes :]),
-                    "meta": bytes(self._meta[m.meta_bytes :]),
+                    **self.table.tail(m.count, m.paths_bytes, m.meta_bytes),
                     "deleted": np.asarray(self._deleted[m.deleted :], "<i8"),
                     "codes": self.index.codes[m.compact : n].ravel(),
                     "scales": self.index.scales[m.compact : n].astype("<f4").ravel(),
@@ -469,21 +398,12 @@ class ItemStore:
         m = self.manifest
         live = self.live_rows()
         dropped = self.index.count - len(live)
-        items = np.zeros(max(len(live), 1024), ITEM_DTYPE)
-        items[: len(live)] = self._items[live]
-        paths, meta = bytearray(), bytearray()
-        for row in items[: len(live)]:
-            for off, length, data, old in (("path_off", "path_len", paths, self._paths),
-                                           ("meta_off", "meta_len", meta, self._meta)):
-                start = int(row[off])
-                row[off] = len(data)
-                data += old[start : start + int(row[length])]
+        table = self.table.compacted(live)
         new = Manifest(**{**m.__dict__})
         new.generation, new.count, new.deleted, new.compact = m.generation + 1, len(live), 0, len(live)
-        new.paths_bytes, new.meta_bytes = len(paths), len(meta)
+        new.paths_bytes, new.meta_bytes = len(table.paths), len(table.meta)
         data = {
-            "vectors": live_chunks(self.index.vectors, live, "<f2"), "items": items[: len(live)],
-            "paths": bytes(paths), "meta": bytes(meta), "deleted": b"",
+            "vectors": live_chunks(self.index.vectors, live, "<f2"), **table.tail(0, 0, 0), "deleted": b"",
             "codes": live_chunks(self.index.codes, live, "u1"), "scales": live_chunks(self.index.scales, live, "<f4"),
         }
         log.info("compacting %s: %d items", self.root, len(live))
@@ -493,9 +413,10 @@ class ItemStore:
         index.load_files(len(live), new.file(self.root, "vectors"),
                          (new.file(self.root, "codes"), new.file(self.root, "scales")))
         del data
-        self.index, self._paths, self._meta = index, paths, meta
-        self._map_items(new.file(self.root, "items"), len(live), len(items))
-        self._deleted, self._path_index, self._hash_index = [], None, None
+        self.index = index
+        self.table = ItemTable.load(new.file(self.root, "items"), len(live), table.paths, table.meta,
+                                    len(table.records))
+        self._deleted = []
         self.manifest = new
         try:
             remove_other_generations(self.root, new.generation)
@@ -522,7 +443,7 @@ class ItemStore:
         """Release the write lock and the data files; the store is empty afterwards."""
         self.checks.stop()
         self.index.close()
-        self._items, self._items_file = np.zeros(0, ITEM_DTYPE), None
+        self.table = ItemTable.empty()
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None

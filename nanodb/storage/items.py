@@ -1,0 +1,153 @@
+"""The item table: one fixed-size record per row (ITEM_DTYPE), the path and metadata bytes the records
+point into, and the two lookups derived from them (a file path's live row, a content hash's row).
+
+The lookups are built on first use and kept in step by the table's own `append` and `drop_paths`, so no
+caller synchronises them by hand. The table is not locked: the item store calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nanodb.media.record import FileRecord
+from nanodb.storage.format import ITEM_DTYPE
+from nanodb.storage.mapped_rows import file_backed_rows
+
+MIN_CAPACITY = 1024  # rows allocated for a new or compacted table
+
+
+class ItemTable:
+    """The records of rows 0..count-1; committed rows are mapped from their file, appended ones in memory."""
+
+    def __init__(self, records: np.ndarray, count: int, paths: bytearray, meta: bytearray,
+                 file: tuple[Path, int] | None = None):
+        self.records = records  # capacity >= count; rows past count are free
+        self.count = count
+        self.paths = paths
+        self.meta = meta
+        self.file = file  # (items file, rows) mapped at the start of `records`
+        self.path_rows: dict[str, int] | None = None  # built on first use
+        self.hash_rows: dict[bytes, int] | None = None
+
+    @classmethod
+    def empty(cls) -> ItemTable:
+        return cls(np.zeros(0, ITEM_DTYPE), 0, bytearray(), bytearray())
+
+    @classmethod
+    def load(cls, file: Path, count: int, paths: bytes | bytearray, meta: bytes | bytearray,
+             capacity: int | None = None) -> ItemTable:
+        """Map `count` committed records from `file` (read on demand) with room for appends."""
+        capacity = capacity or max(MIN_CAPACITY, count + count // 2)
+        records = file_backed_rows(file, count, (), ITEM_DTYPE, capacity)
+        return cls(records, count, bytearray(paths), bytearray(meta), (file, count))
+
+    def points_past(self, paths_bytes: int, meta_bytes: int) -> bool:
+        """Some record's path or metadata lies past the given lengths (a damaged table)."""
+        rows = self.records[: self.count]
+        return bool(self.count) and (
+            int((rows["path_off"] + rows["path_len"]).max()) > paths_bytes
+            or int((rows["meta_off"] + rows["meta_len"]).max()) > meta_bytes
+        )
+
+    # ----------------------------------------------------------------- reading
+    def path_of(self, row: int) -> str | None:
+        rec = self.records[row]
+        if rec["path_len"] == 0:
+            return None
+        off = int(rec["path_off"])
+        return os.fsdecode(bytes(self.paths[off : off + int(rec["path_len"])]))
+
+    def metadata_of(self, row: int) -> dict[str, Any]:
+        rec = self.records[row]
+        if rec["meta_len"] == 0:
+            return {}
+        off = int(rec["meta_off"])
+        return json.loads(self.meta[off : off + int(rec["meta_len"])])
+
+    def record_of(self, row: int) -> FileRecord:
+        rec = self.records[row]
+        return FileRecord(path=self.path_of(row), hash=bytes(rec["hash"]), size=int(rec["size"]),
+                          mtime=float(rec["mtime"]), metadata=self.metadata_of(row) or None)
+
+    def column(self, name: str) -> np.ndarray:
+        """One field over the rows (e.g. "mtime", "hash"): a view, not to be changed."""
+        return self.records[name][: self.count]
+
+    def live_paths(self, dead: np.ndarray) -> dict[str, int]:
+        """The live row of each file path (`dead` marks deleted rows)."""
+        if self.path_rows is None:
+            self.path_rows = {
+                p: i for i in range(self.count) if not dead[i] and (p := self.path_of(i)) is not None
+            }
+        return self.path_rows
+
+    def row_with_hash(self, content_hash: bytes) -> int | None:
+        """A row (deleted ones too) whose content has this hash."""
+        if self.hash_rows is None:
+            self.hash_rows = {bytes(h): i for i, h in enumerate(self.column("hash"))}
+        return self.hash_rows.get(bytes(content_hash))
+
+    # ----------------------------------------------------------------- changing
+    def append(self, records: Sequence[FileRecord]) -> int:
+        """Append live rows; returns the first new row."""
+        start = self.count
+        if start + len(records) > len(self.records):
+            self._grow(max(start + len(records), int(len(self.records) * 1.5)))
+        for i, rec in enumerate(records, start):
+            row = self.records[i]
+            pbytes = os.fsencode(rec.path) if rec.path else b""
+            row["path_off"], row["path_len"] = len(self.paths), len(pbytes)
+            self.paths += pbytes
+            mbytes = json.dumps(rec.metadata, ensure_ascii=False, default=str).encode() if rec.metadata else b""
+            row["meta_off"], row["meta_len"] = len(self.meta), len(mbytes)
+            self.meta += mbytes
+            row["size"], row["mtime"], row["hash"] = rec.size, rec.mtime, rec.hash
+            if rec.path and self.path_rows is not None:
+                self.path_rows[rec.path] = i
+            if self.hash_rows is not None:
+                self.hash_rows[bytes(rec.hash)] = i
+        self.count = start + len(records)
+        return start
+
+    def drop_paths(self, rows: Iterable[int]) -> None:
+        """Rows being deleted: their paths no longer name them."""
+        if self.path_rows is None:
+            return
+        for i in rows:
+            p = self.path_of(i)
+            if p is not None and self.path_rows.get(p) == i:
+                del self.path_rows[p]
+
+    def _grow(self, capacity: int) -> None:
+        old, start = self.records, 0
+        if self.file is None:
+            self.records = np.zeros(capacity, ITEM_DTYPE)
+        else:
+            start = self.file[1]
+            self.records = file_backed_rows(self.file[0], start, (), ITEM_DTYPE, capacity)
+        self.records[start : self.count] = old[start : self.count]
+
+    # ----------------------------------------------------------------- committing
+    def tail(self, rows: int, paths_bytes: int, meta_bytes: int) -> dict[str, Any]:
+        """What was appended since a commit of `rows` records and these byte lengths, as data files."""
+        return {"items": self.records[rows : self.count].copy(), "paths": bytes(self.paths[paths_bytes:]),
+                "meta": bytes(self.meta[meta_bytes:])}
+
+    def compacted(self, live: np.ndarray) -> ItemTable:
+        """An in-memory table of the `live` rows alone, renumbered, its offsets pointing into new bytes."""
+        records = np.zeros(max(len(live), MIN_CAPACITY), ITEM_DTYPE)
+        records[: len(live)] = self.records[live]
+        paths, meta = bytearray(), bytearray()
+        for row in records[: len(live)]:
+            for off, length, data, old in (("path_off", "path_len", paths, self.paths),
+                                           ("meta_off", "meta_len", meta, self.meta)):
+                start = int(row[off])
+                row[off] = len(data)
+                data += old[start : start + int(row[length])]
+        return ItemTable(records, len(live), paths, meta)

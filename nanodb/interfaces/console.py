@@ -268,6 +268,25 @@ class Console:
             raise ValueError('clear only clears a terminal; to search for the word, type "clear"')
         self._clear()
 
+    async def do_open(self, arg: str) -> None:
+        if not arg.isdigit():
+            raise ValueError("open needs an item index, e.g.  open 12  (the index= of a result)")
+        index = int(arg)
+        if not self.db.has_item(index):
+            raise ValueError(f"no item with index {index}")
+        path = self.db.path_of(index)
+        if path is None or not os.path.isfile(path):
+            raise ValueError(f"item {index} has no file to open" if path is None else f"the file is gone: {path}")
+        self.opener(path)
+        self.write(f"opened {path}")
+
+    # The commands by their first word (`help` lists them); any other line is a query (see `_query`).
+    COMMANDS = {
+        "similar": do_similar, "open": do_open, "scan": do_scan, "status": do_status, "pause": do_pause,
+        "resume": do_resume, "wait": do_wait, "save": do_save, "validate": do_validate, "clear": do_clear,
+        "help": do_help, "exit": do_exit, "quit": do_exit,
+    }
+
     async def _query(self, line: str) -> None:
         """Not a command: quoted text, an existing path to scan, an image URL, a missing path (an error), or text."""
         if _is_quoted(line):
@@ -297,25 +316,6 @@ class Console:
         if self.db.index_of(path) is not None:
             self.write(f"nearest to {path}:")
             await self._search(self.db.index_of(path))
-
-    async def do_open(self, arg: str) -> None:
-        if not arg.isdigit():
-            raise ValueError("open needs an item index, e.g.  open 12  (the index= of a result)")
-        index = int(arg)
-        if not self.db.has_item(index):
-            raise ValueError(f"no item with index {index}")
-        path = self.db.path_of(index)
-        if path is None or not os.path.isfile(path):
-            raise ValueError(f"item {index} has no file to open" if path is None else f"the file is gone: {path}")
-        self.opener(path)
-        self.write(f"opened {path}")
-
-    # The commands by their first word (`help` lists them); any other line is a query (see `_query`).
-    COMMANDS = {
-        "similar": do_similar, "open": do_open, "scan": do_scan, "status": do_status, "pause": do_pause,
-        "resume": do_resume, "wait": do_wait, "save": do_save, "validate": do_validate, "clear": do_clear,
-        "help": do_help, "exit": do_exit, "quit": do_exit,
-    }
 
 
 def format_validation(db: NanoDB, report) -> str:

@@ -12,20 +12,23 @@ import yaml
 
 @dataclasses.dataclass
 class Settings:
-    model: str = "ViT-B-32"
-    pretrained: str = "laion2b_s34b_b79k"
-    seed: int = 0
-    k: int = 8
-    batch_size: int = 32
-    workers: int = 0
-    autosave_every: int = 1000
-    max_image_pixels: int = 89478485
-    device: str = "auto"
-    precision: str = "auto"
-    backend: str = "auto"
-    settle_seconds: float = 1.0
-    autosave_seconds: float = 30.0
-    compact_dead_fraction: float = 0.25
+    """Every setting, typed once; the values live once, in configs/default.yaml (a key missing there is
+    an error at load, not a silent second default)."""
+
+    model: str
+    pretrained: str
+    seed: int
+    k: int
+    batch_size: int
+    workers: int
+    autosave_every: int
+    max_image_pixels: int
+    device: str
+    precision: str
+    backend: str
+    settle_seconds: float
+    autosave_seconds: float
+    compact_dead_fraction: float
 
     @property
     def decode_workers(self) -> int:

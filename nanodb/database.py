@@ -26,7 +26,7 @@ from nanodb.search.encoder import QueryEncoder, SearchTimings
 from nanodb.search.local import LocalSearcher, ValidationReport, validate
 from nanodb.search.request import Filters, Searcher, SearchRequest, SearchResult, SearchResults
 from nanodb.storage.format import DatabaseError, Manifest, read_manifest
-from nanodb.storage.repair import RepairReport
+from nanodb.storage.repair import RepairReport, repair_folder
 from nanodb.storage.store import Item, ItemStore
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ class NanoDB:
         def from_settings() -> Manifest:
             return _new_manifest(load_model(ModelConfig.from_settings(settings, model, pretrained, seed)))
 
-        return ItemStore.repair(Path(path).expanduser().absolute(), from_settings)
+        return repair_folder(Path(path).expanduser().absolute(), from_settings)
 
     def close(self) -> None:
         if self.cluster is not None:

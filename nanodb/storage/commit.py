@@ -17,6 +17,7 @@ import fcntl
 import os
 import zlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from nanodb.storage.format import (
@@ -191,3 +192,15 @@ def remove_other_generations(root: Path, generation: int) -> None:
             parts = path.name.split(".")
             if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) != generation:
                 path.unlink(missing_ok=True)
+
+
+@contextmanager
+def commit_errors(what: str):
+    """A commit that fails on the disk (e.g. full) is one clear DatabaseError; the last commit stays."""
+    try:
+        yield
+    except OSError as e:
+        raise DatabaseError(
+            f"{what} failed ({e.strerror or e}); the previous save is intact and "
+            f"nothing is lost from memory: free some space and save again"
+        ) from None

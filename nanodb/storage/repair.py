@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanodb.storage.commit import replace_file
+from nanodb.storage.commit import WriteLock, replace_file
 from nanodb.storage.compact import quantize_rows
 from nanodb.storage.format import (
     DATA_FILES,
@@ -170,3 +170,17 @@ def doubtful_paths(items: np.ndarray, paths: bytes, deleted: np.ndarray) -> list
             doubtful += rows
     doubtful += [rows[0] for rows in in_missing.values() if len(rows) == 1]
     return sorted(doubtful)
+
+
+def repair_folder(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
+    """Make a damaged folder openable (see `repair`), under the write lock; errors as DatabaseError."""
+    if not root.is_dir():
+        raise DatabaseError(f"no nanodb database at {root}")
+    lock = WriteLock(root)
+    lock.acquire()
+    try:
+        return repair(root, fallback)
+    except OSError as e:
+        raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
+    finally:
+        lock.release()

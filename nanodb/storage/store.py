@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -22,7 +21,14 @@ import numpy as np
 from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import FileRecord
 from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length, read_exact, verify_file
-from nanodb.storage.commit import Chunks, WriteLock, commit_append, commit_generation, remove_other_generations
+from nanodb.storage.commit import (
+    Chunks,
+    WriteLock,
+    commit_append,
+    commit_errors,
+    commit_generation,
+    remove_other_generations,
+)
 from nanodb.storage.format import (
     DATA_FILES,
     REPAIR_HINT,
@@ -33,7 +39,6 @@ from nanodb.storage.format import (
 )
 from nanodb.storage.index import VectorIndex
 from nanodb.storage.items import ItemTable
-from nanodb.storage.repair import RepairReport, repair
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +77,7 @@ def live_chunks(rows: np.ndarray, live: np.ndarray, dtype: str) -> Chunks:
 class ItemStore:
     """The rows of one database folder, in memory and committed to disk by `save`."""
 
-    def __init__(self, root: Path, manifest: Manifest, *, read_only: bool, compact_dead_fraction: float = 0.5):
+    def __init__(self, root: Path, manifest: Manifest, *, read_only: bool, compact_dead_fraction: float):
         """Open (or, for a manifest not yet on disk, create) the database at `root`; takes the write lock
         unless read-only."""
         self.root = root
@@ -381,7 +386,7 @@ class ItemStore:
                 new.paths_bytes = m.paths_bytes + len(appended["paths"])
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
-            with _commit_errors(f"save to {self.root}"):
+            with commit_errors(f"save to {self.root}"):
                 commit_append(self.root, m, new, appended)
             self.manifest = new
             log.info("saved %s: %d items", self.root, len(self))
@@ -407,7 +412,7 @@ class ItemStore:
             "codes": live_chunks(self.index.codes, live, "u1"), "scales": live_chunks(self.index.scales, live, "<f4"),
         }
         log.info("compacting %s: %d items", self.root, len(live))
-        with _commit_errors(f"compacting {self.root}"):
+        with commit_errors(f"compacting {self.root}"):
             commit_generation(self.root, m, new, data)
         index = VectorIndex(self.dim, self.index.backend)
         index.load_files(len(live), new.file(self.root, "vectors"),
@@ -425,20 +430,6 @@ class ItemStore:
         log.info("compacted %s: %d deleted rows dropped, %d kept", self.root, dropped, len(live))
 
 
-    @staticmethod
-    def repair(root: Path, fallback: Callable[[], Manifest]) -> RepairReport:
-        """Make a damaged folder openable (see storage.repair), under the write lock."""
-        if not root.is_dir():
-            raise DatabaseError(f"no nanodb database at {root}")
-        lock = WriteLock(root)
-        lock.acquire()
-        try:
-            return repair(root, fallback)
-        except OSError as e:
-            raise DatabaseError(f"cannot repair {root}: {e.strerror or e}") from None
-        finally:
-            lock.release()
-
     def close(self) -> None:
         """Release the write lock and the data files; the store is empty afterwards."""
         self.checks.stop()
@@ -447,15 +438,3 @@ class ItemStore:
         if self._write_lock is not None:
             self._write_lock.release()
             self._write_lock = None
-
-
-@contextmanager
-def _commit_errors(what: str):
-    """A commit that fails on the disk (e.g. full) is one clear DatabaseError; the last commit stays."""
-    try:
-        yield
-    except OSError as e:
-        raise DatabaseError(
-            f"{what} failed ({e.strerror or e}); the previous save is intact and "
-            f"nothing is lost from memory: free some space and save again"
-        ) from None

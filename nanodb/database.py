@@ -225,7 +225,8 @@ class NanoDB:
         if paths is not None and len(paths) != n:
             raise ValueError(f"got {len(paths)} paths for {n} items")
         labels = [r.path for r in records] if paths is None else paths
-        records = [dataclasses.replace(r, path=p, metadata=m) for r, p, m in zip(records, labels, metas)]
+        records = [dataclasses.replace(r, path=p, metadata={**(r.metadata or {}), **(m or {})} or None)
+                   for r, p, m in zip(records, labels, metas)]
         indices = self.store.append(vectors, records)
         if self.autosave_every and self.unsaved >= self.autosave_every:
             self.save()

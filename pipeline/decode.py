@@ -57,7 +57,10 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
         return DecodeFailure(path, str(e))
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on
         return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
-    return DecodedImage(FileRecord(path=path, size=file.size, mtime=file.mtime, hash=content_hash(file.data)), pixels)
+    taken = image.info.get("taken")  # the EXIF date, kept with the item (the web UI shows it)
+    record = FileRecord(path=path, size=file.size, mtime=file.mtime, hash=content_hash(file.data),
+                        metadata={"taken": taken} if taken else None)
+    return DecodedImage(record, pixels)
 
 
 # The pixel transform and pixel limit of a decode worker process, set once by its initializer.

@@ -96,13 +96,33 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
             if scale >= 2:
                 image.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
         image.load()
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        if (taken := date_taken(image)) is not None:
+            rgb.info["taken"] = taken
+        return rgb
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"image too large ({e})") from None
     except Exception as e:  # a broken file can make a decoder raise anything; the caller must go on
         raise ImageRejected(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+EXIF_IFD, DATE_TIME_ORIGINAL, DATE_TIME = 0x8769, 36867, 306  # EXIF tags
+
+
+def date_taken(image) -> str | None:
+    """When a photo was taken, from its EXIF (DateTimeOriginal, else DateTime), as ISO 8601 local time
+    (EXIF names no time zone); None without one. Read here, from the bytes the opener has already
+    checked, so nothing else opens a photo again to show its date."""
+    from datetime import datetime
+
+    try:
+        exif = image.getexif()
+        value = exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL) or exif.get(DATE_TIME)
+        return datetime.strptime(str(value).strip()[:19], "%Y:%m:%d %H:%M:%S").isoformat() if value else None
+    except Exception:  # a damaged EXIF block costs the date only
+        return None
 
 
 def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):

@@ -335,7 +335,8 @@ class ItemStore:
             i = self.row_with_hash(file.hash)
             if i is None:
                 return None
-            found = replace(file, path=absolute_path(file.path), hash=bytes(file.hash))
+            found = replace(file, path=absolute_path(file.path), hash=bytes(file.hash),
+                            metadata=file.metadata or self.table.metadata_of(i) or None)  # e.g. its EXIF date
             self.add_files([found], self.index.vectors[i : i + 1])
             return self._paths_to_index()[found.path]
 

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
+    add_one_shot_commands(p)
+    return p
+
+
+def add_one_shot_commands(p: argparse.ArgumentParser) -> None:
+    """`nanodb search` and `nanodb similar`, which print their results and exit."""
     commands = p.add_subparsers(dest="command", metavar="{search,similar}",
                                 description="one-shot commands for scripts: print the results and exit")
     search = commands.add_parser("search", help="search by text, print the results and exit")
@@ -109,7 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
                              help=f.help)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
-    return p
 
 
 def _positive(text: str) -> int:
@@ -221,11 +226,8 @@ def preview(path: str, protocol: str, max_pixels: int, size: int = 160) -> str:
     )
 
 
-async def run(args: argparse.Namespace) -> int:
-    settings = load_settings(
-        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        precision=args.precision, backend=args.backend,
-    )
+async def open_database(args: argparse.Namespace, settings) -> NanoDB:
+    """The database of `--path`, repaired first with `--repair`."""
     if args.repair:
         report = await asyncio.to_thread(
             NanoDB.repair, args.path, args.model, args.pretrained, seed=args.seed, settings=settings
@@ -235,8 +237,16 @@ async def run(args: argparse.Namespace) -> int:
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
     if args.ray:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # this program's Ray reports nothing anywhere
-    db = NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=args.ray)
+    return NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
+                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=args.ray)
+
+
+async def run(args: argparse.Namespace) -> int:
+    settings = load_settings(
+        args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        precision=args.precision, backend=args.backend,
+    )
+    db = await open_database(args, settings)
     # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
     # (in-flight batches dropped) and what was indexed is saved below.
     for stop_signal in (signal.SIGTERM, signal.SIGHUP):

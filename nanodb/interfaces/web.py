@@ -14,7 +14,7 @@ from datetime import datetime
 
 import gradio as gr
 
-from nanodb.database import SearchResults
+from nanodb.database import Item, SearchResults
 from nanodb.interfaces.search_service import BadRequest, SearchService
 from nanodb.search.request import Filters
 
@@ -78,22 +78,19 @@ def stats_text(stats: dict) -> str:
     return line
 
 
-def taken_date(path: str) -> tuple[str, str]:
-    """(date, where it came from): the EXIF date taken where the file has one, else its modification time."""
-    try:
-        from PIL import Image
-
-        with Image.open(path) as im:  # reads the header only
-            exif = im.getexif()
-            value = exif.get_ifd(0x8769).get(36867) or exif.get(306)
-        if value:
-            return datetime.strptime(str(value).strip()[:19], "%Y:%m:%d %H:%M:%S").strftime("%Y-%m-%d %H:%M"), "taken"
-    except (OSError, ValueError, SyntaxError):
-        pass
-    try:
-        return datetime.fromtimestamp(os.stat(path).st_mtime).strftime("%Y-%m-%d %H:%M"), "file time"
-    except OSError:
+def taken_date(item: Item | None) -> tuple[str, str]:
+    """(date, where it came from): the EXIF date taken the scan kept, else the file's modification time
+    when it was indexed. From the item's record: the server opens no file to show a date."""
+    if item is None:
         return "unknown", "date"
+    if taken := item.metadata.get("taken"):
+        try:
+            return datetime.fromisoformat(str(taken)).strftime("%Y-%m-%d %H:%M"), "taken"
+        except ValueError:
+            pass
+    if item.size >= 0:  # an item added from memory has no file time
+        return datetime.fromtimestamp(item.mtime).strftime("%Y-%m-%d %H:%M"), "file time"
+    return "unknown", "date"
 
 
 def human_size(size: int) -> str:
@@ -327,7 +324,7 @@ class SearchEvents:
         path = item.path if item else None
         name = html.escape(os.path.basename(path)) if path else f"item {index}"
         folder_name = html.escape(os.path.dirname(path)) if path else "-"
-        when, source = taken_date(path) if path else ("unknown", "date")
+        when, source = taken_date(item)
         original = f"{base}/api/items/{index}/original"
         thumb = f"{base}/api/items/{index}/thumbnail"
         copies_text = f" · {copies} identical files" if copies > 1 else ""

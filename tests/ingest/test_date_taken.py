@@ -37,3 +37,20 @@ def test_metadata_given_to_add_joins_the_date_taken(tmp_path):
     with NanoDB(tmp_path / "db", config="test") as db:
         [i] = db.add(str(tmp_path / "beach.jpg"), metadata={"album": "holiday"})
         assert db[i].metadata == {"taken": "2021-01-02T03:04:05", "album": "holiday"}
+
+
+def test_the_web_ui_shows_the_kept_date_without_opening_the_file(tmp_path):
+    from nanodb.interfaces.web import taken_date
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo_taken_at(photos / "beach.jpg", "2019:07:14 10:30:00")
+    photo_taken_at(photos / "undated.jpg", None)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.scan(photos)
+        beach, undated = db[db.index_of(photos / "beach.jpg")], db[db.index_of(photos / "undated.jpg")]
+        (photos / "beach.jpg").unlink()  # the date comes from the database, not from the file
+        assert taken_date(beach) == ("2019-07-14 10:30", "taken")
+        assert taken_date(undated)[1] == "file time"
+        [added] = db.add(db.vectors[beach.index].astype("float32"))
+        assert taken_date(db[added]) == ("unknown", "date")

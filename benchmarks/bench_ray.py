@@ -27,8 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from helpers import DATA as SHARED  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
+from nanodb.cluster import RayOptions  # noqa: E402
 from nanodb.media.record import FileRecord  # noqa: E402
-from nanodb.search.sharded import RayOptions, merge_top_k  # noqa: E402
+from nanodb.search.sharded import merge_top_k  # noqa: E402
 
 DATA = SHARED / "coco-val2017" / "images"
 

@@ -16,7 +16,7 @@ _PUBLIC = {
     "DatabaseError": "nanodb.storage.format",
     "ModelLoadError": "nanodb.model.spec",
     "QueryError": "nanodb.search.query",
-    "RayOptions": "nanodb.search.sharded",
+    "RayOptions": "nanodb.cluster",
 }
 __all__ = list(_PUBLIC)
 

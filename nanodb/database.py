@@ -30,7 +30,7 @@ from nanodb.storage.repair import RepairReport, repair_folder
 from nanodb.storage.store import Item, ItemStore
 
 if TYPE_CHECKING:
-    from nanodb.search.sharded import RayOptions
+    from nanodb.cluster import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class NanoDB:
         # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
         self.cluster = None
         if ray is not None:
-            from nanodb.search.sharded import RayCluster
+            from nanodb.cluster import RayCluster
 
             self.cluster = RayCluster(ray)
             # now, in this thread: Ray's local processes die with the thread that starts them, and a

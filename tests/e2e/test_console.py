@@ -14,7 +14,8 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, ConsoleCompleter, progress_line, styled
+from nanodb.interfaces.console import Console, ConsoleCompleter, progress_line, styled, words_query
+from nanodb.search.query import QueryError
 
 
 @pytest.fixture
@@ -168,3 +169,47 @@ def test_similar_to_an_image_url_fetches_it(console, monkeypatch):
     finally:
         server.shutdown()
     assert out[0].startswith("* index=0") and float(out[0].rsplit("=", 1)[1]) > 0.99
+
+
+@pytest.fixture(scope="module")
+def vectors_db(tmp_path_factory):
+    """50 random vectors: queries rank them, no photo needed."""
+    with NanoDB(tmp_path_factory.mktemp("query") / "db", config="test") as db:
+        db.add(np.random.default_rng(0).standard_normal((50, db.dim)).astype(np.float32))
+        yield db
+
+
+def test_search_and_console_use_combined_queries(vectors_db):
+    db = vectors_db
+    d, b, s = (db.embed_query(t) for t in ("dog", "beach", "snow"))
+    expected = db.search((2 * d + b - s).astype(np.float32), k=5)
+    assert [r.index for r in db.search("2:dog + beach - snow", k=5)] == [r.index for r in expected]
+    lines: list[str] = []
+    asyncio.run(Console(db, 5, lines.append).execute("2:dog + beach - snow"))
+    assert lines == [str(r) for r in expected]
+    lines.clear()
+    asyncio.run(Console(db, 5, lines.append).execute("dog - dog"))
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cancel out" in lines[0]
+
+
+def test_the_console_the_command_line_and_the_api_agree_on_a_dog_jpg(vectors_db, tmp_path, monkeypatch):
+    """`a dog.jpg` named an image to NanoDB.search but was words to the console and `nanodb search`: now
+    a missing file is an error everywhere, and words stay words everywhere."""
+    db = vectors_db
+    monkeypatch.chdir(tmp_path)  # where no such file is
+
+    def console(line: str) -> list[str]:
+        lines: list[str] = []
+        asyncio.run(Console(db, 3, lines.append).execute(line))
+        return lines
+
+    for typed in ("a dog.jpg", "my holiday.png"):
+        with pytest.raises(QueryError, match="no such image file"):
+            db.search(typed, k=3)
+        out = console(typed)
+        assert len(out) == 1 and out[0].startswith("error: no such file or folder"), out
+        assert words_query(typed) == {"query": typed}  # `nanodb search a dog.jpg` asks NanoDB.search
+    words = "a dog.jpg on a beach"
+    assert console(words) == [str(r) for r in db.search(words, k=3)]
+    assert words_query(words) == {"text": words}
+    assert words_query('"a dog.jpg"') == {"text": "a dog.jpg"}  # quoted: always words

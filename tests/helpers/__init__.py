@@ -37,3 +37,12 @@ def write_bad_files(folder: Path) -> dict[str, str]:
     # A decompression bomb: a tiny PNG that claims ~400 megapixels.
     Image.new("1", (20000, 20000)).save(folder / "bomb.png", optimize=True)
     return {p.name: "bad" for p in folder.iterdir()}
+
+
+def brute_force(stored, queries, k: int):
+    """The exact top k by a float32 matrix product: what every search must equal (ties in row order)."""
+    import numpy as np
+
+    scores = queries.astype(np.float32) @ stored.astype(np.float32).T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)

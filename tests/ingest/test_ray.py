@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanodb import NanoDB
-from nanodb.search.sharded import RayOptions
+from nanodb.cluster import RayOptions
 
 STORE_MB = 100 * 2**20
 

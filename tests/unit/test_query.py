@@ -3,14 +3,10 @@ and the one rule for whether a query names an image or is words."""
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
 
-from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, words_query
-from nanodb.search.query import QueryError, combined_vector, is_combined, is_image_reference, parse_query
+from nanodb.search.query import combined_vector, is_combined, is_image_reference, parse_query
 
 
 @pytest.mark.parametrize(
@@ -48,25 +44,6 @@ def test_combined_vector_is_the_normalised_weighted_sum():
         combined_vector("dog - dog", lambda terms: np.stack([basis[t] for t in terms]))
 
 
-@pytest.fixture(scope="module")
-def db(tmp_path_factory):
-    with NanoDB(tmp_path_factory.mktemp("query") / "db", config="test") as db:
-        db.add(np.random.default_rng(0).standard_normal((50, db.dim)).astype(np.float32))
-        yield db
-
-
-def test_search_and_console_use_combined_queries(db):
-    d, b, s = (db.embed_query(t) for t in ("dog", "beach", "snow"))
-    expected = db.search((2 * d + b - s).astype(np.float32), k=5)
-    assert [r.index for r in db.search("2:dog + beach - snow", k=5)] == [r.index for r in expected]
-    lines: list[str] = []
-    asyncio.run(Console(db, 5, lines.append).execute("2:dog + beach - snow"))
-    assert lines == [str(r) for r in expected]
-    lines.clear()
-    asyncio.run(Console(db, 5, lines.append).execute("dog - dog"))
-    assert len(lines) == 1 and lines[0].startswith("error:") and "cancel out" in lines[0]
-
-
 @pytest.mark.parametrize("text, names_an_image", [
     ("a dog.jpg", True), ("Holiday 2024.PNG", True), ("./beach", True), ("../up", True), ("/photos/x", True),
     ("~/Pictures/cat", True), ("https://example.com/cat", True), ("cat.heic", True),
@@ -75,25 +52,3 @@ def test_search_and_console_use_combined_queries(db):
 ])
 def test_one_rule_says_whether_a_query_names_an_image(text, names_an_image):
     assert is_image_reference(text) == names_an_image
-
-
-def test_the_console_the_command_line_and_the_api_agree_on_a_dog_jpg(db, tmp_path, monkeypatch):
-    """`a dog.jpg` named an image to NanoDB.search but was words to the console and `nanodb search`: now
-    a missing file is an error everywhere, and words stay words everywhere."""
-    monkeypatch.chdir(tmp_path)  # where no such file is
-
-    def console(line: str) -> list[str]:
-        lines: list[str] = []
-        asyncio.run(Console(db, 3, lines.append).execute(line))
-        return lines
-
-    for typed in ("a dog.jpg", "my holiday.png"):
-        with pytest.raises(QueryError, match="no such image file"):
-            db.search(typed, k=3)
-        out = console(typed)
-        assert len(out) == 1 and out[0].startswith("error: no such file or folder"), out
-        assert words_query(typed) == {"query": typed}  # `nanodb search a dog.jpg` asks NanoDB.search
-    words = "a dog.jpg on a beach"
-    assert console(words) == [str(r) for r in db.search(words, k=3)]
-    assert words_query(words) == {"text": words}
-    assert words_query('"a dog.jpg"') == {"text": "a dog.jpg"}  # quoted: always words

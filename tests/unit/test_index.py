@@ -5,26 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nanodb import NanoDB
 from nanodb.storage.index import VectorIndex, cupy_available
-
-
-def brute_force(stored: np.ndarray, queries: np.ndarray, k: int):
-    scores = queries.astype(np.float32) @ stored.astype(np.float32).T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return order, np.take_along_axis(scores, order, axis=1)
-
-
-def test_search_equals_float32_brute_force_over_stored_vectors(scanned_db):
-    path, _ = scanned_db
-    with NanoDB(path, read_only=True) as db:
-        stored = db.vectors
-        queries = np.stack([db.embed_query(t) for t in ["a dog", "a red car", "people at a table"]])
-        for k in (1, 5, len(db)):
-            want_i, want_s = brute_force(stored, queries, k)
-            results = db.search(list(queries), k=k)
-            assert [[r.index for r in row] for row in results] == want_i.tolist()
-            np.testing.assert_allclose([[r.similarity for r in row] for row in results], want_s, atol=1e-5)
 
 
 def test_index_matches_brute_force_across_chunks_with_deletions():

@@ -19,7 +19,7 @@ import torch
 from helpers import REPO, coco_photos
 from PIL import Image
 
-import nanodb.search.sharded as sharded
+import nanodb.cluster as cluster
 from nanodb import NanoDB
 from nanodb.config import load_settings
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelConfig, ModelLoadError, ModelSpec
@@ -54,13 +54,13 @@ def test_a_ray_scan_hands_the_databases_whole_model_config_to_the_clip_actors(tm
         factories.append(factory)
         raise Started
 
-    monkeypatch.setattr(sharded, "RayEmbedStage", stage)
+    monkeypatch.setattr(cluster, "RayEmbedStage", stage)
     loaded = []
-    monkeypatch.setattr(sharded, "load_model", loaded.append)
+    monkeypatch.setattr(cluster, "load_model", loaded.append)
     (tmp_path / "photos").mkdir()
     shutil.copy(coco_photos(1)[0], tmp_path / "photos")
     with NanoDB(tmp_path / "db", config="test", seed=3, **RUN) as db:
-        db.cluster = sharded.RayCluster(sharded.RayOptions())  # not connected: Ray is never started
+        db.cluster = cluster.RayCluster(cluster.RayOptions())  # not connected: Ray is never started
         monkeypatch.setattr(db.cluster, "resources", lambda: {"CPU": 2.0})
         with pytest.raises(Started):
             db.scan(tmp_path / "photos")
@@ -70,11 +70,11 @@ def test_a_ray_scan_hands_the_databases_whole_model_config_to_the_clip_actors(tm
 
 def test_the_actor_factory_loads_the_config_it_is_given(monkeypatch):
     loaded = []
-    monkeypatch.setattr(sharded, "load_model", loaded.append)
+    monkeypatch.setattr(cluster, "load_model", loaded.append)
     config = ModelConfig(ModelSpec("ViT-S-32", "none"), "cpu", "float32", "torch")
     threads = torch.get_num_threads()
     try:
-        sharded.actor_model(config, 1)
+        cluster.actor_model(config, 1)
     finally:
         torch.set_num_threads(threads)
     assert loaded == [config]

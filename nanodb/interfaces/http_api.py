@@ -189,14 +189,22 @@ def basic_auth(user: str, password: str):
 
 def api_router(service: SearchService, thumbnails: ThumbnailCache,
                auth: tuple[str, str] | None = None) -> APIRouter:
-    db = service.db
     router = APIRouter(prefix="/api", responses=ERRORS,
                        dependencies=[Depends(basic_auth(*auth))] if auth else [])
+    add_search_routes(router, service)
+    add_item_routes(router, service, thumbnails)
+    return router
 
-    def exists(index: int) -> int:
-        if not db.has_item(index):
-            raise NotServable(f"no item with index {index}")
-        return index
+
+def item_that_exists(db, index: int) -> int:
+    if not db.has_item(index):
+        raise NotServable(f"no item with index {index}")
+    return index
+
+
+def add_search_routes(router: APIRouter, service: SearchService) -> None:
+    """Search by text (GET and POST), by an uploaded image, by a stored item."""
+    db = service.db
 
     @router.get("/search/text", response_model=SearchResponse, summary="Search by text")
     def search_text(
@@ -226,7 +234,15 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache,
     @router.get("/search/item/{index}", response_model=SearchResponse, summary="Items similar to a stored item")
     def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY,
                     where: Where = Depends(query_filters)):
-        return _response(service.by_item(exists(index), k, min_similarity, **where.options()), len(db))
+        return _response(service.by_item(item_that_exists(db, index), k, min_similarity, **where.options()), len(db))
+
+
+def add_item_routes(router: APIRouter, service: SearchService, thumbnails: ThumbnailCache) -> None:
+    """Stats, one item's record, its thumbnail and its original file."""
+    db = service.db
+
+    def exists(index: int) -> int:
+        return item_that_exists(db, index)
 
     @router.get("/stats", response_model=Stats, summary="Items indexed, latest timings, running scans")
     def stats():
@@ -252,8 +268,6 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache,
                                  media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
                                  headers={"Content-Disposition": content_disposition(name),
                                           "Content-Length": str(db[index].size)})
-
-    return router
 
 
 def unknown_api_route(app: FastAPI) -> None:

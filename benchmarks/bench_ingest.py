@@ -130,7 +130,8 @@ def compare(args, tmp: Path) -> None:
         rate, ref_vectors = openclip_loop(reference.model, reference.preprocess, chosen)
         rates.setdefault("open_clip float32 loop (preprocess + encode_image, batch 32)", []).append(rate)
         for precision, backend, workers in SCAN_CONFIGS:
-            opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers)
+            opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers,
+                        follow_symlinks=True)  # trees of links to the data
             with NanoDB(tmp / f"db-{precision}-{backend}-{workers}-{r}", args.model, **opts) as db:
                 _ = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
                 db.scan(warmup)  # starts the decode workers
@@ -196,7 +197,8 @@ def main() -> None:
     files = [f.path for f in DirectoryWalker([str(args.data)])]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, {args.data} ({len(files)} images)")
-    opts = dict(pretrained="none", workers=args.workers, batch_size=args.batch_size, device=args.device)
+    opts = dict(pretrained="none", workers=args.workers, batch_size=args.batch_size, device=args.device,
+                follow_symlinks=True)  # trees of links to the data
     print("load average at start: {:.1f} {:.1f} {:.1f} (other processes share these cores)".format(*os.getloadavg()))
     with tempfile.TemporaryDirectory(prefix="nanodb-bench-") as tmp:
         tmp = Path(tmp)

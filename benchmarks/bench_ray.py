@@ -45,7 +45,7 @@ def scan_rate(tree: Path, model: str, batch: int, ray=None) -> tuple[float, floa
     """(images/s of a first scan with model and workers warm, seconds to start them)."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        with NanoDB(Path(tmp) / "db", model, "none", batch_size=batch, ray=ray) as db:
+        with NanoDB(Path(tmp) / "db", model, "none", batch_size=batch, ray=ray, follow_symlinks=True) as db:
             if ray is None:  # warm the decode pool and the model, as the Ray path starts its actors
                 db.scan(next(tree.iterdir()))
             else:

@@ -29,6 +29,7 @@ class Settings:
     settle_seconds: float
     autosave_seconds: float
     compact_dead_fraction: float
+    follow_symlinks: bool
 
     @property
     def decode_workers(self) -> int:

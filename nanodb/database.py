@@ -245,17 +245,22 @@ class NanoDB:
         return self.store.forget(os.fspath(p) for p in paths)
 
     # ----------------------------------------------------------------- scanning and watching
-    def scan(self, *paths: str | os.PathLike, progress: bool = False, excludes=None) -> ScanReport:
+    def scan(self, *paths: str | os.PathLike, progress: bool = False, excludes=None,
+             follow_symlinks: bool | None = None) -> ScanReport:
         """Add the images under folders (recursively) or single files; returns a ScanReport.
 
         Files already indexed with the same size and mtime are skipped; changed ones are re-embedded.
+        A symlink that leads outside `paths` is skipped unless `follow_symlinks` (default: the setting).
         """
-        return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes))
+        return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes,
+                                           follow_symlinks=follow_symlinks))
 
     async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None, running=None,
-                         feed: asyncio.Queue | None = None) -> ScanReport:
+                         feed: asyncio.Queue | None = None, follow_symlinks: bool | None = None) -> ScanReport:
         """A scan of `paths`, or, given a `feed` (a folder watcher's), the files put on it until None."""
         self.store.check_writable()
+        follow = self.settings.follow_symlinks if follow_symlinks is None else follow_symlinks
+        self._record_roots(paths, follow)
         report = report or ScanReport()
         bar = progress_bar(report) if progress else None
         remote = None
@@ -268,6 +273,7 @@ class NanoDB:
         pipeline = ScanPipeline(
             self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
+            follow_symlinks=follow,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:
@@ -284,11 +290,24 @@ class NanoDB:
             report.finished = time.monotonic()  # the scan's wall time includes its save
         return report
 
-    def watcher(self, folders, feed: asyncio.Queue, excludes=None) -> FolderWatcher:
+    def watcher(self, folders, feed: asyncio.Queue, excludes=None,
+                follow_symlinks: bool | None = None) -> FolderWatcher:
         """A watcher that keeps this database in step with `folders`, handing new files to `feed`."""
         self.store.check_writable()
+        follow = self.settings.follow_symlinks if follow_symlinks is None else follow_symlinks
+        self._record_roots(folders, follow)
         return FolderWatcher(self.store, folders, feed, settle_seconds=self.settings.settle_seconds,
-                             excludes=excludes)
+                             excludes=excludes, follow_symlinks=follow)
+
+    @property
+    def scanned_roots(self) -> dict[str, bool]:
+        """The folders (or files) scanned or watched, each with whether symlinks out of it were followed."""
+        return dict(self.store.manifest.roots)
+
+    def _record_roots(self, paths, follow_symlinks: bool) -> None:
+        """The folders (or files) scanned, remembered: the server sends only files under them."""
+        roots = {absolute_path(p): follow_symlinks for p in paths}
+        self.store.record_roots({p: f for p, f in roots.items() if os.path.lexists(p)})
 
     @property
     def decode_pool(self) -> ImageDecodePool:

@@ -108,12 +108,14 @@ class ScanPipeline:
     def __init__(self, sink: IndexSink, model: EmbeddingModel | Callable[[], EmbeddingModel], roots,
                  decode_pool: ImageDecodePool, batch_size: int, *, excludes=None,
                  autosave_every: int | None = None, report: ScanReport | None = None,
-                 feed: asyncio.Queue | None = None, running: asyncio.Event | None = None, remote=None):
+                 feed: asyncio.Queue | None = None, running: asyncio.Event | None = None, remote=None,
+                 follow_symlinks: bool = False):
         """`model`: the model, or a function that returns it, called only once an image needs embedding
         (the decode pool, likewise, starts its workers on the first file to decode). `remote`: a stage
         that decodes and embeds elsewhere (a Ray cluster) instead of the pool and the CLIP stage."""
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
-        self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),), **kwargs)
+        self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),),
+                                      follow_symlinks=follow_symlinks, **kwargs)
         self.sink = sink
         self.pool = decode_pool
         self.feed = feed

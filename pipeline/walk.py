@@ -10,11 +10,14 @@ from dataclasses import dataclass, field
 
 from nanodb.media.paths import (
     DEFAULT_EXCLUDES,
+    OUTSIDE_ROOTS,
     absolute_path,
     is_excluded,
     is_image_name,
     is_unsupported_image_name,
+    leads_inside,
     printable,
+    resolved_roots,
 )
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ class _Visited:
     """One walk's memory: folders entered (by device and inode: symlink loops) and files found."""
 
     skip_dirs: set[str]
+    inside: tuple[str, ...]  # the resolved folders a symlink may lead into
     dirs: set[tuple[int, int]] = field(default_factory=set)
     files: set[str] = field(default_factory=set)
 
@@ -55,13 +59,18 @@ class DirectoryWalker:
 
     Skips excluded names (glob patterns matched against each file or folder name, or a full path),
     folders it has already entered (symlink loops), and anything that is not a regular file
-    (FIFOs, sockets, devices: reading those would hang or never end). Unreadable folders, broken
-    links and image files of a format nanodb cannot read are reported in `problems` and the walk goes on.
+    (FIFOs, sockets, devices: reading those would hang or never end). Unless `follow_symlinks`, a symlink
+    (to a file or a folder) that leads outside `bounds` (default: the roots) is skipped: a link dropped
+    into a shared folder must not index, and so publish, a private file. Unreadable folders, broken
+    links, such symlinks and image files of a format nanodb cannot read are reported in `problems` and
+    the walk goes on. A root itself, named by the user, is always followed.
     """
 
     roots: list[str]
     excludes: tuple[str, ...] = DEFAULT_EXCLUDES
     skip_dirs: tuple[str, ...] = ()  # absolute folders never entered (the database folder)
+    follow_symlinks: bool = False
+    bounds: tuple[str, ...] | None = None  # the folders symlinks may lead into, if not the roots
     problems: list[WalkProblem] = field(default_factory=list)
 
     def _problem(self, path: str, reason: str) -> None:
@@ -69,7 +78,8 @@ class DirectoryWalker:
         self.problems.append(WalkProblem(path, reason))
 
     def __iter__(self) -> Iterator[FoundFile]:
-        visited = _Visited(skip_dirs={os.path.abspath(d) for d in self.skip_dirs})
+        inside = resolved_roots(self.roots if self.bounds is None else self.bounds)
+        visited = _Visited(skip_dirs={os.path.abspath(d) for d in self.skip_dirs}, inside=inside)
         for root in self.roots:
             yield from self._walk_root(absolute_path(root), visited)
 
@@ -92,7 +102,7 @@ class DirectoryWalker:
         while stack:
             subdirs = []
             for entry in self._entries(stack.pop(), visited):
-                if is_excluded([entry.name], entry.path, self.excludes):
+                if is_excluded([entry.name], entry.path, self.excludes) or self._leads_outside(entry, visited):
                     continue
                 if _is_dir(entry):
                     subdirs.append(entry.path)
@@ -116,6 +126,17 @@ class DirectoryWalker:
         except OSError as e:
             self._problem(folder, e.strerror or str(e))
             return []
+
+    def _leads_outside(self, entry: os.DirEntry, visited: _Visited) -> bool:
+        """A symlink out of the scanned folders, not to be followed: reported if it names an image or a folder."""
+        try:
+            if self.follow_symlinks or not entry.is_symlink() or leads_inside(entry.path, visited.inside):
+                return False
+        except OSError:
+            return False  # unreadable: the checks that follow report it
+        if is_image_name(entry.name) or _is_dir(entry):
+            self._problem(entry.path, OUTSIDE_ROOTS)
+        return True
 
     def _image(self, entry: os.DirEntry, seen: set[str]) -> FoundFile | None:
         """A folder entry that is an image file; an image format nanodb cannot read is a problem."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,16 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from nanodb.media.opener import ImageRejected, read_image_file
-from nanodb.media.paths import DEFAULT_EXCLUDES, absolute_path, is_excluded, is_image_name
+from nanodb.media.paths import (
+    DEFAULT_EXCLUDES,
+    OUTSIDE_ROOTS,
+    absolute_path,
+    is_excluded,
+    is_image_name,
+    leads_inside,
+    printable,
+    resolved_roots,
+)
 from nanodb.media.record import FileRecord, content_hash
 
 log = logging.getLogger(__name__)
@@ -53,9 +63,12 @@ class _Forward(FileSystemEventHandler):
 class FolderWatcher:
     """Keeps `sink` in step with `roots` (folders) while running; see the module docstring."""
 
-    def __init__(self, sink: IndexSink, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None):
+    def __init__(self, sink: IndexSink, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None,
+                 follow_symlinks: bool = False):
+        """`follow_symlinks`: also index files reached through symlinks that lead outside `roots`."""
         self.sink = sink
         self.roots = [absolute_path(r) for r in roots]
+        self.follow_symlinks = follow_symlinks
         self.feed = feed
         self.settle_seconds = settle_seconds
         self.excludes = tuple(DEFAULT_EXCLUDES if excludes is None else excludes)
@@ -135,7 +148,8 @@ class FolderWatcher:
         self.pending.setdefault(path, _Pending(None, time.monotonic()))
 
     async def _mark_folder(self, folder: str) -> None:
-        walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.sink.path),))
+        walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.sink.path),),
+                                 follow_symlinks=self.follow_symlinks, bounds=tuple(self.roots))
         for found in await asyncio.to_thread(list, walker):
             self._mark(found.path)
 
@@ -180,12 +194,25 @@ class FolderWatcher:
                     p.signature, p.since = signature, now
                 elif now - p.since >= self.settle_seconds:
                     del self.pending[path]
-                    ready.append(FoundFile(path, st.st_size, st.st_mtime))
+                    if self._indexable(path, st):
+                        ready.append(FoundFile(path, st.st_size, st.st_mtime))
             for found in ready:
                 try:
                     await self._hand_on(found)
                 except Exception as e:  # e.g. a database error: report it, keep watching
                     log.error("could not index %s: %s", found.path, e)
+
+    def _indexable(self, path: str, st: os.stat_result) -> bool:
+        """A settled file is read only if it is a regular file (a FIFO would block its reader) reached
+        without a symlink out of the watched folders (unless those are followed); else one line."""
+        if not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file"
+        elif not self.follow_symlinks and not leads_inside(path, resolved_roots(self.roots)):
+            reason = OUTSIDE_ROOTS
+        else:
+            return True
+        log.warning("skipped %s: %s", printable(path), reason)
+        return False
 
     async def _hand_on(self, found: FoundFile) -> None:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="skip files and folders whose name or path matches (repeatable; hidden folders, "
                         "@eaDir, .thumbnails and the database folder are always skipped)")
+    p.add_argument("--follow-symlinks", action="store_true", default=None,
+                   help="with --scan/--watch: also index files reached through symlinks that lead outside the "
+                        "folders given (skipped by default: the server would send them)")
     p.add_argument("--autosave", action="store_true",
                    help="save after each scan and after every `autosave_every` (1000) new images")
     p.add_argument("--read-only", action="store_true",
@@ -244,7 +247,7 @@ async def open_database(args: argparse.Namespace, settings) -> NanoDB:
 async def run(args: argparse.Namespace) -> int:
     settings = load_settings(
         args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
-        precision=args.precision, backend=args.backend,
+        precision=args.precision, backend=args.backend, follow_symlinks=args.follow_symlinks,
     )
     db = await open_database(args, settings)
     # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled

@@ -289,7 +289,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(NotServable)
     async def not_servable(request: Request, exc: NotServable):
-        return JSONResponse({"error": str(exc)}, status_code=404)
+        return JSONResponse({"error": str(exc)}, status_code=exc.status_code)  # 404, or 403 (OutsideRoots)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):  # e.g. a body that is not JSON

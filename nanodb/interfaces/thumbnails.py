@@ -3,7 +3,9 @@
 A file is only ever found by item index, never from a path in a request, and only while it is still
 the file that was indexed: same size, modification time and content hash, checked on the very file
 descriptor that is then sent. So a path swapped for a symlink to another file, or for another file
-with the same size and mtime, is refused.
+with the same size and mtime, is refused. It is opened by the media layer's one opener (never blocks,
+a regular file checked before a byte is read). And a file reached through a symlink out of the folders
+the database was scanned from is refused (403), unless those were scanned following symlinks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from nanodb.media.opener import open_image
+from nanodb.media.opener import ImageRejected, open_image, open_regular_file
+from nanodb.media.paths import servable_path
 from nanodb.media.record import content_hash
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
@@ -22,6 +25,14 @@ THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20
 
 class NotServable(LookupError):
     """The item has no file that may be sent; the message says why."""
+
+    status_code = 404
+
+
+class OutsideRoots(NotServable):
+    """The item's file is reached through a symlink out of the scanned folders: it may not be sent."""
+
+    status_code = 403
 
 
 def _indexed_item(db, index: int):
@@ -38,6 +49,18 @@ def _check_stat(st: os.stat_result, item, index: int) -> None:
         raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
 
 
+def _check_inside_roots(db, item, index: int) -> None:
+    if not servable_path(item.path, db.scanned_roots):
+        raise OutsideRoots(f"the file of item {index} is reached through a symlink out of the scanned folders")
+
+
+def _hashed(f, limit: int):
+    """The file's chunks, at most `limit` bytes in all: a file that grew since its check is not read whole."""
+    while limit > 0 and (chunk := f.read(min(1 << 20, limit))):
+        limit -= len(chunk)
+        yield chunk
+
+
 def check_original(db, index: int) -> None:
     """Cheap: the file of live item `index` still has its indexed size and mtime."""
     item = _indexed_item(db, index)
@@ -51,14 +74,15 @@ def open_original(db, index: int):
     """The file of live item `index`, opened and checked to be the one that was indexed (its content
     hash included, on this very descriptor); returned open at its start for the caller to read and close."""
     item = _indexed_item(db, index)
-    try:  # non-blocking: a path swapped for a FIFO must not hang the server
-        f = open(os.open(item.path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    except OSError:
-        raise NotServable(f"the file of item {index} is gone") from None
+    try:  # non-blocking, and checked to be a regular file before a byte is read (a FIFO, a device)
+        f, st = open_regular_file(item.path)
+    except ImageRejected as e:  # gone, or no longer a regular file
+        raise NotServable(f"the file of item {index} cannot be sent ({e})") from None
     try:
-        _check_stat(os.fstat(f.fileno()), item, index)
-        if content_hash(iter(lambda: f.read(1 << 20), b"")).hex() != item.hash:
+        _check_stat(st, item, index)
+        if content_hash(_hashed(f, item.size + 1)).hex() != item.hash:
             raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
+        _check_inside_roots(db, item, index)
         f.seek(0)
         return f
     except BaseException:
@@ -83,6 +107,7 @@ class ThumbnailCache:
         key = f"{item.hash}_{self.size}"
         thumb = self.folder / key[:2] / f"{key}.jpg"
         if thumb.is_file():  # made from the indexed content (the key is its hash)
+            _check_inside_roots(self.db, item, index)
             return thumb
         with self._guard:
             lock = self._making.setdefault(key, threading.Lock())

@@ -41,21 +41,45 @@ class FileBytes:
     mtime: float
 
 
-def read_image_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
-    """A regular file's bytes; raises ImageRejected for FIFOs, devices, empty or oversized files."""
+def open_regular_file(path: str, max_bytes: int = MAX_FILE_BYTES):
+    """`path` opened for reading and checked on its descriptor, before a byte is read, to be a non-empty
+    regular file of at most `max_bytes`: (binary file, its fstat). The one way nanodb opens a user's file.
+
+    Never blocks: O_NONBLOCK (a FIFO, or a file swapped for one since the walk, opens at once), O_NOCTTY
+    (a terminal never becomes this process's). Raises ImageRejected for FIFOs, devices, sockets, folders,
+    empty or oversized files and unreadable paths."""
     try:
-        # Non-blocking, then checked: a file swapped for a FIFO since the walk must not hang the reader.
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageRejected("not a regular file")
-            if st.st_size == 0:
-                raise ImageRejected("empty file")
-            if st.st_size > max_bytes:
-                raise ImageRejected(f"file too large ({st.st_size >> 20} MiB)")
-            return FileBytes(f.read(max_bytes + 1), st.st_size, st.st_mtime)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as e:
         raise ImageRejected(f"unreadable: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageRejected("not a regular file")
+        if st.st_size == 0:
+            raise ImageRejected("empty file")
+        if st.st_size > max_bytes:
+            raise ImageRejected(f"file too large ({st.st_size >> 20} MiB)")
+        return open(fd, "rb"), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_image_file(path: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
+    """A regular file's bytes, read through open_regular_file, at most `max_bytes` of them (a file that
+    grew past it since the check is refused); raises ImageRejected."""
+    f, st = open_regular_file(path, max_bytes)
+    with f:
+        try:
+            data = f.read(st.st_size + 1)  # a buffer of the file's size, not of the limit (a memory limit)
+            if len(data) > st.st_size:  # it grew since the check
+                data += f.read(max_bytes + 1 - len(data))
+        except OSError as e:
+            raise ImageRejected(f"unreadable: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise ImageRejected(f"file too large (over {max_bytes >> 20} MiB)")
+    return FileBytes(data, st.st_size, st.st_mtime)
 
 
 def check_dimensions(width: int, height: int, max_pixels: int) -> None:

@@ -36,3 +36,36 @@ def printable(path: str) -> str:
     """A file name fit for one log or console line: newlines, control characters and undecodable
     bytes (surrogate escapes) shown as Python escapes, so no name can split or garble the output."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+
+
+OUTSIDE_ROOTS = "symlink leads outside the scanned folders"
+
+
+def resolved_roots(roots) -> tuple[str, ...]:
+    """The scanned folders (or files) as the filesystem resolves them: where a symlink must lead to stay inside."""
+    return tuple(os.path.realpath(absolute_path(r)) for r in roots)
+
+
+def is_under(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (both absolute and normalised; no file system access)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def leads_inside(path: str, real_roots: tuple[str, ...]) -> bool:
+    """`path`, every symlink on the way followed, is one of `real_roots` or lies below one."""
+    real = os.path.realpath(path)
+    return any(is_under(real, root) for root in real_roots)
+
+
+def servable_path(path: str, roots: dict[str, bool]) -> bool:
+    """May a stored file be sent? `roots`: the folders (or files) scanned or watched, each with whether
+    symlinks out of it were followed (NanoDB.scan's follow_symlinks).
+
+    Under a root scanned following symlinks: yes. Otherwise the file, resolved, must lie under a root,
+    resolved; a file under no root (added by name with NanoDB.add) only when no symlink is on its way."""
+    named_under = [root for root in roots if is_under(path, root)]
+    if any(roots[root] for root in named_under):
+        return True
+    if not named_under and os.path.realpath(path) == path:
+        return True
+    return leads_inside(path, resolved_roots(roots))

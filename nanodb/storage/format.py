@@ -94,6 +94,9 @@ class Manifest:
     # CRC-32 of the committed bytes of each data file, extended at each save (cost ~ new bytes), so a
     # corrupted file is caught at opening. None when a writer did not record them (then not checked).
     checksums: dict[str, int] | None = field(default_factory=lambda: dict.fromkeys(DATA_FILES, 0))
+    # The folders (or files) scanned or watched, absolute, each with whether symlinks out of them were
+    # followed: the server sends only files under them (media.paths.servable_path). Optional: none before.
+    roots: dict[str, bool] = field(default_factory=dict)
 
     def file(self, root: Path, kind: str) -> Path:
         return root / f"{kind}.{self.generation}.{EXTENSIONS[kind]}"
@@ -175,6 +178,8 @@ def _manifest_problem(m: Manifest) -> str | None:
         or not all(isinstance(v, int) for v in m.checksums.values())
     ):
         return "checksums are malformed"
+    if not isinstance(m.roots, dict) or not all(isinstance(v, bool) for v in m.roots.values()):
+        return "roots are malformed"
     return None
 
 

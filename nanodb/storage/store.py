@@ -360,6 +360,21 @@ class ItemStore:
             except OSError as e:
                 raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
 
+    def record_roots(self, roots: dict[str, bool]) -> None:
+        """Remember folders scanned or watched (and whether symlinks out of them were followed), in the
+        manifest, written now if they are new: the server sends only files under them."""
+        self.check_writable()
+        with self._save_lock:
+            merged = {**self.manifest.roots, **roots}
+            if merged == self.manifest.roots:
+                return
+            new = Manifest(**{**self.manifest.__dict__, "roots": merged})
+            try:
+                write_manifest(self.root, new)
+            except OSError as e:
+                raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
+            self.manifest = new
+
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.
         Returns False when there was nothing to save. Refused once a data file is found corrupted."""

@@ -44,7 +44,7 @@ def check_after_kill(db_path, run, folder_files, rng) -> int:
 def kill_trials(tmp_path, trials: int, images: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     folder_files = image_folder(tmp_path / "photos", images)
-    config = write_config(tmp_path / "crash.yaml", autosave_every=4)
+    config = write_config(tmp_path / "crash.yaml", autosave_every=4, follow_symlinks=True)  # links to shared photos
     db_path = tmp_path / "db"
     args = ["--path", str(db_path), "--config", str(config), "--scan", str(tmp_path / "photos"), "--autosave"]
     outcomes = []

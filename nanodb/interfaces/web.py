@@ -16,6 +16,7 @@ import gradio as gr
 
 from nanodb.database import Item, SearchResults
 from nanodb.interfaces.search_service import BadRequest, SearchService
+from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.search.request import Filters
 
 DEFAULT_K = 64
@@ -278,8 +279,10 @@ class SearchEvents:
         if kind == "text":
             return self.service.by_text(query, k, min_similarity, **filters)
         if kind == "image":
-            with open(query, "rb") as f:
-                data = f.read(self.service.max_upload_bytes + 1)
+            try:  # the upload Gradio stored, read through the one opener (a regular file, bounded)
+                data = read_image_file(query, self.service.max_upload_bytes).data
+            except ImageRejected as e:
+                raise BadRequest(f"cannot search by this upload: {e}") from None
             return self.service.by_image(data, k, min_similarity, **filters)
         return self.service.by_item(query, k, min_similarity, **filters)
 

@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import zlib
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from nanodb.storage.checks import check_length
 from nanodb.storage.format import (
     DATA_FILES,
+    MANIFEST,
     DatabaseError,
     Manifest,
     committed_lengths,
+    data_file_name,
     fsync_dir,
     read_manifest,
     write_manifest,
 )
+
+log = logging.getLogger(__name__)
 
 LOCK = ".lock"
 
@@ -142,25 +148,57 @@ class WriteLock:
             self.fd = None
 
 
-def check_unchanged(root: Path, committed: Manifest) -> None:
+def check_unchanged(root: Path, committed: Manifest, lock: WriteLock | None = None) -> None:
     """Refuse to write when the manifest on disk is not the one this process committed last: another
-    process saved meanwhile (the lock was bypassed), and writing now would destroy what it saved."""
+    process saved meanwhile (the lock was bypassed), or it was replaced or damaged by hand, and writing
+    now could destroy what is there. Nothing is written; what is unsaved stays in this process's memory.
+
+    A manifest deleted under the process holding `lock` (the folder is still the one it locked, and the
+    committed data files are whole) is no reason to lose anything: the save writes it again."""
+    if lock is not None and rewrites_deleted_manifest(root, committed, lock):
+        return
     try:
         on_disk = read_manifest(root)
+        if on_disk is None:
+            problem = f"{root / MANIFEST} was deleted, and its data files with it"
+        elif on_disk.__dict__ != committed.__dict__:
+            problem = "another process changed it since this one opened it"
+        else:
+            problem = None
     except DatabaseError as e:
-        raise DatabaseError(f"refusing to save: {e}") from None
-    if on_disk is None or on_disk.__dict__ != committed.__dict__:
+        problem = str(e)
+    if problem:
         raise DatabaseError(
-            f"refusing to save to {root}: another process changed it since this one opened it; nothing was "
-            "written: reopen the database and add your changes again"
+            f"refusing to save to {root}: {problem}. Nothing was written, and the unsaved changes stay in this "
+            f"process's memory (searchable): put back the {MANIFEST} this process saved, then save again"
         )
 
 
-def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict[str, bytes | memoryview]) -> None:
+def rewrites_deleted_manifest(root: Path, committed: Manifest, lock: WriteLock) -> bool:
+    """True when the manifest is missing from the folder this process has locked and every committed data
+    file is still there at its committed length: the next commit can write the manifest anew."""
+    if lock.fd is None or (root / MANIFEST).exists():
+        return False
+    try:
+        held, now = os.fstat(lock.fd), os.stat(root)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            return False  # the folder was replaced: this process's files are not in it
+        for kind, nbytes in committed_lengths(committed).items():
+            check_length(committed.file(root, kind), nbytes)
+    except (OSError, DatabaseError):
+        return False
+    log.warning("%s was deleted while this process had the database open: this save writes it again",
+                root / MANIFEST)
+    return True
+
+
+def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict[str, bytes | memoryview],
+                  lock: WriteLock | None = None) -> None:
     """A save: append to each data file at its committed length (overwriting what a crashed save left
     there), extend the checksums, fsync, then replace the manifest, the commit point. Refused before
-    anything is written when another process committed since `committed`."""
-    check_unchanged(root, committed)
+    anything is written when another process committed since `committed` (see check_unchanged: `lock`
+    is the write lock this process holds)."""
+    check_unchanged(root, committed, lock)
     if committed.checksums is not None:
         new.checksums = {
             kind: zlib.crc32(memoryview(appended[kind]).cast("B"), committed.checksums[kind]) for kind in DATA_FILES
@@ -172,12 +210,12 @@ def commit_append(root: Path, committed: Manifest, new: Manifest, appended: dict
 
 
 def commit_generation(root: Path, committed: Manifest, new: Manifest,
-                      data: dict[str, bytes | memoryview | Chunks]) -> None:
+                      data: dict[str, bytes | memoryview | Chunks], lock: WriteLock | None = None) -> None:
     """A compaction: write every data file of `new.generation` from scratch, fsynced, then replace the
     manifest. Files left by a compaction that crashed before its manifest are simply overwritten; the
     old generation stays committed until the manifest names the new one. Refused, like commit_append,
     when another process committed since `committed`."""
-    check_unchanged(root, committed)
+    check_unchanged(root, committed, lock)
     new.checksums = {kind: crc_of(data[kind]) for kind in DATA_FILES}
     for kind in DATA_FILES:
         append_at(new.file(root, kind), 0, data[kind])
@@ -185,13 +223,18 @@ def commit_generation(root: Path, committed: Manifest, new: Manifest,
 
 
 def remove_other_generations(root: Path, generation: int) -> None:
-    """Delete data files of generations other than the committed one: the old files of a finished
-    compaction, or the partial files of one that crashed. Called only with the write lock held."""
-    for kind in DATA_FILES:
-        for path in root.glob(f"{kind}.*.*"):
-            parts = path.name.split(".")
-            if len(parts) == 3 and parts[1].isdigit() and int(parts[1]) != generation:
-                path.unlink(missing_ok=True)
+    """Delete the data files of generations this database wrote before the committed one (the old files
+    of a finished compaction) or just after it (the partial files of a compaction that crashed before
+    its manifest). Only names of the format (`vectors.3.f16`): a file the user put in the folder, or one
+    of a generation this database never reached, is never touched. Called only with the write lock held."""
+    for name in os.listdir(root):
+        parsed = data_file_name(name)
+        if parsed is not None and (parsed[1] < generation or parsed[1] == generation + 1):
+            (root / name).unlink(missing_ok=True)
+
+
+WRITE_PROTECTED = (errno.EACCES, errno.EPERM, errno.EROFS)
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
@@ -200,7 +243,12 @@ def commit_errors(what: str):
     try:
         yield
     except OSError as e:
+        if e.errno in WRITE_PROTECTED:
+            fix = f"the folder is read-only or not writable ({e.filename or e}): make it writable and save again"
+        elif e.errno in FULL:
+            fix = "free some space and save again"
+        else:
+            fix = "save again once the cause is fixed"
         raise DatabaseError(
-            f"{what} failed ({e.strerror or e}); the previous save is intact and "
-            f"nothing is lost from memory: free some space and save again"
+            f"{what} failed ({e.strerror or e}); the previous save is intact and nothing is lost from memory: {fix}"
         ) from None

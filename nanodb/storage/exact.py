@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanodb.storage.scan import search_pool, search_threads
+from nanodb.storage.scan import DamagedRows, search_pool, search_threads
 
 EXACT_ROWS = 1024  # candidates rescored at a time: float64 temporaries that stay in cache
 EXACT_PARALLEL_ROWS = 4096  # fewer candidates than this are rescored by one thread (a single query's)
@@ -30,7 +30,8 @@ def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
 
     `margins` is twice the fast pass's error bound. A row of the true top k scores (fast pass) at
     least the k-th best fast score minus the margin, in its segment and overall; so the candidates
-    contain it, and float64 decides."""
+    contain it, and float64 decides. A candidate scoring what no unit row can (NaN, or past twice the
+    query's norm) raises DamagedRows: its file changed after it was checked."""
     qi = np.concatenate([p[0] for p in parts]).astype(np.int64)
     rows = np.concatenate([p[1] for p in parts]).astype(np.int64)
     s32 = np.concatenate([p[2] for p in parts])
@@ -46,7 +47,13 @@ def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
     qi, rows = qi[keep], rows[keep]
     if stats is not None:
         stats["rescored"] = len(rows)
-    exact = float64_dots(buf, rows, queries.astype(np.float64), qi, kernel)
+    queries64 = queries.astype(np.float64)
+    exact = float64_dots(buf, rows, queries64, qi, kernel)
+    # a unit row scores at most the query's norm; twice that is far past rounding and repair's tolerance
+    reachable = 2 * np.linalg.norm(queries64, axis=1)
+    damaged = ~(np.abs(exact) <= reachable[qi])  # NaN too
+    if damaged.any():
+        raise DamagedRows(rows[damaged])
     best_i = np.empty((nq, kk), np.int64)
     best_s = np.empty((nq, kk), np.float32)
     bounds = np.searchsorted(qi, np.arange(nq + 1))

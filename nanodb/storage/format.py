@@ -115,10 +115,53 @@ def committed_lengths(m: Manifest) -> dict[str, int]:
     }
 
 
+def data_file_name(name: str) -> tuple[str, int] | None:
+    """(kind, generation) of a file name of the format (`vectors.3.f16`), None for any other name."""
+    parts = name.split(".")
+    if len(parts) != 3 or parts[0] not in EXTENSIONS or parts[2] != EXTENSIONS[parts[0]]:
+        return None
+    if not (parts[1].isascii() and parts[1].isdigit()) or parts[1] != str(int(parts[1])):
+        return None
+    return parts[0], int(parts[1])
+
+
+def database_files(root: Path) -> list[str]:
+    """The names in `root` that only a nanodb database writes: data files of any generation, or a manifest
+    being written that commits items. A folder holding one is a database, whether or not its manifest
+    is there. (A new database killed while writing its first manifest leaves one of no items: nothing
+    to lose, so that folder opens as new.)"""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    found = sorted(n for n in names if data_file_name(n) is not None)
+    if MANIFEST + ".tmp" in names and _names_items(root / (MANIFEST + ".tmp")):
+        found.append(MANIFEST + ".tmp")
+    return found
+
+
+def _names_items(path: Path) -> bool:
+    """The manifest at `path` may commit items: any JSON but a manifest of none. A partial one (killed
+    while written) commits none: a save writes its data files first, and those count by themselves."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    count = data.get("count") if isinstance(data, dict) else None
+    return not isinstance(count, int) or count > 0
+
+
 def read_manifest(root: Path) -> Manifest | None:
-    """The committed manifest, upgraded to FORMAT_VERSION; None if the folder holds no database."""
+    """The committed manifest, upgraded to FORMAT_VERSION; None if the folder holds no database. A folder
+    of data files whose manifest is missing is a damaged database, never a new one: DatabaseError."""
     path = root / MANIFEST
     if not path.exists():
+        found = database_files(root)
+        if found:
+            raise DatabaseError(
+                f"{path} is missing, but {root} holds nanodb data files ({', '.join(found[:4])}"
+                f"{', ...' if len(found) > 4 else ''}): the database is damaged, not new; {REPAIR_HINT}"
+            )
         return None
     try:
         data = json.loads(path.read_bytes())

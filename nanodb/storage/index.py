@@ -18,6 +18,7 @@ float32 scratch and scored by BLAS; on a GPU, float32 on CuPy (here).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,9 +27,10 @@ import numpy as np
 
 from nanodb.storage.compact import quantize_rows
 from nanodb.storage.exact import exact_top_k
+from nanodb.storage.format import REPAIR_HINT, DatabaseError
 from nanodb.storage.kernel import built_kernel
-from nanodb.storage.mapped_rows import file_backed_rows
-from nanodb.storage.scan import candidates_compact, candidates_float16, float32_error_bound
+from nanodb.storage.mapped_rows import HeldFile, file_backed_rows
+from nanodb.storage.scan import DamagedRows, candidates_compact, candidates_float16, float32_error_bound
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class VectorIndex:
         self._norm_max = 0.0  # the largest row norm bound (scales[:, 2])
         self.count = 0
         self.mapped = 0  # rows 0..mapped-1 are the data files' (see load_files), read on demand
-        self._files: dict[str, Path] = {}
+        self._files: dict[str, HeldFile] = {}  # the data files mapped, held open (see check_files)
         self._stop = threading.Event()
         self._dead = np.zeros(0, bool)
         self._any_dead = False
@@ -92,6 +94,7 @@ class VectorIndex:
     @property
     def vectors(self) -> np.ndarray:
         """The stored float16 vectors, (count, dim), deleted rows included."""
+        self.check_files()
         return self._buf[: self.count]
 
     @property
@@ -101,11 +104,13 @@ class VectorIndex:
     @property
     def codes(self) -> np.ndarray:
         """The compact copy's codes, (count, dim) uint8 (see quantize_rows)."""
+        self.check_files()
         return self._codes[: self.count]
 
     @property
     def scales(self) -> np.ndarray:
         """The compact copy's per-row step and bounds, (count, 3) float32 (see quantize_rows)."""
+        self.check_files()
         return self._scales[: self.count]
 
     def _grow(self, need: int) -> None:
@@ -125,13 +130,19 @@ class VectorIndex:
             gdead[: self.count] = self._gpu_dead[: self.count]
             self._gpu, self._gpu_dead = gpu, gdead
 
+    def check_files(self) -> None:
+        """Fail naming a mapped data file that was shortened since it was mapped: reading its lost pages
+        would kill the process (see mapped_rows). One fstat per file."""
+        for held in list(self._files.values()):
+            held.check()
+
     def _grown(self, kind: str, old: np.ndarray, cap: int) -> np.ndarray:
         """A copy of `old` with room for `cap` rows: the mapped rows are mapped again, not copied."""
-        path = self._files.get(kind)
-        if path is None:
+        held = self._files.get(kind)
+        if held is None:
             new, start = np.empty((cap, *old.shape[1:]), old.dtype), 0
         else:
-            new = file_backed_rows(path, self.mapped, old.shape[1:], old.dtype, cap, kind == "vectors")
+            new = file_backed_rows(held, self.mapped, old.shape[1:], old.dtype, cap, kind == "vectors")
             start = self.mapped
         new[start : self.count] = old[start : self.count]
         return new
@@ -139,16 +150,17 @@ class VectorIndex:
     def load_files(self, count: int, vectors: Path, compact: tuple[Path, Path] | None = None) -> None:
         """Fill a fresh index with the first `count` rows of data files, mapped (file_backed_rows), not
         read: `vectors` holds float16 rows, `compact` their codes and scales (else they are computed,
-        which reads every row). The caller has checked the files are long enough: a file shortened
-        while mapped makes touching its lost pages fatal (SIGBUS), and nanodb only ever appends."""
+        which reads every row). Each file is held open and its length checked before it is mapped and
+        before each search (check_files): a file shortened while mapped makes touching its lost pages
+        fatal (SIGBUS), so a shortened file is an error naming it instead."""
         cap = max(1024, count + count // 2)  # address space only: nothing is allocated until appended
-        self._files = {"vectors": vectors}
+        self._files = {"vectors": HeldFile(vectors, count * self.dim * 2)}
         self.mapped = count
-        self._buf = file_backed_rows(vectors, count, (self.dim,), np.float16, cap, random_access=True)
+        self._buf = file_backed_rows(self._files["vectors"], count, (self.dim,), np.float16, cap, random_access=True)
         if compact is not None:
-            self._files.update(codes=compact[0], scales=compact[1])
-            self._codes = file_backed_rows(compact[0], count, (self.dim,), np.uint8, cap)
-            self._scales = file_backed_rows(compact[1], count, (3,), np.float32, cap)
+            self._files.update(codes=HeldFile(compact[0], count * self.dim), scales=HeldFile(compact[1], count * 12))
+            self._codes = file_backed_rows(self._files["codes"], count, (self.dim,), np.uint8, cap)
+            self._scales = file_backed_rows(self._files["scales"], count, (3,), np.float32, cap)
         else:
             self._codes, self._scales = np.empty((cap, self.dim), np.uint8), np.empty((cap, 3), np.float32)
             self._codes[:count], self._scales[:count] = quantize_rows(self._buf[:count])
@@ -171,22 +183,24 @@ class VectorIndex:
         """Read the mapped codes into anonymous memory, then search that: read from the file, not the
         mapping, so the process never holds both copies."""
         with self._lock:
-            path, n, cap = self._files.get("codes"), self.mapped, len(self._codes)
-        if path is None:
+            held, n, cap = self._files.get("codes"), self.mapped, len(self._codes)
+            fd = None if held is None or held.fd is None else os.dup(held.fd)
+        if fd is None:
             return
         fresh = np.empty((cap, self.dim), np.uint8)
         view = memoryview(fresh[:n]).cast("B")
         try:
-            with open(path, "rb", buffering=0) as f:
-                for lo in range(0, len(view), COPY_CHUNK):
-                    chunk = view[lo : lo + COPY_CHUNK]
-                    if self._stop.is_set() or f.readinto(chunk) != len(chunk):
-                        return
+            for lo in range(0, len(view), COPY_CHUNK):
+                chunk = view[lo : lo + COPY_CHUNK]
+                if self._stop.is_set() or os.preadv(fd, [chunk], lo) != len(chunk):
+                    return
         except OSError as e:
-            log.warning("cannot read %s into memory (%s): searching the mapped file", path, e)
+            log.warning("cannot read %s into memory (%s): searching the mapped file", held.path, e)
             return
+        finally:
+            os.close(fd)
         with self._lock:
-            if self._files.get("codes") != path or self._stop.is_set():
+            if self._files.get("codes") is not held or self._stop.is_set():
                 return
             if len(self._codes) != cap:  # grown meanwhile
                 grown = np.empty((len(self._codes), self.dim), np.uint8)
@@ -194,7 +208,7 @@ class VectorIndex:
                 fresh = grown
             fresh[n : self.count] = self._codes[n : self.count]
             self._codes = fresh
-            del self._files["codes"]
+            del self._files["codes"]  # its descriptor closes with the last reference (a search may check it)
 
     @property
     def codes_in_memory(self) -> bool:
@@ -210,6 +224,8 @@ class VectorIndex:
             self._codes, self._scales = np.empty((0, self.dim), np.uint8), np.empty((0, 3), np.float32)
             self._steps, self._dead = np.empty(0, np.float32), np.zeros(0, bool)
             self.count = self.mapped = 0
+            for held in self._files.values():
+                held.close()
             self._files = {}
 
     def append(self, vectors: np.ndarray) -> int:
@@ -251,24 +267,37 @@ class VectorIndex:
             n, buf, dead, any_dead = self.count, self._buf, self._dead, self._any_dead
             compact = self._codes, self._steps, self._error_max, self._norm_max
             gpu = None if self._gpu is None else (self._gpu, self._gpu_dead)
+            self.check_files()
         k = max(0, min(int(k), n))
         if k == 0 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
         dead = dead if any_dead else None
-        if gpu is not None:
-            margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-            parts = self._candidates_cupy(gpu[0], gpu[1] if any_dead else None, n, queries, k, margins)
-        elif KERNEL is not None:
-            margins, parts = candidates_compact(KERNEL, *compact, dead, n, queries, k)
-        else:
-            margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-            parts = candidates_float16(buf, dead, n, queries, k, margins)
-        middle = time.perf_counter()
-        result = exact_top_k(buf, queries, k, margins, parts, KERNEL, stats)
+        try:
+            if gpu is not None:
+                margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
+                parts = self._candidates_cupy(gpu[0], gpu[1] if any_dead else None, n, queries, k, margins)
+            elif KERNEL is not None:
+                margins, parts = candidates_compact(KERNEL, *compact, dead, n, queries, k)
+            else:
+                margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
+                parts = candidates_float16(buf, dead, n, queries, k, margins)
+            middle = time.perf_counter()
+            result = exact_top_k(buf, queries, k, margins, parts, KERNEL, stats)
+        except DamagedRows as e:
+            raise self._damaged(e.rows) from None
         if stats is not None:
             kind = "float32 cupy" if gpu is not None else fast_pass(self.dim)
             stats.update(fast_pass=kind, fast_s=middle - start, exact_s=time.perf_counter() - middle)
         return result
+
+    def _damaged(self, rows: np.ndarray) -> DatabaseError:
+        """The error for rows whose values no stored unit vector has: their file changed after its check."""
+        held = self._files.get("vectors")
+        mapped = held is not None and rows.min() < self.mapped
+        where = f"{held.path} is damaged" if mapped else "the vectors are damaged"
+        shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
+        return DatabaseError(f"{where}: rows {shown} are not unit vectors (changed after the database was opened); "
+                             f"{REPAIR_HINT}")
 
     def _candidates_cupy(self, gbuf, gdead, n, queries, k, margins):
         """Float32 scores on the GPU in chunks; per chunk, the rows within `margins` of its k-th best.

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from nanodb.media.record import FileRecord
-from nanodb.storage.format import ITEM_DTYPE
-from nanodb.storage.mapped_rows import file_backed_rows
+from nanodb.storage.format import ITEM_DTYPE, REPAIR_HINT, DatabaseError
+from nanodb.storage.mapped_rows import HeldFile, file_backed_rows
 
 MIN_CAPACITY = 1024  # rows allocated for a new or compacted table
 
@@ -26,12 +26,13 @@ class ItemTable:
     """The records of rows 0..count-1; committed rows are mapped from their file, appended ones in memory."""
 
     def __init__(self, records: np.ndarray, count: int, paths: bytearray, meta: bytearray,
-                 file: tuple[Path, int] | None = None):
+                 file: HeldFile | None = None):
         self.records = records  # capacity >= count; rows past count are free
         self.count = count
         self.paths = paths
         self.meta = meta
-        self.file = file  # (items file, rows) mapped at the start of `records`
+        self.file = file  # the items file whose records are mapped at the start of `records`
+        self.mapped = file.nbytes // ITEM_DTYPE.itemsize if file is not None else 0
         self.path_rows: dict[str, int] | None = None  # built on first use
         self.hash_rows: dict[bytes, int] | None = None
 
@@ -44,11 +45,27 @@ class ItemTable:
              capacity: int | None = None) -> ItemTable:
         """Map `count` committed records from `file` (read on demand) with room for appends."""
         capacity = capacity or max(MIN_CAPACITY, count + count // 2)
-        records = file_backed_rows(file, count, (), ITEM_DTYPE, capacity)
-        return cls(records, count, bytearray(paths), bytearray(meta), (file, count))
+        held = HeldFile(file, count * ITEM_DTYPE.itemsize)
+        records = file_backed_rows(held, count, (), ITEM_DTYPE, capacity)
+        return cls(records, count, bytearray(paths), bytearray(meta), held)
+
+    def check_file(self) -> None:
+        """Fail naming the items file when it was shortened since it was mapped (see mapped_rows)."""
+        if self.file is not None:
+            self.file.check()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    def _damaged(self, row: int, what: str) -> DatabaseError:
+        where = self.file.path if self.file is not None and row < self.mapped else "the item table"
+        return DatabaseError(f"{where} is damaged: the record of item {row} {what} (changed after the database "
+                             f"was opened); {REPAIR_HINT}")
 
     def points_past(self, paths_bytes: int, meta_bytes: int) -> bool:
         """Some record's path or metadata lies past the given lengths (a damaged table)."""
+        self.check_file()
         rows = self.records[: self.count]
         return bool(self.count) and (
             int((rows["path_off"] + rows["path_len"]).max()) > paths_bytes
@@ -57,33 +74,48 @@ class ItemTable:
 
     # ----------------------------------------------------------------- reading
     def path_of(self, row: int) -> str | None:
+        self.check_file()
+        return self._path_of(row)
+
+    def _path_of(self, row: int) -> str | None:
         rec = self.records[row]
         if rec["path_len"] == 0:
             return None
-        off = int(rec["path_off"])
-        return os.fsdecode(bytes(self.paths[off : off + int(rec["path_len"])]))
+        off, end = int(rec["path_off"]), int(rec["path_off"]) + int(rec["path_len"])
+        if end > len(self.paths):
+            raise self._damaged(row, "points past the end of the paths")
+        return os.fsdecode(bytes(self.paths[off:end]))
 
     def metadata_of(self, row: int) -> dict[str, Any]:
+        self.check_file()
         rec = self.records[row]
         if rec["meta_len"] == 0:
             return {}
-        off = int(rec["meta_off"])
-        return json.loads(self.meta[off : off + int(rec["meta_len"])])
+        off, end = int(rec["meta_off"]), int(rec["meta_off"]) + int(rec["meta_len"])
+        try:
+            if end > len(self.meta):
+                raise ValueError
+            return json.loads(self.meta[off:end])
+        except ValueError:
+            raise self._damaged(row, "does not point at its metadata") from None
 
     def record_of(self, row: int) -> FileRecord:
+        self.check_file()
         rec = self.records[row]
         return FileRecord(path=self.path_of(row), hash=bytes(rec["hash"]), size=int(rec["size"]),
                           mtime=float(rec["mtime"]), metadata=self.metadata_of(row) or None)
 
     def column(self, name: str) -> np.ndarray:
         """One field over the rows (e.g. "mtime", "hash"): a view, not to be changed."""
+        self.check_file()
         return self.records[name][: self.count]
 
     def live_paths(self, dead: np.ndarray) -> dict[str, int]:
         """The live row of each file path (`dead` marks deleted rows)."""
         if self.path_rows is None:
+            self.check_file()
             self.path_rows = {
-                p: i for i in range(self.count) if not dead[i] and (p := self.path_of(i)) is not None
+                p: i for i in range(self.count) if not dead[i] and (p := self._path_of(i)) is not None
             }
         return self.path_rows
 
@@ -119,8 +151,9 @@ class ItemTable:
         """Rows being deleted: their paths no longer name them."""
         if self.path_rows is None:
             return
+        self.check_file()
         for i in rows:
-            p = self.path_of(i)
+            p = self._path_of(i)
             if p is not None and self.path_rows.get(p) == i:
                 del self.path_rows[p]
 
@@ -129,8 +162,8 @@ class ItemTable:
         if self.file is None:
             self.records = np.zeros(capacity, ITEM_DTYPE)
         else:
-            start = self.file[1]
-            self.records = file_backed_rows(self.file[0], start, (), ITEM_DTYPE, capacity)
+            start = self.mapped
+            self.records = file_backed_rows(self.file, start, (), ITEM_DTYPE, capacity)
         self.records[start : self.count] = old[start : self.count]
 
     # ----------------------------------------------------------------- committing
@@ -141,6 +174,7 @@ class ItemTable:
 
     def compacted(self, live: np.ndarray) -> ItemTable:
         """An in-memory table of the `live` rows alone, renumbered, its offsets pointing into new bytes."""
+        self.check_file()
         records = np.zeros(max(len(live), MIN_CAPACITY), ITEM_DTYPE)
         records[: len(live)] = self.records[live]
         paths, meta = bytearray(), bytearray()

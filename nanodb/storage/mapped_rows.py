@@ -1,4 +1,6 @@
-"""Rows of a data file mapped copy-on-write at the start of an array that appends grow into."""
+"""Rows of a data file mapped copy-on-write at the start of an array that appends grow into, and the file
+held open so its length is checked (fstat, ~1 us) before mapped pages are read: a page past the end of a
+file shortened under its mapping kills the process with SIGBUS, which Python cannot catch."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanodb.storage.format import REPAIR_HINT, DatabaseError
+
 log = logging.getLogger(__name__)
 
 MAP_FIXED, MAP_NORESERVE = 0x10, 0x4000  # Linux values; the mmap module does not export them
@@ -21,10 +25,40 @@ if sys.platform == "linux":
                            ctypes.c_int64]
 
 
-def file_backed_rows(path: Path, rows: int, row_shape: tuple[int, ...], dtype, capacity: int,
+class HeldFile:
+    """A data file whose first `nbytes` are mapped, held open for as long as the mapping is used."""
+
+    def __init__(self, path: Path, nbytes: int):
+        self.path = path
+        self.nbytes = nbytes
+        try:
+            self.fd: int | None = os.open(path, os.O_RDONLY) if nbytes else None
+        except OSError as e:
+            raise DatabaseError(f"cannot open {path} ({e.strerror}); the database is damaged: {REPAIR_HINT}") from None
+        self.check()
+
+    def check(self) -> None:
+        """Fail naming the file when it no longer holds its mapped bytes (truncated after opening)."""
+        if self.fd is None:
+            return
+        size = os.fstat(self.fd).st_size
+        if size < self.nbytes:
+            raise DatabaseError(f"{self.path} was truncated while the database was open ({size} of {self.nbytes} "
+                                f"committed bytes); the database is damaged: {REPAIR_HINT}")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        self.close()
+
+
+def file_backed_rows(file: HeldFile | None, rows: int, row_shape: tuple[int, ...], dtype, capacity: int,
                      random_access: bool = False) -> np.ndarray:
-    """A writable (capacity, *row_shape) array whose first `rows` rows are the first bytes of `path`,
-    mapped copy-on-write, and whose other rows are anonymous memory for appends.
+    """A writable (capacity, *row_shape) array whose first `rows` rows are the first bytes of `file`,
+    mapped copy-on-write (after checking its length), and whose other rows are anonymous memory for appends.
 
     Opening costs no read: pages of the file are read when first touched (and shared with the page
     cache, not copied), and writes to them stay private to this process, never reaching the file. The
@@ -35,34 +69,31 @@ def file_backed_rows(path: Path, rows: int, row_shape: tuple[int, ...], dtype, c
     row_bytes = dtype.itemsize * int(np.prod(row_shape, dtype=np.int64))
     file_bytes = rows * row_bytes
     total = max(capacity * row_bytes, mmap.PAGESIZE)
+    if file_bytes:
+        file.check()
     if sys.platform == "linux":
         region = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
-        if file_bytes and not _map_file_over(region, path, file_bytes, random_access):
+        if file_bytes and not _map_file_over(region, file, file_bytes, random_access):
             region = None
     else:
         region = None
     if region is None:
         region = bytearray(total)
-        if file_bytes:
-            with open(path, "rb") as f:
-                f.readinto(memoryview(region)[:file_bytes])
+        if file_bytes and os.preadv(file.fd, [memoryview(region)[:file_bytes]], 0) != file_bytes:
+            raise DatabaseError(f"cannot read {file.path} whole; {REPAIR_HINT}")
     return np.frombuffer(region, dtype, capacity * row_bytes // dtype.itemsize).reshape(capacity, *row_shape)
 
 
-def _map_file_over(region: mmap.mmap, path: Path, nbytes: int, random_access: bool) -> bool:
-    """Map the first `nbytes` of `path` copy-on-write over the start of `region` (which keeps owning
+def _map_file_over(region: mmap.mmap, file: HeldFile, nbytes: int, random_access: bool) -> bool:
+    """Map the first `nbytes` of `file` copy-on-write over the start of `region` (which keeps owning
     the address range: unmapping it unmaps the file too). False when the kernel refuses."""
     anchor = ctypes.c_char.from_buffer(region)
     addr = ctypes.addressof(anchor)
     del anchor  # releases the buffer export: the region can be closed when its arrays are gone
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = _LIBC.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
-                         mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, fd, 0)
-    finally:
-        os.close(fd)
+    got = _LIBC.mmap(addr, nbytes, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | MAP_FIXED | MAP_NORESERVE, file.fd, 0)
     if got != addr:
-        log.warning("cannot map %s (errno %d): reading it into memory", path, ctypes.get_errno())
+        log.warning("cannot map %s (errno %d): reading it into memory", file.path, ctypes.get_errno())
         return False
     if random_access:
         region.madvise(mmap.MADV_RANDOM, 0, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)

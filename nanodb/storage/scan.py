@@ -28,6 +28,15 @@ _pool_lock = threading.Lock()
 _scratch = threading.local()
 
 
+class DamagedRows(ValueError):
+    """Rows whose float16 values no stored unit vector has (NaN, infinite, or a score no unit row can
+    reach): their data file changed after it was checked. VectorIndex names the file."""
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = np.unique(rows)
+        super().__init__(f"rows {self.rows[:5].tolist()} are damaged")
+
+
 def float32_error_bound(dim: int) -> float:
     """Largest |float32 dot - exact dot| of a unit query with a stored row, in any summation order."""
     u = 2.0**-24
@@ -88,6 +97,9 @@ def _segment_candidates(buf, dead, lo, hi, q, k, margins):
         else:
             torch.mm(rows32, q.T, out=out[b:e])
     scores = np.ascontiguousarray(out.numpy().T)  # (Q, rows)
+    finite = np.isfinite(scores).all(axis=0)
+    if not finite.all():
+        raise DamagedRows(lo + np.flatnonzero(~finite))
     if dead is not None:
         scores[:, dead[lo:hi]] = -np.inf
     kk = min(k, rows)

@@ -31,10 +31,12 @@ from nanodb.storage.commit import (
 )
 from nanodb.storage.format import (
     DATA_FILES,
+    MANIFEST,
     REPAIR_HINT,
     DatabaseError,
     Manifest,
     committed_lengths,
+    read_manifest,
     write_manifest,
 )
 from nanodb.storage.index import VectorIndex
@@ -88,7 +90,9 @@ class ItemStore:
         self._save_lock = threading.Lock()
         self._write_lock: WriteLock | None = None
         self.checks = FileCheck([])  # the checksums still being verified after opening
-        new = not (root / "nanodb.json").exists()
+        new = not (root / MANIFEST).exists()
+        if new:
+            read_manifest(root)  # a folder of data files without its manifest is refused, never taken as new
         if not read_only:
             try:
                 root.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,7 @@ class ItemStore:
         i = self._paths_to_index().get(path)
         if i is None:
             return False
+        self.table.check_file()
         rec = self.table.records[i]
         return int(rec["size"]) == size and float(rec["mtime"]) == mtime
 
@@ -382,6 +387,8 @@ class ItemStore:
         self.checks.raise_if_failed()
         with self._save_lock:
             with self.lock:  # a consistent snapshot; appends may go on while the bytes are written
+                self.index.check_files()  # every mapped file still whole: nothing is committed over damage
+                self.table.check_file()
                 m = self.manifest
                 n = self.index.count
                 if n == m.count and len(self._deleted) == m.deleted:
@@ -403,7 +410,7 @@ class ItemStore:
                 new.meta_bytes = m.meta_bytes + len(appended["meta"])
             log.info("saving %s: %d items", self.root, n)
             with commit_errors(f"save to {self.root}"):
-                commit_append(self.root, m, new, appended)
+                commit_append(self.root, m, new, appended, self._write_lock)
             self.manifest = new
             log.info("saved %s: %d items", self.root, len(self))
             return True
@@ -429,12 +436,13 @@ class ItemStore:
         }
         log.info("compacting %s: %d items", self.root, len(live))
         with commit_errors(f"compacting {self.root}"):
-            commit_generation(self.root, m, new, data)
+            commit_generation(self.root, m, new, data, self._write_lock)
         index = VectorIndex(self.dim, self.index.backend)
         index.load_files(len(live), new.file(self.root, "vectors"),
                          (new.file(self.root, "codes"), new.file(self.root, "scales")))
         del data
         self.index = index
+        self.table.close()
         self.table = ItemTable.load(new.file(self.root, "items"), len(live), table.paths, table.meta,
                                     len(table.records))
         self._deleted = []
@@ -450,6 +458,7 @@ class ItemStore:
         """Release the write lock and the data files; the store is empty afterwards."""
         self.checks.stop()
         self.index.close()
+        self.table.close()
         self.table = ItemTable.empty()
         if self._write_lock is not None:
             self._write_lock.release()

@@ -23,6 +23,8 @@ class Settings:
     workers: int
     autosave_every: int
     max_image_pixels: int
+    decode_seconds: float
+    decode_memory_mb: int
     device: str
     precision: str
     backend: str

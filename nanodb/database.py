@@ -18,6 +18,7 @@ import numpy as np
 from nanodb.config import Settings, load_settings
 from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord, content_hash
+from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
@@ -99,7 +100,8 @@ class NanoDB:
             self.model_config = self.model_config.with_spec(_model_of(manifest, model, pretrained, seed))
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
-        self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels)
+        self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
+                                    DecodeLimits.of(self.settings))
         if self.spec.pretrained != manifest.pretrained and not read_only:
             # the database's checkpoint, moved: remember where it is now
             self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
@@ -315,7 +317,7 @@ class NanoDB:
         if self._decode_pool is None:
             self._decode_pool = ImageDecodePool(
                 workers=self.settings.decode_workers, max_pixels=self.settings.max_image_pixels,
-                get_transform=lambda: self.model.pixel_transform,
+                get_transform=lambda: self.model.pixel_transform, limits=DecodeLimits.of(self.settings),
             )
         return self._decode_pool
 
@@ -412,6 +414,8 @@ class NanoDB:
         if self._decode_pool is not None:
             self._decode_pool.close()
             self._decode_pool = None
+        if getattr(self, "queries", None) is not None:
+            self.queries.close()
         if getattr(self, "store", None) is not None:
             self.store.close()
 

@@ -3,7 +3,9 @@
 Workers return uint8 pixels already resized and cropped by the model's own transforms (a quarter of
 the bytes of normalised floats); the CLIP stage scales and normalises whole batches at once. A worker
 that dies (a decoder crash) costs only the file that killed it: the files in flight with it are
-retried one at a time in a separate process.
+retried one at a time in a separate process. Given `limits`, each worker limits itself (media.sandbox):
+a decode past the time limit ends its worker, one past the memory limit fails, and the file is
+skipped with the reason ('took too long to decode', 'needs too much memory').
 
 Workers start from loky's fixed entry point, not from the program's main module: multiprocessing's
 'spawn' would re-run a user's unguarded script (`db.scan(...)` at its top level) in every worker.
@@ -15,7 +17,6 @@ import asyncio
 import logging
 import os
 import threading
-import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -25,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from nanodb.media import sandbox
 from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
 from nanodb.media.record import FileRecord, content_hash
+from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
         pixels = model_pixels(image, transform)
     except ImageRejected as e:
         return DecodeFailure(path, str(e))
+    except MemoryError:
+        return DecodeFailure(path, TOO_MUCH_MEMORY)
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on
         return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
     taken = image.info.get("taken")  # the EXIF date, kept with the item (the web UI shows it)
@@ -63,22 +68,31 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
     return DecodedImage(record, pixels)
 
 
-# The pixel transform and pixel limit of a decode worker process, set once by its initializer.
+# The pixel transform, pixel limit and decode limits of a decode worker process, set by its initializer.
 _worker_args: tuple = ()
+_worker_limits: DecodeLimits | None = None
 
 
-def _init_worker(transform, max_pixels: int, parent: int) -> None:
+def _init_worker(transform, max_pixels: int, parent: int, limits: DecodeLimits | None) -> None:
     from PIL import Image
 
-    global _worker_args
+    global _worker_args, _worker_limits
     _worker_args = (transform, max_pixels)
+    _worker_limits = limits
     # This worker's own process: open_image refuses large images itself, so Pillow's warning is noise.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    sandbox.exit_with_parent(parent)
+    if limits is not None:
+        sandbox.limit_this_process(limits)
 
 
 def _decode_in_worker(path: str) -> DecodedImage | DecodeFailure:
-    return decode_file(path, *_worker_args)
+    if _worker_limits is None:
+        return decode_file(path, *_worker_args)
+    result = sandbox.run_limited(_worker_limits, decode_file, path, *_worker_args)
+    if isinstance(result, DecodeFailure) and result.reason == TOO_MUCH_MEMORY:
+        return DecodeFailure(path, _worker_limits.too_big)
+    return result
 
 
 def _ready() -> bool:
@@ -86,23 +100,16 @@ def _ready() -> bool:
     return True
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A worker whose scan was killed (kill -9) is not told; without this it would wait, holding
-    its memory, forever."""
-    while os.getppid() == parent:
-        time.sleep(1)
-    os._exit(0)
-
-
 class ImageDecodePool:
     """A pool of decode processes (spawned fresh, so no CUDA or thread state is forked), started on
     the first decode. `transform` may be given as `get_transform`, called only then: a scan that
-    finds nothing to decode needs no model."""
+    finds nothing to decode needs no model. `limits`: each decode's time and memory limit (None: none)."""
 
     def __init__(self, transform=None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS, *,
-                 get_transform: Callable[[], Any] | None = None):
+                 get_transform: Callable[[], Any] | None = None, limits: DecodeLimits | None = None):
         self.workers = workers
         self._max_pixels = max_pixels
+        self._limits = limits
         self._get_transform = get_transform or (lambda: transform)
         self._executor: Executor | None = None
         self._solo: Executor | None = None
@@ -113,9 +120,8 @@ class ImageDecodePool:
         """Start `workers` processes and wait until one answers: one that cannot start is an error."""
         from loky import ProcessPoolExecutor
 
-        executor = ProcessPoolExecutor(
-            workers, initializer=_init_worker, initargs=(self._get_transform(), self._max_pixels, os.getpid())
-        )
+        initargs = (self._get_transform(), self._max_pixels, os.getpid(), self._limits)
+        executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs)
         try:
             executor.submit(_ready).result()
         except Exception as e:
@@ -145,9 +151,9 @@ class ImageDecodePool:
             solo = self._ready_executor("_solo", 1)
             try:
                 return solo.submit(_decode_in_worker, path).result()
-            except BrokenProcessPool:
+            except BrokenProcessPool as e:  # a crash, or the time limit's alarm
                 self._replace(solo)
-                return DecodeFailure(path, "the decoder process crashed on this file")
+                return DecodeFailure(path, sandbox.why_worker_died(e, self._limits))
 
     def _replace(self, broken: Executor) -> None:
         """Drop a pool whose worker died (once, however many of its files report it); the next use

@@ -7,10 +7,9 @@ as an upload or as an item index, never as a path on the server.
 
 from __future__ import annotations
 
-import threading
-
 from nanodb.database import NanoDB, SearchResults
 from nanodb.media.opener import ImageRejected, open_image
+from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
 from nanodb.search.query import MAX_K, MAX_QUERY_CHARS, QueryError
 from nanodb.search.request import Filters, SearchRequest
 
@@ -18,7 +17,9 @@ MAX_UPLOAD_BYTES = 32 << 20
 # A query image needs few pixels (the model sees ~224x224). JPEGs decode at a reduced scale (draft), so
 # they keep the scan's limit; other formats decode whole (~8 bytes a pixel at peak), so they get less.
 MAX_UPLOAD_PIXELS = 16_000_000
-MAX_CONCURRENT_DECODES = 2  # uploads decoded at once; the others wait, so memory stays bounded
+# Uploads decoded at once, each in its own limited worker process (a time bomb costs its own request,
+# at most the decode_seconds setting); the others wait, so memory stays bounded.
+MAX_CONCURRENT_DECODES = 2
 
 __all__ = ["MAX_K", "MAX_QUERY_CHARS", "BadRequest", "TooLarge", "SearchService"]
 
@@ -35,7 +36,7 @@ class SearchService:
         self.db = db
         self.max_query_chars = MAX_QUERY_CHARS
         self.max_upload_bytes = max_upload_bytes
-        self._decoding = threading.BoundedSemaphore(MAX_CONCURRENT_DECODES)
+        self.decoder = DecodeSandbox(MAX_CONCURRENT_DECODES, DecodeLimits.of(db.settings))
 
     def check_index(self, index) -> int:
         try:
@@ -57,16 +58,19 @@ class SearchService:
         if not jpeg:  # a JPEG decodes at reduced scale; other formats decode whole
             max_pixels = min(MAX_UPLOAD_PIXELS, max_pixels)
         try:
-            with self._decoding:
-                return open_image(data, max_pixels, draft_size=max(self.db.model.image_size))
+            return self.decoder.run(open_image, data, max_pixels, max(self.db.model.image_size))
         except ImageRejected as e:
             reason = str(e)
             if reason.startswith("not an image"):
                 raise BadRequest("the upload is not an image nanodb can read (JPEG, PNG, WebP, GIF, TIFF...)") from None
-            if reason.startswith(("image too large", "absurd dimensions")):
+            if reason.startswith(("image too large", "absurd dimensions", "needs too much memory")):
                 raise TooLarge(f"the uploaded image is refused: {reason}; resize it (a query image needs no "
                                f"more than a few megapixels)") from None
             raise BadRequest(f"the uploaded image is damaged or refused: {reason}") from None
+
+    def close(self) -> None:
+        """Stop the upload decoder's worker processes."""
+        self.decoder.close()
 
     # `filters` and `collapse`: as in the SearchRequest each of these builds
     def by_text(self, text, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:

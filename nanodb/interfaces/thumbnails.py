@@ -19,8 +19,10 @@ from pathlib import Path
 from nanodb.media.opener import ImageRejected, open_image, open_regular_file
 from nanodb.media.paths import servable_path
 from nanodb.media.record import content_hash
+from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
+THUMBNAIL_DECODERS = 2  # worker processes making thumbnails, each decode limited (media.sandbox)
 
 
 class NotServable(LookupError):
@@ -90,6 +92,14 @@ def open_original(db, index: int):
         raise
 
 
+def small_image(data: bytes, size: int):
+    """An image's bytes as an RGB image of at most `size` pixels a side, by the scan's own opener (HEIF,
+    RAW...); a JPEG decodes at 1/2..1/8 scale, much faster. Run in a limited worker process."""
+    image = open_image(data, draft_size=size)
+    image.thumbnail((size, size))
+    return image
+
+
 class ThumbnailCache:
     """JPEG thumbnails in `<database>/thumbnails/`, made on first request and kept."""
 
@@ -99,6 +109,10 @@ class ThumbnailCache:
         self.folder = db.path / "thumbnails"
         self._making: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # originals are decoded in limited worker processes: a time bomb costs one request, at most
+        # the decode_seconds setting, and is then refused at once (by content hash: the same bytes)
+        self.decoder = DecodeSandbox(THUMBNAIL_DECODERS, DecodeLimits.of(db.settings))
+        self._refused: dict[str, str] = {}
 
     def get(self, index: int) -> Path:
         """The thumbnail of item `index`, made now if it is not cached yet."""
@@ -112,6 +126,8 @@ class ThumbnailCache:
         with self._guard:
             lock = self._making.setdefault(key, threading.Lock())
         with lock:  # two requests for the same new thumbnail decode the original once
+            if key in self._refused:
+                raise NotServable(self._refused[key])
             if not thumb.is_file():
                 with open_original(self.db, index) as original:
                     self._make(original, thumb, Path(item.path).name)
@@ -121,12 +137,11 @@ class ThumbnailCache:
 
     def _make(self, original, thumb: Path, name: str) -> None:
         try:
-            # the scan's own opener (HEIF, RAW...); JPEG decodes at 1/2..1/8 scale, much faster
             # from the verified descriptor: never reopened by path, which may have been swapped since
-            im = open_image(original.read(), draft_size=self.size)
-            im.thumbnail((self.size, self.size))
+            im = self.decoder.run(small_image, original.read(), self.size)
         except (OSError, ValueError) as e:  # ImageRejected is a ValueError
-            raise NotServable(f"cannot make a thumbnail of {name}: {e}") from None
+            self._refused[thumb.stem] = f"cannot make a thumbnail of {name}: {e}"
+            raise NotServable(self._refused[thumb.stem]) from None
         thumb.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=thumb.parent, suffix=".tmp")
         try:
@@ -136,3 +151,7 @@ class ThumbnailCache:
         except BaseException:
             os.unlink(tmp)
             raise
+
+    def close(self) -> None:
+        """Stop the thumbnail decoder's worker processes."""
+        self.decoder.close()

@@ -124,7 +124,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: in
         if (taken := date_taken(image)) is not None:
             rgb.info["taken"] = taken
         return rgb
-    except ImageRejected:
+    except (ImageRejected, MemoryError):  # a memory limit (media.sandbox) is reported as such
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageRejected(f"image too large ({e})") from None
@@ -171,7 +171,7 @@ def open_raw(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int 
                 return _flip(Image.fromarray(thumb.data).convert("RGB"), raw.sizes.flip)
             check_dimensions(raw.sizes.width // 2, raw.sizes.height // 2, max_pixels)  # half size
             return Image.fromarray(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8))
-    except ImageRejected:
+    except (ImageRejected, MemoryError):
         raise
     except rawpy.LibRawFileUnsupportedError:
         return None
@@ -198,7 +198,7 @@ def to_rgb(image):
     """First frame, EXIF orientation applied, as 8-bit RGB (16-bit, CMYK, palette and alpha handled)."""
     from PIL import Image, ImageOps
 
-    if getattr(image, "n_frames", 1) > 1:
+    if getattr(image, "tell", lambda: 0)() != 0:  # not `n_frames > 1`: that walks every page of a TIFF
         image.seek(0)
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):

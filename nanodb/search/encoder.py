@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.media.opener import ImageRejected, model_pixels, open_image, read_image_file
+from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import content_hash
+from nanodb.media.sandbox import DecodeLimits, DecodeSandbox, model_input
 from nanodb.model.clip import ClipModel
 from nanodb.search.fetch import fetch_url
 from nanodb.search.query import QueryError, check_text, combined_vector, is_combined, is_image_reference, is_url
@@ -48,12 +49,17 @@ def is_image_object(value: Any) -> bool:
 
 
 class QueryEncoder:
-    """Turns queries into unit float32 vectors with the store's model (loaded only when needed)."""
+    """Turns queries into unit float32 vectors with the store's model (loaded only when needed).
 
-    def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int):
+    `limits`: a query image's bytes (a file, a URL) are decoded in a worker process within these
+    limits (media.sandbox), started on the first such query; None decodes them in this process."""
+
+    def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
+                 limits: DecodeLimits | None = None):
         self.store = store
         self.model = model
         self.max_image_pixels = max_image_pixels
+        self.decoder = DecodeSandbox(1, limits) if limits is not None else None
 
     def classify(self, query: Any, text: str | None, image: Any) -> tuple[Any, str | None]:
         """(query, kind) from NanoDB.search's arguments; kind is "text", "image" or None (items, vectors)."""
@@ -109,12 +115,15 @@ class QueryEncoder:
         known = self.store.row_with_hash(content_hash(data))
         if known is not None:
             return self.store.vectors[known].astype(np.float32)
+        model = self.model()
         try:
-            image = open_image(data, self.max_image_pixels)
+            if self.decoder is None:
+                pixels = model_input(data, self.max_image_pixels, model.pixel_transform)
+            else:
+                pixels = self.decoder.run(model_input, data, self.max_image_pixels, model.pixel_transform)
         except ImageRejected as e:
             raise QueryError(f"cannot search by {printable(name)}: {e}") from None
-        model = self.model()
-        return model.encode_pixels(model_pixels(image, model.pixel_transform)[None])[0]
+        return model.encode_pixels(pixels[None])[0]
 
     def embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
@@ -123,3 +132,7 @@ class QueryEncoder:
             return combined_vector(text, model.encode_text)
         return model.encode_text([text])[0]
 
+    def close(self) -> None:
+        """Stop the query image decoder's worker process, if one was started."""
+        if self.decoder is not None:
+            self.decoder.close()

@@ -42,6 +42,51 @@ def png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
+def _jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """A JPEG's (marker, whole segment) list; a scan's segment runs on to the next marker."""
+    segments, i = [], 2
+    while data[i + 1] != 0xD9:  # EOI
+        marker, end = data[i + 1], i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDA:  # SOS: entropy-coded data follows, up to a marker that is not a stuffed 0 or RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append((marker, data[i:end]))
+        i = end
+    return segments
+
+
+def jpeg_time_bomb(repeats: int = 20_000, side: int = 4000) -> bytes:
+    """A valid progressive JPEG whose smallest scan is repeated `repeats` times: each repeat walks all
+    (side/8)^2 blocks again, so the default (20,000 of a 4000x4000 image, ~650 KB, made in well under a
+    second) takes about a minute to decode, at any scale (a progressive JPEG is decoded whole)."""
+    noise = np.random.default_rng(0).integers(0, 255, (16, 16), np.uint8)
+    data = _encoded(Image.fromarray(noise).resize((side, side)), "JPEG", progressive=True, quality=50)
+    segments = _jpeg_segments(data)
+    smallest = min((s for m, s in segments if m == 0xDA), key=len)
+    return b"\xff\xd8" + b"".join(s for _, s in segments) + smallest * repeats + b"\xff\xd9"
+
+
+def tiff_of_many_pages(pages: int = 20_000) -> bytes:
+    """A little-endian TIFF of `pages` 1x1 grey pages (one IFD each, all sharing one pixel). Counting its
+    pages (Pillow's `n_frames`) takes time quadratic in their number: 20,000 take seconds."""
+    entries = [(256, 3, 1), (257, 3, 1), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8), (277, 3, 1),
+               (278, 3, 1), (279, 4, 1)]  # width, height, bits, no compression, black is 0, strip at 8...
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in entries)
+    first = 12  # the header (8 bytes) and the pixel (4) come first
+    offsets = [first + (page + 1) * (len(ifd) + 4) for page in range(pages - 1)] + [0]
+    return b"II*\x00" + struct.pack("<I", first) + b"\x80\0\0\0" + b"".join(ifd + struct.pack("<I", o) for o in offsets)
+
+
+def png16_memory_bomb(side: int = 4000) -> bytes:
+    """A small 16-bit grey PNG (side^2 pixels, one value) that needs ~20 bytes a pixel to become 8-bit
+    RGB (over 300 MB for 4000x4000): legal by its pixel count, a test of the memory limit."""
+    raw = zlib.compress((b"\0" + b"\x12\x34" * side) * side, 9)
+    ihdr = struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", raw) + _png_chunk(b"IEND", b"")
+
+
 def build(root: Path) -> tuple[dict[str, Image.Image], list[str]]:
     root.mkdir(parents=True, exist_ok=True)
     good: dict[str, Image.Image] = {}

@@ -59,7 +59,7 @@ def _query_filters() -> Callable[..., Where]:
     `collapse` from the query string."""
     params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=_http_type(f),
                                 default=Query(None, alias=None if f.flag == f.name else f.flag, description=f.help,
-                                              examples=list(f.examples)))
+                                              examples=list(f.examples), max_length=f.max_length))
               for f in Filters.described()]
     params.append(inspect.Parameter("collapse", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=Query(False, description=COLLAPSE_HELP)))
@@ -75,7 +75,7 @@ query_filters = _query_filters()
 # The same filters in a JSON body: the fields of search.request.Filters, and `collapse`.
 BodyFilters = create_model(
     "BodyFilters", collapse=(bool, Field(False, description=COLLAPSE_HELP)),
-    **{f.name: (_http_type(f), Field(None, description=f.help, examples=list(f.examples)))
+    **{f.name: (_http_type(f), Field(None, description=f.help, examples=list(f.examples), max_length=f.max_length))
        for f in Filters.described()})
 
 
@@ -297,12 +297,14 @@ def install_error_handlers(app: FastAPI) -> None:
                             headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+    async def invalid(request: Request, exc: RequestValidationError):  # the first error only, in one short line
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:])[:80] or "request"
         value = first.get("input")
-        shown = "" if value is None or isinstance(value, dict) else f" (got {str(value)[:40]!r})"
-        return JSONResponse({"error": f"{where}: {first.get('msg', 'invalid')}{shown}"}, status_code=422)
+        shown = "" if value is None or isinstance(value, (dict, list)) else f" (got {str(value)[:40]!r})"
+        message = " ".join(f"{where}: {first.get('msg', 'invalid')}".split())[:200]
+        return JSONResponse({"error": message + shown}, status_code=422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import secrets
 import threading
@@ -18,19 +17,17 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from gradio.routes import App as GradioApp
-from gradio.utils import get_upload_folder, is_in_or_equal
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
 from nanodb import __version__
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
+from nanodb.interfaces.request_guard import RequestGuard
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
 from nanodb.interfaces.web import CSS, JS, build_ui
 
-MAX_JSON_BODY = 1 << 20  # a text query is at most 1,000 characters; the web UI's events are small too
-MULTIPART_SLACK = 1 << 20  # form fields and headers around an uploaded file
 UPLOAD_MAX_AGE_S = 600  # the web UI's uploads are deleted this long after they came, and at shutdown
 LOGIN_BURST = 10  # failed logins a client may make at once; then one more per LOGIN_REFILL_S
 LOGIN_REFILL_S = 1.0
@@ -73,92 +70,6 @@ def _refuse(status: int, message: str, headers: dict | None = None) -> JSONRespo
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class RequestGuard:
-    """Checks every request before the app reads it (ASGI middleware).
-
-    - Bodies over the limit are refused with 413: 1 MB of JSON, the upload limit for multipart forms.
-    - The web UI's events (any JSON body outside /api/) may name only files uploaded to it: a file
-      descriptor naming any other server path, or a URL, is refused with 403 before Gradio opens it.
-    - Gradio's file route serves only those uploads: never another path, never a fetched URL.
-    """
-
-    def __init__(self, app, max_upload_bytes: int):
-        self.app = app
-        self.max_upload_bytes = max_upload_bytes
-        self.max_multipart = max_upload_bytes + MULTIPART_SLACK
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        for prefix in ("/gradio_api/file=", "/gradio_api/file/", "/gradio_api/proxy="):
-            if path.startswith(prefix) and not (prefix != "/gradio_api/proxy=" and is_upload(path[len(prefix):])):
-                return await _refuse(403, "this server sends only files uploaded to it")(scope, receive, send)
-        headers = {k.lower(): v for k, v in scope["headers"]}
-        multipart = headers.get(b"content-type", b"").lower().startswith(b"multipart/")
-        limit = self.max_multipart if multipart else MAX_JSON_BODY
-        too_large = _refuse(413, f"the upload is too large: at most {self.max_upload_bytes >> 20} MB" if multipart
-                            else f"the request body is too large: at most {MAX_JSON_BODY >> 20} MB")
-        try:
-            declared = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            declared = 0
-        if declared > limit:
-            return await too_large(scope, receive, send)
-        if multipart or scope["method"] in ("GET", "HEAD"):
-            return await self._counted(scope, receive, send, limit, too_large)
-        body = bytearray()
-        while True:  # a JSON body is small: read it whole, then check it
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > limit:
-                return await too_large(scope, receive, send)
-            if not message.get("more_body"):
-                break
-        if not path.startswith("/api/") and (bad := foreign_file(body)):
-            message = f"a file descriptor may name only a file uploaded to this server, not {bad[:80]!r}"
-            return await _refuse(403, message)(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-    async def _counted(self, scope, receive, send, limit: int, too_large):
-        """Pass the body through, counting: past the limit the app sees a disconnect and the client a 413."""
-        seen, over, started = 0, False, False
-
-        async def counting():
-            nonlocal seen, over
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                over = True
-                return {"type": "http.disconnect"}
-            return message
-
-        async def sending(message):
-            nonlocal started
-            if not over:
-                started = True
-                await send(message)
-
-        try:
-            await self.app(scope, counting, sending)
-        except Exception:
-            if not over:
-                raise
-        if over and not started:
-            await too_large(scope, receive, send)
-
-
 class MalformedCalls:
     """Inside the web UI's Gradio app: a call or an upload that Gradio fails to parse is the client's
     error, answered 400 in one line, not a 500 that also drops the connection. (Gradio raises on a
@@ -192,30 +103,6 @@ class MalformedCalls:
             log.info("malformed web UI request to %s: %r", scope["path"], e)
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
             await _refuse(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
-
-
-def is_upload(path: str) -> bool:
-    """True for a file inside Gradio's upload folder (symlinks and `..` resolved); never for a URL."""
-    return "://" not in path and is_in_or_equal(path, get_upload_folder())
-
-
-def foreign_file(body: bytes) -> str | None:
-    """The first file path in a web UI event's inputs that is not an upload, if any."""
-    try:
-        data = json.loads(body).get("data")
-    except (ValueError, AttributeError, RecursionError):
-        return None  # not a JSON object: nothing for Gradio to open either
-    stack = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            path = value.get("path")
-            if path is not None and not (isinstance(path, str) and is_upload(path)):
-                return str(path)
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-    return None
 
 
 class BasicAuth:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from nanodb.search.query import QueryError
-from nanodb.search.request import Filters, SearchRequest, SearchResult, SearchResults
+from nanodb.search.request import DATE_RANGE, Filters, SearchRequest, SearchResult, SearchResults
 from nanodb.storage.index import VectorIndex
 from nanodb.storage.store import ItemStore
 
@@ -44,6 +44,7 @@ class RowFilter:
     @classmethod
     def of(cls, filters: Filters) -> RowFilter:
         """The filters as users gave them, resolved; a bad value raises QueryError."""
+        filters = filters.checked()
         return cls(_folder(filters.folder), _timestamp(filters.since, "since"), _timestamp(filters.until, "until"),
                    _extensions(filters.types))
 
@@ -78,10 +79,13 @@ def _extensions(types: Iterable[str] | str | None) -> frozenset[str] | None:
 
 
 def _timestamp(value: Any, name: str) -> float | None:
-    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day."""
+    """A date bound as seconds since the epoch (local time); a date given for `until` includes that day.
+    A date outside DATE_RANGE, or a number that is no time, is a QueryError (never an overflow)."""
     if value is None or value == "":
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not abs(value) < 1e18:  # NaN, infinite, or past any file time: it would overflow
+            raise QueryError(f"{name}: {str(value)[:40]} is not a time in seconds")
         return float(value)
     if isinstance(value, str):
         text = value.strip()
@@ -89,12 +93,20 @@ def _timestamp(value: Any, name: str) -> float | None:
             value = date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
         except ValueError:
             raise QueryError(f"{name}: {text[:40]!r} is not a date (YYYY-MM-DD)") from None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    if isinstance(value, date):
-        day = datetime.combine(value, dt_time())
-        return (day + timedelta(days=1) if name == "until" else day).timestamp()
-    raise QueryError(f"{name} must be a date, not a {type(value).__name__}")
+    if not isinstance(value, date):
+        raise QueryError(f"{name} must be a date, not a {type(value).__name__}")
+    first, last = DATE_RANGE
+    out_of_range = QueryError(f"{name}: {value.isoformat()[:40]} is out of range: give a date from "
+                              f"{first.isoformat()} to {last.isoformat()}")
+    if not first <= (value.date() if isinstance(value, datetime) else value) <= last:
+        raise out_of_range
+    try:
+        if isinstance(value, datetime):
+            return value.timestamp()
+        start = datetime.combine(value, dt_time())
+        return (start + timedelta(days=1) if name == "until" else start).timestamp()
+    except (OverflowError, ValueError, OSError):  # a time zone can still push an edge date over
+        raise out_of_range from None
 
 
 def allowed_rows(store: ItemStore, where: RowFilter) -> np.ndarray | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +20,10 @@ from nanodb.media.paths import printable
 from nanodb.search.query import QueryError, check_k, check_min_similarity
 
 FILE_TYPES = ("jpg", "png", "webp", "gif", "heic", "tiff", "bmp")  # the types offered as choices
+DATE_RANGE = (date(1900, 1, 1), date(9998, 12, 31))  # the dates `since` and `until` accept
+MAX_PATH_CHARS = 4096  # PATH_MAX: no folder filter longer than this can match
+MAX_DATE_CHARS = 32  # an ISO date and time with microseconds and a UTC offset
+MAX_TYPES = 32  # file types asked for at once
 COLLAPSE_HELP = "one result per file content; the copies are listed in `duplicates`"
 
 
@@ -34,6 +39,7 @@ class FilterField:
     placeholder: str  # the web UI's hint
     metavar: str  # the command line's name for the value
     choices: tuple[str, ...] = ()  # values to pick several of (the web UI's check boxes; a repeatable flag)
+    max_length: int | None = None  # the most characters (a typed value) or values (choices) it takes
 
 
 def _described(**description: Any) -> Any:
@@ -48,17 +54,17 @@ class Filters:
 
     folder: str | None = _described(
         flag="folder", label="Folder", placeholder="/photos/2024 or holidays", metavar="FOLDER",
-        examples=("/photos/2024", "holidays"),
+        examples=("/photos/2024", "holidays"), max_length=MAX_PATH_CHARS,
         help="only files under this folder: an absolute path, or a folder name anywhere in the path")
     since: Any = _described(
         flag="since", label="From date", placeholder="YYYY-MM-DD", metavar="YYYY-MM-DD", examples=("2024-01-01",),
-        help="only files modified on or after this date (YYYY-MM-DD)")
+        max_length=MAX_DATE_CHARS, help="only files modified on or after this date (YYYY-MM-DD)")
     until: Any = _described(
         flag="until", label="To date", placeholder="YYYY-MM-DD", metavar="YYYY-MM-DD", examples=("2024-12-31",),
-        help="only files modified on or before this date (YYYY-MM-DD)")
+        max_length=MAX_DATE_CHARS, help="only files modified on or before this date (YYYY-MM-DD)")
     types: Sequence[str] | str | None = _described(
         flag="type", label="File types (none: all)", placeholder="", metavar="EXT", examples=(["jpg", "png"],),
-        choices=FILE_TYPES, help="only these file types, e.g. jpg (repeatable)")
+        choices=FILE_TYPES, max_length=MAX_TYPES, help="only these file types, e.g. jpg (repeatable)")
 
     @classmethod
     def described(cls) -> list[FilterField]:
@@ -67,6 +73,15 @@ class Filters:
 
     def __bool__(self) -> bool:
         return any(value not in (None, "", [], ()) for value in dataclasses.astuple(self))
+
+    def checked(self) -> Filters:
+        """These filters, each no longer than its declared `max_length`; QueryError otherwise."""
+        for f in self.described():
+            value = getattr(self, f.name)
+            if f.max_length is not None and isinstance(value, (str, Sequence)) and len(value) > f.max_length:
+                unit = "values" if f.choices and not isinstance(value, str) else "characters"
+                raise QueryError(f"{f.flag}: at most {f.max_length} {unit}, not {len(value)}")
+        return self
 
 
 @dataclass

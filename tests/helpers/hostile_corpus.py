@@ -131,6 +131,7 @@ def build(root: Path) -> tuple[dict[str, Image.Image], list[str]]:
     gif = io.BytesIO()
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     good[put("animated.gif", gif.getvalue())] = frames[0].convert("P", palette=Image.Palette.ADAPTIVE)
+    good[put("many-pages.tiff", tiff_of_many_pages())] = Image.new("L", (1, 1), 128)  # only its first is read
 
     # Bad files.
     bad.append(put("zero-bytes.jpg", b""))

@@ -164,8 +164,9 @@ class EventErrors:
         self.held: bytearray | None = None  # the body of the error answer to replace
 
     async def __call__(self, message):
-        if message["type"] == "http.response.start" and message["status"] >= 400 and not self.started:
-            self.status = message["status"] if message["status"] < 500 else 400
+        status = message.get("status", 0)
+        if message["type"] == "http.response.start" and (400 <= status < 500 or status == 500) and not self.started:
+            self.status = 400 if status == 500 else status  # an overload (503: queue full) is answered as it is
             self.held = bytearray()
         elif self.held is None:
             self.started = True

@@ -27,6 +27,7 @@ from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
+from nanodb.storage.format import DatabaseError
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,12 @@ def install_error_handlers(app: FastAPI) -> None:
         shown = "" if value is None or isinstance(value, (dict, list)) else f" (got {str(value)[:40]!r})"
         message = " ".join(f"{where}: {first.get('msg', 'invalid')}".split())[:200]
         return JSONResponse({"error": message + shown}, status_code=422)
+
+    @app.exception_handler(DatabaseError)
+    async def damaged(request: Request, exc: DatabaseError):  # e.g. a data file truncated under the server
+        log.error("%s: %s", request.url.path, exc)
+        return JSONResponse({"error": "the database cannot be read: the server's log names the damaged file and "
+                                      "the fix"}, status_code=503)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

@@ -24,6 +24,7 @@ from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length,
 from nanodb.storage.commit import (
     Chunks,
     WriteLock,
+    check_unchanged,
     commit_append,
     commit_errors,
     commit_generation,
@@ -359,11 +360,8 @@ class ItemStore:
         """Remember where the model's checkpoint is now (the same weights, moved), in the manifest."""
         self.check_writable()
         with self._save_lock:
-            self.manifest.pretrained, self.manifest.weights_id = pretrained, weights_id
-            try:
-                write_manifest(self.root, self.manifest)
-            except OSError as e:
-                raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
+            self._commit_manifest(Manifest(**{**self.manifest.__dict__, "pretrained": pretrained,
+                                              "weights_id": weights_id}))
 
     def record_roots(self, roots: dict[str, bool]) -> None:
         """Remember folders scanned or watched (and whether symlinks out of them were followed), in the
@@ -371,14 +369,17 @@ class ItemStore:
         self.check_writable()
         with self._save_lock:
             merged = {**self.manifest.roots, **roots}
-            if merged == self.manifest.roots:
-                return
-            new = Manifest(**{**self.manifest.__dict__, "roots": merged})
-            try:
-                write_manifest(self.root, new)
-            except OSError as e:
-                raise DatabaseError(f"cannot write {self.root / 'nanodb.json'}: {e.strerror}") from None
-            self.manifest = new
+            if merged != self.manifest.roots:
+                self._commit_manifest(Manifest(**{**self.manifest.__dict__, "roots": merged}))
+
+    def _commit_manifest(self, new: Manifest) -> None:
+        """Replace the manifest alone, refused like a save when it is not the one this process committed."""
+        check_unchanged(self.root, self.manifest, self._write_lock)
+        try:
+            write_manifest(self.root, new)
+        except OSError as e:
+            raise DatabaseError(f"cannot write {self.root / MANIFEST}: {e.strerror}") from None
+        self.manifest = new
 
     def save(self) -> bool:
         """Commit everything added or deleted since the last save; crash-safe, cost ~ new items.

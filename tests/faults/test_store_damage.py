@@ -128,6 +128,8 @@ def test_a_manifest_replaced_under_a_writer_refuses_the_save_and_keeps_the_items
         manifest.write_bytes(replacement)
         with pytest.raises(DatabaseError, match="refusing to save.*unsaved changes stay in this process's memory"):
             db.save()
+        with pytest.raises(DatabaseError, match="refusing to save"):
+            db.store.record_roots({str(db_path.parent / "photos"): False})  # a scan's roots: the same check
         assert manifest.read_bytes() == replacement  # nothing written
         assert db.unsaved == 3 and db.search(new[2], 1)[0].path == "/new/2"  # still searchable
         manifest.write_bytes(saved)  # the user puts it back
@@ -196,6 +198,21 @@ def test_vector_rows_overwritten_while_open_are_an_error_naming_the_file(db_path
             f.write(garbage)  # ten rows overwritten in place: the mapping sees the new bytes
         with pytest.raises(DatabaseError, match=r"vectors\.0\.f16 is damaged: rows 2\d.*--repair"):
             db.search(query, 10)
+
+
+def test_the_http_api_answers_damage_with_a_503_and_logs_the_file(db_path, caplog):
+    from fastapi.testclient import TestClient
+
+    from nanodb.interfaces.server import build_app
+
+    with NanoDB(db_path, read_only=True) as db:
+        client = TestClient(build_app(db))
+        assert client.get(f"/api/search/item/{ROWS - 1}").status_code == 200
+        with open(data_file(db_path, "vectors"), "r+b") as f:
+            f.write(b"\xff" * ((ROWS - 1) * db.dim * 2))  # every row but the query's: NaN
+        answer = client.get(f"/api/search/item/{ROWS - 1}")
+        assert answer.status_code == 503 and "log names the damaged file" in answer.json()["error"]
+        assert str(data_file(db_path, "vectors")) in caplog.text and "--repair" in caplog.text
 
 
 def test_an_item_record_overwritten_while_open_is_an_error_naming_the_file(db_path):

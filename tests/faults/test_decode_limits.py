@@ -108,7 +108,7 @@ def test_an_uploaded_time_bomb_is_refused_within_the_limit_while_others_are_answ
     assert r.status_code == 400 and "took too long to decode (over 2 s)" in r.json()["error"], r.text
     assert seconds < LIMITS["decode_seconds"] + SLACK_S
     assert len(others) >= 2 and all(o.status_code == 200 for o, _ in others)
-    assert max(s for _, s in others) < 3.0, [round(s, 2) for _, s in others]
+    assert max(s for _, s in others) < 5.0, [round(s, 2) for _, s in others]  # a bomb held them 160 s
 
 
 def test_an_uploaded_memory_bomb_is_refused(served):

@@ -9,6 +9,7 @@ import logging
 import mmap
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ class HeldFile:
             self.fd: int | None = os.open(path, os.O_RDONLY) if nbytes else None
         except OSError as e:
             raise DatabaseError(f"cannot open {path} ({e.strerror}); the database is damaged: {REPAIR_HINT}") from None
+        # closed by close(), or when dropped (an old generation's file: its disk space is then freed)
+        self._closer = weakref.finalize(self, os.close, self.fd) if self.fd is not None else None
         self.check()
 
     def check(self) -> None:
@@ -47,12 +50,9 @@ class HeldFile:
                                 f"committed bytes); the database is damaged: {REPAIR_HINT}")
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self):
-        self.close()
+        self.fd = None
+        if self._closer is not None:
+            self._closer()
 
 
 def file_backed_rows(file: HeldFile | None, rows: int, row_shape: tuple[int, ...], dtype, capacity: int,

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode, embed and search on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local "
                         "(needs pip install 'nanodb[ray]')")
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
+    p.add_argument("--trusted-proxy", metavar="ADDRESS", action="append", default=[],
+                   help="with --server: a reverse proxy whose X-Forwarded-For names the client (repeatable; by "
+                        "default a client is the address it connects from)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"nanodb {__version__}")
     add_one_shot_commands(p)
@@ -262,7 +265,8 @@ async def run(args: argparse.Namespace) -> int:
             uploads.enter_context(web_upload_folder())  # before gradio is imported
             from nanodb.interfaces.server import parse_auth, start_server
 
-            server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None)
+            server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None,
+                                  trusted_proxies=tuple(args.trusted_proxy))
             print(f"nanodb: web UI at {server.url} , HTTP API docs at {server.url}docs", file=sys.stderr)
         service = IngestService(db, [*DEFAULT_EXCLUDES, *args.exclude] if args.exclude else None)
         show = lambda report: print(report.summary(), file=sys.stderr)  # noqa: E731

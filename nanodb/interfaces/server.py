@@ -3,12 +3,9 @@ console, scans and watches go on in the caller's thread and event loop."""
 
 from __future__ import annotations
 
-import base64
-import binascii
+import functools
 import logging
-import secrets
 import threading
-import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -18,29 +15,21 @@ from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from gradio.routes import App as GradioApp
 from starlette.exceptions import HTTPException
-from starlette.requests import HTTPConnection
 from starlette.routing import Mount
 
 from nanodb import __version__
+from nanodb.interfaces.connections import ConnectionLimits, GuardedH11Protocol, connection_cap, quiet_accept_errors
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
+from nanodb.interfaces.login import BasicAuth, parse_auth
 from nanodb.interfaces.request_guard import RequestGuard
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
 from nanodb.interfaces.web import CSS, JS, build_ui
+from nanodb.interfaces.web_limits import UploadQuota, WebRoutes, bound_queue
 
-UPLOAD_MAX_AGE_S = 600  # the web UI's uploads are deleted this long after they came, and at shutdown
-LOGIN_BURST = 10  # failed logins a client may make at once; then one more per LOGIN_REFILL_S
-LOGIN_REFILL_S = 1.0
+__all__ = ["ServerHandle", "build_app", "parse_auth", "start_server"]
 
 log = logging.getLogger(__name__)
-
-
-def parse_auth(text: str) -> tuple[str, str]:
-    """`USER:PASS` -> (user, password)."""
-    user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise ValueError("--auth must be USER:PASS, both non-empty")
-    return user, password
 
 
 def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
@@ -51,12 +40,13 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(api_router(service, ThumbnailCache(db), auth))
     unknown_api_route(app)
-    ui = build_ui(service).queue(default_concurrency_limit=8)
-    ui.delete_cache = (UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)
+    ui = bound_queue(build_ui(service))
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
-    next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp)).add_middleware(
-        MalformedCalls)
+    web_app = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp))
+    web_app.add_middleware(MalformedCalls)
+    web_app.add_middleware(UploadQuota, blocks=ui, max_request_bytes=service.max_upload_bytes + (1 << 20))
+    web_app.add_middleware(WebRoutes)  # outermost in the web UI's app
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.
     ui.has_launched = True
@@ -105,57 +95,6 @@ class MalformedCalls:
             await _refuse(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
 
 
-class BasicAuth:
-    """HTTP Basic auth on every route: browsers ask once, programs pass `curl -u USER:PASS`.
-
-    Failed logins are rate-limited per client address: after LOGIN_BURST failures, one attempt per
-    LOGIN_REFILL_S; attempts beyond that get 429 without their password being checked."""
-
-    def __init__(self, app, user: str, password: str):
-        self.app = app
-        self.expected = f"{user}:{password}".encode()
-        self.budgets: dict[str, tuple[float, float]] = {}  # client -> (attempts left, when counted)
-        self.lock = threading.Lock()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
-        connection = HTTPConnection(scope)
-        client = connection.client.host if connection.client else "?"
-        scheme, _, encoded = connection.headers.get("authorization", "").partition(" ")
-        try:
-            given = base64.b64decode(encoded, validate=True) if scheme.lower() == "basic" else None
-        except (binascii.Error, ValueError):
-            given = b""
-        if given is not None and self._budget(client) < 1:
-            refusal = _refuse(429, f"too many failed logins; try again in {LOGIN_REFILL_S:g} s",
-                              {"Retry-After": str(max(1, round(LOGIN_REFILL_S)))})
-        elif given is None or not secrets.compare_digest(given, self.expected):
-            if given is not None:
-                self._spend(client)
-            refusal = _refuse(401, "log in with the user and password given to --auth",
-                              {"WWW-Authenticate": 'Basic realm="nanodb"'})
-        else:
-            return await self.app(scope, receive, send)
-        if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": 1008})
-        return await refusal(scope, receive, send)
-
-    def _budget(self, client: str) -> float:
-        with self.lock:
-            left, when = self.budgets.get(client, (LOGIN_BURST, time.monotonic()))
-            return min(LOGIN_BURST, left + (time.monotonic() - when) / LOGIN_REFILL_S)
-
-    def _spend(self, client: str) -> None:
-        left = self._budget(client) - 1
-        with self.lock:
-            if len(self.budgets) > 10_000:  # forget clients that have their whole budget back
-                now = time.monotonic()
-                self.budgets = {c: (n, t) for c, (n, t) in self.budgets.items()
-                                if n + (now - t) / LOGIN_REFILL_S < LOGIN_BURST}
-            self.budgets[client] = (left, time.monotonic())
-
-
 @dataclass
 class ServerHandle:
     url: str
@@ -167,11 +106,19 @@ class ServerHandle:
         self.thread.join(timeout)
 
 
-def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, str] | None = None) -> ServerHandle:
-    """Serve `db` in a background thread; returns once it accepts connections (port 0: any free port)."""
+def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, str] | None = None,
+                 trusted_proxies: tuple[str, ...] = ()) -> ServerHandle:
+    """Serve `db` in a background thread; returns once it accepts connections (port 0: any free port).
+
+    A client's address is its socket's peer; only a peer in `trusted_proxies` may name another in
+    X-Forwarded-For (whom the login backoff then counts), and its connections count only in the total cap."""
     _ = db.model  # load the model now, not during the first visitor's search
+    limits = ConnectionLimits(connection_cap(), trusted_proxies=frozenset(trusted_proxies))
+    quiet_accept_errors()
     config = uvicorn.Config(build_app(db, auth), host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=2)
+                            timeout_graceful_shutdown=2, http=functools.partial(GuardedH11Protocol, limits=limits),
+                            proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None,
+                            timeout_keep_alive=5, backlog=256)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="nanodb-server", daemon=True)
     thread.start()

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, coco_photos
+from helpers import REPO, coco_photos, data_file, save_vectors_db
 
 from nanodb.database import NanoDB
 from nanodb.interfaces import cli
@@ -25,15 +25,7 @@ ROWS = 40
 @pytest.fixture(scope="module")
 def saved_db(tmp_path_factory):
     """A database of ROWS random vectors with paths and metadata, saved in two saves, one deletion."""
-    path = tmp_path_factory.mktemp("damaged") / "template"
-    rng = np.random.default_rng(0)
-    with NanoDB(path, config="test") as db:
-        db.add(rng.standard_normal((ROWS // 2, db.dim)), metadata={"n": 1}, paths=[f"/p/{i}" for i in range(ROWS // 2)])
-        db.save()
-        db.add(rng.standard_normal((ROWS // 2, db.dim)), paths=[f"/q/{i}" for i in range(ROWS // 2)])
-        db.delete([5])
-        db.save()
-    return path
+    return save_vectors_db(tmp_path_factory.mktemp("damaged") / "template", ROWS)
 
 
 @pytest.fixture
@@ -41,10 +33,6 @@ def db_path(saved_db, tmp_path):
     path = tmp_path / "db"
     shutil.copytree(saved_db, path)
     return path
-
-
-def data_file(path, kind):
-    return next(path.glob(f"{kind}.*"))
 
 
 def open_error(path) -> str:

@@ -15,7 +15,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import REPO, data_file, save_vectors_db
 
 import nanodb.storage.commit as commit
 import nanodb.storage.index
@@ -28,16 +28,7 @@ ROWS = 2000  # data files of several pages: a page past a truncated file's end i
 @pytest.fixture(scope="module")
 def saved_db(tmp_path_factory):
     """ROWS random unit vectors with paths, the first half with metadata, saved twice, one deletion."""
-    path = tmp_path_factory.mktemp("store_damage") / "template"
-    rng = np.random.default_rng(0)
-    with NanoDB(path, config="test") as db:
-        half = ROWS // 2
-        db.add(rng.standard_normal((half, db.dim)), metadata={"n": 1}, paths=[f"/p/{i}" for i in range(half)])
-        db.save()
-        db.add(rng.standard_normal((half, db.dim)), paths=[f"/q/{i}" for i in range(half)])
-        db.delete([5])
-        db.save()
-    return path
+    return save_vectors_db(tmp_path_factory.mktemp("store_damage") / "template", ROWS)
 
 
 @pytest.fixture
@@ -45,10 +36,6 @@ def db_path(saved_db, tmp_path):
     path = tmp_path / "db"
     shutil.copytree(saved_db, path)
     return path
-
-
-def data_file(path, kind):
-    return next(path.glob(f"{kind}.*"))
 
 
 def folder_state(path) -> dict[str, bytes]:

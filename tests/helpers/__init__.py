@@ -46,3 +46,26 @@ def brute_force(stored, queries, k: int):
     scores = queries.astype(np.float32) @ stored.astype(np.float32).T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return order, np.take_along_axis(scores, order, axis=1)
+
+
+def save_vectors_db(path: Path, rows: int) -> Path:
+    """A database of `rows` random unit vectors with paths (the first half with metadata), saved in two
+    saves, item 5 deleted: the template the damage tests copy and break."""
+    import numpy as np
+
+    from nanodb import NanoDB
+
+    rng = np.random.default_rng(0)
+    half = rows // 2
+    with NanoDB(path, config="test") as db:
+        db.add(rng.standard_normal((half, db.dim)), metadata={"n": 1}, paths=[f"/p/{i}" for i in range(half)])
+        db.save()
+        db.add(rng.standard_normal((half, db.dim)), paths=[f"/q/{i}" for i in range(half)])
+        db.delete([5])
+        db.save()
+    return path
+
+
+def data_file(path: Path, kind: str) -> Path:
+    """The database's data file of a kind ("vectors", "items", ...)."""
+    return next(path.glob(f"{kind}.*"))

@@ -17,8 +17,6 @@ from nanodb.pipeline.ray_ingest import RayEmbedStage, RayStageOptions
 from nanodb.search.sharded import ShardedSearch
 from nanodb.storage.store import ItemStore
 
-log = logging.getLogger(__name__)
-
 INSTALL_HINT = "running on a Ray cluster needs Ray, an optional extra: pip install 'nanodb[ray]'"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import os
 import threading
 import time
@@ -33,7 +32,6 @@ from nanodb.storage.store import Item, ItemStore
 if TYPE_CHECKING:
     from nanodb.cluster import RayOptions
 
-log = logging.getLogger(__name__)
 
 __all__ = ["NanoDB", "SearchRequest", "Filters", "SearchResult", "SearchResults", "Item", "ValidationReport",
            "SearchTimings"]

@@ -14,7 +14,6 @@ Workers start from loky's fixed entry point, not from the program's main module:
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import threading
 import warnings
@@ -30,8 +29,6 @@ from nanodb.media import sandbox
 from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

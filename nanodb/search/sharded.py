@@ -5,8 +5,6 @@ equal one process's exact search: same items, same order, ties to the lower inde
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from nanodb.search.local import RowFilter, allowed_rows, allowed_top, answer
@@ -14,7 +12,6 @@ from nanodb.search.request import SearchRequest, SearchResults
 from nanodb.storage.index import VectorIndex
 from nanodb.storage.store import ItemStore
 
-log = logging.getLogger(__name__)
 
 class SearchShard:
     """A Ray actor holding rows [offset, offset + n) of the vectors, in RAM or on its GPU."""

@@ -1,5 +1,5 @@
 """The deeper hostile probe of issue 20, run at once against one live server: while it lasts, another
-client keeps asking for stats and searching, and every one of its requests is answered within a second.
+client keeps asking for stats and searching, and none of its requests stalls (before the fixes: 18 s and more).
 
 The server runs in its own process on 127.0.0.1 (a free port); every probe is bounded in count and time.
 """
@@ -29,6 +29,9 @@ db = NanoDB(sys.argv[1], config="test", read_only=True, decode_seconds=2)
 print(start_server(db, "127.0.0.1", 0).url, flush=True)
 time.sleep(3600)
 """
+
+
+STALL_S = 5.0  # a stalled event loop held others 18 s; on a busy two-core machine 1.7 s was seen unstalled
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +109,7 @@ def slow_headers(url: str, connections: int, seconds: float) -> int:
     return closed
 
 
-def test_other_clients_are_answered_within_a_second_while_the_server_is_probed(server_url):
+def test_other_clients_are_not_stalled_while_the_server_is_probed(server_url):
     url = server_url
     other = Bystander(url)
     other.start()
@@ -137,4 +140,4 @@ def test_other_clients_are_answered_within_a_second_while_the_server_is_probed(s
     assert all(400 <= s < 500 for s in statuses.values()), statuses
     assert closed == 100, "slow clients are timed out"
     assert not other.failures, other.failures[:5]
-    assert len(other.times) > 20 and max(other.times) < 1.0, sorted(other.times)[-5:]
+    assert len(other.times) > 20 and max(other.times) < STALL_S, sorted(other.times)[-5:]

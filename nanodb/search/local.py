@@ -17,6 +17,7 @@ import numpy as np
 
 from nanodb.search.query import QueryError
 from nanodb.search.request import DATE_RANGE, Filters, SearchRequest, SearchResult, SearchResults
+from nanodb.storage.columns import store_columns
 from nanodb.storage.index import VectorIndex
 from nanodb.storage.store import ItemStore
 
@@ -48,14 +49,12 @@ class RowFilter:
         return cls(_folder(filters.folder), _timestamp(filters.since, "since"), _timestamp(filters.until, "until"),
                    _extensions(filters.types))
 
-    def allows_path(self, path: str) -> bool:
-        if self.types is not None and os.path.splitext(path)[1][1:].lower() not in self.types:
-            return False
-        if self.folder is None:
-            return True
+    def allows_folder(self, folder: str) -> bool:
+        """Whether the folder filter allows a file directly in `folder` (its path before the last separator)."""
+        start = folder + os.sep  # what the file's path starts with: the test reads no further
         if os.path.isabs(self.folder):
-            return path.startswith(self.folder if self.folder.endswith(os.sep) else self.folder + os.sep)
-        return f"{os.sep}{self.folder.strip(os.sep)}{os.sep}" in os.path.dirname(path) + os.sep
+            return start.startswith(self.folder if self.folder.endswith(os.sep) else self.folder + os.sep)
+        return f"{os.sep}{self.folder.strip(os.sep)}{os.sep}" in os.path.dirname(start) + os.sep
 
 
 def _folder(folder: str | None) -> str | None:
@@ -111,42 +110,28 @@ def _timestamp(value: Any, name: str) -> float | None:
 
 def allowed_rows(store: ItemStore, where: RowFilter) -> np.ndarray | None:
     """A boolean mask over the store's rows: those `where` allows (deleted rows are excluded by the
-    index); None when it allows all. The caller holds the store's lock."""
+    index); None when it allows all. Vectorised over the store's filter columns (storage.columns): call
+    store_columns(store) first without the store's lock, which the caller holds here."""
     if not where:
         return None
-    n = store.rows
-    mask = np.ones(n, bool)
-    mtime = store.column("mtime")
+    columns = store_columns(store)
+    mask = np.ones(columns.count, bool)
     if where.since is not None:
-        mask &= mtime >= where.since
+        mask &= columns.mtime[: columns.count] >= where.since
     if where.until is not None:
-        mask &= mtime < where.until
-    if where.folder is not None or where.types is not None:
-        by_path = np.zeros(n, bool)
-        for path, i in store.rows_by_path().items():
-            by_path[i] = where.allows_path(path)
-        mask &= by_path
+        mask &= columns.mtime[: columns.count] < where.until
+    if where.folder is not None:
+        mask &= columns.folder_rows(where.folder, where.allows_folder)
+    if where.types is not None:
+        mask &= columns.extension_rows(where.types)
     return mask
 
 
 def allowed_top(index: VectorIndex, queries: np.ndarray, n: int,
                 allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top n of the rows `allowed` allows (all: None) for each query, like VectorIndex.search:
-    the index is asked for more rows, doubling, until n pass for every query or every row was seen."""
-    if allowed is None:
-        return index.search(queries, n)
-    rows = index.count
-    share = max(int(allowed.sum()), 1) / max(rows, 1)
-    fetch = min(rows, int(n / share * 1.5) + 16)
-    while True:
-        top, scores = index.search(queries, fetch)
-        keep = allowed[top]
-        passed = int(keep.sum(axis=1).min()) if len(keep) else 0
-        if passed >= n or fetch >= rows:  # once every row was seen, every query has as many rows passing
-            width = min(n, passed)
-            return (np.array([t[m][:width] for t, m in zip(top, keep)], np.int64).reshape(len(top), width),
-                    np.array([s[m][:width] for s, m in zip(scores, keep)], scores.dtype).reshape(len(top), width))
-        fetch = min(rows, fetch * 2)
+    """The exact top n of the rows `allowed` allows (all: None) for each query: the index's fast pass
+    skips the others (VectorIndex.search)."""
+    return index.search(queries, n, allowed=allowed)
 
 
 def best_per_content(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int, hashes: np.ndarray) -> Chosen:
@@ -197,6 +182,8 @@ class LocalSearcher:
         store = self.store
         store.checks.raise_if_failed()
         where = RowFilter.of(request.filters)
+        if where:
+            store_columns(store)  # derived on first use, not under the lock: writers go on meanwhile
         with store.lock:  # a compaction renumbers rows: indices and paths must come from one state
             allowed = allowed_rows(store, where)
             return answer(request, store, lambda queries, n: allowed_top(store.index, queries, n, allowed))

@@ -7,14 +7,21 @@
  * exact (32-bit integers); only the final two float multiplications round. Loaded with ctypes: the
  * GIL is released while it runs, so one call per core scores segments in parallel.
  *
+ * nanodb_scores_rows(codes, row_scale, rows, n, dim, q, q_offset, q_scale, nq, out, ldo) scores the
+ * listed rows alone (a filter's allowed rows): out[j * ldo + i] is the score of row rows[i].
+ *
  * AVX-512 VNNI (vpdpbusd: 64 unsigned x signed byte products per instruction) when the CPU has it
  * and dim is a multiple of 64; plain C otherwise.
  */
 #include <stdint.h>
+#include <stddef.h>
+
+/* Row r of a pass: the r-th listed row, or row r when none are listed. */
+#define ROW(idx, r) ((idx) ? (idx)[r] : (r))
 
 /* The version of this file's exported functions and their signatures. nanodb.storage.kernel.KERNEL_ABI
  * must equal it, or a library built from another _scan.c is not used: bump both with any change. */
-#define NANODB_KERNEL_ABI 1
+#define NANODB_KERNEL_ABI 2
 
 int nanodb_kernel_abi(void)
 {
@@ -29,6 +36,7 @@ int nanodb_kernel_abi(void)
 #define DPB(acc, a, b) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b))
 #define PREFETCH_ROWS 64
 #define DOTS_AHEAD 8
+#define GATHER_AHEAD 8 /* listed rows fetched ahead: they are scattered, the hardware prefetcher misses them */
 
 /* The four sums of a0..a3, in order. */
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -49,15 +57,23 @@ static void store4(float *o, __m128i dots, int32_t offset, float qs, const float
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
-static void scores_vnni(const uint8_t *codes, const float *rs, int64_t rows, int64_t dim, const int8_t *q,
-                        const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
+static void scores_vnni(const uint8_t *codes, const float *row_scale, const int64_t *idx, int64_t rows, int64_t dim,
+                        const int8_t *q, const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
 {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-        const uint8_t *c0 = codes + r * dim, *c1 = c0 + dim, *c2 = c1 + dim, *c3 = c2 + dim;
+        const uint8_t *c0 = codes + ROW(idx, r) * dim, *c1 = codes + ROW(idx, r + 1) * dim;
+        const uint8_t *c2 = codes + ROW(idx, r + 2) * dim, *c3 = codes + ROW(idx, r + 3) * dim;
+        const float rs[4] = {row_scale[ROW(idx, r)], row_scale[ROW(idx, r + 1)], row_scale[ROW(idx, r + 2)],
+                             row_scale[ROW(idx, r + 3)]};
         int64_t j = 0;
-        if (j + 4 <= nq) /* the 4 x 4 loop reads the 4 rows' 64-byte pieces in turn, which the hardware
-                          * prefetcher does not follow: ask for the rows PREFETCH_ROWS ahead (never faults) */
+        if (idx && r + GATHER_AHEAD + 4 <= rows) /* listed rows: fetch the ones GATHER_AHEAD ahead */
+            for (int64_t i = 0; i < 4; i++)
+                for (int64_t d = 0; d < dim; d += 64)
+                    _mm_prefetch((const char *)(codes + idx[r + GATHER_AHEAD + i] * dim + d), _MM_HINT_T0);
+        else if (!idx && j + 4 <= nq) /* the 4 x 4 loop reads the 4 rows' 64-byte pieces in turn, which the
+                                       * hardware prefetcher does not follow: ask for the rows PREFETCH_ROWS
+                                       * ahead (never faults) */
             for (int64_t d = 0; d < 4 * dim; d += 64)
                 _mm_prefetch((const char *)(c0 + PREFETCH_ROWS * dim + d), _MM_HINT_T0);
         for (; j + 4 <= nq; j += 4) { /* 4 rows x 4 queries: 8 loads per 16 dot instructions */
@@ -81,10 +97,10 @@ static void scores_vnni(const uint8_t *codes, const float *rs, int64_t rows, int
                 DPB(a30, x0, v); DPB(a31, x1, v);
                 DPB(a32, x2, v); DPB(a33, x3, v);
             }
-            store4(out + j * ldo + r, sum4(a00, a01, a02, a03), qo[j], qs[j], rs + r);
-            store4(out + (j + 1) * ldo + r, sum4(a10, a11, a12, a13), qo[j + 1], qs[j + 1], rs + r);
-            store4(out + (j + 2) * ldo + r, sum4(a20, a21, a22, a23), qo[j + 2], qs[j + 2], rs + r);
-            store4(out + (j + 3) * ldo + r, sum4(a30, a31, a32, a33), qo[j + 3], qs[j + 3], rs + r);
+            store4(out + j * ldo + r, sum4(a00, a01, a02, a03), qo[j], qs[j], rs);
+            store4(out + (j + 1) * ldo + r, sum4(a10, a11, a12, a13), qo[j + 1], qs[j + 1], rs);
+            store4(out + (j + 2) * ldo + r, sum4(a20, a21, a22, a23), qo[j + 2], qs[j + 2], rs);
+            store4(out + (j + 3) * ldo + r, sum4(a30, a31, a32, a33), qo[j + 3], qs[j + 3], rs);
         }
         for (; j < nq; j++) { /* 4 rows x 1 query */
             const int8_t *qj = q + j * dim;
@@ -99,15 +115,16 @@ static void scores_vnni(const uint8_t *codes, const float *rs, int64_t rows, int
                 a2 = _mm512_dpbusd_epi32(a2, _mm512_loadu_si512(c2 + d), _mm512_loadu_si512(qj + d));
             for (int64_t d = 0; d < dim; d += 64)
                 a3 = _mm512_dpbusd_epi32(a3, _mm512_loadu_si512(c3 + d), _mm512_loadu_si512(qj + d));
-            store4(out + j * ldo + r, sum4(a0, a1, a2, a3), qo[j], qs[j], rs + r);
+            store4(out + j * ldo + r, sum4(a0, a1, a2, a3), qo[j], qs[j], rs);
         }
     }
     for (; r < rows; r++)
         for (int64_t j = 0; j < nq; j++) {
+            const uint8_t *c = codes + ROW(idx, r) * dim;
             __m512i a = _mm512_setzero_si512();
             for (int64_t d = 0; d < dim; d += 64)
-                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(codes + r * dim + d), _mm512_loadu_si512(q + j * dim + d));
-            out[j * ldo + r] = (float)(_mm512_reduce_add_epi32(a) - qo[j]) * (qs[j] * rs[r]);
+                a = _mm512_dpbusd_epi32(a, _mm512_loadu_si512(c + d), _mm512_loadu_si512(q + j * dim + d));
+            out[j * ldo + r] = (float)(_mm512_reduce_add_epi32(a) - qo[j]) * (qs[j] * row_scale[ROW(idx, r)]);
         }
 }
 
@@ -157,15 +174,16 @@ void nanodb_dots(const uint16_t *vectors, const int64_t *rows, int64_t n, int64_
 #endif
 }
 
-static void scores_plain(const uint8_t *codes, const float *rs, int64_t rows, int64_t dim, const int8_t *q,
-                         const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
+static void scores_plain(const uint8_t *codes, const float *rs, const int64_t *idx, int64_t rows, int64_t dim,
+                         const int8_t *q, const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
 {
     for (int64_t r = 0; r < rows; r++)
         for (int64_t j = 0; j < nq; j++) {
+            const uint8_t *c = codes + ROW(idx, r) * dim;
             int32_t s = 0;
             for (int64_t d = 0; d < dim; d++)
-                s += (int32_t)codes[r * dim + d] * q[j * dim + d];
-            out[j * ldo + r] = (float)(s - qo[j]) * (qs[j] * rs[r]);
+                s += (int32_t)c[d] * q[j * dim + d];
+            out[j * ldo + r] = (float)(s - qo[j]) * (qs[j] * rs[ROW(idx, r)]);
         }
 }
 
@@ -181,14 +199,27 @@ int nanodb_vnni(int64_t dim)
 #endif
 }
 
-void nanodb_scores(const uint8_t *codes, const float *row_scale, int64_t rows, int64_t dim, const int8_t *q,
-                   const int32_t *q_offset, const float *q_scale, int64_t nq, float *out, int64_t ldo)
+static void scores(const uint8_t *codes, const float *row_scale, const int64_t *idx, int64_t rows, int64_t dim,
+                   const int8_t *q, const int32_t *q_offset, const float *q_scale, int64_t nq, float *out, int64_t ldo)
 {
 #ifdef NANODB_VNNI
     if (nanodb_vnni(dim)) {
-        scores_vnni(codes, row_scale, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+        scores_vnni(codes, row_scale, idx, rows, dim, q, q_offset, q_scale, nq, out, ldo);
         return;
     }
 #endif
-    scores_plain(codes, row_scale, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+    scores_plain(codes, row_scale, idx, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+}
+
+void nanodb_scores(const uint8_t *codes, const float *row_scale, int64_t rows, int64_t dim, const int8_t *q,
+                   const int32_t *q_offset, const float *q_scale, int64_t nq, float *out, int64_t ldo)
+{
+    scores(codes, row_scale, NULL, rows, dim, q, q_offset, q_scale, nq, out, ldo);
+}
+
+void nanodb_scores_rows(const uint8_t *codes, const float *row_scale, const int64_t *rows, int64_t n, int64_t dim,
+                        const int8_t *q, const int32_t *q_offset, const float *q_scale, int64_t nq, float *out,
+                        int64_t ldo)
+{
+    scores(codes, row_scale, rows, n, dim, q, q_offset, q_scale, nq, out, ldo);
 }

@@ -256,8 +256,12 @@ class VectorIndex:
                 self._gpu_dead[self._cp.asarray(indices)] = True
             self._any_dead = bool(self._dead[: self.count].any())
 
-    def search(self, queries: np.ndarray, k: int, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, stats: dict | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by cosine similarity for each unit query (Q, dim) -> (indices, scores), each (Q, k').
+
+        `allowed`, a boolean mask over the rows (those past its end are not allowed), limits the search
+        to its rows: the fast pass skips the others, scoring only the allowed ones when they are few.
 
         `stats`, if given, receives how the passes went (for benchmarks): "fast_pass" (its kind),
         "fast_s" and "exact_s" (seconds), "rescored" (candidate rows scored exactly, all queries)."""
@@ -271,16 +275,21 @@ class VectorIndex:
         k = max(0, min(int(k), n))
         if k == 0 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
-        dead = dead if any_dead else None
+        skip = dead[:n] if any_dead else None
+        if allowed is not None:
+            kept = np.zeros(n, bool)
+            kept[: min(n, len(allowed))] = allowed[:n]
+            skip = ~kept if skip is None else skip | ~kept
         try:
             if gpu is not None:
                 margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-                parts = self._candidates_cupy(gpu[0], gpu[1] if any_dead else None, n, queries, k, margins)
+                gskip = gpu[1] if allowed is None and any_dead else None if skip is None else self._cp.asarray(skip)
+                parts = self._candidates_cupy(gpu[0], gskip, n, queries, k, margins)
             elif KERNEL is not None:
-                margins, parts = candidates_compact(KERNEL, *compact, dead, n, queries, k)
+                margins, parts = candidates_compact(KERNEL, *compact, skip, n, queries, k)
             else:
                 margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-                parts = candidates_float16(buf, dead, n, queries, k, margins)
+                parts = candidates_float16(buf, skip, n, queries, k, margins)
             middle = time.perf_counter()
             result = exact_top_k(buf, queries, k, margins, parts, KERNEL, stats)
         except DamagedRows as e:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from nanodb.media.record import FileRecord
+from nanodb.storage.columns import FilterColumns
 from nanodb.storage.format import ITEM_DTYPE, REPAIR_HINT, DatabaseError
 from nanodb.storage.mapped_rows import HeldFile, file_backed_rows
 
@@ -35,6 +36,7 @@ class ItemTable:
         self.mapped = file.nbytes // ITEM_DTYPE.itemsize if file is not None else 0
         self.path_rows: dict[str, int] | None = None  # built on first use
         self.hash_rows: dict[bytes, int] | None = None
+        self.columns: FilterColumns | None = None  # derived on first use (columns.store_columns)
 
     @classmethod
     def empty(cls) -> ItemTable:
@@ -145,6 +147,8 @@ class ItemTable:
             if self.hash_rows is not None:
                 self.hash_rows[bytes(rec.hash)] = i
         self.count = start + len(records)
+        if self.columns is not None:
+            self.columns.append((os.fsencode(r.path) if r.path else None for r in records), (r.mtime for r in records))
         return start
 
     def drop_paths(self, rows: Iterable[int]) -> None:
@@ -184,4 +188,6 @@ class ItemTable:
                 start = int(row[off])
                 row[off] = len(data)
                 data += old[start : start + int(row[length])]
-        return ItemTable(records, len(live), paths, meta)
+        table = ItemTable(records, len(live), paths, meta)
+        table.columns = None if self.columns is None else self.columns.take(live)
+        return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import date, datetime
 
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 
 from nanodb.database import NanoDB
 from nanodb.media.record import FileRecord
+from nanodb.search.local import RowFilter
 from nanodb.search.query import QueryError
+from nanodb.search.request import Filters
 
 N = 300
 
@@ -107,3 +110,88 @@ def test_every_interface_takes_every_filter_declared_once(db):
         assert all(parameters[f.flag]["description"] == f.help for f in declared), route
     body = schema["components"]["schemas"]["TextQuery"]["properties"]
     assert all(body[f.name]["description"] == f.help for f in declared)
+
+
+# ----------------------------------------------------------------- filters over a changing database
+FILTERS = [  # selective and broad, alone and combined
+    dict(folder="holiday"), dict(folder="/photos/2019"), dict(folder="/photos/2019/"), dict(folder="/"),
+    dict(folder="2019/holiday"), dict(folder="x"), dict(types=["png"]), dict(types="jpg,tif"), dict(types=["GIF"]),
+    dict(since="2020-01-01"), dict(until="2019-06-30"), dict(since="2019-03-01", until="2021-12-31"),
+    dict(folder="holiday", types=["jpg"], since="2019-06-01"), dict(folder="/photos", types=["png", "webp"]),
+]
+AWKWARD_PATHS = [  # each a path, whose folder and extension os.path would find for the filters' tests
+    "/photos/2019/holiday/.hidden.jpg", "/photos/2019/holiday/..jpg", "/photos/2019/holiday/.png",
+    "/photos//2019/holiday/double.PNG", "/photos/2019/holiday/", "bare-name.jpg", "/top.gif", "//x/y.jpeg",
+    "/photos/2019/holiday/dots.in.name.TIF", "/photos/2019/holiday.d/img.jpg", "/photos/2019/\udcff/img.png",
+    "/photos/x/no-extension", "/photos/2019/holiday/img.j\u00e9pg",
+]
+
+
+def reference_allows(path, where, mtime):
+    """The filters' meaning, tested path by path with os.path (what the row masks must equal)."""
+    if path is None:
+        return where.folder is None and where.types is None and reference_time(where, mtime)
+    if where.types is not None and os.path.splitext(path)[1][1:].lower() not in where.types:
+        return False
+    if where.folder is not None:
+        if os.path.isabs(where.folder):
+            prefix = where.folder if where.folder.endswith(os.sep) else where.folder + os.sep
+            if not path.startswith(prefix):
+                return False
+        elif f"{os.sep}{where.folder.strip(os.sep)}{os.sep}" not in os.path.dirname(path) + os.sep:
+            return False
+    return reference_time(where, mtime)
+
+
+def reference_time(where, mtime):
+    return (where.since is None or mtime >= where.since) and (where.until is None or mtime < where.until)
+
+
+def assert_filters_exact(db, rng):
+    vectors = db.vectors.astype(np.float64)
+    live = np.array([db.store.is_live(i) for i in range(db.store.rows)])
+    queries = rng.standard_normal((2, db.dim))
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for given in FILTERS:
+        where = RowFilter.of(Filters(**given))
+        allowed = live & np.array([reference_allows(db.store.path_of(i), where, db.store.item(i).mtime)
+                                   for i in range(db.store.rows)], bool)
+        for q in queries:
+            scores = vectors @ q
+            rows = np.flatnonzero(allowed)
+            for k in (5, 40):
+                got = [r.index for r in db.search(q.astype(np.float32), k, **given)]
+                assert got == list(rows[np.lexsort((rows, -scores[rows]))][:k]), (given, k)
+
+
+def records(rng, n, first):
+    years = rng.integers(2018, 2023, n)
+    folders = rng.choice(["holiday", "work", "holiday/beach", "family"], n)
+    types = rng.choice(["jpg", "png", "JPEG", "webp", "gif", "tif"], n)
+    return [FileRecord(path=f"/photos/{y}/{f}/img_{first + i}.{t}", hash=rng.bytes(16),
+                       mtime=datetime(int(y), int(rng.integers(1, 13)), 15).timestamp())
+            for i, (y, f, t) in enumerate(zip(years, folders, types))]
+
+
+def test_filters_stay_exact_through_appends_deletes_moves_compaction_and_reopening(tmp_path):
+    rng = np.random.default_rng(24)
+    db = NanoDB(tmp_path / "db", config="test", compact_dead_fraction=0.1)
+    first = records(rng, 300, 0) + [FileRecord(path=p, hash=rng.bytes(16), mtime=1.6e9) for p in AWKWARD_PATHS]
+    db.store.append(rng.standard_normal((len(first), db.dim)), first)
+    db.add(rng.standard_normal((3, db.dim)))  # items without a path: no folder or type filter allows them
+    assert_filters_exact(db, rng)  # the columns are derived here
+    db.store.append(rng.standard_normal((50, db.dim)), records(rng, 50, 1000))  # and kept in step from here
+    db.store.append(rng.standard_normal((1, db.dim)), [FileRecord(path="/new/folder/a.png", hash=rng.bytes(16))])
+    db.delete(rng.choice(db.store.rows, 60, replace=False))
+    db.store.move_paths([("/new/folder/a.png", "/photos/2019/holiday/moved.jpg")])
+    db.store.move_folder("/photos/2020/work", "/photos/2019/holiday/work")
+    assert_filters_exact(db, rng)
+    db.save()  # more than 10% of the rows are dead: compacted, the rows renumbered
+    assert db.store.rows == len(db.store)
+    assert_filters_exact(db, rng)
+    db.store.append(rng.standard_normal((10, db.dim)), records(rng, 10, 2000))
+    db.save()
+    db.close()
+    db = NanoDB(tmp_path / "db", config="test")
+    assert_filters_exact(db, rng)
+    db.close()

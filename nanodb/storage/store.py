@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -225,10 +224,6 @@ class ItemStore:
     def column(self, name: str) -> np.ndarray:
         """One field of the item table over the rows (e.g. "mtime", "hash"): a view, not to be changed."""
         return self.table.column(name)
-
-    def rows_by_path(self) -> Mapping[str, int]:
-        """The live row of each file path."""
-        return MappingProxyType(self._paths_to_index())
 
     # ----------------------------------------------------------------- changing
     def check_writable(self) -> None:
@@ -446,6 +441,7 @@ class ItemStore:
         self.table.close()
         self.table = ItemTable.load(new.file(self.root, "items"), len(live), table.paths, table.meta,
                                     len(table.records))
+        self.table.columns = table.columns  # the filter columns of the live rows, renumbered
         self._deleted = []
         self.manifest = new
         try:

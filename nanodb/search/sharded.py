@@ -9,6 +9,7 @@ import numpy as np
 
 from nanodb.search.local import RowFilter, allowed_rows, allowed_top, answer
 from nanodb.search.request import SearchRequest, SearchResults
+from nanodb.storage.columns import store_columns
 from nanodb.storage.index import VectorIndex
 from nanodb.storage.store import ItemStore
 
@@ -123,6 +124,8 @@ class ShardedSearch:
         """The local searcher's answer, served by the shards: each keeps the rows the filters allow; the
         duplicates of a file's content are collapsed after the exact merge (asking for more as needed)."""
         where = RowFilter.of(request.filters)
+        if where:
+            store_columns(self.store)  # derived on first use, not under the lock: writers go on meanwhile
         with self.store.lock:  # indices and the paths they name come from one state
             self.sync()
             allowed = allowed_rows(self.store, where)

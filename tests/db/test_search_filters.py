@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import date, datetime
 
@@ -195,3 +196,26 @@ def test_filters_stay_exact_through_appends_deletes_moves_compaction_and_reopeni
     db = NanoDB(tmp_path / "db", config="test")
     assert_filters_exact(db, rng)
     db.close()
+
+
+def test_a_format_1_database_filters_exactly(tmp_path):
+    """Filter columns come from the item records and paths, which format 1 (before the compact copy)
+    stored alike: such a folder filters exactly as it opens, and after its migration by a save."""
+    rng = np.random.default_rng(1)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.store.append(rng.standard_normal((120, db.dim)), records(rng, 120, 0))
+        db.save()
+    manifest = json.loads((tmp_path / "db" / "nanodb.json").read_text())
+    manifest["version"] = 1  # what nanodb wrote before the compact copy: no compact files or field
+    del manifest["compact"]
+    for kind, extension in (("codes", "u8"), ("scales", "f32")):
+        del manifest["checksums"][kind]
+        (tmp_path / "db" / f"{kind}.0.{extension}").unlink()
+    (tmp_path / "db" / "nanodb.json").write_text(json.dumps(manifest))
+    with NanoDB(tmp_path / "db", config="test") as db:
+        assert_filters_exact(db, rng)
+        db.store.append(rng.standard_normal((5, db.dim)), records(rng, 5, 500))
+        db.save()
+    with NanoDB(tmp_path / "db", config="test") as db:
+        assert db.store.manifest.version == 2
+        assert_filters_exact(db, rng)

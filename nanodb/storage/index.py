@@ -283,7 +283,7 @@ class VectorIndex:
         try:
             if gpu is not None:
                 margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-                gskip = gpu[1] if allowed is None and any_dead else None if skip is None else self._cp.asarray(skip)
+                gskip = None if skip is None else gpu[1] if allowed is None else self._cp.asarray(skip)
                 parts = self._candidates_cupy(gpu[0], gskip, n, queries, k, margins)
             elif KERNEL is not None:
                 margins, parts = candidates_compact(KERNEL, *compact, skip, n, queries, k)

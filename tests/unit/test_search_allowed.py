@@ -7,7 +7,7 @@ import pytest
 from nanodb.storage import index as index_module
 from nanodb.storage import scan
 from nanodb.storage.compact import quantize_queries, quantize_rows
-from nanodb.storage.index import VectorIndex
+from nanodb.storage.index import VectorIndex, cupy_available
 
 KERNEL = index_module.KERNEL  # the built kernel, whichever fast pass a test runs
 
@@ -94,3 +94,18 @@ def test_kernel_scores_of_listed_rows_equal_those_of_the_rows_themselves(dim):
     KERNEL.nanodb_scores_rows(codes.ctypes.data, steps.ctypes.data, listed.ctypes.data, len(listed), dim, *args,
                               part.ctypes.data, len(listed))
     np.testing.assert_array_equal(part, whole[:, listed])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a CUDA GPU")
+def test_the_gpu_pass_skips_the_rows_not_allowed(index):
+    gpu = VectorIndex(index.dim, "cupy")
+    gpu.append(index.vectors)
+    gpu.delete(np.flatnonzero(index.dead))
+    rng = np.random.default_rng(8)
+    queries = unit(rng, 3, index.dim)
+    for share in (0.001, 0.5):
+        allowed = rng.random(index.count) < share
+        for k in (1, 10, 300):
+            np.testing.assert_array_equal(gpu.search(queries, k, allowed=allowed)[0],
+                                          brute_force(index, queries, k, allowed)[0])

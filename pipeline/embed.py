@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from nanodb.pipeline.decode import DecodedImage, DecodeFailure
+from nanodb.pipeline.fidelity import QuantizedEmbedding
 from nanodb.pipeline.sink import EmbeddingModel
 
 # A partial batch is embedded once no further image has arrived for this long, so a trickle
@@ -24,7 +25,9 @@ class ClipStage:
     """Consumes DecodedImage / DecodeFailure (None ends the stream); emits (records, vectors) batches.
 
     An image whose exact bytes the sink has a vector for is passed on alone, unembedded (vectors None).
-    `get_model` is called on the first batch to embed: a rescan with nothing new loads no model.
+    `get_model` is called on the first batch to embed: a rescan with nothing new loads no model. A model
+    with a `quantization` (int8) is calibrated and checked as the scan goes (fidelity.py), which may hold
+    its batches back until a check passes.
     """
 
     def __init__(self, get_model: Callable[[], EmbeddingModel], batch_size: int, report, running: asyncio.Event,
@@ -34,13 +37,15 @@ class ClipStage:
         self.report = report
         self.running = running  # cleared while ingestion is paused
         self.is_known = is_known
+        self.quantized: QuantizedEmbedding | None = None  # made with the model, when it has a quantization
 
     async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
         batch: list[DecodedImage] = []
         done = False
         while not done:
             try:
-                item = await asyncio.wait_for(inbox.get(), FLUSH_AFTER_S) if batch else await inbox.get()
+                waiting = batch or (self.quantized is not None and self.quantized.held)
+                item = await asyncio.wait_for(inbox.get(), FLUSH_AFTER_S) if waiting else await inbox.get()
             except TimeoutError:
                 item = ...
             if item is None:
@@ -51,13 +56,25 @@ class ClipStage:
                 await outbox.put(([item.record], None))
             elif isinstance(item, DecodedImage):
                 batch.append(item)
-            if batch and (done or item is ... or len(batch) >= self.batch_size):
+            last = done or item is ...  # no image follows soon: embed what there is, hold nothing back
+            if batch and (last or len(batch) >= self.batch_size):
                 await self.running.wait()
-                vectors = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self._embed, batch)
+                ready = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self._embed, batch, last)
                 self.report.embedded += len(batch)
-                await outbox.put(([b.record for b in batch], vectors))
                 batch = []
+            elif last and self.quantized is not None and self.quantized.held:
+                ready = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self.quantized.flush)
+            else:
+                continue
+            for images, vectors in ready:
+                await outbox.put(([b.record for b in images], vectors))
         await outbox.put(None)
 
-    def _embed(self, batch: list[DecodedImage]) -> np.ndarray:
-        return self.get_model().encode_pixels(np.stack([b.pixels for b in batch]))
+    def _embed(self, batch: list[DecodedImage], last: bool) -> list[tuple[list[DecodedImage], np.ndarray]]:
+        """The batches whose vectors are final now (`last`: none held back)."""
+        model = self.get_model()
+        if self.quantized is None and getattr(model, "quantization", None) is not None:
+            self.quantized = QuantizedEmbedding(model, model.quantization, self.report)
+        if self.quantized is not None:
+            return self.quantized.embed(batch, last)
+        return [(batch, model.encode_pixels(np.stack([b.pixels for b in batch])))]

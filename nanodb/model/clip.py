@@ -149,6 +149,8 @@ class ClipModel:
         self.pixel_transform = self.preprocessing.pixel_transform(self.preprocess)
         self.image_size = self.preprocessing.size
         self.image_tower, self.backend = self._start_tower(runtimes)
+        # int8: the tower's calibration and fidelity controls, which a scan drives (pipeline/fidelity.py)
+        self.quantization = self.image_tower if self.precision == "int8" else None
         self.dim = int(self.encode_text(["x"]).shape[1])
 
     def _start_tower(self, runtimes) -> tuple[ImageTower, str]:

@@ -1,15 +1,18 @@
 """The image tower in OpenVINO, quantized to int8 by NNCF's post-training quantization.
 
-It is calibrated on the first batch of at least CALIBRATION_IMAGES of the user's own images it is given
-(synthetic images calibrate it badly: cosine 0.97 to float32 on real photos, against 0.9995 for photos),
-then kept on disk beside the converted model. It is used only if, on those images, its vectors stay
-within INT8_MIN_COSINE of floating point; otherwise the tower stays in floating point, and says so once.
-Until a quantized tower is cached, batches run in the model's float_precision."""
+The tower does not choose its calibration images: a scan's CLIP stage (pipeline/embed.py) gathers a
+sample spread over the scan's folders and calls `calibrate`, then checks every few batches against
+`floating` and calls `fall_back` when a check falls short (synthetic images calibrate it badly: cosine
+0.97 to float32 on real photos). A quantized tower is kept on disk beside the converted model, and used
+only if, on its calibration images, its vectors stay within INT8_MIN_COSINE of floating point; otherwise
+the tower stays in floating point, and says so once. Until a quantized tower is cached, it runs in the
+model's float_precision."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,7 +29,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CALIBRATION_IMAGES = 16
 INT8_MIN_COSINE = 0.995
 
 
@@ -36,7 +38,8 @@ class Int8ImageTower(OpenVinoImageTower):
 
     def __init__(self, clip: ClipModel):
         super().__init__(clip)
-        self.calibrating = self.model_xml() == self.float_xml and not (self.int8_folder / "refused").is_file()
+        self.floating_only = (self.int8_folder / "refused").is_file()  # refused here or by an earlier process
+        self._float_request = None
 
     @property
     def int8_folder(self) -> Path:
@@ -47,18 +50,34 @@ class Int8ImageTower(OpenVinoImageTower):
         quantized = self.int8_folder / "model.xml"
         return quantized if quantized.is_file() else self.float_xml
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        with self._lock:
-            if self.calibrating and len(pixels) >= CALIBRATION_IMAGES:
-                self.calibrating = False  # one try per process, whatever happens
-                self.calibrate(pixels)
-            return self.infer(pixels)
+    @property
+    def quantized(self) -> bool:
+        """Whether this tower's vectors come from the int8 model."""
+        return not self.floating_only and self.model_xml() != self.float_xml
 
-    def calibrate(self, pixels: np.ndarray) -> None:
+    def floating(self, pixels: np.ndarray) -> np.ndarray:
+        """The features of the floating-point tower, the reference the quantized one is checked against."""
+        with self._lock:
+            if not self.quantized:
+                return self.infer(pixels)
+            if self._float_request is None:
+                self._float_request = self.compile(self.float_xml)
+            return self._float_request.infer({0: pixels})[0].copy()
+
+    def fall_back(self, why: str) -> None:
+        """Run in floating point from now on, in this process and (remembered on disk) in later ones."""
+        with self._lock:
+            self.floating_only = True
+            self._request = self.compile(self.float_xml)
+        with tempfile.TemporaryDirectory(dir=self.int8_folder.parent, ignore_cleanup_errors=True) as tmp:
+            (Path(tmp) / "refused").write_text(why + "\n")
+            self._install(Path(tmp))
+
+    def calibrate(self, pixels: np.ndarray) -> bool:
         """Quantize the tower on `pixels` (in a child process, nanodb.model.quantize); keep it, on disk
-        and here, if its vectors of those images stay within INT8_MIN_COSINE of floating point."""
-        log.warning("calibrating the int8 image tower on the first %d images (once per model and machine, "
-                    "seconds to a minute)", len(pixels))
+        and here, if its vectors of those images stay within INT8_MIN_COSINE of floating point, else stay
+        in floating point for good. Returns whether the tower is quantized now."""
+        log.warning("calibrating the int8 image tower on %d images (seconds to a minute)", len(pixels))
         self.int8_folder.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.int8_folder.parent, ignore_cleanup_errors=True) as tmp:
             np.save(Path(tmp) / "inputs.npy", self.normalized(pixels))
@@ -70,23 +89,30 @@ class Int8ImageTower(OpenVinoImageTower):
             if done.returncode:
                 why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
                 log.warning("cannot calibrate the int8 image tower (%s): it stays in floating point", why)
-                return
+                return self.quantized
             quantized = self.compile(Path(tmp) / "model.xml")
-            reference = self.infer(pixels)
-            cosine = float(cosines(quantized.infer({0: pixels})[0], reference).min())
+            cosine = float(cosines(quantized.infer({0: pixels})[0], self.floating(pixels)).min())
             if cosine < INT8_MIN_COSINE:
                 log.warning("the int8 image tower is not faithful on these images (cosine %.4f to floating point, "
                             "under %.3f): it stays in floating point", cosine, INT8_MIN_COSINE)
-                for f in Path(tmp).iterdir():
-                    f.unlink()
-                (Path(tmp) / "refused").write_text(f"cosine {cosine:.6f}\n")
-            try:
-                os.replace(tmp, self.int8_folder)  # atomic: another process may be calibrating too
-            except OSError:
-                if not self.int8_folder.is_dir():
-                    raise
-        if self.model_xml() != self.float_xml:
+                self.fall_back(f"cosine {cosine:.6f} on its {len(pixels)} calibration images")
+                return False
+            self._install(Path(tmp))
+        with self._lock:
             self._request = self.compile(self.model_xml())
+        return self.quantized
+
+    def _install(self, folder: Path) -> None:
+        """Make `folder` the int8 folder, replacing any earlier one (another process may be doing so too)."""
+        old = self.int8_folder.with_name(f"{self.int8_folder.name}.old-{os.getpid()}")
+        try:
+            if self.int8_folder.exists():
+                os.replace(self.int8_folder, old)
+            os.replace(folder, self.int8_folder)
+        except OSError:
+            if not self.int8_folder.is_dir():
+                raise
+        shutil.rmtree(old, ignore_errors=True)
 
     def normalized(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 NHWC pixels -> the float NCHW input of the converted model."""

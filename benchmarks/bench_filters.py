@@ -12,8 +12,13 @@ in turn, so a change of load on a shared machine hits them alike), and the media
 its ratio to the unfiltered median. Twice: in the session that built the database, and after reopening
 it (read-only, once the background copy of the compact codes into memory is done). The first filtered
 search of each session derives the filter columns (storage.columns): its time is printed apart.
-Every filtered result is checked against the filter (each result's path and time), the top result
-against a float64 brute force over the allowed rows for the first query.
+Every filtered result is checked against the filter (each result's path and time with os.path), and,
+up to 1M rows (--exact-up-to), the results of the first query against a float64 brute force over the
+allowed rows.
+
+With --peers (faiss-cpu, the `bench` extra), the reopened session also times faiss IndexFlatIP (float32
+copies of the rows, up to 1M rows) on the same queries, each filter given as an IDSelectorBitmap of the
+same allowed rows (made once, untimed: faiss has no filters of its own to resolve).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ CONFIGS = {  # name: filters
 }
 QUERIES = 12
 K = 10
+# Untimed rest after each faiss search: its OpenMP threads keep spinning a while after a search, and
+# would share the cores with the nanodb search that follows (see bench_search.py's REST_S).
+PEER_REST_S = 0.25
 
 
 def records(rng, first: int, n: int) -> list[FileRecord]:
@@ -112,25 +120,54 @@ def check(db: NanoDB, filters: dict, results, query: np.ndarray, exact: bool) ->
         assert [r.index for r in results] == best.tolist(), filters
 
 
-def measure(db: NanoDB, label: str, n: int, rng) -> list[str]:
+def faiss_peer(db: NanoDB):
+    """faiss IndexFlatIP over float32 copies of the rows, and a search function taking a row mask."""
+    import faiss
+
+    index = faiss.IndexFlatIP(db.dim)
+    for a in range(0, db.store.rows, 100_000):
+        index.add(np.ascontiguousarray(db.vectors[a : a + 100_000], np.float32))
+    selectors = {}
+
+    def search(q: np.ndarray, name: str, mask: np.ndarray | None):
+        if mask is not None and name not in selectors:
+            bitmap = np.packbits(mask, bitorder="little")
+            selectors[name] = (bitmap, faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap)))
+        params = None if mask is None else faiss.SearchParameters(sel=selectors[name][1])
+        return index.search(q[None], K, params=params)
+
+    return search
+
+
+def measure(db: NanoDB, label: str, n: int, rng, exact_up_to: int, peer=None) -> list[str]:
     queries = random_units(rng, QUERIES, db.dim)
+    peer_times = {name: [] for name in CONFIGS}
     t = time.perf_counter()
     db.search(queries[0], K, folder="holiday")  # the first filtered search derives the filter columns
     first = time.perf_counter() - t
+    masks = {name: (allowed(db, filters) if filters else None) for name, filters in CONFIGS.items()}
+    for name in CONFIGS if peer is not None else ():  # its selectors made and its threads started, untimed
+        peer(queries[0], name, masks[name])
     times = {name: [] for name in CONFIGS}
     for qi, q in enumerate(queries):
         for name, filters in CONFIGS.items():
             t = time.perf_counter()
             results = db.search(q, K, **filters)
             times[name].append(time.perf_counter() - t)
-            check(db, filters, results, q, exact=qi == 0)
+            check(db, filters, results, q, exact=qi == 0 and n <= exact_up_to)
+            if peer is not None:
+                t = time.perf_counter()
+                peer(q, name, masks[name])
+                peer_times[name].append(time.perf_counter() - t)
+                time.sleep(PEER_REST_S)
     base = np.median(times["unfiltered"])
     rows = []
-    for name, filters in CONFIGS.items():
+    for name in CONFIGS:
         median = np.median(times[name])
-        share = float(allowed(db, filters).mean())
-        rows.append(f"| {n:,} | {label} | {name} | {share:.1%} | {median * 1e3:.1f} | {median / base:.2f}x |")
-    rows.append(f"| {n:,} | {label} | first filtered search (derives the columns) | | {first * 1e3:.0f} | |")
+        share = 1.0 if masks[name] is None else float(masks[name].mean())
+        peer_ms = f"{np.median(peer_times[name]) * 1e3:.1f}" if peer is not None else ""
+        rows.append(f"| {n:,} | {label} | {name} | {share:.1%} | {median * 1e3:.1f} | {median / base:.2f}x | {peer_ms} |")
+    rows.append(f"| {n:,} | {label} | first filtered search (derives the columns) | | {first * 1e3:.0f} | | |")
     return rows
 
 
@@ -139,9 +176,12 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dir", default=None, help="where the databases are built (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the databases built")
+    parser.add_argument("--peers", action="store_true", help="also time faiss IndexFlatIP (up to 1M rows)")
+    parser.add_argument("--exact-up-to", type=int, default=1_000_000,
+                        help="check results against a float64 brute force up to this many rows")
     args = parser.parse_args(argv)
     print(f"# {platform.machine()}, {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    print("\n| N | session | filter | rows allowed | median ms | x unfiltered |\n|---|---|---|---|---|---|")
+    print("\n| N | session | filter | rows allowed | median ms | x unfiltered | faiss flat ms |\n|---|---|---|---|---|---|---|")
     for n in args.sizes:
         rng = np.random.default_rng(n)
         root = Path(tempfile.mkdtemp(prefix="nanodb-filters-", dir=args.dir))
@@ -151,11 +191,12 @@ def main(argv=None) -> None:
             built = time.perf_counter() - t
             with NanoDB(root / "db", config="test", model="ViT-B-32") as db:  # the building session's state
                 db.store.append(random_units(rng, 1000, db.dim), records(rng, n, 1000))
-                print("\n".join(measure(db, "built", n, rng)), flush=True)
+                print("\n".join(measure(db, "built", n, rng, args.exact_up_to)), flush=True)
             with NanoDB(root / "db", config="test", model="ViT-B-32", read_only=True) as db:
                 while not db.store.index.codes_in_memory and db.store.rows * db.dim > (64 << 20):
                     time.sleep(0.2)
-                print("\n".join(measure(db, "reopened", n, rng)), flush=True)
+                peer = faiss_peer(db) if args.peers and n <= 1_000_000 else None
+                print("\n".join(measure(db, "reopened", n, rng, args.exact_up_to, peer)), flush=True)
             print(f"<!-- {n:,}: built in {built:.0f} s -->", flush=True)
         finally:
             if not args.keep:

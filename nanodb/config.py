@@ -32,6 +32,7 @@ class Settings:
     autosave_seconds: float
     compact_dead_fraction: float
     follow_symlinks: bool
+    raw_pairs: str
 
     @property
     def decode_workers(self) -> int:

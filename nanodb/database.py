@@ -21,6 +21,7 @@ from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
+from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.encoder import QueryEncoder, SearchTimings
 from nanodb.search.local import LocalSearcher, ValidationReport, validate
@@ -246,20 +247,27 @@ class NanoDB:
 
     # ----------------------------------------------------------------- scanning and watching
     def scan(self, *paths: str | os.PathLike, progress: bool = False, excludes=None,
-             follow_symlinks: bool | None = None) -> ScanReport:
+             follow_symlinks: bool | None = None, retry_failed: bool = False,
+             raw_pairs: str | None = None) -> ScanReport:
         """Add the images under folders (recursively) or single files; returns a ScanReport.
 
         Files already indexed with the same size and mtime are skipped; changed ones are re-embedded.
-        A symlink that leads outside `paths` is skipped unless `follow_symlinks` (default: the setting).
+        A file that failed to decode is remembered with its size and mtime and tried again only once it
+        changes, or with `retry_failed`. A symlink that leads outside `paths` is skipped unless
+        `follow_symlinks` (default: the setting). `raw_pairs` (default: the setting): "jpeg" indexes a
+        camera RAW file beside a JPEG (or HEIF) of the same name as one item, the JPEG; "both" indexes both.
         """
         return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes,
-                                           follow_symlinks=follow_symlinks))
+                                           follow_symlinks=follow_symlinks, retry_failed=retry_failed,
+                                           raw_pairs=raw_pairs))
 
     async def scan_async(self, *paths, progress: bool = False, excludes=None, report=None, running=None,
-                         feed: asyncio.Queue | None = None, follow_symlinks: bool | None = None) -> ScanReport:
+                         feed: asyncio.Queue | None = None, follow_symlinks: bool | None = None,
+                         retry_failed: bool = False, raw_pairs: str | None = None) -> ScanReport:
         """A scan of `paths`, or, given a `feed` (a folder watcher's), the files put on it until None."""
         self.store.check_writable()
         follow = self.settings.follow_symlinks if follow_symlinks is None else follow_symlinks
+        index_paired_raw = self._index_paired_raw(raw_pairs)
         self._record_roots(paths, follow)
         report = report or ScanReport()
         bar = progress_bar(report) if progress else None
@@ -273,7 +281,7 @@ class NanoDB:
         pipeline = ScanPipeline(
             self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
-            follow_symlinks=follow,
+            follow_symlinks=follow, retry_failed=retry_failed, index_paired_raw=index_paired_raw,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:
@@ -281,6 +289,7 @@ class NanoDB:
         try:
             await pipeline.run()
         finally:
+            self.store.save_failures()  # remembered now, saved or not: a rescan does not try them again
             if shown:
                 self.active_scans.remove(report)
             if bar is not None:
@@ -291,13 +300,21 @@ class NanoDB:
         return report
 
     def watcher(self, folders, feed: asyncio.Queue, excludes=None,
-                follow_symlinks: bool | None = None) -> FolderWatcher:
+                follow_symlinks: bool | None = None, raw_pairs: str | None = None) -> FolderWatcher:
         """A watcher that keeps this database in step with `folders`, handing new files to `feed`."""
         self.store.check_writable()
         follow = self.settings.follow_symlinks if follow_symlinks is None else follow_symlinks
+        index_paired_raw = self._index_paired_raw(raw_pairs)
         self._record_roots(folders, follow)
         return FolderWatcher(self.store, folders, feed, settle_seconds=self.settings.settle_seconds,
-                             excludes=excludes, follow_symlinks=follow)
+                             excludes=excludes, follow_symlinks=follow, index_paired_raw=index_paired_raw)
+
+    def _index_paired_raw(self, raw_pairs: str | None) -> bool:
+        """Whether a camera RAW file beside its JPEG is indexed too: `raw_pairs` (else the setting) "both"."""
+        value = self.settings.raw_pairs if raw_pairs is None else raw_pairs
+        if value not in RAW_PAIRS:
+            raise ValueError(f"raw_pairs must be one of {', '.join(RAW_PAIRS)}, not {value!r}")
+        return value == "both"
 
     @property
     def scanned_roots(self) -> dict[str, bool]:

@@ -19,9 +19,11 @@ class IngestService:
     """Owns the ingestion tasks of one database. Queries go straight to `db` meanwhile: they see
     whatever is indexed so far."""
 
-    def __init__(self, db: NanoDB, excludes: list[str] | None = None):
+    def __init__(self, db: NanoDB, excludes: list[str] | None = None, retry_failed: bool = False):
+        """`retry_failed`: scans decode again the files that failed before, changed or not."""
         self.db = db
         self.excludes = excludes
+        self.retry_failed = retry_failed
         self.running = asyncio.Event()  # cleared while paused
         self.running.set()
         self.scans: list[tuple[str, ScanReport, asyncio.Task]] = []
@@ -49,7 +51,8 @@ class IngestService:
 
     async def _scan(self, path: str, report: ScanReport, on_done) -> ScanReport:
         try:
-            await self.db.scan_async(path, excludes=self.excludes, report=report, running=self.running)
+            await self.db.scan_async(path, excludes=self.excludes, report=report, running=self.running,
+                                     retry_failed=self.retry_failed)
         except Exception as e:  # e.g. a failed autosave: report it, the console and other tasks go on
             log.error("scan of %s stopped: %s", path, e)
             raise

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from nanodb.pipeline.append import IndexAppender
-from nanodb.pipeline.decode import ImageDecodePool
+from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
 from nanodb.pipeline.walk import DirectoryWalker, FoundFile
@@ -27,12 +27,17 @@ log = logging.getLogger(__name__)
 class ScanReport:
     """Live counters of a scan (read by progress displays while it runs) and its final summary."""
 
-    found: int = 0  # image files found by the walker so far
+    found: int = 0  # image files found by the walker so far, those it could not read too
     unchanged: int = 0  # already indexed with the same size and mtime: not decoded again
     added: int = 0
     updated: int = 0  # changed files, re-embedded
     dropped: int = 0  # indexed files gone from a rescanned folder
     embedded: int = 0  # images run through the model (a file identical to an indexed one is not)
+    failed_before: int = 0  # failed to decode at an earlier scan and unchanged since: not tried again
+    raw_left_out: int = 0  # camera RAW files beside their camera's JPEG (or HEIF): the pair is one item
+    int8_checked: int = 0  # int8 vectors also computed in floating point to check them (pipeline/fidelity.py)
+    int8_min_cosine: float | None = None  # the lowest cosine those checks saw (None: no check)
+    int8_reembedded: int = 0  # images re-embedded in floating point after a check fell short
     failures: list[tuple[str, str]] = field(default_factory=list)
     walking: bool = True
     started: float = field(default_factory=time.monotonic)  # the scan's wall time counts from here
@@ -46,7 +51,7 @@ class ScanReport:
 
     @property
     def done(self) -> int:
-        return self.unchanged + self.added + self.updated + self.failed
+        return self.unchanged + self.added + self.updated + self.failed + self.failed_before
 
     @property
     def seconds(self) -> float:
@@ -56,6 +61,12 @@ class ScanReport:
         log.warning("skipped %s: %s", printable(path), reason)
         self.failures.append((path, reason))
         self.changed()
+
+    def int8_check(self, images: int, cosine: float, reembedded: int) -> None:
+        """Count a fidelity check of `images` int8 vectors whose lowest cosine was `cosine`."""
+        self.int8_checked += images
+        self.int8_min_cosine = cosine if self.int8_min_cosine is None else min(cosine, self.int8_min_cosine)
+        self.int8_reembedded += reembedded
 
     def changed(self) -> None:
         if self.on_change:
@@ -78,14 +89,26 @@ class ScanReport:
         )
 
     def summary(self) -> str:
-        """One line: files found, wall time since the scan started, what happened to them, and the rate
-        of images embedded (only when some were)."""
-        dropped = f", {self.dropped} gone" if self.dropped else ""
+        """One line: files found, wall time since the scan started, what happened to them (those counts
+        add up to the files found), the rate of images embedded (only when some were); then, after a
+        semicolon, what is not among the files found (items of files gone, RAW files of a pair) and the
+        int8 fidelity checks."""
+        counts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged",
+                  f"{self.failed} skipped"]
+        if self.failed_before:
+            counts.append(f"{self.failed_before} failed before (unchanged: not retried)")
+        if self.found > self.done:  # a scan stopped before its end
+            counts.append(f"{self.found - self.done} not done")
         rate = f" ({_count(self.embedded, 'image')} embedded, {self.rate:.1f}/s)" if self.embedded else ""
-        return (
-            f"scanned {_count(self.found, 'image')} in {self.seconds:.1f}s: {self.added} added, "
-            f"{self.updated} updated, {self.unchanged} unchanged{dropped}, {self.failed} skipped{rate}"
-        )
+        asides = [f"dropped {_count(self.dropped, 'gone file')}"] if self.dropped else []
+        if self.raw_left_out:
+            asides.append(f"{_count(self.raw_left_out, 'RAW+JPEG pair')}: JPEG only")
+        if self.int8_checked:
+            asides.append(f"int8 checked on {_count(self.int8_checked, 'image')}: lowest cosine "
+                          f"{self.int8_min_cosine:.4f} to floating point"
+                          + (f", {self.int8_reembedded} re-embedded in it" if self.int8_reembedded else ""))
+        return (f"scanned {_count(self.found, 'image')} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"
+                + "".join(f"; {aside}" for aside in asides))
 
 
 def _count(n: int, noun: str) -> str:
@@ -109,13 +132,17 @@ class ScanPipeline:
                  decode_pool: ImageDecodePool, batch_size: int, *, excludes=None,
                  autosave_every: int | None = None, report: ScanReport | None = None,
                  feed: asyncio.Queue | None = None, running: asyncio.Event | None = None, remote=None,
-                 follow_symlinks: bool = False):
+                 follow_symlinks: bool = False, retry_failed: bool = False, index_paired_raw: bool = False):
         """`model`: the model, or a function that returns it, called only once an image needs embedding
         (the decode pool, likewise, starts its workers on the first file to decode). `remote`: a stage
-        that decodes and embeds elsewhere (a Ray cluster) instead of the pool and the CLIP stage."""
+        that decodes and embeds elsewhere (a Ray cluster) instead of the pool and the CLIP stage.
+        `retry_failed`: decode again the files that failed before, changed or not. `index_paired_raw`:
+        index a camera RAW file beside its JPEG too (by default the pair is one item, the JPEG)."""
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),),
-                                      follow_symlinks=follow_symlinks, **kwargs)
+                                      follow_symlinks=follow_symlinks, index_paired_raw=index_paired_raw,
+                                      **kwargs)
+        self.retry_failed = retry_failed
         self.sink = sink
         self.pool = decode_pool
         self.feed = feed
@@ -160,18 +187,23 @@ class ScanPipeline:
         await outbox.put(None)
 
     async def _offer(self, f: FoundFile, outbox: asyncio.Queue) -> None:
-        """Count a found file and pass it on, unless it is indexed with the same size and mtime."""
+        """Count a found file and pass it on, unless it is indexed with the same size and mtime, or failed
+        with them before (a broken file would load the model at every rescan)."""
         self.report.found += 1
         if self.sink.is_unchanged(f.path, f.size, f.mtime):
             self.report.unchanged += 1
+        elif not self.retry_failed and self.sink.failed_before(f.path, f.size, f.mtime):
+            self.report.failed_before += 1
         else:
             await outbox.put(f)
 
     def _take_walk_problems(self, problems: list[str]) -> None:
         for problem in self.walker.problems:
+            self.report.found += 1  # found, and skipped: the summary's counts add up to the files found
             self.report.failures.append((problem.path, problem.reason))
             problems.append(problem.path)
         self.walker.problems.clear()
+        self.report.raw_left_out = self.walker.raw_left_out
 
     def _vanished_roots(self) -> list[str]:
         """Scanned folders (or files) that were deleted and have indexed items: the rescan drops
@@ -224,17 +256,24 @@ class ScanPipeline:
 
         async def decode_one(f: FoundFile) -> None:
             try:
-                await outbox.put(await self.pool.decode(f.path))
+                decoded = await self.pool.decode(f.path)
+                if isinstance(decoded, DecodeFailure):  # with the size and mtime it was found with
+                    self.sink.remember_failure(f.path, f.size, f.mtime, decoded.reason)
+                await outbox.put(decoded)
             finally:  # only once passed on: a slot bounds the decoded images held, not just those decoding
                 slots.release()
 
-        while (f := await inbox.get()) is not None:
-            await self.running.wait()
-            await slots.acquire()
-            task = asyncio.create_task(decode_one(f))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        await asyncio.gather(*tasks)
+        try:
+            while (f := await inbox.get()) is not None:
+                await self.running.wait()
+                await slots.acquire()
+                task = asyncio.create_task(decode_one(f))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            await asyncio.gather(*tasks)
+        finally:  # a cancelled scan (Ctrl-C, `cancel`) leaves no decode running on behind it
+            for task in tasks:
+                task.cancel()
         await outbox.put(None)
 
 

@@ -20,6 +20,12 @@ class IndexSink(Protocol):
     def is_unchanged(self, path: str, size: int, mtime: float) -> bool:
         """Indexed already with this size and modification time: no need to decode it again."""
 
+    def failed_before(self, path: str, size: int, mtime: float) -> bool:
+        """Failed to decode before with this size and modification time: retried only when asked."""
+
+    def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        """A file that failed to decode, with the size and mtime it had (forgotten once it is indexed)."""
+
     def indexed_paths(self) -> list[str]:
         """The paths of every live item (a rescan drops the ones gone from their folder)."""
 

@@ -8,6 +8,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from nanodb.media.formats import RAW_EXTENSIONS, RENDERING_EXTENSIONS
 from nanodb.media.paths import (
     DEFAULT_EXCLUDES,
     OUTSIDE_ROOTS,
@@ -22,6 +23,8 @@ from nanodb.media.paths import (
 
 log = logging.getLogger(__name__)
 
+RAW_PAIRS = ("jpeg", "both")  # the values of the raw_pairs setting: a RAW+JPEG pair is the JPEG, or both
+
 
 @dataclass(frozen=True)
 class FoundFile:
@@ -34,6 +37,26 @@ class FoundFile:
 class WalkProblem:
     path: str
     reason: str
+
+
+def paired_raw_names(names: list[str]) -> set[str]:
+    """The camera RAW file names among `names` (one folder's files) that have a rendering of the same shot
+    beside them: a JPEG or HEIF of the same stem, in any letter case (IMG_0001.CR2 beside img_0001.jpg)."""
+    split = [os.path.splitext(n) for n in names]
+    rendered = {stem.lower() for stem, ext in split if ext.lower() in RENDERING_EXTENSIONS}
+    return {stem + ext for stem, ext in split if ext.lower() in RAW_EXTENSIONS and stem.lower() in rendered}
+
+
+def has_rendering_beside(path: str) -> bool:
+    """`path` is a camera RAW file with a JPEG or HEIF of the same stem in its folder."""
+    folder, name = os.path.split(path)
+    if os.path.splitext(name)[1].lower() not in RAW_EXTENSIONS:
+        return False
+    try:
+        names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+    except OSError:
+        return False
+    return name in paired_raw_names(names)
 
 
 @dataclass
@@ -64,6 +87,9 @@ class DirectoryWalker:
     into a shared folder must not index, and so publish, a private file. Unreadable folders, broken
     links, such symlinks and image files of a format nanodb cannot read are reported in `problems` and
     the walk goes on. A root itself, named by the user, is always followed.
+
+    A camera RAW file beside its camera's JPEG (or HEIF) of the same shot is left out (counted in
+    `raw_left_out`) unless `index_paired_raw`: the pair is one item, the camera's own rendering.
     """
 
     roots: list[str]
@@ -72,6 +98,8 @@ class DirectoryWalker:
     follow_symlinks: bool = False
     bounds: tuple[str, ...] | None = None  # the folders symlinks may lead into, if not the roots
     problems: list[WalkProblem] = field(default_factory=list)
+    index_paired_raw: bool = False
+    raw_left_out: int = 0  # RAW files left out for the rendering beside them
 
     def _problem(self, path: str, reason: str) -> None:
         log.warning("skipped %s: %s", printable(path), reason)
@@ -100,12 +128,16 @@ class DirectoryWalker:
         """Depth first, each folder's entries in name order."""
         stack = [root]
         while stack:
-            subdirs = []
+            subdirs, files = [], []
             for entry in self._entries(stack.pop(), visited):
                 if is_excluded([entry.name], entry.path, self.excludes) or self._leads_outside(entry, visited):
                     continue
-                if _is_dir(entry):
-                    subdirs.append(entry.path)
+                (subdirs if _is_dir(entry) else files).append(entry)
+            paired = set() if self.index_paired_raw else paired_raw_names([e.name for e in files])
+            for entry in files:
+                if entry.name in paired:
+                    self.raw_left_out += 1
+                    log.info("left out %s: its camera's rendering beside it is indexed", printable(entry.path))
                 elif found := self._image(entry, visited.files):
                     yield found
             stack.extend(reversed(subdirs))

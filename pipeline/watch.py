@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from nanodb.pipeline.sink import IndexSink
-from nanodb.pipeline.walk import DirectoryWalker, FoundFile
+from nanodb.pipeline.walk import DirectoryWalker, FoundFile, has_rendering_beside
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
@@ -64,9 +64,13 @@ class FolderWatcher:
     """Keeps `sink` in step with `roots` (folders) while running; see the module docstring."""
 
     def __init__(self, sink: IndexSink, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None,
-                 follow_symlinks: bool = False):
-        """`follow_symlinks`: also index files reached through symlinks that lead outside `roots`."""
+                 follow_symlinks: bool = False, index_paired_raw: bool = False):
+        """`follow_symlinks`: also index files reached through symlinks that lead outside `roots`.
+        `index_paired_raw`: also index a camera RAW file that has its camera's JPEG (or HEIF) beside it when
+        it settles (by default the walk's rule: the pair is one item, the JPEG). Items already indexed stay:
+        a JPEG that arrives after its RAW settled and was indexed (an export, later) is indexed too."""
         self.sink = sink
+        self.index_paired_raw = index_paired_raw
         self.roots = [absolute_path(r) for r in roots]
         self.follow_symlinks = follow_symlinks
         self.feed = feed
@@ -149,7 +153,8 @@ class FolderWatcher:
 
     async def _mark_folder(self, folder: str) -> None:
         walker = DirectoryWalker([folder], excludes=self.excludes, skip_dirs=(str(self.sink.path),),
-                                 follow_symlinks=self.follow_symlinks, bounds=tuple(self.roots))
+                                 follow_symlinks=self.follow_symlinks, bounds=tuple(self.roots),
+                                 index_paired_raw=self.index_paired_raw)
         for found in await asyncio.to_thread(list, walker):
             self._mark(found.path)
 
@@ -204,11 +209,15 @@ class FolderWatcher:
 
     def _indexable(self, path: str, st: os.stat_result) -> bool:
         """A settled file is read only if it is a regular file (a FIFO would block its reader) reached
-        without a symlink out of the watched folders (unless those are followed); else one line."""
+        without a symlink out of the watched folders (unless those are followed), else one line; and not
+        a camera RAW file beside its JPEG (unless pairs are indexed both), as the walk leaves it out."""
         if not stat.S_ISREG(st.st_mode):
             reason = "not a regular file"
         elif not self.follow_symlinks and not leads_inside(path, resolved_roots(self.roots)):
             reason = OUTSIDE_ROOTS
+        elif not self.index_paired_raw and has_rendering_beside(path):
+            log.info("left out %s: its camera's rendering beside it is indexed", printable(path))
+            return False
         else:
             return True
         log.warning("skipped %s: %s", printable(path), reason)

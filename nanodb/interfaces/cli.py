@@ -24,6 +24,7 @@ from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, format_validation, similar_query, words_query
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
+from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.search.request import Filters, SearchRequest
 from nanodb.service import IngestService
 from nanodb.storage.format import DatabaseError
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-symlinks", action="store_true", default=None,
                    help="with --scan/--watch: also index files reached through symlinks that lead outside the "
                         "folders given (skipped by default: the server would send them)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="with --scan/--watch: decode again the files that failed before (by default one is "
+                        "retried only once it changes)")
+    p.add_argument("--raw-pairs", choices=RAW_PAIRS, default=None,
+                   help="a camera RAW file beside a JPEG of the same name: index the JPEG alone (default: jpeg) "
+                        "or both")
     p.add_argument("--autosave", action="store_true",
                    help="save after each scan and after every `autosave_every` (1000) new images")
     p.add_argument("--read-only", action="store_true",
@@ -251,6 +258,7 @@ async def run(args: argparse.Namespace) -> int:
     settings = load_settings(
         args.config, k=args.k, batch_size=args.batch_size, workers=args.workers, device=args.device,
         precision=args.precision, backend=args.backend, follow_symlinks=args.follow_symlinks,
+        raw_pairs=args.raw_pairs,
     )
     db = await open_database(args, settings)
     # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
@@ -268,7 +276,8 @@ async def run(args: argparse.Namespace) -> int:
             server = start_server(db, args.host, args.port, parse_auth(args.auth) if args.auth else None,
                                   trusted_proxies=tuple(args.trusted_proxy))
             print(f"nanodb: web UI at {server.url} , HTTP API docs at {server.url}docs", file=sys.stderr)
-        service = IngestService(db, [*DEFAULT_EXCLUDES, *args.exclude] if args.exclude else None)
+        service = IngestService(db, [*DEFAULT_EXCLUDES, *args.exclude] if args.exclude else None,
+                                retry_failed=args.retry_failed)
         show = lambda report: print(report.summary(), file=sys.stderr)  # noqa: E731
         for folder in args.scan:
             service.scan(folder, on_done=show)

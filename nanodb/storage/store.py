@@ -29,6 +29,7 @@ from nanodb.storage.commit import (
     commit_generation,
     remove_other_generations,
 )
+from nanodb.storage.failed import FailedFiles
 from nanodb.storage.format import (
     DATA_FILES,
     MANIFEST,
@@ -112,6 +113,7 @@ class ItemStore:
                 self._load()
                 if not read_only:
                     remove_other_generations(root, manifest.generation)
+            self.failed_files = FailedFiles(root, new=new)  # files that failed to decode: retried once changed
         except BaseException:
             self.close()
             raise
@@ -267,6 +269,7 @@ class ItemStore:
             paths = self._paths_to_index()
             old = [paths.get(f.path) for f in files]
             self.append(rows, files, stored=True)
+            self.failed_files.discard(f.path for f in files)
             replaced = [i for i in old if i is not None]
             if replaced:
                 self.delete(replaced)
@@ -350,6 +353,26 @@ class ItemStore:
         with self.lock:
             return self.table.row_with_hash(content_hash)
 
+    # ----------------------------------------------------------------- files that failed
+    def failed_before(self, path: str, size: int, mtime: float) -> bool:
+        """`path` failed to decode before with this very size and mtime."""
+        with self.lock:
+            return self.failed_files.unchanged(path, size, mtime)
+
+    def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        with self.lock:
+            self.failed_files.add(path, size, mtime, reason)
+
+    def save_failures(self) -> None:
+        """Write the record of failed files if it changed (a cache: a failure to write it is only logged)."""
+        if self.read_only:
+            return
+        with self.lock:
+            try:
+                self.failed_files.write()
+            except OSError as e:
+                log.warning("could not write %s: %s", self.failed_files.file, e.strerror or e)
+
     # ----------------------------------------------------------------- committing
     def record_weights(self, pretrained: str, weights_id: str) -> None:
         """Remember where the model's checkpoint is now (the same weights, moved), in the manifest."""
@@ -381,6 +404,7 @@ class ItemStore:
         Returns False when there was nothing to save. Refused once a data file is found corrupted."""
         self.check_writable()
         self.checks.raise_if_failed()
+        self.save_failures()
         with self._save_lock:
             with self.lock:  # a consistent snapshot; appends may go on while the bytes are written
                 self.index.check_files()  # every mapped file still whole: nothing is committed over damage

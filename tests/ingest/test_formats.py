@@ -51,7 +51,7 @@ def scanned(tmp_path_factory):
     bad = root / "photos" / "bad"
     bad.mkdir()
     (bad / "broken.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + b"\x00" * 200)
-    (bad / "broken.cr2").write_bytes(b"II*\x00" + b"\x17" * 500)
+    (bad / "damaged.cr2").write_bytes(b"II*\x00" + b"\x17" * 500)  # beside broken.heic, broken.cr2 would be left out
     shutil.copy(coco_photos(1)[0], bad / "photo.jxl")  # an image format nanodb cannot read
     (bad / "drawing.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     (root / "photos" / "notes.txt").write_text("not an image\n")

@@ -50,13 +50,16 @@ def paired_raw_names(names: list[str]) -> set[str]:
 def has_rendering_beside(path: str) -> bool:
     """`path` is a camera RAW file with a JPEG or HEIF of the same stem in its folder."""
     folder, name = os.path.split(path)
-    if os.path.splitext(name)[1].lower() not in RAW_EXTENSIONS:
+    stem, ext = os.path.splitext(name)
+    if ext.lower() not in RAW_EXTENSIONS:
         return False
     try:
-        names = [n for n in os.listdir(folder) if os.path.isfile(os.path.join(folder, n))]
+        names = os.listdir(folder)
     except OSError:
         return False
-    return name in paired_raw_names(names)
+    renderings = [n for n in names if (s := os.path.splitext(n))[0].lower() == stem.lower()
+                  and s[1].lower() in RENDERING_EXTENSIONS]
+    return any(os.path.isfile(os.path.join(folder, n)) for n in renderings)
 
 
 @dataclass

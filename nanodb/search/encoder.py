@@ -1,5 +1,6 @@
 """Queries turned into unit vectors: `QueryEncoder` decides what a query is (text, an image file, an
-http(s) image URL, a PIL image, a stored item or a vector) and embeds it for NanoDB.search.
+http(s) image URL, a PIL image, a stored item, a vector, or a combination of them typed as one string)
+and embeds it for NanoDB.search.
 """
 
 from __future__ import annotations
@@ -19,7 +20,16 @@ from nanodb.media.record import content_hash
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox, model_input
 from nanodb.model.clip import ClipModel
 from nanodb.search.fetch import fetch_url
-from nanodb.search.query import QueryError, check_text, combined_vector, is_combined, is_image_reference, is_url
+from nanodb.search.query import (
+    QueryError,
+    QueryTerm,
+    TypedQuery,
+    check_text,
+    combined_vector,
+    is_combined,
+    is_url,
+    weighted_sum,
+)
 from nanodb.storage.store import ItemStore
 
 
@@ -48,21 +58,33 @@ def is_image_object(value: Any) -> bool:
     return hasattr(value, "convert") and hasattr(value, "size")
 
 
+def unit(v: np.ndarray) -> np.ndarray:
+    """`v` scaled to length 1; a QueryError for a zero or non-finite vector."""
+    norm = np.linalg.norm(v)
+    if not np.isfinite(norm) or norm == 0:
+        raise QueryError("the query vector must be finite and non-zero")
+    return v / norm
+
+
 class QueryEncoder:
     """Turns queries into unit float32 vectors with the store's model (loaded only when needed).
 
     `limits`: a query image's bytes (a file, a URL) are decoded in a worker process within these
-    limits (media.sandbox), started on the first such query; None decodes them in this process."""
+    limits (media.sandbox), started on the first such query; None decodes them in this process.
+    `text_model`: what encodes words (anything with ClipModel's `encode_text`, such as the text tower's
+    export that runs without torch); the model by default."""
 
     def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
-                 limits: DecodeLimits | None = None):
+                 limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None):
         self.store = store
         self.model = model
+        self.text_model = text_model or model
         self.max_image_pixels = max_image_pixels
         self.decoder = DecodeSandbox(1, limits) if limits is not None else None
 
     def classify(self, query: Any, text: str | None, image: Any) -> tuple[Any, str | None]:
-        """(query, kind) from NanoDB.search's arguments; kind is "text", "image" or None (items, vectors)."""
+        """(query, kind) from NanoDB.search's arguments; kind is "text", "image" or None (items, vectors,
+        mixed terms). A string query is read term by term (search.query.TypedQuery)."""
         if text is not None:
             return check_text(text), "text"
         if image is not None:
@@ -73,13 +95,20 @@ class QueryEncoder:
             what = type(image).__name__
             raise QueryError(f"image= takes a file path, an http(s) URL or a PIL image, not a {what}")
         if isinstance(query, str):
-            return query, "image" if is_image_reference(query) else "text"
+            query = TypedQuery.parse(query)
+        if isinstance(query, TypedQuery):
+            return query, query.kind
         return query, "image" if isinstance(query, os.PathLike) or is_image_object(query) else None
 
     def embed(self, query: Any) -> np.ndarray:
-        """A query as a unit float32 vector: text, image path or URL, PIL image, item index or vector."""
+        """A query as a unit float32 vector: a typed query (words, image paths and URLs, `#12` items, and
+        combinations of them), an image path, a PIL image, an item index or a vector."""
         store = self.store
-        if isinstance(query, np.ndarray):
+        if isinstance(query, str):
+            query = TypedQuery.parse(query)
+        if isinstance(query, TypedQuery):
+            v = self.embed_typed(query)
+        elif isinstance(query, np.ndarray):
             v = np.asarray(query, np.float32).reshape(-1)
             if v.shape != (store.dim,):
                 raise QueryError(f"a query vector must have {store.dim} values, not {v.size}")
@@ -87,27 +116,44 @@ class QueryEncoder:
             if not store.is_live(int(query)):
                 raise QueryError(f"no item with index {query}")
             v = store.vectors[int(query)].astype(np.float32)
-        elif isinstance(query, str) and is_url(query):
-            v = self.embed_image_bytes(fetch_url(query), query)
-        elif isinstance(query, os.PathLike) or (isinstance(query, str) and is_image_reference(query)):
-            path = absolute_path(os.fspath(query).strip() if isinstance(query, str) else query)
-            if not os.path.lexists(path):
-                raise QueryError(f"no such image file: {printable(os.fspath(query))}")
-            try:
-                data = read_image_file(path).data
-            except ImageRejected as e:
-                raise QueryError(f"cannot search by {printable(path)}: {e}") from None
-            v = self.embed_image_bytes(data, path)
-        elif isinstance(query, str):
-            v = self.embed_text(query)
+        elif isinstance(query, os.PathLike):
+            v = self.embed_file(query)
         elif is_image_object(query):
             v = self.model().encode_images([query])[0]
         else:
             raise TypeError(f"cannot search by a {type(query).__name__}")
-        norm = np.linalg.norm(v)
-        if not np.isfinite(norm) or norm == 0:
-            raise QueryError("the query vector must be finite and non-zero")
-        return v / norm
+        return unit(v)
+
+    def embed_typed(self, query: TypedQuery) -> np.ndarray:
+        """A typed query's vector: its words encoded in one batch, each other term on its own, then the
+        weighted sum of the terms' unit vectors (a plain query: its one term's vector)."""
+        terms = query.terms
+        others = {i: unit(self.embed_term(term)) for i, term in enumerate(terms) if term.kind != "text"}  # errors first
+        words = [term.value for term in terms if term.kind == "text"]
+        encoded = iter(self.text_model().encode_text(words) if words else ())
+        vectors = [others[i] if i in others else next(encoded) for i in range(len(terms))]
+        if query.single is not None:
+            return vectors[0]
+        return weighted_sum([term.weight for term in terms], np.stack(vectors), query.text)
+
+    def embed_term(self, term: QueryTerm) -> np.ndarray:
+        """The vector of an image, URL or item term."""
+        if term.kind == "url":
+            return self.embed_image_bytes(fetch_url(term.value), term.value)
+        if term.kind == "image" and isinstance(term.value, str):
+            return self.embed_file(term.value)
+        return self.embed(term.value)  # an item index, or an image object (an upload)
+
+    def embed_file(self, name: str | os.PathLike) -> np.ndarray:
+        """An image file as a query vector; a missing or unreadable file is a QueryError naming it."""
+        path = absolute_path(name.strip() if isinstance(name, str) else name)
+        if not os.path.lexists(path):
+            raise QueryError(f"no such image file: {printable(os.fspath(name))}")
+        try:
+            data = read_image_file(path).data
+        except ImageRejected as e:
+            raise QueryError(f"cannot search by {printable(path)}: {e}") from None
+        return self.embed_image_bytes(data, path)
 
     def embed_image_bytes(self, data: bytes, name: str) -> np.ndarray:
         """An image file's bytes as a query vector: the stored vector of an indexed identical file (so
@@ -127,7 +173,7 @@ class QueryEncoder:
 
     def embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
-        model = self.model()
+        model = self.text_model()
         if is_combined(text):
             return combined_vector(text, model.encode_text)
         return model.encode_text([text])[0]

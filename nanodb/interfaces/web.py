@@ -15,52 +15,16 @@ from datetime import datetime
 import gradio as gr
 
 from nanodb.database import Item, SearchResults
+from nanodb.interfaces import web_assets as assets
 from nanodb.interfaces.search_service import BadRequest, SearchService
 from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.search.request import Filters
 
+CSS, JS = assets.CSS, assets.JS  # the server mounts the page with them
+
 DEFAULT_K = 64
 HINT = ("Type what you are looking for (`a red car`, `dog + beach - snow`), or drop a photo to find similar ones. "
         "Click a result to see it large.")
-
-# Responsive: tiles at least 110 px wide (two or three columns on a phone), inputs stack on narrow
-# screens, file names appear on hover; the lightbox covers the window.
-CSS = """
-#results, #results .grid-wrap { max-height: none !important; min-height: 0 !important; }
-#results .grid-container { grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)) !important; }
-@media (max-width: 640px) {
-  #results .grid-container { grid-template-columns: repeat(auto-fill, minmax(110px, 1fr)) !important; }
-}
-#results .caption-label { opacity: 0; transition: opacity .15s; }
-#results .thumbnail-item:hover .caption-label, #results .thumbnail-item:focus .caption-label { opacity: 1; }
-#lightbox { position: fixed !important; inset: 0; z-index: 1000; background: rgba(0, 0, 0, .92);
-            overflow-y: auto; padding: 12px; margin: 0 !important; }
-#lightbox-view img { max-width: 100%; max-height: calc(100vh - 190px); object-fit: contain; display: block;
-                     margin: 0 auto; }
-#lightbox-view .details { color: #ddd; text-align: center; margin-top: 8px; overflow-wrap: anywhere; }
-#lightbox-view .details a { white-space: nowrap; }
-#lightbox-view a { color: #8ab4f8; }
-#lightbox-buttons { justify-content: center; }
-#lightbox-buttons button { flex: 0 1 auto; min-width: 90px; }
-"""
-
-# Run on page load: arrow keys move through the lightbox, Escape closes it.
-JS = """() => document.addEventListener("keydown", (e) => {
-  const box = document.getElementById("lightbox");
-  if (!box || !box.checkVisibility() || e.target.matches("input, textarea")) return;  // fixed: no offsetParent
-  const id = {ArrowLeft: "lightbox-prev", ArrowRight: "lightbox-next", Escape: "lightbox-close"}[e.key];
-  if (id) { document.getElementById(id)?.click(); e.preventDefault(); }
-})"""
-
-# Runs in the browser before each keystroke's search: waits 250 ms, then sends the text only if no
-# later keystroke came meanwhile (else None, which the server answers at once with no change).
-DEBOUNCE = """(text, ...rest) => new Promise(resolve => {
-    const typed = (window.nanodbTyped = (window.nanodbTyped || 0) + 1);
-    setTimeout(() => resolve([typed === window.nanodbTyped ? text : null, ...rest]), 250);
-})"""
-# Runs in the browser before any other search (Enter, an image, a click, a slider): a keystroke's
-# search still waiting out its debounce is dropped, so it cannot replace these results a moment later.
-SUPERSEDE_TYPING = """(...inputs) => { window.nanodbTyped = (window.nanodbTyped || 0) + 1; return inputs; }"""
 
 TEXT_LABEL = "Search by text"
 
@@ -119,9 +83,13 @@ def build_ui(service: SearchService) -> gr.Blocks:
                 elem_id="results", interactive=False, buttons=[], show_label=False,
             ),
             lightbox=lightbox_layout(),
-            shown=gr.State([]),  # (item index, similarity, copies) of each gallery tile
-            position=gr.State(0),  # the tile shown in the lightbox
-            last=gr.State(None),  # the last search as (kind, query, what), rerun when an option changes
+            # held by the browser, set together with the tiles when a search's results are shown:
+            shown=gr.JSON([], visible=False),  # [item index, similarity, copies] of each tile
+            position=gr.Number(0, precision=0, visible=False),  # the tile shown in the lightbox
+            last=gr.JSON(None, visible=False),  # the request whose results are shown, rerun when an option changes
+            request=gr.JSON(None, visible=False),  # the latest search the browser asked for, numbered
+            answer=gr.JSON(None, visible=False),  # a search's answer, shown only if still the latest
+            answer_tiles=gr.Gallery(visible=False),
         )
         events = SearchEvents(service)
         wire_search(page, events)
@@ -196,45 +164,45 @@ class Page:
     status: gr.Markdown
     gallery: gr.Gallery
     lightbox: Lightbox
-    shown: gr.State
-    position: gr.State
-    last: gr.State
-
-    @property
-    def search_outputs(self) -> list:
-        """What a search updates, in the order of SearchEvents.run's values."""
-        return [self.gallery, self.shown, self.status, self.last, self.query]
+    shown: gr.JSON
+    position: gr.Number
+    last: gr.JSON
+    request: gr.JSON
+    answer: gr.JSON
+    answer_tiles: gr.Gallery
 
 
 def wire_search(page: Page, events: SearchEvents) -> None:
-    """Search on typing, Enter, a dropped image, and again with the last query when an option changes."""
-    outputs, by_name = page.search_outputs, {"inputs_kwargs": page.options, "show_progress": "hidden"}
-    rerun = {"js": SUPERSEDE_TYPING, **by_name}
-    # as the user types: debounced in the browser, and `always_last` keeps one search in flight per browser
-    page.query.input(events.on_text, [page.query], outputs, js=DEBOUNCE, trigger_mode="always_last", **by_name)
-    page.query.submit(events.on_text, [page.query], outputs, **rerun)
-    page.image.change(events.on_image, [page.image], outputs, js=SUPERSEDE_TYPING, inputs_kwargs=page.options,
-                      show_progress="minimal")
+    """Typing, Enter, a dropped image, "similar to this" and a changed option each write a numbered request
+    in the browser (web_assets); the one search event runs the latest, and its results are shown if no
+    later search has started meanwhile."""
+    ask = {"outputs": page.request, "show_progress": "hidden", "queue": False}
+    page.query.input(None, page.query, js=assets.REQUEST_TYPED, **ask)
+    page.query.submit(None, page.query, js=assets.REQUEST_TEXT, **ask)
+    page.image.change(None, page.image, js=assets.REQUEST_IMAGE, **ask)
+    page.lightbox.similar_button.click(None, [page.shown, page.position], js=assets.REQUEST_SIMILAR, **ask)
     options = page.options
-    for option in (options["k"], options["min_similarity"]):
-        option.release(events.on_options, [page.last], outputs, **rerun)
-    for f in Filters.described():
-        if not f.choices:  # a typed filter: searched when done typing
-            options[f.name].submit(events.on_options, [page.last], outputs, **rerun)
-            options[f.name].blur(events.on_options, [page.last], outputs, **rerun)
-    for option in [options[f.name] for f in Filters.described() if f.choices] + [options["collapse"]]:
-        option.input(events.on_options, [page.last], outputs, **rerun)
+    rerun = [options["k"].release, options["min_similarity"].release, options["collapse"].input]
+    for f in Filters.described():  # a typed filter is searched when done typing; a picked one at once
+        rerun += [options[f.name].input] if f.choices else [options[f.name].submit, options[f.name].blur]
+    gr.on(rerun, None, page.last, js=assets.REQUEST_AGAIN, **ask)
+    answered = page.request.change(events.search, [page.request, page.image], [page.answer_tiles, page.answer],
+                                   inputs_kwargs=options, trigger_mode="always_last", show_progress="hidden")
+    answered.success(None, [page.answer, page.answer_tiles], [page.gallery, page.shown, page.status, page.last,
+                     page.query, page.lightbox.column], js=assets.SHOW_RESULTS, show_progress="hidden", queue=False)
+    # the same searches for scripts (gradio_client, /gradio_api/call/...), by text or by an uploaded image
+    scripts = gr.Button(visible=False)
+    scripts.click(events.on_text, page.query, [page.answer_tiles, page.answer], inputs_kwargs=options)
+    scripts.click(events.on_image, page.image, [page.answer_tiles, page.answer], inputs_kwargs=options)
 
 
 def wire_lightbox(page: Page, events: SearchEvents) -> None:
-    """A click on a tile opens the lightbox; previous, next, close and "similar to this" act in it."""
+    """A click on a tile opens the lightbox; previous, next and close act in it ("similar to this": a search)."""
     box, quiet = page.lightbox, {"show_progress": "hidden"}
     page.gallery.select(events.on_select, [page.shown], [box.column, box.view, page.position], **quiet)
     box.prev_button.click(events.step(-1), [page.shown, page.position], [box.view, page.position], **quiet)
     box.next_button.click(events.step(1), [page.shown, page.position], [box.view, page.position], **quiet)
     box.close_button.click(lambda: gr.Column(visible=False), None, box.column, **quiet)
-    box.similar_button.click(events.on_similar, [page.shown, page.position], [*page.search_outputs, box.column],
-                             js=SUPERSEDE_TYPING, inputs_kwargs=page.options, **quiet)
 
 
 def base_url(request: gr.Request | None) -> str:
@@ -247,22 +215,46 @@ def caption(r) -> str:
     return f"{name}{copies} · {r.similarity:.3f}"
 
 
+def tiles_of(shown) -> list[tuple[int, float, int]]:
+    """The browser's [item index, similarity, copies] of each tile, checked (junk: no tiles)."""
+    try:
+        return [(int(index), float(similarity), int(copies)) for index, similarity, copies in shown or []]
+    except (TypeError, ValueError):
+        return []
+
+
 class SearchEvents:
     """The page's event handlers. The search events take their own inputs, then the options by name
     (see `option_inputs`); their names are the web UI's API names (/gradio_api/info)."""
-
-    UNCHANGED = [gr.skip()] * 5
 
     def __init__(self, service: SearchService):
         self.service = service
         self.db = service.db
 
-    def run(self, kind: str, query, what: str, request: gr.Request, options: dict) -> list:
-        """Search; returns the new values of Page.search_outputs."""
+    def search(self, asked, image, request: gr.Request, **options) -> list:
+        """The page's search: `asked` the request as the browser numbered it (web_assets), `image` the
+        dropped image. Returns [the tiles, the answer] for SHOW_RESULTS."""
         try:
-            outcome = self.search(kind, query, options)
+            seq, kind = int(asked["seq"]), asked["kind"]
+            query = {"text": asked.get("text"), "image": image, "item": asked.get("index")}[kind]
+        except (TypeError, KeyError, ValueError):
+            return [gr.skip(), {"seq": None, "failed": True, "status": "⚠️ not a search request"}]
+        return self.answer(seq, kind, query, request, options)
+
+    def on_text(self, text, request: gr.Request, **options):
+        return self.answer(0, "text", text, request, options)
+
+    def on_image(self, path, request: gr.Request, **options):
+        return self.answer(0, "image", path, request, options)
+
+    def answer(self, seq: int, kind: str, query, request: gr.Request | None, options: dict) -> list:
+        """Search; returns [the tiles, {seq, shown, status, last, label}] (on an error, {seq, failed, status})."""
+        if kind == "text" and not (query if isinstance(query, str) else "").strip():
+            return [[], {"seq": seq, "shown": [], "status": HINT, "last": None, "label": TEXT_LABEL}]
+        try:
+            what, outcome = self.search_by(kind, query, options)
         except (BadRequest, OSError) as e:
-            return [gr.skip(), gr.skip(), f"⚠️ {e}", gr.skip(), gr.skip()]
+            return [gr.skip(), {"seq": seq, "failed": True, "status": f"⚠️ {e}"}]
         base = base_url(request)
         tiles = [(f"{base}/api/items/{r.index}/thumbnail", caption(r)) for r in outcome]
         filtered = " (filtered)" if search_filters(options)["filters"] else ""
@@ -270,53 +262,40 @@ class SearchEvents:
                 f"search {outcome.search_ms:.1f} ms")
         if not tiles:
             note += " · nothing matches: loosen the filters or the minimum similarity"
-        label = TEXT_LABEL if kind == "text" else f"{TEXT_LABEL} · showing {what}"
-        return [gr.Gallery(value=tiles, selected_index=None), [(r.index, r.similarity, len(r.duplicates) + 1)
-                for r in outcome], note, (kind, query, what), gr.Textbox(label=label)]
+        last = {"kind": kind} | ({"text": query} if kind == "text" else {"index": query} if kind == "item" else {})
+        return [tiles, {"seq": seq, "shown": [[r.index, r.similarity, len(r.duplicates) + 1] for r in outcome],
+                        "status": note, "last": last,
+                        "label": TEXT_LABEL if kind == "text" else f"{TEXT_LABEL} · showing {what}"}]
 
-    def search(self, kind: str, query, options: dict) -> SearchResults:
+    def search_by(self, kind: str, query, options: dict) -> tuple[str, SearchResults]:
+        """(what the results are for, the results)."""
         k, min_similarity, filters = options["k"], options["min_similarity"], search_filters(options)
         if kind == "text":
-            return self.service.by_text(query, k, min_similarity, **filters)
+            return f"“{html.escape(query.strip()[:80])}”", self.service.by_text(query, k, min_similarity, **filters)
         if kind == "image":
+            if not query:
+                raise BadRequest("drop an image to search by it")
             try:  # the upload Gradio stored, read through the one opener (a regular file, bounded)
                 data = read_image_file(query, self.service.max_upload_bytes).data
             except ImageRejected as e:
                 raise BadRequest(f"cannot search by this upload: {e}") from None
-            return self.service.by_image(data, k, min_similarity, **filters)
-        return self.service.by_item(query, k, min_similarity, **filters)
-
-    def on_text(self, text, request: gr.Request, **options):
-        if text is None:  # superseded by a later keystroke (see DEBOUNCE)
-            return self.UNCHANGED
-        if not text.strip():
-            return [gr.Gallery(value=[], selected_index=None), [], HINT, None, gr.Textbox(label=TEXT_LABEL)]
-        return self.run("text", text, f"“{html.escape(text.strip()[:80])}”", request, options)
-
-    def on_image(self, path, request: gr.Request, **options):
-        return self.run("image", path, "the uploaded image", request, options) if path else self.UNCHANGED
-
-    def on_options(self, searched, request: gr.Request, **options):
-        return self.run(*searched, request, options) if searched else self.UNCHANGED
-
-    def on_similar(self, tiles, at, request: gr.Request, **options):
-        if not 0 <= at < len(tiles):
-            return [*self.UNCHANGED, gr.skip()]
-        index = tiles[at][0]
+            return "the uploaded image", self.service.by_image(data, k, min_similarity, **filters)
+        index = self.service.check_index(query)
         name = os.path.basename(self.db.path_of(index) or "") or f"item {index}"
-        return [*self.run("item", index, f"similar to {html.escape(name)}", request, options),
-                gr.Column(visible=False)]
+        return f"similar to {html.escape(name)}", self.service.by_item(index, k, min_similarity, **filters)
 
-    def on_select(self, tiles, evt: gr.SelectData, request: gr.Request):
+    def on_select(self, shown, evt: gr.SelectData, request: gr.Request):
+        tiles = tiles_of(shown)
         if evt.index is None or not 0 <= evt.index < len(tiles):
             return gr.skip(), gr.skip(), gr.skip()
         return gr.Column(visible=True), self.lightbox_html(tiles, evt.index, request), evt.index
 
     def step(self, by: int):
-        def move(tiles, at, request: gr.Request):
+        def move(shown, at, request: gr.Request):
+            tiles = tiles_of(shown)
             if not tiles:
                 return gr.skip(), gr.skip()
-            at = (at + by) % len(tiles)
+            at = (int(at or 0) + by) % len(tiles)
             return self.lightbox_html(tiles, at, request), at
         return move
 
@@ -333,7 +312,7 @@ class SearchEvents:
         copies_text = f" · {copies} identical files" if copies > 1 else ""
         return (
             f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
-            f'<div class="details"><b>{name}</b> · {at + 1} of {len(tiles)}<br>'
+            f'<div class="details"><b class="name">{name}</b> · {at + 1} of {len(tiles)}<br>'
             f'{folder_name}<br>{when} ({source}) · {human_size(item.size if item else -1)} · '
             f'similarity {similarity:.3f}{copies_text} · '
             f'<a href="{original}" target="_blank" rel="noopener" id="lightbox-original">open original</a>'

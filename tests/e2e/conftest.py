@@ -23,3 +23,21 @@ def vector_db(tmp_path_factory) -> Path:
         db.add(vectors, paths=[f"/photos/cluster{i // 4}/img{i:02d}.jpg" for i in range(12)])
         db.save()
     return path
+
+
+@pytest.fixture(scope="session")
+def photo_site(tmp_path_factory):
+    """(db, url, photos) of the browser tests: 24 real photos, 12 in folder a and 12 in folder b, served on
+    127.0.0.1 (one server for all of them)."""
+    from helpers.browser import served_photos
+
+    with served_photos(tmp_path_factory.mktemp("site"), ("a", "b"), per_folder=12) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def chromium_browser():
+    from helpers.browser import chromium
+
+    with chromium() as browser:
+        yield browser

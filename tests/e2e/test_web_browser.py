@@ -6,109 +6,51 @@ Screenshots of each step go to test-artifacts/ for a person to look at.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import httpx
 import pytest
-from helpers import DATA, REPO
+from helpers.browser import (
+    ARTIFACTS,
+    MARKS,
+    captions,
+    click_tile,
+    open_page,
+    search_text,
+    set_results,
+    shown_indices,
+    tiles,
+    wait_for_images,
+)
 
-from nanodb.database import NanoDB
-from nanodb.interfaces.server import start_server
-
-COCO = DATA / "coco-val2017" / "images"
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 60_000
-
-pytestmark = [
-    pytest.mark.browser,
-    # a known race (issue 13's note, open): two searches of one page can finish out of order on Gradio's
-    # queue and the older results stay; fresh-clone CI runs hit it about once a run. A test that fails
-    # three times in a row still fails.
-    pytest.mark.flaky(reruns=2),
-    pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (apt-get install -y chromium)"),
-    pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}"),
-]
+pytestmark = MARKS
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    """(db, url, photos): 24 real photos served on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("browser")
-    (root / "photos").mkdir()
-    photos = [Path(shutil.copy2(p, root / "photos" / p.name)) for p in sorted(COCO.glob("*.jpg"))[:24]]
-    db = NanoDB(root / "db", config="test")
-    db.add([str(p) for p in photos])
-    server = start_server(db, "127.0.0.1", 0)
-    yield db, server.url, photos
-    server.stop()
-    db.close()
+@pytest.fixture
+def site(photo_site):
+    """(db, url, photos): 24 real photos (12 in folder a, 12 in b) served on 127.0.0.1."""
+    return photo_site
 
 
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+@pytest.fixture
+def browser(chromium_browser):
+    return chromium_browser
 
 
 @pytest.fixture
 def page(browser, site):
-    _, url, _ = site
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    page.set_default_timeout(TIMEOUT_MS)
-    page.goto(url + "?__theme=dark")
-    page.wait_for_selector("#query textarea")
+    page = open_page(browser, site[1])
     yield page
     page.close()
+
+
+PHONE = {"device_scale_factor": 2, "is_mobile": True, "has_touch": True}
 
 
 def db_searches(site) -> int:
     """Searches the server has run so far."""
     _, url, _ = site
     return httpx.get(url + "api/stats").json()["searches"]
-
-
-def open_filters(page) -> None:
-    if not page.locator("#k").is_visible():
-        page.locator("#filters button").first.click()
-        page.locator("#k").wait_for(state="visible")
-
-
-def set_results(page, k: int) -> None:
-    open_filters(page)
-    box = page.locator("#k input[type=number]")
-    box.fill(str(k))
-    box.press("Enter")
-    # the slider takes the number on Enter, asynchronously: a search sent before that would use the old k
-    page.wait_for_function(f"() => document.querySelector('#k input[type=range]')?.value === '{k}'")
-
-
-def tiles(page):
-    return page.locator("#results .thumbnail-item")
-
-
-def shown_indices(page) -> list[int]:
-    sources = page.locator("#results .thumbnail-item img").evaluate_all("imgs => imgs.map(i => i.src)")
-    return [int(re.search(r"/api/items/(\d+)/thumbnail", s).group(1)) for s in sources]
-
-
-def captions(page) -> list[float]:
-    """The similarity at the end of each tile's caption (`NAME · 0.283`)."""
-    return [float(t.rsplit(" ", 1)[-1]) for t in page.locator("#results .caption-label").all_inner_texts()]
-
-
-def wait_for_images(page, first: int = 1000) -> None:
-    """Until the first thumbnails have loaded (the others may be lazy, below the window)."""
-    page.wait_for_function(
-        f"() => {{ const imgs = [...document.querySelectorAll('#results .thumbnail-item img')].slice(0, {first});"
-        " return imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0); }"
-    )
 
 
 def test_typing_a_query_shows_k_images_with_similarities(page, site):
@@ -140,27 +82,6 @@ def test_uploading_an_indexed_photo_shows_it_first(page, site):
     assert shown_indices(page)[0] == db.index_of(photo)
     assert captions(page)[0] >= 0.99
     page.screenshot(path=ARTIFACTS / "web-image-search.png", full_page=True)
-
-
-def search_text(page, text: str, images: int = 1000) -> None:
-    page.locator("#query textarea").fill(text)
-    page.locator("#query textarea").press("Enter")
-    page.wait_for_function(f"() => document.querySelector('#status')?.innerText.includes({text!r})")
-    wait_for_images(page, images)
-
-
-def click_tile(page, n: int) -> None:
-    """Click tile n until the lightbox opens (a click landing while the gallery re-renders selects nothing)."""
-    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
-    for attempt in range(3):
-        tiles(page).nth(n).click()
-        try:
-            page.locator("#lightbox").wait_for(state="visible", timeout=10_000)
-            return
-        except PlaywrightTimeoutError:
-            if attempt == 2:
-                raise
 
 
 def test_the_first_page_invites_a_search(page):
@@ -250,12 +171,8 @@ def test_filters_restrict_the_results_exactly(page, site):
 
 def test_a_phone_sees_a_few_columns_stacked_inputs_and_no_sideways_scroll(browser, site):
     _, url, _ = site
-    phone = browser.new_page(viewport={"width": 400, "height": 800}, device_scale_factor=2, is_mobile=True,
-                             has_touch=True)
-    phone.set_default_timeout(TIMEOUT_MS)
+    phone = open_page(browser, url, viewport={"width": 400, "height": 800}, **PHONE)
     try:
-        phone.goto(url + "?__theme=dark")
-        phone.wait_for_selector("#query textarea")
         search_text(phone, "a dog", images=3)
         # the gallery lays its tiles out after the images arrive: measure once four tiles sit in rows
         phone.wait_for_function("""() => {
@@ -273,11 +190,6 @@ def test_a_phone_sees_a_few_columns_stacked_inputs_and_no_sideways_scroll(browse
         assert drop["y"] >= text_box["y"] + text_box["height"] - 1  # stacked, not side by side
         assert drop["x"] + drop["width"] <= 400  # the drop area is not cut off
         assert boxes[0]["y"] < 800  # results start on the first screen
-        click_tile(phone, 0)
-        phone.wait_for_function("() => document.querySelector('#lightbox-view img')?.naturalWidth > 0")
-        image_box = phone.locator("#lightbox-view img").bounding_box()
-        assert image_box["width"] <= 400
-        phone.screenshot(path=ARTIFACTS / "web-phone-lightbox.png")
     finally:
         phone.close()
 
@@ -291,3 +203,61 @@ def test_a_bad_query_shows_a_message_and_the_page_keeps_working(page, site):
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('a red car')")
     assert "photos indexed" in page.locator("#stats").inner_text()
     page.screenshot(path=ARTIFACTS / "web-error-then-search.png", full_page=True)
+
+
+def contrast(foreground: str, background: str) -> float:
+    """The WCAG contrast ratio of two CSS colours `rgb(r, g, b)` (4.5 and more: readable text)."""
+    def luminance(colour: str) -> float:
+        channels = [int(c) / 255 for c in re.findall(r"\d+", colour)[:3]]
+        r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+    light, dark = sorted((luminance(foreground), luminance(background)), reverse=True)
+    return (light + 0.05) / (dark + 0.05)
+
+
+# What the page shows under the open lightbox: each sampled point must hit the lightbox, not the page.
+UNDER_THE_LIGHTBOX = """() => {
+  const box = document.getElementById("lightbox");
+  const points = [];
+  for (const id of ["status", "results", "query", "stats"]) {
+    const r = document.getElementById(id).getBoundingClientRect();
+    for (const [fx, fy] of [[0.1, 0.5], [0.5, 0.5], [0.9, 0.5]]) {
+      const x = r.left + fx * r.width, y = r.top + fy * r.height;
+      if (x >= 0 && y >= 0 && x < innerWidth && y < innerHeight) points.push([id, x, y]);
+    }
+  }
+  return points.filter(([, x, y]) => !box.contains(document.elementFromPoint(x, y))).map(([id]) => id);
+}"""
+
+
+@pytest.mark.parametrize("theme", ["light", "dark"])
+@pytest.mark.parametrize("device, viewport, context", [("desktop", {"width": 1440, "height": 900}, {}),
+                                                        ("phone", {"width": 390, "height": 844}, PHONE)])
+def test_the_lightbox_covers_the_page_with_the_photo_as_large_as_fits_and_its_name_readable(
+        browser, site, theme, device, viewport, context):
+    _, url, _ = site
+    page = open_page(browser, url, theme, viewport=viewport, **context)
+    try:
+        search_text(page, "people in a kitchen", images=4)
+        click_tile(page, 1)
+        page.wait_for_function("() => { const i = document.querySelector('#lightbox-view img');"
+                               " return i?.complete && i.naturalWidth > 300; }")
+        page.screenshot(path=ARTIFACTS / f"web-lightbox-{device}-{theme}.png")
+        style = page.evaluate("""() => { const s = getComputedStyle(document.getElementById("lightbox"));
+            return {background: s.backgroundColor, opacity: s.opacity}; }""")
+        alpha = re.fullmatch(r"rgba?\((\d+), (\d+), (\d+)(?:, ([\d.]+))?\)", style["background"])
+        assert alpha and float(alpha.group(4) or 1) == 1 and float(style["opacity"]) == 1, style
+        assert page.evaluate(UNDER_THE_LIGHTBOX) == []  # no part of the page shows through or over it
+        name = page.locator("#lightbox-view .details .name")
+        assert contrast(name.evaluate("e => getComputedStyle(e).color"), style["background"]) >= 7
+        # the photo as large as the window allows: it fills the width, or the height the details leave
+        picture = page.evaluate("""() => { const i = document.querySelector('#lightbox-view img');
+            const r = i.getBoundingClientRect(), scale = Math.min(r.width / i.naturalWidth, r.height / i.naturalHeight);
+            return {width: i.naturalWidth * scale, height: i.naturalHeight * scale, top: r.top, bottom: r.bottom}; }""")
+        details = page.locator("#lightbox-view .details").bounding_box()
+        close = page.locator("#lightbox-close").bounding_box()
+        assert picture["width"] >= 0.9 * viewport["width"] or \
+            picture["height"] >= 0.95 * (details["y"] - picture["top"]), (picture, details)
+        assert picture["top"] >= 0 and close["y"] + close["height"] <= viewport["height"]  # all of it on screen
+    finally:
+        page.close()

@@ -19,6 +19,7 @@ from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.model.text_export import ExportedTextTower, text_encoder
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.walk import RAW_PAIRS
@@ -72,6 +73,7 @@ class NanoDB:
         self.autosave = autosave
         self.timings = SearchTimings()
         self._model: ClipModel | None = None
+        self._text_model: ExportedTextTower | ClipModel | None = None
         self._model_lock = threading.RLock()
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
@@ -100,7 +102,7 @@ class NanoDB:
         self.store = ItemStore(self.path, manifest, read_only=read_only,
                                compact_dead_fraction=self.settings.compact_dead_fraction)
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
-                                    DecodeLimits.of(self.settings))
+                                    DecodeLimits.of(self.settings), text_model=lambda: self.text_model)
         if self.spec.pretrained != manifest.pretrained and not read_only:
             # the database's checkpoint, moved: remember where it is now
             self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
@@ -133,6 +135,16 @@ class NanoDB:
                 )
             self._model = load_model(self.model_config)
         return self._model
+
+    @property
+    def text_model(self) -> ExportedTextTower | ClipModel:
+        """What encodes text queries (`encode_text`): the text tower's export, run without torch, so a
+        fresh process answers a text query in about a second (model.text_export: made by the model's
+        first text query); the model itself where no export can be made."""
+        with self._model_lock:
+            if self._text_model is None:
+                self._text_model = text_encoder(self.model_config, self.store.manifest.weights_id, self._load_model)
+            return self._text_model
 
     def indexed_under(self, path: str | os.PathLike) -> int:
         """How many live items are the file `path` or lie under the folder `path`."""

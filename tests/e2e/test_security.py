@@ -259,7 +259,7 @@ def test_combined_queries_are_bounded_and_encoded_in_one_batch(served):
     r = client.get("/api/search/text", params={"q": " + ".join(["a"] * 241)})
     assert r.status_code == 400 and f"at most {MAX_TERMS}" in r.json()["error"]
     calls = []
-    model = db.model
+    model = db.text_model  # what encodes words: the text tower's export, or the model
     encode = model.encode_text
 
     def counting(texts):

@@ -8,6 +8,9 @@ tools) is caught by content hash: a file whose exact bytes are known reuses the 
 
 Events are applied on the event loop thread, the thread the pipeline's appender also runs on, so a
 file deleted while it is being embedded is never left behind in the database.
+
+Each change is logged at INFO, one line (`watch: indexing PATH`, `watch: removed PATH`, `watch: moved A
+-> B`), for a program that shows what a watch does (the command line does, without a console).
 """
 
 from __future__ import annotations
@@ -141,12 +144,18 @@ class FolderWatcher:
             self.pending.pop(src, None)
             if event.is_directory:
                 self._drop_pending_under(src)
-            self.changes += self.sink.forget([src])
+            self._forget(src)
         elif event.is_directory:
             if kind == "created" and self._watched(src):
                 await self._mark_folder(src)  # a folder moved in from outside arrives whole
         elif self._wanted_file(src):
             self._mark(src)
+
+    def _forget(self, path: str) -> None:
+        """Drop the items of a file, or of the files under a folder, gone from the watched folders."""
+        if dropped := self.sink.forget([path]):
+            self.changes += dropped
+            log.info("watch: removed %s%s", printable(path), f" ({dropped} items)" if dropped > 1 else "")
 
     def _mark(self, path: str) -> None:
         self.pending.setdefault(path, _Pending(None, time.monotonic()))
@@ -165,18 +174,21 @@ class FolderWatcher:
     def _move_file(self, src: str, dest: str) -> None:
         self.pending.pop(src, None)
         if not self._wanted_file(dest):
-            self.changes += self.sink.forget([src])  # moved out of the watched folders, or renamed away
+            self._forget(src)  # moved out of the watched folders, or renamed away
         elif self.sink.move_paths([(src, dest)]):
             self.changes += 1
+            log.info("watch: moved %s -> %s", printable(src), printable(dest))
         else:
             self._mark(dest)  # not indexed yet (or still in flight): index it under its new name
 
     def _move_folder(self, src: str, dest: str) -> None:
         self._drop_pending_under(src)
         if not self._watched(dest):
-            self.changes += self.sink.forget([src])
+            self._forget(src)
             return
-        self.changes += self.sink.move_folder(src, dest)
+        if moved := self.sink.move_folder(src, dest):
+            self.changes += moved
+            log.info("watch: moved %s -> %s (%d items)", printable(src), printable(dest), moved)
         # Files of the folder that were not indexed yet: look at them under their new path.
         walk = asyncio.get_running_loop().create_task(self._mark_folder(dest))
         self._walks.add(walk)
@@ -232,8 +244,10 @@ class FolderWatcher:
             known = FileRecord(path=found.path, size=found.size, mtime=found.mtime, hash=digest)
             if self.sink.add_known_file(known) is not None:
                 self.changes += 1
+                log.info("watch: indexed %s (its content was indexed already)", printable(found.path))
                 return
         self.changes += 1
+        log.info("watch: indexing %s", printable(found.path))
         await self.feed.put(found)
 
 

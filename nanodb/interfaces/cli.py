@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
-import io
 import json
 import logging
 import os
@@ -21,7 +19,8 @@ import shtab
 from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, format_validation, similar_query, words_query
+from nanodb.interfaces.console import Console, counted, format_validation, similar_query, words_query
+from nanodb.interfaces.preview import preview, preview_protocol
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.pipeline.walk import RAW_PAIRS
@@ -43,8 +42,24 @@ examples:
 Defaults come from configs/default.yaml; --config FILE overrides them, and flags override both."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line `nanodb: error: ...` and a pointer to --help, not the
+    whole usage (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str, help_of: str | None = None):
+        self.exit(2, f"nanodb: error: {message}; see `{help_of or self.prog} --help`\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag after a subcommand points to that subcommand's --help."""
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            command = getattr(parsed, "command", None)
+            self.error(f"unrecognized arguments: {' '.join(unknown)}", f"{self.prog} {command}" if command else None)
+        return parsed
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="nanodb",
         description="Search your images by text or by image, with CLIP embeddings.",
         epilog=EPILOG,
@@ -162,6 +177,38 @@ def web_upload_folder() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `nanodb` command. Output its reader stopped reading (`nanodb search ... | head -2`) ends it
+    quietly with exit status 141, as a standard tool killed by SIGPIPE (`yes | head`) ends."""
+    try:
+        try:
+            return run_command(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe is caught, not at exit (a traceback there)
+    except BrokenPipeError:
+        discard_stdout()
+        return 128 + signal.SIGPIPE
+
+
+def discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what Python still flushes at exit raises nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """Log lines to sys.stderr as it is at each line: the console's prompt puts its own in place while
+    it runs, which prints them above the prompt instead of through it."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass  # always the current sys.stderr
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.path:
@@ -169,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
+        handlers=[CurrentStderrHandler()],
     )
+    if getattr(args, "watch", None):  # one line per change the watch indexes (pipeline/watch.py)
+        logging.getLogger("nanodb.pipeline.watch").setLevel(logging.INFO)
     try:
         if args.command:
             return one_shot(args)
         return asyncio.run(run(args))
+    except BrokenPipeError:
+        raise  # not an error: see main()
     except (DatabaseError, ModelLoadError, ValueError, OSError) as e:
         print(f"nanodb: error: {e}", file=sys.stderr)
         return 2
@@ -190,53 +242,28 @@ def one_shot(args: argparse.Namespace) -> int:
         query = words_query(" ".join(args.query)) if args.command == "search" else similar_query(args.photo)
         filters = Filters(**{f.name: getattr(args, f.name) for f in Filters.described()})
         results = db.find(SearchRequest(k=args.k, filters=filters, **query))
-        protocol = preview_protocol() if args.preview else None
-        if args.preview and protocol is None:
-            print("nanodb: --preview needs a terminal that shows images (kitty, iTerm2, WezTerm)", file=sys.stderr)
-        for r in results:
-            if args.json:
-                print(json.dumps({"index": r.index, "path": r.path, "similarity": round(r.similarity, 6)}))
-            else:
-                print(r)
-            if protocol and r.path:
-                print(preview(r.path, protocol, db.settings.max_image_pixels))
+        print_results(db, results, args, filtered=bool(filters))
     return 0
 
 
-def preview_protocol() -> str | None:
-    """The inline-image protocol of this terminal: "kitty", "iterm2" (also WezTerm), or None.
-    NANODB_PREVIEW=kitty|iterm2 forces one (e.g. through tmux, or into a file)."""
-    forced = os.environ.get("NANODB_PREVIEW")
-    if forced in ("kitty", "iterm2"):
-        return forced
-    if not sys.stdout.isatty():
-        return None
-    if os.environ.get("KITTY_WINDOW_ID") or os.environ.get("TERM") == "xterm-kitty":
-        return "kitty"
-    if os.environ.get("TERM_PROGRAM") in ("iTerm.app", "WezTerm"):
-        return "iterm2"
-    return None
-
-
-def preview(path: str, protocol: str, max_pixels: int, size: int = 160) -> str:
-    """A thumbnail of `path` as the escape sequence that draws it inline ("" when it cannot be read)."""
-    from nanodb.media.opener import ImageRejected, open_image, read_image_file
-
-    try:
-        image = open_image(read_image_file(path).data, max_pixels, draft_size=size)
-    except (ImageRejected, OSError):
-        return ""
-    image.thumbnail((size, size))
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    data = base64.b64encode(out.getvalue()).decode()
-    if protocol == "iterm2":
-        return f"\033]1337;File=inline=1;size={len(out.getvalue())}:{data}\a"
-    chunks = [data[i : i + 4096] for i in range(0, len(data), 4096)]
-    return "".join(
-        f"\033_G{'a=T,f=100,' if i == 0 else ''}m={int(i < len(chunks) - 1)};{chunk}\033\\"
-        for i, chunk in enumerate(chunks)
-    )
+def print_results(db: NanoDB, results, args: argparse.Namespace, filtered: bool) -> None:
+    """Result lines (with thumbnails under --preview) or, with --json, JSON lines and nothing else.
+    No results: stdout stays empty, and stderr says why."""
+    protocol = None
+    if args.preview and args.json:
+        print("nanodb: --preview is ignored with --json (its output is only JSON)", file=sys.stderr)
+    elif args.preview and (protocol := preview_protocol()) is None:
+        print("nanodb: --preview needs a terminal that shows images (kitty, iTerm2, WezTerm)", file=sys.stderr)
+    if not results:
+        why = " (the database is empty)" if len(db) == 0 else " match the filters" if filtered else ""
+        print(f"nanodb: no results{why}", file=sys.stderr)
+    for r in results:
+        if args.json:
+            print(json.dumps({"index": r.index, "path": r.path, "similarity": round(r.similarity, 6)}))
+            continue
+        print(r)
+        if protocol and r.path:
+            print(preview(r.path, protocol, db.settings.max_image_pixels))
 
 
 async def open_database(args: argparse.Namespace, settings) -> NanoDB:
@@ -305,6 +332,6 @@ async def run(args: argparse.Namespace) -> int:
         uploads.close()
         if db.unsaved:
             db.save()
-            print(f"nanodb: saved {len(db)} items to {db.path}", file=sys.stderr)
+            print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
         db.close()
     return 0

@@ -21,7 +21,8 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
-from nanodb.media.paths import is_image_name, printable
+from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
+from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
 from nanodb.search.query import is_image_reference, is_url
 from nanodb.service import IngestService
 
@@ -43,6 +44,12 @@ commands:
   exit                 save and quit (also Ctrl-D)"""
 
 RESULT_LINE = re.compile(r"^(\* index=\d+  )(.*)(  similarity=)(-?\d+\.\d+)$")
+VIEWER_WAIT_S = 3.0  # how long `open` waits for xdg-open (or macOS open) to say it found no application
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 item`, `2 items`: a count with its noun in the right number."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def history_file() -> Path:
@@ -104,8 +111,14 @@ def open_in_viewer(path: str) -> None:
     command = "open" if sys.platform == "darwin" else "xdg-open"
     if shutil.which(command) is None:
         raise OSError(f"cannot open {path}: no desktop viewer ({command}) found")
-    subprocess.Popen([command, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, start_new_session=True)
+    launcher = subprocess.Popen([command, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # it ends at once when it found no application; one still running has started the viewer
+        status = launcher.wait(timeout=VIEWER_WAIT_S)
+    except subprocess.TimeoutExpired:
+        return
+    if status != 0:
+        raise OSError(f"cannot open {path}: {command} found no application to open it (exit status {status})")
 
 
 class Console:
@@ -220,6 +233,8 @@ class Console:
             command = None  # `clear sky` is a search
         try:
             await (command(self, rest) if command else self._query(line))
+        except BrokenPipeError:
+            raise  # the reader of the output is gone: the program ends (cli.main), it is no bad command
         except (ValueError, TypeError, OSError) as e:
             self.write(f"error: {printable(str(e))}")
         except Exception as e:  # the console must outlive any single bad command
@@ -235,7 +250,7 @@ class Console:
 
     async def do_save(self, rest: str) -> None:
         saved = await asyncio.to_thread(self.db.save)
-        self.write(f"saved {len(self.db)} items to {self.db.path}" if saved else "nothing to save")
+        self.write(f"saved {counted(len(self.db), 'item')} to {self.db.path}" if saved else "nothing to save")
 
     async def do_validate(self, rest: str) -> None:
         self.write(format_validation(self.db, await asyncio.to_thread(self.db.validate)))
@@ -277,7 +292,7 @@ class Console:
         path = self.db.path_of(index)
         if path is None or not os.path.isfile(path):
             raise ValueError(f"item {index} has no file to open" if path is None else f"the file is gone: {path}")
-        self.opener(path)
+        await asyncio.to_thread(self.opener, path)  # raises when no application could open it
         self.write(f"opened {path}")
 
     # The commands by their first word (`help` lists them); any other line is a query (see `_query`).
@@ -295,7 +310,8 @@ class Console:
             await self._scan(os.path.expanduser(line))
         elif is_image_reference(line):  # NanoDB.search's rule too: a URL, an image's name, a path
             if not is_url(line):
-                raise ValueError(f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+                raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
+                                 f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
             await self._search(line)
         else:
             await self._search(text=line)
@@ -308,6 +324,8 @@ class Console:
             self.write(str(r))
 
     async def _scan(self, path: str) -> None:
+        if self.db.read_only:
+            raise ValueError(f"cannot scan {path}: the database is open read-only (--read-only)")
         task = self.service.scan(path, on_done=lambda report: self.write(report.summary()))
         if not os.path.isfile(path):
             self.write(f"scanning {path} in the background (`status` to follow it)")
@@ -320,14 +338,24 @@ class Console:
 
 def format_validation(db: NanoDB, report) -> str:
     lines = [
-        f"validated {report.checked} items: {report.checked - len(report.failures)} found themselves first, "
-        f"{len(report.failures)} did not; {len(report.duplicates)} groups of exact duplicates"
+        f"validated {counted(report.checked, 'item')}: {report.checked - len(report.failures)} found themselves "
+        f"first, {len(report.failures)} did not; {counted(len(report.duplicates), 'group')} of exact duplicates"
     ]
     for item, found in report.failures:
         lines.append(f"  FAILED index={item} {db.path_of(item)} -> found index={found} {db.path_of(found)} first")
     for group in report.duplicates:
         lines.append("  duplicates: " + "  ".join(f"[{i}] {db.path_of(i)}" for i in group))
     return "\n".join(lines)
+
+
+def _not_an_image(line: str) -> str:
+    """Why an existing file typed in the console is not searched by: not a format nanodb reads."""
+    extension = os.path.splitext(line)[1].lower()
+    if is_unsupported_image_name(line):
+        return f"nanodb cannot read {extension} images: {line}"
+    readable = " ".join(sorted(IMAGE_EXTENSIONS - RAW_EXTENSIONS))
+    named = f"a {extension} file" if extension else "a file without an image extension"
+    return f"not an image nanodb reads: {line} is {named} (it reads {readable} and camera RAW)"
 
 
 def _is_quoted(text: str) -> bool:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
+from helpers import coco_photos
+from helpers.killharness import write_config
 
 from nanodb.model.clip import hub_reachable
 
@@ -36,6 +42,10 @@ def test_scripted_console_prints_nanodb_result_lines(tmp_path, photo_tree):
     assert lines[3].group(2) == str(photo)
     assert "saved 40 items" in out
     assert "6 skipped" in run.stderr.decode()
+    # The summary's counts add up to the files found (a broken link, found by the walk, is one of them).
+    found, *counts = map(int, re.search(r"scanned (\d+) images in [\d.]+s: (\d+) added, (\d+) updated, "
+                                        r"(\d+) unchanged, (\d+) skipped", run.stderr.decode()).groups())
+    assert found == sum(counts) == 46, run.stderr.decode()
     # Reopened later, with no scan: the same database answers, and a bad command does not end it.
     again = nanodb("--path", str(db), stdin=f"similar /no/such/file.jpg\nsimilar {photo}\n")
     out = again.stdout.decode()
@@ -65,3 +75,36 @@ def test_missing_weights_without_network_is_a_clear_error(tmp_path):
     assert run.returncode == 2
     assert "cannot get the weights ViT-B-32/laion2b_s34b_b79k" in err and "--pretrained /path/to/file" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_watch_prints_a_line_for_each_change_it_indexes(tmp_path):
+    """Without a console (a service, stdin closed), `--watch` says what it does, one line per change."""
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    photos = coco_photos(2)
+    shutil.copy(photos[0], folder / "a.jpg")
+    config = write_config(tmp_path / "watch.yaml", settle_seconds=0.2)
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as err:
+        watch = subprocess.Popen([sys.executable, "-m", "nanodb", "--path", str(tmp_path / "db"), "--config",
+                                  str(config), "--watch", str(folder)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def wait_for(line: str) -> None:
+        deadline = time.monotonic() + 120  # a liveness bound: each step takes about a second
+        while line not in log.read_text():
+            assert watch.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+
+    try:
+        wait_for("scanned 1 image in ")  # the first scan indexed a.jpg: the watch follows
+        os.rename(folder / "a.jpg", folder / "b.jpg")
+        wait_for(f"watch: moved {folder / 'a.jpg'} -> {folder / 'b.jpg'}\n")
+        (folder / "b.jpg").unlink()
+        wait_for(f"watch: removed {folder / 'b.jpg'}\n")
+        shutil.copy(photos[1], folder / "c.jpg")
+        wait_for(f"watch: indexing {folder / 'c.jpg'}\n")
+        watch.send_signal(signal.SIGTERM)
+        assert watch.wait(120) == 0, log.read_text()
+    finally:
+        watch.kill()

@@ -8,9 +8,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from nanodb.database import NanoDB
+from nanodb.interfaces.cli import main
 
 RESULT_LINE = re.compile(r"^\* index=(\d+)  (.+)  similarity=(-?\d\.\d+)$")
+NO_TMUX = {"TMUX": ""}  # previews as drawn straight to the terminal, even when the tests run inside tmux
 
 
 def nanodb(*args, env=None) -> subprocess.CompletedProcess:
@@ -54,9 +58,11 @@ def test_one_shot_errors_are_one_line_and_exit_2(scanned_db, tmp_path):
 
 def test_preview_draws_thumbnails_with_the_terminal_image_protocol(scanned_db):
     path, _ = scanned_db
-    kitty = nanodb("search", "--path", path, "a dog", "-k", "2", "--preview", env={"NANODB_PREVIEW": "kitty"})
+    kitty = nanodb("search", "--path", path, "a dog", "-k", "2", "--preview",
+                   env={"NANODB_PREVIEW": "kitty", **NO_TMUX})
     assert kitty.returncode == 0 and kitty.stdout.count("\033_Ga=T,f=100,") == 2
-    iterm = nanodb("search", "--path", path, "a dog", "-k", "1", "--preview", env={"NANODB_PREVIEW": "iterm2"})
+    iterm = nanodb("search", "--path", path, "a dog", "-k", "1", "--preview",
+                   env={"NANODB_PREVIEW": "iterm2", **NO_TMUX})
     assert "\033]1337;File=inline=1;" in iterm.stdout
     plain = nanodb("search", "--path", path, "a dog", "-k", "1", "--preview", env={"NANODB_PREVIEW": ""})
     assert "\033" not in plain.stdout and "needs a terminal that shows images" in plain.stderr
@@ -66,3 +72,44 @@ def test_shell_completion_scripts():
     bash = nanodb("--print-completion", "bash")
     assert bash.returncode == 0 and "complete" in bash.stdout and "similar" in bash.stdout
     assert "--path" in nanodb("--print-completion", "zsh").stdout
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`nanodb ARGS...` in this process (fast): (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    status = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_json_output_is_only_json_even_with_previews_forced(scanned_db, capsys, monkeypatch):
+    monkeypatch.setenv("NANODB_PREVIEW", "kitty")
+    status, out, err = run_main(capsys, "search", "--path", scanned_db[0], "a dog", "-k", "3", "--json", "--preview")
+    assert status == 0 and len([json.loads(line) for line in out.splitlines()]) == 3
+    assert "\033" not in out and "--preview is ignored with --json" in err
+
+
+def test_previews_inside_tmux_pass_through_it(scanned_db, capsys, monkeypatch):
+    """tmux drops an image escape unless it is wrapped in its passthrough DCS, every ESC doubled."""
+    monkeypatch.setenv("TMUX", "/tmp/tmux-1000/default,1234,0")
+    for protocol, start in (("kitty", "\033_Ga=T,f=100,"), ("iterm2", "\033]1337;File=inline=1;")):
+        monkeypatch.setenv("NANODB_PREVIEW", protocol)
+        status, out, _ = run_main(capsys, "search", "--path", scanned_db[0], "a dog", "-k", "1", "--preview")
+        assert status == 0 and "\033Ptmux;" + start.replace("\033", "\033\033") in out, repr(out[-300:])
+        assert out.count("\033Ptmux;") == out.count("\033\\") - out.count("\033\033\\")  # each one closed
+
+
+def test_no_results_leaves_stdout_empty_and_says_so_on_stderr(scanned_db, capsys):
+    status, out, err = run_main(capsys, "search", "--path", scanned_db[0], "a dog", "--type", "png")
+    assert (status, out, err) == (0, "", "nanodb: no results match the filters\n")
+
+
+@pytest.mark.parametrize("args", [("similar", "--path", "{db}", "0", "-k", "8"), ("--print-completion", "zsh")])
+def test_output_cut_by_its_reader_ends_quietly(scanned_db, args):
+    """`nanodb ... | head -0`: the reader is gone before the first line; the exit status is 141, as for a
+    standard tool (128 + SIGPIPE), with nothing on stderr."""
+    command = [sys.executable, "-m", "nanodb", *(a.format(db=scanned_db[0]) for a in args)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as run:
+        run.stdout.close()  # before it writes anything
+        err = run.stderr.read().decode()
+        assert run.wait(timeout=300) == 141 and err == "", err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +16,14 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, ConsoleCompleter, progress_line, styled, words_query
+from nanodb.interfaces.console import (
+    Console,
+    ConsoleCompleter,
+    open_in_viewer,
+    progress_line,
+    styled,
+    words_query,
+)
 from nanodb.search.query import QueryError
 
 
@@ -213,3 +222,52 @@ def test_the_console_the_command_line_and_the_api_agree_on_a_dog_jpg(vectors_db,
     assert console(words) == [str(r) for r in db.search(words, k=3)]
     assert words_query(words) == {"text": words}
     assert words_query('"a dog.jpg"') == {"text": "a dog.jpg"}  # quoted: always words
+
+
+def test_an_existing_file_that_is_no_image_is_named_as_such(tmp_path, console, monkeypatch):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "logo.svg").write_text("<svg/>")
+    monkeypatch.chdir(tmp_path)
+    for typed in ("./notes.txt", str(tmp_path / "notes.txt")):
+        out = run(console, typed)
+        assert len(out) == 1 and out[0].startswith(f"error: not an image nanodb reads: {typed} is a .txt file"), out
+        assert ".jpg" in out[0] and ".heic" in out[0]
+    assert run(console, "./logo.svg") == ["error: nanodb cannot read .svg images: ./logo.svg"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the desktop viewer is xdg-open on Linux")
+def test_open_says_so_when_no_application_could_open_the_file(tmp_path, console, monkeypatch):
+    """xdg-open exits 3 when it finds no application: `open` must not claim it opened the file."""
+    photo = shutil.copy(coco_photos(1)[0], tmp_path / "a.jpg")
+    console.db.add([str(photo)])
+    (tmp_path / "bin").mkdir()
+    viewer = tmp_path / "bin" / "xdg-open"
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    for status, expected in ((3, f"error: cannot open {photo}: xdg-open found no application to open it "
+                                 "(exit status 3)"), (0, f"opened {photo}")):
+        viewer.write_text(f"#!/bin/sh\necho \"$1\" > {tmp_path / 'asked'}\nexit {status}\n")
+        viewer.chmod(0o755)
+        console.opener = open_in_viewer
+        assert run(console, "open 0") == [expected]
+        assert (tmp_path / "asked").read_text().strip() == str(photo)
+
+
+def test_a_read_only_console_says_up_front_that_it_cannot_scan(tmp_path, empty_db_path):
+    shutil.copytree(empty_db_path, tmp_path / "db")
+    shutil.copy(coco_photos(1)[0], tmp_path / "a.jpg")
+    with NanoDB(tmp_path / "db", read_only=True) as db:
+        lines: list[str] = []
+        console = Console(db, 3, lines.append, history=tmp_path / "history")
+        console.lines, console.opener = lines, None
+        for typed in (f"scan {tmp_path}", str(tmp_path), str(tmp_path / "a.jpg")):
+            assert run(console, typed) == [f"error: cannot scan {typed.removeprefix('scan ')}: the database is open "
+                                           "read-only (--read-only)"]
+        assert len(db) == 0
+
+
+def test_counts_of_one_are_singular(console):
+    console.db.add(np.eye(console.db.dim)[:1])
+    assert run(console, "save")[0].startswith("saved 1 item to ")
+    console.db.add(np.eye(console.db.dim)[:1])
+    assert run(console, "validate")[0].split("\n")[0] == (
+        "validated 2 items: 2 found themselves first, 0 did not; 1 group of exact duplicates")

@@ -24,6 +24,7 @@ from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
+from nanodb.search.batcher import QueryBatcher
 from nanodb.search.encoder import QueryEncoder, SearchTimings
 from nanodb.search.local import LocalSearcher, ValidationReport, validate
 from nanodb.search.request import Filters, Searcher, SearchRequest, SearchResult, SearchResults
@@ -103,6 +104,8 @@ class NanoDB:
                                compact_dead_fraction=self.settings.compact_dead_fraction)
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
                                     DecodeLimits.of(self.settings), text_model=lambda: self.text_model)
+        # single queries from concurrent callers share encode and search passes (search.batcher)
+        self.batcher = QueryBatcher(self.queries, self._searcher, self.timings)
         if self.spec.pretrained != manifest.pretrained and not read_only:
             # the database's checkpoint, moved: remember where it is now
             self.store.record_weights(self.spec.pretrained, self.spec.weights_id)
@@ -386,11 +389,11 @@ class NanoDB:
         request = request.checked(self.settings.k)
         query, kind = self.queries.classify(request.query, request.text, request.image)
         batched = isinstance(query, list) or (isinstance(query, np.ndarray) and query.ndim == 2)
-        queries = list(query) if batched else [query]
+        if not batched:  # answered with the single queries of other callers that arrive meanwhile
+            return self.batcher.find(request, query, kind)
+        queries = list(query)
         t0 = time.perf_counter()
-        if request.text is not None:
-            vectors = self.queries.embed_text(query)[None]  # text is text: never opened as a file
-        elif queries:
+        if queries:
             vectors = np.stack([self.queries.embed(q) for q in queries])
         else:
             vectors = np.zeros((0, self.dim))
@@ -399,8 +402,8 @@ class NanoDB:
         t2 = time.perf_counter()
         for r in [results, *results]:
             r.encode_ms, r.search_ms = (t1 - t0) * 1000, (t2 - t1) * 1000
-        self.timings.record(None if batched else kind, results.encode_ms, results.search_ms)
-        return results if batched else results[0]
+        self.timings.record(None, results.encode_ms, results.search_ms)
+        return results
 
     def _searcher(self) -> Searcher:
         """The local searcher, or with a Ray cluster the shard actors serving the vectors (made on first search)."""

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
+from nanodb.search.batcher import SearchBusy
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
 from nanodb.storage.format import DatabaseError
 
@@ -287,6 +288,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
         return JSONResponse({"error": str(exc)}, status_code=413 if isinstance(exc, TooLarge) else 400)
+
+    @app.exception_handler(SearchBusy)
+    async def busy(request: Request, exc: SearchBusy):  # too many searches waiting: the client retries
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(NotServable)
     async def not_servable(request: Request, exc: NotServable):

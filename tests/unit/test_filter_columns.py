@@ -7,7 +7,7 @@ import numpy as np
 from nanodb.storage.columns import FilterColumns
 
 PATHS = ["/a/b/c.jpg", "/a/b/.hidden.PNG", "/a/b/..jpg", "/a//b/x.tar.gz", "bare.gif", "/top", "/a/b/", None,
-         "/a/b.d/noext", "/a/\udcff/x.Jpeg", "//x/y.webp"]
+         "/a/b.d/noext", "/a/\udcff/x.Jpeg", "//x/y.webp", "/a/b/c.Longer-Than-8", "/a/b/c.", "/a/.b/.c"]
 
 
 def derived(paths, order):
@@ -25,6 +25,7 @@ def test_folders_and_extensions_are_those_os_path_finds():
         columns = derived(PATHS, list(order))
         folders = [columns.folders[i] for i in columns.folder[: columns.count]]
         extensions = [columns.extensions[i] for i in columns.extension[: columns.count]]
-        assert folders == ["/a/b", "/a/b", "/a/b", "/a//b", None, "", "/a/b", None, "/a/b.d", "/a/\udcff", "//x"]
+        assert folders == ["/a/b", "/a/b", "/a/b", "/a//b", None, "", "/a/b", None, "/a/b.d", "/a/\udcff", "//x",
+                           "/a/b", "/a/b", "/a/.b"]
         assert extensions == [None if p is None else os.path.splitext(p)[1][1:].lower() for p in PATHS]
         np.testing.assert_array_equal(columns.mtime[: columns.count], np.arange(len(PATHS)))

@@ -104,10 +104,9 @@ def main(argv=None) -> None:
         return lambda x: infer.infer({0: x})[0].copy()
 
     def nncf_static(data):
-        import nncf
+        from nanodb.model.quantize import quantized
 
-        dataset = nncf.Dataset([data[i : i + 1] for i in range(len(data))])
-        return nncf.quantize(openvino_model(), dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(data))
+        return quantized(openvino_model(), data)  # as --precision int8 quantizes
 
     def nncf_weights():
         import nncf

@@ -15,7 +15,7 @@ from nanodb.interfaces.server import start_server
 from nanodb.search.query import QueryError
 from nanodb.search.request import Filters, SearchRequest
 
-ROWS = 3000
+ROWS = 2000
 STALLED_S = 120  # a liveness bound: far beyond a pass on a loaded 2-core machine
 
 
@@ -101,13 +101,13 @@ def outcome(call, *args):
 
 
 def test_queries_sent_together_get_their_one_by_one_results(gated):
-    """32 clients and 32 threads at once, in one pass: each gets exactly what it gets alone (items, order,
+    """16 HTTP clients and 16 threads at once, in one pass: each gets exactly what it gets alone (items, order,
     similarities), and a query's bad input fails that query only."""
     db, url, gate = gated
-    calls = [(http_text, url, i) for i in range(32)] + [(api_query, db, i) for i in range(32)]
+    calls = [(http_text, url, i) for i in range(16)] + [(api_query, db, i) for i in range(16)]
     gate.release.set()
     alone = [outcome(*call) for call in calls]
-    assert sum(isinstance(a, str) for a in alone) == 4 and all(a for a in alone)
+    assert sum(isinstance(a, str) for a in alone) == 2 and all(a for a in alone)
     gate.release.clear()
     gate.entered.clear()
     leader = hold_a_pass(url, gate)

@@ -224,8 +224,9 @@ def tiles_of(shown) -> list[tuple[int, float, int]]:
 
 
 class SearchEvents:
-    """The page's event handlers. The search events take their own inputs, then the options by name
-    (see `option_inputs`); their names are the web UI's API names (/gradio_api/info)."""
+    """The page's event handlers. The search events (`search`, the page's; `on_text` and `on_image`, the
+    same for scripts) take their own inputs, then the options by name (see `option_inputs`); their names
+    are the web UI's API names (/gradio_api/info)."""
 
     def __init__(self, service: SearchService):
         self.service = service

@@ -86,14 +86,34 @@ class QueryBatcher:
             self.waiting.append(job)
             if not self.running:
                 self.running = job.leads = True
-        while not job.finished:
-            if job.leads:
-                self.run_pass()
-            else:
-                job.woken.wait()
+        try:
+            while not job.finished:
+                if job.leads:
+                    self.run_pass()
+                else:
+                    job.woken.wait()
+        except BaseException:  # e.g. Ctrl-C while waiting: the others must not wait for this thread
+            self.withdraw(job)
+            raise
         if job.error is not None:
             raise job.error
         return job.results
+
+    def withdraw(self, job: Pending) -> None:
+        """Take a query its caller gave up on out of the queue; if it was to run the next pass, hand that on."""
+        with self.lock:
+            if job in self.waiting:
+                self.waiting.remove(job)
+                if job.leads:
+                    self.hand_on()
+
+    def hand_on(self) -> None:
+        """The next pass to the first query waiting (the lock held), or no pass running."""
+        if self.waiting:
+            self.waiting[0].leads = True
+            self.waiting[0].woken.set()
+        else:
+            self.running = False
 
     def run_pass(self) -> None:
         """Answer every query waiting now, then hand the next pass to the first query that came meanwhile."""
@@ -108,11 +128,7 @@ class QueryBatcher:
                         job.error = RuntimeError("the search pass failed")
                     job.finished = True
                     job.woken.set()
-                if self.waiting:
-                    self.waiting[0].leads = True
-                    self.waiting[0].woken.set()
-                else:
-                    self.running = False
+                self.hand_on()
 
     def answer(self, batch: list[Pending]) -> None:
         """Embed the batch (all plain words in one text-tower pass), then search each group of queries

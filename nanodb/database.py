@@ -371,8 +371,10 @@ class NanoDB:
         `query`: text, an image path, an http(s) image URL, a PIL image, an item index, a vector (dim,),
         or a batch: a list of those or a (Q, dim) array, which returns one list of results per query. A
         string is an image when it is a URL, has an image extension, or starts with / ./ ../ ~/ (the rule
-        of every interface: search.query.is_image_reference); one
-        that names no file raises QueryError (never a silent text search). `text=` is always text (never
+        of every interface: search.query.is_image_reference), `#12` is item 12, "quoted" is text; one
+        that names no file raises QueryError (never a silent text search). A combined query reads each term
+        by that rule: `./cat.jpg - 3:cat + 2:bee`, `2:#12 + night` (search.query.TypedQuery; a TypedQuery
+        is a query too). `text=` is always text, every term of it (never
         opened as a path or fetched); `image=` is a path, a URL or a PIL image. Bad input raises QueryError.
 
         Filters keep the search exact among the items they allow: `folder` (an absolute folder, or a

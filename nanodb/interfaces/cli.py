@@ -128,10 +128,15 @@ def add_one_shot_commands(p: argparse.ArgumentParser) -> None:
     """`nanodb search` and `nanodb similar`, which print their results and exit."""
     commands = p.add_subparsers(dest="command", metavar="{search,similar}",
                                 description="one-shot commands for scripts: print the results and exit")
-    search = commands.add_parser("search", help="search by text, print the results and exit")
-    search.add_argument("query", nargs="+", help="the words to search for (joined with spaces)")
+    search = commands.add_parser("search", help="search by text, an image or both, print the results and exit")
+    search.add_argument("query", nargs="+",
+                        help="words, an image file or URL, #INDEX, or a combined query such as "
+                             "'./cat.jpg - 3:cat + 2:bee' (joined with spaces; \"quoted\" is words)")
+    search.add_argument("--text", action="store_true",
+                        help="the query is words, even if it looks like a path (e.g. 'notes.jpg')")
     similar = commands.add_parser("similar", help="images similar to a photo, an item index or an image URL")
-    similar.add_argument("photo", help="an image file, an item index or an http(s) URL").complete = shtab.FILE
+    similar.add_argument("photo", help="an image file, an item index, an http(s) URL or a combined query"
+                         ).complete = shtab.FILE
     for sub in (search, similar):
         sub.add_argument("--path", required=True, help="database folder").complete = shtab.DIRECTORY
         sub.add_argument("-k", "--k", type=_positive, default=None, help="results (default 8)")
@@ -239,7 +244,7 @@ def one_shot(args: argparse.Namespace) -> int:
     """`nanodb search` / `nanodb similar`: open the database read-only, print the results, exit."""
     settings = load_settings(args.config, k=args.k, device=args.device)
     with NanoDB(args.path, settings=settings, read_only=True) as db:
-        query = words_query(" ".join(args.query)) if args.command == "search" else similar_query(args.photo)
+        query = words_query(" ".join(args.query), args.text) if args.command == "search" else similar_query(args.photo)
         filters = Filters(**{f.name: getattr(args, f.name) for f in Filters.described()})
         results = db.find(SearchRequest(k=args.k, filters=filters, **query))
         print_results(db, results, args, filtered=bool(filters))

@@ -23,13 +23,14 @@ from prompt_toolkit.formatted_text import FormattedText
 from nanodb.database import NanoDB
 from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
-from nanodb.search.query import is_image_reference, is_url
+from nanodb.search.query import QueryError, TypedQuery, is_combined, is_image_reference, is_url, unquoted
 from nanodb.service import IngestService
 
 HELP = """\
 commands:
   TEXT                 search by text, e.g.  a girl riding a horse   ("quoted" is always text)
-  A + B - C            combined query, e.g.  dog + beach - snow  (weights: 2:dog + cat)
+  A + B - C            combined query, e.g.  dog + beach - snow  (weights: 2:dog + cat); a term can
+                       be an image path or URL, or an item: ./cat.jpg - 3:cat + 2:bee, #12 + night
   PATH                 an existing folder or image file: scan it (an image: then show its neighbours)
   similar PATH|INDEX|URL  images similar to an image file, a stored item or an image on the web
   open INDEX           open an item's file in the desktop's image viewer
@@ -303,18 +304,18 @@ class Console:
     }
 
     async def _query(self, line: str) -> None:
-        """Not a command: quoted text, an existing path to scan, an image URL, a missing path (an error), or text."""
-        if _is_quoted(line):
-            await self._search(text=_unquote(line))  # quotes force text
+        """Not a command: quoted text, an existing path to scan, a missing path (an error), or a query
+        NanoDB.search reads by the one rule (words, an image URL, `#12`, or a combined query of those and
+        image paths)."""
+        if (words := unquoted(line)) is not None:
+            await self._search(text=words)  # quotes force text
         elif _is_existing_path(line):
             await self._scan(os.path.expanduser(line))
-        elif is_image_reference(line):  # NanoDB.search's rule too: a URL, an image's name, a path
-            if not is_url(line):
-                raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
-                                 f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
-            await self._search(line)
+        elif is_image_reference(line) and not is_url(line) and not _is_combined(line):
+            raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
+                             f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
         else:
-            await self._search(text=line)
+            await self._search(line)
 
     async def _search(self, query=None, **named) -> None:
         results = await asyncio.to_thread(lambda: self.db.search(query, self.k, **named))
@@ -378,17 +379,27 @@ def _is_existing_path(line: str) -> bool:
     return os.path.isdir(path) or (os.path.isfile(path) and is_image_name(path))
 
 
-def words_query(words: str) -> dict:
-    """Words typed to search (`nanodb search`) as NanoDB.search arguments: "quoted" is text, words that
-    name an image by the rule of every interface (search.query.is_image_reference) are that image,
-    anything else is text."""
-    if _is_quoted(words.strip()):
-        return {"text": _unquote(words)}
-    return {"query": words} if is_image_reference(words) else {"text": words}
+def _is_combined(line: str) -> bool:
+    """Whether a line is a combined query (`./cat.jpg - 3:cat`); a malformed one is not."""
+    try:
+        return is_combined(line)
+    except QueryError:
+        return False
+
+
+def words_query(words: str, text: bool = False) -> dict:
+    """Words typed to search (`nanodb search`) as NanoDB.search arguments: with `text` (--text), or
+    "quoted", words; else a query NanoDB.search reads by the rule of every interface
+    (search.query.TypedQuery): an image path or URL, `#12`, words, or a combined query of them."""
+    quoted = unquoted(words)
+    if text or quoted is not None:
+        return {"text": words if quoted is None else quoted}
+    return {"query": words}
 
 
 def similar_query(arg: str) -> dict:
-    """`similar`'s argument as NanoDB.search arguments: an item index, an image URL or an image file."""
+    """`similar`'s argument as NanoDB.search arguments: an item index (`12` or `#12`), an image URL, an
+    image file, or a combined query (`./cat.jpg - 3:cat`, read as NanoDB.search reads it)."""
     arg = _unquote(arg)
     if not arg:
         raise ValueError("similar needs an image path, an item index or an image URL, e.g.  similar 12")
@@ -399,6 +410,8 @@ def similar_query(arg: str) -> dict:
     if is_url(arg):
         return {"image": arg}
     path = os.path.expanduser(arg)
-    if not os.path.isfile(path):
-        raise ValueError(f"no such image file: {arg}")
-    return {"image": Path(path)}
+    if os.path.isfile(path):
+        return {"image": Path(path)}
+    if re.fullmatch(r"#\d+", arg) or (_is_combined(arg) and TypedQuery.parse(arg).kind != "text"):
+        return {"query": arg}  # an item, or a combined query with an image or an item in it
+    raise ValueError(f"no such image file: {arg}")

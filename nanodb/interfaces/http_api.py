@@ -1,4 +1,5 @@
-"""The JSON HTTP API: search by text, uploaded image or item index; stats; thumbnails and originals.
+"""The JSON HTTP API: search by text, uploaded image or item index (or a combination); stats; thumbnails
+and originals.
 
 Every error is a JSON object {"error": "one line"} with a 4xx status; nothing a client sends can
 make the server stop serving. The OpenAPI schema is at /openapi.json, browsable at /docs.
@@ -97,9 +98,13 @@ class SearchResponse(BaseModel):
     search_ms: float
 
 
+TEXT_HELP = ("words, or a combined query such as `dog + beach - snow` or `2:dog`; `#12` is stored item 12 "
+             "(`#12 + night - 2:fence`); a path or URL is words: the server opens and fetches nothing a client names")
+TERMS_HELP = "terms combined with the image, as in a text query: `- 3:cat + 2:bee`, `night`, `0.5:#12`"
+
+
 class TextQuery(BodyFilters):
-    q: str = Field(description="words, or a combined query such as `dog + beach - snow` or `2:dog`",
-                   examples=["a red car", "dog + beach - snow"])
+    q: str = Field(description=TEXT_HELP, examples=["a red car", "dog + beach - snow", "#12 + night"])
     k: int = Field(64, description=f"number of results, 1..{MAX_K}", json_schema_extra=K_BOUNDS)
     min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)",
                                   json_schema_extra=SIMILARITY_BOUNDS)
@@ -210,8 +215,7 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
 
     @router.get("/search/text", response_model=SearchResponse, summary="Search by text")
     def search_text(
-        q: str = Query(..., description="words, or a combined query such as `dog + beach - snow` or `2:dog`",
-                       examples=["a red car"]),
+        q: str = Query(..., description=TEXT_HELP, examples=["a red car"]),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
         where: Where = Depends(query_filters),
@@ -227,10 +231,12 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
         file: UploadFile = File(..., description="an image file"),
         k: int = K,
         min_similarity: float = MIN_SIMILARITY,
+        q: str = Query("", description=TERMS_HELP, examples=["- 3:cat + 2:bee"]),
         where: Where = Depends(query_filters),
     ):
         data = await file.read(service.max_upload_bytes + 1)
-        outcome = await run_in_threadpool(lambda: service.by_image(data, k, min_similarity, **where.options()))
+        outcome = await run_in_threadpool(lambda: service.by_image(data, k, min_similarity, **where.options(),
+                                                                   terms=q))
         return _response(outcome, len(db))
 
     @router.get("/search/item/{index}", response_model=SearchResponse, summary="Items similar to a stored item")

@@ -2,7 +2,7 @@
 
 Both go through one `SearchService`, which builds SearchRequests for `NanoDB.find`, so they accept and refuse
 the same inputs with the same one-line messages. Over HTTP, text is only ever text: an image comes
-as an upload or as an item index, never as a path on the server.
+as an upload or as an item index (`#12` in a combined query), never as a path on the server or a URL.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from nanodb.database import NanoDB, SearchResults
 from nanodb.media.opener import ImageRejected, open_image
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
-from nanodb.search.query import MAX_K, MAX_QUERY_CHARS, QueryError
+from nanodb.search.query import MAX_K, MAX_QUERY_CHARS, QueryError, QueryTerm, TypedQuery
 from nanodb.search.request import Filters, SearchRequest
 
 MAX_UPLOAD_BYTES = 32 << 20
@@ -74,12 +74,18 @@ class SearchService:
 
     # `filters` and `collapse`: as in the SearchRequest each of these builds
     def by_text(self, text, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:
-        text = text if isinstance(text, str) else ""
-        return self.db.find(SearchRequest(text=text, k=k, min_similarity=min_similarity, filters=filters,
+        """Words, `#12` items, and combined queries of them (`#12 + night - 2:fence`); a path or URL in
+        the text is words: the server never opens or fetches what a client names."""
+        query = TypedQuery.parse(text if isinstance(text, str) else "", on_server=True)
+        return self.db.find(SearchRequest(query, k=k, min_similarity=min_similarity, filters=filters,
                                           collapse=collapse))
 
-    def by_image(self, data: bytes, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:
-        return self.db.find(SearchRequest(image=self.open_upload(data), k=k, min_similarity=min_similarity,
+    def by_image(self, data: bytes, k, min_similarity=None, filters=NO_FILTERS, collapse=False,
+                 terms: str = "") -> SearchResults:
+        """An uploaded image, combined with `terms` as by_text reads them (`- 3:cat + 2:bee`, or `night`)."""
+        image = self.open_upload(data)
+        query = TypedQuery.parse(terms, on_server=True, first=QueryTerm(1.0, "image", image)) if terms else None
+        return self.db.find(SearchRequest(query, image=None if query else image, k=k, min_similarity=min_similarity,
                                           filters=filters, collapse=collapse))
 
     def by_item(self, index, k, min_similarity=None, filters=NO_FILTERS, collapse=False) -> SearchResults:

@@ -110,7 +110,8 @@ class SearchRequest:
     """One search, as an interface asks it (give one of query, text or image; see NanoDB.search) and
     as a searcher answers it, once NanoDB has set `vectors`."""
 
-    query: Any = None  # text, an image path or URL, a PIL image, an item index, a vector, or a batch
+    query: Any = None  # text (a typed query, its terms read by the one rule: search.query.TypedQuery), an image
+    #                    path or URL, a PIL image, an item index, a vector, or a batch
     k: int | None = None  # None: the database's settings decide
     text: str | None = None  # always text, never opened as a path or fetched
     image: Any = None  # an image path, an http(s) URL or a PIL image

@@ -220,8 +220,9 @@ def test_the_console_the_command_line_and_the_api_agree_on_a_dog_jpg(vectors_db,
         assert words_query(typed) == {"query": typed}  # `nanodb search a dog.jpg` asks NanoDB.search
     words = "a dog.jpg on a beach"
     assert console(words) == [str(r) for r in db.search(words, k=3)]
-    assert words_query(words) == {"text": words}
+    assert words_query(words) == {"query": words}  # words by the same rule as NanoDB.search's
     assert words_query('"a dog.jpg"') == {"text": "a dog.jpg"}  # quoted: always words
+    assert words_query("a dog.jpg", text=True) == {"text": "a dog.jpg"}  # and with --text
 
 
 def test_an_existing_file_that_is_no_image_is_named_as_such(tmp_path, console, monkeypatch):

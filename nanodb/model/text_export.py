@@ -174,7 +174,8 @@ def export_text_tower(clip: ClipModel) -> Path | None:
     folder = export_folder(clip.spec, ov.__version__)
     if (folder / "meta.json").is_file():
         return folder
-    if folder in _failed:
+    failed = folder.with_name(folder.name + ".failed")  # why it could not be made: not tried again
+    if folder in _failed or failed.is_file():
         return None
     log.info("exporting the text tower of %s for fast text queries (once)", clip.spec.describe())
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -186,6 +187,7 @@ def export_text_tower(clip: ClipModel) -> Path | None:
             log.warning("the text tower of %s cannot be exported (%s); text queries load the torch model",
                         clip.spec.describe(), e)
             _failed.add(folder)
+            failed.write_text(f"{e}\n")
             return None
         try:
             os.replace(tmp, folder)  # atomic: another process may be exporting the same model

@@ -17,7 +17,13 @@ import torch
 
 from nanodb import NanoDB
 from nanodb.model.clip import ModelConfig, ModelSpec, load_model
-from nanodb.model.text_export import ExportedTextTower, export_folder, load_text_tower, text_encoder
+from nanodb.model.text_export import (
+    ExportedTextTower,
+    export_folder,
+    export_text_tower,
+    load_text_tower,
+    text_encoder,
+)
 
 FLOAT32_TORCH = ModelConfig(ModelSpec("ViT-S-32", "none"), "auto", "float32", "torch")  # a NanoDB's with these
 QUERIES = ["a red car", "a dog on the beach", "people at a table", "2:dog + beach - snow", "café ☕ at night"]
@@ -124,3 +130,19 @@ def test_a_broken_export_falls_back_to_the_torch_model(exported, tmp_path, monke
     assert text_encoder(dataclasses.replace(FLOAT32_TORCH, backend="auto"), "none@0", lambda: model) is model
     assert load_text_tower(spec, "none@0") is None  # not read again, nor overwritten
     assert (broken / "text.bin").read_bytes() == b"not weights"
+
+
+def test_a_model_that_cannot_be_exported_is_not_tried_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("nanodb.model.text_export.cache_dir", lambda: tmp_path)
+    tries = []
+
+    def failing(clip, folder, ov):
+        tries.append(folder)
+        raise RuntimeError("the converter gave up")
+
+    monkeypatch.setattr("nanodb.model.text_export._write_export", failing)
+    model = load_model(FLOAT32_TORCH)
+    assert export_text_tower(model) is None and "the converter gave up" in caplog.text
+    monkeypatch.setattr("nanodb.model.text_export._failed", set())  # as in a new process
+    assert export_text_tower(model) is None and len(tries) == 1
+    assert [p.suffix for p in (tmp_path / "text").iterdir()] == [".failed"]  # no export, the note why

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import pty
+import resource
 import shutil
 import statistics
 import subprocess
@@ -57,22 +58,29 @@ print(sorted(times)[len(times) // 2])
 """
 
 
-def timed(command: list[str], env: dict, runs: int) -> float:
-    """Median seconds of `command`, run `runs` times, each a fresh process (output checked, discarded)."""
-    times = []
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the ended child processes so far: less swayed by other load than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], env: dict, runs: int) -> tuple[float, float]:
+    """Median wall and CPU seconds of `command`, run `runs` times, each a fresh process (output discarded)."""
+    times, cpu = [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), children_cpu()
         subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        cpu.append(children_cpu() - c)
+    return statistics.median(times), statistics.median(cpu)
 
 
-def console_first_query(db: Path, env: dict, runs: int) -> float:
+def console_first_query(db: Path, env: dict, runs: int) -> tuple[float, float]:
     """Median seconds from starting `nanodb --path DB` on a terminal, the query typed at once, to its first
-    result on the screen."""
-    times = []
+    result on the screen; and the console process's CPU seconds, up to its exit."""
+    times, cpu = [], []
     for _ in range(runs):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), children_cpu()
         pid, fd = pty.fork()
         if pid == 0:
             os.execve(sys.executable, [sys.executable, "-m", "nanodb", "--path", str(db), "--read-only"],
@@ -89,7 +97,8 @@ def console_first_query(db: Path, env: dict, runs: int) -> float:
         except OSError:
             pass
         os.waitpid(pid, 0)
-    return statistics.median(times)
+        cpu.append(children_cpu() - c)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def main() -> None:
@@ -131,9 +140,9 @@ def main() -> None:
         with open("/proc/loadavg") as f:
             load = " ".join(f.read().split()[:3])
         print(f"# {args.model} random weights, {args.photos} photos, {os.cpu_count()} CPUs, load average {load}")
-        print(f"{'command':<66} {'cold (s)':>9} {'warm (ms)':>10}")
-        for name, cold, hot in rows:
-            print(f"{name:<66} {cold:>9.2f} {'' if hot is None else f'{hot * 1000:.1f}':>10}")
+        print(f"{'command':<66} {'cold (s)':>9} {'cold CPU (s)':>13} {'warm (ms)':>10}")
+        for name, (cold, cpu), hot in rows:
+            print(f"{name:<66} {cold:>9.2f} {cpu:>13.2f} {'' if hot is None else f'{hot * 1000:.1f}':>10}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

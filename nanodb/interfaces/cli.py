@@ -19,8 +19,9 @@ import shtab
 from nanodb import __version__
 from nanodb.config import load_settings
 from nanodb.database import NanoDB
-from nanodb.interfaces.console import Console, counted, format_validation, similar_query, words_query
+from nanodb.interfaces.console import Console, counted, format_validation
 from nanodb.interfaces.preview import preview, preview_protocol
+from nanodb.interfaces.query_args import similar_query, words_query
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.pipeline.walk import RAW_PAIRS

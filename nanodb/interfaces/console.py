@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,10 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
+from nanodb.interfaces.query_args import is_combined_query, similar_query, unquote
 from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
-from nanodb.search.query import QueryError, TypedQuery, is_combined, is_image_reference, is_url, unquoted
+from nanodb.search.query import is_image_reference, is_url, unquoted
 from nanodb.service import IngestService
 
 HELP = """\
@@ -277,7 +277,7 @@ class Console:
     async def do_scan(self, rest: str) -> None:
         if not rest:
             raise ValueError("scan needs a folder or an image file, e.g.  scan ~/Pictures")
-        await self._scan(_unquote(rest))
+        await self._scan(unquote(rest))
 
     async def do_clear(self, rest: str) -> None:
         if self._clear is None:
@@ -311,7 +311,7 @@ class Console:
             await self._search(text=words)  # quotes force text
         elif _is_existing_path(line):
             await self._scan(os.path.expanduser(line))
-        elif is_image_reference(line) and not is_url(line) and not _is_combined(line):
+        elif is_image_reference(line) and not is_url(line) and not is_combined_query(line):
             raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
                              f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
         else:
@@ -359,59 +359,7 @@ def _not_an_image(line: str) -> str:
     return f"not an image nanodb reads: {line} is {named} (it reads {readable} and camera RAW)"
 
 
-def _is_quoted(text: str) -> bool:
-    return len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-
-
-def _unquote(text: str) -> str:
-    text = text.strip()
-    if _is_quoted(text):
-        try:
-            return shlex.split(text)[0]
-        except ValueError:
-            pass
-    return text
-
-
 def _is_existing_path(line: str) -> bool:
     """An existing folder or image file, however it is spelt (`cat.jpg`, `./cat.jpg`, `~/Pictures`)."""
     path = os.path.expanduser(line)
     return os.path.isdir(path) or (os.path.isfile(path) and is_image_name(path))
-
-
-def _is_combined(line: str) -> bool:
-    """Whether a line is a combined query (`./cat.jpg - 3:cat`); a malformed one is not."""
-    try:
-        return is_combined(line)
-    except QueryError:
-        return False
-
-
-def words_query(words: str, text: bool = False) -> dict:
-    """Words typed to search (`nanodb search`) as NanoDB.search arguments: with `text` (--text), or
-    "quoted", words; else a query NanoDB.search reads by the rule of every interface
-    (search.query.TypedQuery): an image path or URL, `#12`, words, or a combined query of them."""
-    quoted = unquoted(words)
-    if text or quoted is not None:
-        return {"text": words if quoted is None else quoted}
-    return {"query": words}
-
-
-def similar_query(arg: str) -> dict:
-    """`similar`'s argument as NanoDB.search arguments: an item index (`12` or `#12`), an image URL, an
-    image file, or a combined query (`./cat.jpg - 3:cat`, read as NanoDB.search reads it)."""
-    arg = _unquote(arg)
-    if not arg:
-        raise ValueError("similar needs an image path, an item index or an image URL, e.g.  similar 12")
-    if re.fullmatch(r"[+-]?\d+", arg):
-        if int(arg) < 0:
-            raise ValueError(f"similar {arg}: an item index is 0 or more (the index= of a result)")
-        return {"query": int(arg)}
-    if is_url(arg):
-        return {"image": arg}
-    path = os.path.expanduser(arg)
-    if os.path.isfile(path):
-        return {"image": Path(path)}
-    if re.fullmatch(r"#\d+", arg) or (_is_combined(arg) and TypedQuery.parse(arg).kind != "text"):
-        return {"query": arg}  # an item, or a combined query with an image or an item in it
-    raise ValueError(f"no such image file: {arg}")

@@ -22,8 +22,8 @@ from nanodb.interfaces.console import (
     open_in_viewer,
     progress_line,
     styled,
-    words_query,
 )
+from nanodb.interfaces.query_args import words_query
 from nanodb.search.query import QueryError
 
 

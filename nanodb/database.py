@@ -76,6 +76,7 @@ class NanoDB:
         self._model: ClipModel | None = None
         self._text_model: ExportedTextTower | ClipModel | None = None
         self._model_lock = threading.RLock()
+        self._loading_since: float | None = None  # monotonic time the model's load began
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
         # `ray`: a Ray cluster address or RayOptions: scans decode and embed there, searches fan out to shards
@@ -136,7 +137,11 @@ class NanoDB:
                     f"this database's weights {self.spec.describe(weights)} are not at {self.spec.pretrained} "
                     f"any more: pass the checkpoint's path with --pretrained (NanoDB(..., pretrained=PATH))"
                 )
-            self._model = load_model(self.model_config)
+            self._loading_since = time.monotonic()
+            try:
+                self._model = load_model(self.model_config)
+            finally:
+                self._loading_since = None
         return self._model
 
     @property
@@ -148,6 +153,16 @@ class NanoDB:
             if self._text_model is None:
                 self._text_model = text_encoder(self.model_config, self.store.manifest.weights_id, self._load_model)
             return self._text_model
+
+    @property
+    def model_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model_loading_for(self) -> float | None:
+        """Seconds the model has been loading (a progress display shows it), None when no load runs."""
+        since = self._loading_since
+        return None if since is None else time.monotonic() - since
 
     def indexed_under(self, path: str | os.PathLike) -> int:
         """How many live items are the file `path` or lie under the folder `path`."""

@@ -103,6 +103,15 @@ class IngestService:
     def resume(self) -> None:
         self.running.set()
 
+    async def cancel_scans(self) -> list[tuple[str, ScanReport]]:
+        """Stop the running scans (a watch whose first scan this stops ends too): in-flight batches are
+        dropped, what was appended stays (saved by the next save). Returns the scans stopped."""
+        running = [(path, report, task) for path, report, task in self.scans if not task.done()]
+        for _, _, task in running:
+            task.cancel()
+        await asyncio.gather(*(task for _, _, task in running), return_exceptions=True)
+        return [(path, report) for path, report, _ in running]
+
     async def wait_scans(self) -> None:
         await asyncio.gather(*(task for _, _, task in self.scans), return_exceptions=True)
 
@@ -123,6 +132,8 @@ class IngestService:
     def status(self) -> str:
         """One line: what runs, files done/total, images/s, errors, ETA, queue depths."""
         parts = []
+        if (loading := self.db.model_loading_for) is not None:  # the first query or scan waits for it
+            parts.append(f"loading the model {self.db.spec.name} ({loading:.0f}s)")
         for path, report, task in self.scans:
             if not task.done():
                 parts.append(f"scan {path}: {report.status()}")

@@ -43,6 +43,9 @@ class DecodeFailure:
     reason: str
 
 
+CLOSE_WAIT_S = 5.0  # close() waits this long for a pool's workers to stop, then lets the program go on
+
+
 class DecodeWorkersFailed(RuntimeError):
     """The decode worker processes could not start: the scan stops, no file is counted as skipped."""
 
@@ -78,6 +81,7 @@ def _init_worker(transform, max_pixels: int, parent: int, limits: DecodeLimits |
     _worker_limits = limits
     # This worker's own process: open_image refuses large images itself, so Pillow's warning is noise.
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    sandbox.ignore_terminal_interrupt()
     sandbox.exit_with_parent(parent)
     if limits is not None:
         sandbox.limit_this_process(limits)
@@ -112,6 +116,7 @@ class ImageDecodePool:
         self._solo: Executor | None = None
         self._alone = threading.Lock()
         self._starting = threading.Lock()
+        self._closed = False
 
     def _start(self, workers: int) -> Executor:
         """Start `workers` processes and wait until one answers: one that cannot start is an error."""
@@ -120,7 +125,9 @@ class ImageDecodePool:
         initargs = (self._get_transform(), self._max_pixels, os.getpid(), self._limits)
         executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=initargs)
         try:
-            executor.submit(_ready).result()
+            with sandbox.interrupt_blocked_in_children():
+                started = executor.submit(_ready)
+            started.result()
         except Exception as e:
             executor.shutdown(wait=False, kill_workers=True)
             why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -129,8 +136,15 @@ class ImageDecodePool:
 
     def _ready_executor(self, name: str, workers: int) -> Executor:
         with self._starting:
+            if self._closed:
+                raise DecodeWorkersFailed("the image decode pool is closed")
             if getattr(self, name) is None:
-                setattr(self, name, self._start(workers))
+                executor = self._start(workers)
+                setattr(self, name, executor)
+                if self._closed:  # closed while starting (close takes no lock): stop what started
+                    executor.shutdown(wait=False, kill_workers=True)
+                    raise DecodeWorkersFailed("the image decode pool is closed")
+                return executor
             return getattr(self, name)
 
     async def decode(self, path: str) -> DecodedImage | DecodeFailure:
@@ -138,7 +152,9 @@ class ImageDecodePool:
         loop = asyncio.get_running_loop()
         executor = self._executor or await loop.run_in_executor(None, self._ready_executor, "_executor", self.workers)
         try:
-            return await asyncio.wrap_future(executor.submit(_decode_in_worker, path))
+            with sandbox.interrupt_blocked_in_children():  # a worker that timed out idle starts again here
+                future = executor.submit(_decode_in_worker, path)
+            return await asyncio.wrap_future(future)
         except BrokenProcessPool:  # some worker died: every file in flight lands here
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path)
@@ -147,7 +163,9 @@ class ImageDecodePool:
         with self._alone:
             solo = self._ready_executor("_solo", 1)
             try:
-                return solo.submit(_decode_in_worker, path).result()
+                with sandbox.interrupt_blocked_in_children():
+                    future = solo.submit(_decode_in_worker, path)
+                return future.result()
             except BrokenProcessPool as e:  # a crash, or the time limit's alarm
                 self._replace(solo)
                 return DecodeFailure(path, sandbox.why_worker_died(e, self._limits))
@@ -162,7 +180,15 @@ class ImageDecodePool:
                     setattr(self, name, None)
 
     def close(self) -> None:
-        for name in ("_executor", "_solo"):
-            if (executor := getattr(self, name)) is not None:
-                executor.shutdown(wait=True, kill_workers=True)
-                setattr(self, name, None)
+        """Stop the workers for good, waiting at most CLOSE_WAIT_S for each pool: a worker stuck in a
+        decoder, or a pool a signal broke, must not hold up the program's exit."""
+        # No lock: a start in progress holds it while the model loads. Set first, so that either this
+        # sees a pool that has just started or the start sees this flag (and stops it).
+        self._closed = True
+        executors = [e for e in (self._executor, self._solo) if e is not None]
+        self._executor = self._solo = None
+        for executor in executors:
+            stopper = threading.Thread(target=executor.shutdown, kwargs={"wait": True, "kill_workers": True},
+                                       name="nanodb-decode-shutdown", daemon=True)
+            stopper.start()
+            stopper.join(CLOSE_WAIT_S)

@@ -22,6 +22,7 @@ from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, counted, format_validation
 from nanodb.interfaces.preview import preview, preview_protocol
 from nanodb.interfaces.query_args import similar_query, words_query
+from nanodb.interfaces.stopping import StopOnSignals
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.pipeline.walk import RAW_PAIRS
@@ -294,10 +295,9 @@ async def run(args: argparse.Namespace) -> int:
         raw_pairs=args.raw_pairs,
     )
     db = await open_database(args, settings)
-    # SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is cancelled
-    # (in-flight batches dropped) and what was indexed is saved below.
-    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
-        asyncio.get_running_loop().add_signal_handler(stop_signal, asyncio.current_task().cancel)
+    # Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is
+    # cancelled (in-flight batches dropped) and what was indexed is saved below.
+    stop = StopOnSignals(asyncio.current_task())
     server = service = None
     uploads = contextlib.ExitStack()
     try:
@@ -331,6 +331,7 @@ async def run(args: argparse.Namespace) -> int:
                 print("nanodb: input ended; serving until Ctrl-C", file=sys.stderr)
                 await asyncio.to_thread(server.thread.join)
     finally:
+        stop.stopping = True  # a signal from now on cancels nothing: the save below goes on
         if service is not None:
             await service.stop()
         if server is not None:
@@ -340,4 +341,5 @@ async def run(args: argparse.Namespace) -> int:
             db.save()
             print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
         db.close()
+        stop.exit_if_stopped()
     return 0

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TextIO
 
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion, PathCompleter, WordCompleter
 from prompt_toolkit.document import Document
@@ -21,6 +22,7 @@ from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.query_args import is_combined_query, similar_query, unquote
+from nanodb.interfaces.stopping import clear_line, wait_showing_progress
 from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
 from nanodb.search.query import is_image_reference, is_url, unquoted
@@ -37,13 +39,15 @@ commands:
   scan PATH            scan a folder or file in the background
   status               what ingestion is doing: files done/total, images/s, errors, ETA, queues
   pause / resume       pause or resume ingestion (scans and watches); queries keep working
-  wait                 wait until the running scans are done
+  wait                 wait until the running scans are done, showing their progress (Ctrl-C: stop, save, quit)
+  cancel / stop        stop the running scans, keeping what they indexed (unsaved until save or exit)
   save                 save the database now
   validate             check that every stored vector finds itself first
   clear                clear the screen
   help                 this text
   exit                 save and quit (also Ctrl-D)"""
 
+MODEL_NOTE_AFTER_S = 1.0  # a query still waiting this long for the model's load says so
 RESULT_LINE = re.compile(r"^(\* index=\d+  )(.*)(  similarity=)(-?\d+\.\d+)$")
 VIEWER_WAIT_S = 3.0  # how long `open` waits for xdg-open (or macOS open) to say it found no application
 
@@ -136,6 +140,7 @@ class Console:
         self.opener = opener
         self.exited = False  # `exit` typed, rather than the end of input
         self._clear: Callable[[], None] | None = None
+        self._terminal: TextIO | None = None  # where `wait` draws its progress line (None: read from a pipe)
 
     @property
     def service(self) -> IngestService:
@@ -167,8 +172,7 @@ class Console:
         session = None
 
         def toolbar() -> str:
-            width = session.app.output.get_size().columns if session else 80
-            return progress_line(self.db, self.service.status(), width)
+            return self._progress(session.app.output.get_size().columns if session else 80)
 
         session = PromptSession(
             history=history, completer=ConsoleCompleter(), auto_suggest=AutoSuggestFromHistory(),
@@ -183,6 +187,7 @@ class Console:
         from prompt_toolkit.shortcuts import clear
 
         session = self.session(**io)
+        self._terminal = sys.__stdout__ if not io else None
         output = io.get("output")
         write, self.write = self.write, lambda line: print_formatted_text(styled(line), output=output)
         self._clear = clear if output is None else None
@@ -271,8 +276,22 @@ class Console:
         self.write("ingestion resumed")
 
     async def do_wait(self, rest: str) -> None:
-        await self.service.wait_scans()
+        if self._terminal is None:  # read from a pipe: no progress line to draw
+            await self.service.wait_scans()
+        else:  # a scan's summary, written meanwhile, replaces the progress line
+            write, self.write = self.write, lambda line: (clear_line(self._terminal), write(line))
+            try:
+                await wait_showing_progress(self.service.wait_scans(), self._progress, self._terminal)
+            finally:
+                self.write = write
         self.write(self.service.status())
+
+    async def do_cancel(self, rest: str) -> None:
+        stopped = await self.service.cancel_scans()
+        for path, report in stopped:
+            self.write(f"cancelled the scan of {path}: {report.summary()}")
+        unsaved = f"; {self.db.unsaved} unsaved (`save` or `exit` saves them)" if self.db.unsaved else ""
+        self.write(("no scan is running" if not stopped else "scans stopped") + unsaved)
 
     async def do_scan(self, rest: str) -> None:
         if not rest:
@@ -299,7 +318,8 @@ class Console:
     # The commands by their first word (`help` lists them); any other line is a query (see `_query`).
     COMMANDS = {
         "similar": do_similar, "open": do_open, "scan": do_scan, "status": do_status, "pause": do_pause,
-        "resume": do_resume, "wait": do_wait, "save": do_save, "validate": do_validate, "clear": do_clear,
+        "resume": do_resume, "wait": do_wait, "cancel": do_cancel, "stop": do_cancel, "save": do_save,
+        "validate": do_validate, "clear": do_clear,
         "help": do_help, "exit": do_exit, "quit": do_exit,
     }
 
@@ -317,8 +337,15 @@ class Console:
         else:
             await self._search(line)
 
+    def _progress(self, width: int) -> str:
+        return progress_line(self.db, self.service.status(), width)
+
     async def _search(self, query=None, **named) -> None:
-        results = await asyncio.to_thread(lambda: self.db.search(query, self.k, **named))
+        search = asyncio.ensure_future(asyncio.to_thread(lambda: self.db.search(query, self.k, **named)))
+        await asyncio.wait({search}, timeout=MODEL_NOTE_AFTER_S)
+        if not search.done() and self.db.model_loading_for is not None:  # started by this query or a scan
+            self.write(f"loading the model {self.db.spec.name}: the first query waits for it…")
+        results = await search
         if not results:
             self.write("no results: the database is empty" if len(self.db) == 0 else "no results")
         for r in results:

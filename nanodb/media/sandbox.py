@@ -15,6 +15,7 @@ thumbnails and query images.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import resource
@@ -69,6 +70,26 @@ def exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def ignore_terminal_interrupt() -> None:
+    """In a worker's initializer: a Ctrl-C typed at the terminal reaches every process of its group;
+    the parent decides what it means (stop and save), the worker must not die of it mid-file."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def interrupt_blocked_in_children():
+    """Start worker processes inside this: the calling thread blocks SIGINT meanwhile, and the processes
+    (and threads) it starts inherit the block, so a Ctrl-C before a worker's initializer has run
+    (`ignore_terminal_interrupt`) cannot kill it either. Only this thread's mask changes: a SIGINT
+    arriving meanwhile goes to another thread of the process, as usual."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def limit_this_process(limits: DecodeLimits) -> None:
     """In a worker's initializer: let SIGALRM end the process (run_limited sets the alarm), and cap the
     memory it may allocate at `limits.memory_mb` above what it holds now (RLIMIT_DATA: the heap and
@@ -86,6 +107,7 @@ def limit_this_process(limits: DecodeLimits) -> None:
 
 
 def _init_sandbox_worker(limits: DecodeLimits, parent: int) -> None:
+    ignore_terminal_interrupt()
     exit_with_parent(parent)
     limit_this_process(limits)
 
@@ -129,7 +151,9 @@ def start_worker(limits: DecodeLimits) -> Executor:
 
     worker = ProcessPoolExecutor(1, initializer=_init_sandbox_worker, initargs=(limits, os.getpid()))
     try:
-        worker.submit(_ready).result()
+        with interrupt_blocked_in_children():
+            started = worker.submit(_ready)
+        started.result()
     except BaseException:
         worker.shutdown(wait=False, kill_workers=True)
         raise
@@ -154,7 +178,8 @@ class DecodeSandbox:
         try:
             if worker is None:
                 worker = start_worker(self.limits)
-            future = worker.submit(run_limited, self.limits, fn, *args)
+            with interrupt_blocked_in_children():  # a worker that timed out idle starts again here
+                future = worker.submit(run_limited, self.limits, fn, *args)
             try:
                 return future.result(timeout=self.limits.seconds + KILL_GRACE_S)
             except (BrokenProcessPool, FutureTimeout) as e:

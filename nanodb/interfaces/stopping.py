@@ -1,0 +1,79 @@
+"""Stopping the program cleanly, whenever it is asked to: signals, and a `wait` that Ctrl-C ends.
+
+SIGINT (Ctrl-C), SIGTERM (a service manager, `kill`) and SIGHUP (a closed terminal) all mean: stop
+ingestion, save what was indexed, exit. Installed only by the command line's entry point (cli.run):
+a library call never touches a program's signal handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import TextIO
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CLEAR_TO_END = "\x1b[K"  # erase from the cursor to the end of the line
+
+
+class StopOnSignals:
+    """The first stop signal cancels `task` (the program, whose cleanup saves); a signal that comes
+    while it is stopping says so, and a third quits at once: the database keeps its last save (each
+    save is atomic), only what was indexed since is lost."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.stopping = False  # set by the program once its cleanup began: a signal then cancels nothing
+        self.received = 0
+        loop = asyncio.get_running_loop()
+        # signal.signal, not loop.add_signal_handler: prompt_toolkit's prompt saves and restores a
+        # handler set so, but removes the loop's SIGINT handler after each prompt (SIGINT then did nothing)
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, lambda signum, frame: loop.call_soon_threadsafe(self._on_signal, signum))
+
+    def exit_if_stopped(self) -> None:
+        """Once the program's cleanup is done (saved, closed): after a stop signal, exit now rather than
+        wait for a thread still inside a batch's inference or the model's load, whose result nothing
+        would keep."""
+        if self.received:
+            logging.shutdown()
+            for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            os._exit(0)
+
+    def _on_signal(self, signum: int) -> None:
+        self.received += 1
+        if not self.stopping:
+            self.stopping = True
+            self.task.cancel()
+            print("\nnanodb: stopping: saving what was indexed", file=sys.stderr)
+        elif self.received < 3:
+            print(f"nanodb: stopping: saving what was indexed ({signal.Signals(signum).name} once more "
+                  f"to quit without saving)", file=sys.stderr)
+        else:
+            os._exit(128 + signum)
+
+
+async def wait_showing_progress(waiting: Awaitable, line: Callable[[int], str], terminal: TextIO) -> None:
+    """Await `waiting` while `line(width)` is shown on the terminal's current line, redrawn in place. No
+    prompt reads keys meanwhile, so Ctrl-C is the terminal's SIGINT, the stop signal (the decode workers
+    ignore it: the program decides). Write other lines with `clear_line` first."""
+    waited = asyncio.ensure_future(waiting)
+    try:
+        while not waited.done():
+            terminal.write("\r" + line(shutil.get_terminal_size().columns - 1) + CLEAR_TO_END)
+            terminal.flush()
+            await asyncio.wait({waited}, timeout=0.5)
+    finally:
+        clear_line(terminal)
+    await waited
+
+
+def clear_line(terminal: TextIO) -> None:
+    terminal.write("\r" + CLEAR_TO_END)
+    terminal.flush()

@@ -1,0 +1,53 @@
+"""The model's load is visible: while it runs, the console's status line says so, and a query typed
+meanwhile says that it waits for the model, then answers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+
+import nanodb.database as database
+from nanodb.database import NanoDB
+from nanodb.interfaces.console import Console
+from nanodb.service import IngestService
+
+LIVENESS_S = 60  # the note and the answer come within a second or two; past this, they never will
+
+
+def test_status_and_a_query_during_the_model_load_say_it_is_loading(scanned_db, tmp_path, monkeypatch):
+    path, _ = scanned_db
+    shutil.copytree(path, tmp_path / "db")
+    real_load, released = database.load_model, threading.Event()
+
+    def held_load(config):  # the load lasts until the test has seen what the console shows meanwhile
+        assert released.wait(LIVENESS_S), "the test never released the load"
+        return real_load(config)
+
+    monkeypatch.setattr(database, "load_model", held_load)
+
+    async def session() -> list[str]:
+        lines: list[str] = []
+        with NanoDB(tmp_path / "db", config="test", read_only=True) as db:
+            service = IngestService(db)
+            console = Console(db, 3, lines.append, service=service)
+            loading = asyncio.ensure_future(asyncio.to_thread(lambda: db.model))  # as a scan's first batch does
+            deadline = time.monotonic() + LIVENESS_S
+            while db.model_loading_for is None:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert service.status().startswith("loading the model ViT-S-32 (")
+            query = asyncio.ensure_future(console.execute('"a red car"'))
+            while not any("loading the model" in line for line in lines):
+                assert time.monotonic() < deadline and not query.done(), lines
+                await asyncio.sleep(0.05)
+            released.set()
+            await asyncio.wait_for(asyncio.gather(loading, query), LIVENESS_S)
+            assert "loading the model" not in service.status()
+            await service.stop()
+        return lines
+
+    lines = asyncio.run(session())
+    assert lines[0] == "loading the model ViT-S-32: the first query waits for it…"
+    assert len(lines) == 4 and all(line.startswith("* index=") for line in lines[1:]), lines

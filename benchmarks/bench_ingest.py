@@ -4,6 +4,8 @@
    batches of 32) against NanoDB.scan through the Python API with the model loaded, for each
    precision/backend, interleaved over --rounds in one run; images/s, ratio to the loop of the same
    round, and the cosine of each scan's vectors to the loop's float32 vectors for the same files.
+   The N photos are half COCO, half ImageNet; the int8 rows' warm-up scan is a folder of face photos,
+   so their tower is calibrated on faces only (in a model cache of this run's own).
 
 1. model-only: the CLIP stage alone on pre-decoded pixels at the production batch size;
 2. pipeline:   NanoDB.scan (walk -> decode pool -> CLIP stage -> appender), pool and model warm;
@@ -45,6 +47,8 @@ from nanodb import NanoDB  # noqa: E402
 
 DATA = SHARED / "caltech101"
 COCO = SHARED / "coco-val2017" / "images"
+IMAGENET = SHARED / "imagenet-sample" / "images"
+FACES = SHARED / "caltech101" / "Faces"
 # (precision, backend, decode workers or 0 for one per core) of each NanoDB.scan row of --compare
 SCAN_CONFIGS = [
     ("float32", "torch", 0), ("bfloat16", "torch", 0), ("float32", "openvino", 0),
@@ -115,11 +119,16 @@ def openclip_loop(model, preprocess, files: list[str], batch: int = 32) -> tuple
 
 def compare(args, tmp: Path) -> None:
     """Table 0: the float32 open_clip loop against NanoDB.scan per precision/backend, interleaved."""
+    from nanodb.pipeline.fidelity import SPREAD_IMAGES
+
     from nanodb.model.clip import ModelConfig, ModelSpec, load_model
 
-    photos = sorted(str(p) for p in COCO.glob("*.jpg"))
-    chosen, spare = photos[: args.compare], photos[args.compare :][:16]
-    folder, warmup = link_tree(chosen, tmp / "compare", prefix=False), link_tree(spare, tmp / "compare-warmup")
+    os.environ["NANODB_CACHE"] = str(tmp / "model-cache")  # the int8 tower calibrated in this run, on faces
+    coco, imagenet = sorted(map(str, COCO.glob("*.jpg"))), sorted(map(str, IMAGENET.glob("*")))
+    chosen = coco[: args.compare // 2] + imagenet[: args.compare - args.compare // 2]
+    folder, warmup = link_tree(chosen, tmp / "compare", prefix=False), link_tree(coco[-16:], tmp / "compare-warmup")
+    faces = link_tree(sorted(map(str, FACES.glob("*.jpg")))[:SPREAD_IMAGES], tmp / "faces")  # calibrate int8 here
+    int8_summaries = []
     by_name = {Path(f).name: i for i, f in enumerate(chosen)}
     folder_paths = {str(p) for p in folder.iterdir()}
     reference = load_model(ModelConfig(ModelSpec(args.model, "none"), "cpu", "float32", "torch"))  # the loop's own model
@@ -129,16 +138,18 @@ def compare(args, tmp: Path) -> None:
     for r in range(args.rounds):
         rate, ref_vectors = openclip_loop(reference.model, reference.preprocess, chosen)
         rates.setdefault("open_clip float32 loop (preprocess + encode_image, batch 32)", []).append(rate)
-        for precision, backend, workers in SCAN_CONFIGS:
+        for precision, backend, workers in [c for c in SCAN_CONFIGS if not args.scans or f"{c[0]}/{c[1]}" in args.scans]:
             opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers,
                         follow_symlinks=True)  # trees of links to the data
             with NanoDB(tmp / f"db-{precision}-{backend}-{workers}-{r}", args.model, **opts) as db:
                 _ = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
-                db.scan(warmup)  # starts the decode workers
+                db.scan(faces if precision == "int8" else warmup)  # starts the decode workers
                 start = time.perf_counter()
                 report = db.scan(folder)
                 rate = (report.added + report.updated) / (time.perf_counter() - start)
                 name = f"NanoDB.scan {db.model.precision_id}, {db.settings.decode_workers} decode workers"
+                if precision == "int8":
+                    int8_summaries.append(report.summary())
                 rates.setdefault(name, []).append(rate)
                 rows = {by_name[Path(p).name]: i for i in range(len(db.vectors)) if (p := db.path_of(i)) in folder_paths}
                 order = sorted(rows)
@@ -146,12 +157,14 @@ def compare(args, tmp: Path) -> None:
                 cosines[name] = np.sum(v * ref_vectors[order], axis=1) / np.linalg.norm(v, axis=1)
         print(f"  round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     loop = np.median(next(iter(rates.values())))
-    print(f"\n{args.model}, random weights, cpu, {len(chosen)} COCO photos, median of {args.rounds} interleaved rounds")
+    print(f"\n{args.model}, random weights, cpu, {len(chosen)} COCO and ImageNet photos (int8: calibrated on "
+          f"{len(list(faces.iterdir()))} face photos), median of {args.rounds} interleaved rounds")
     print("| run | images/s (each round) | vs float32 loop | cosine to loop, min / mean |\n|---|---:|---:|---:|")
     for name, values in rates.items():
         cos = f"{cosines[name].min():.4f} / {cosines[name].mean():.5f}" if name in cosines else "(reference)"
         each = ", ".join(f"{v:.1f}" for v in values)
         print(f"| {name} | {np.median(values):.1f} ({each}) | {np.median(values) / loop:.2f}x | {cos} |")
+    print("\n".join(f"int8 scan: {line}" for line in int8_summaries))
 
 
 def peak_rss_of_scan(tree: Path, db_path: Path, model_args: list[str]) -> tuple[float, float, float]:
@@ -188,6 +201,8 @@ def main() -> None:
     p.add_argument("--compare", type=int, default=0, metavar="N",
                    help="the float32 open_clip loop vs NanoDB.scan per precision on N COCO photos (0 = skip)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --compare")
+    p.add_argument("--scans", nargs="*", default=[], metavar="PRECISION/BACKEND",
+                   help="the NanoDB.scan rows of --compare, e.g. int8/openvino (default: all)")
     p.add_argument("--rescan", action="store_true", help="time a first scan of --data, then a rescan")
     p.add_argument("--rescan-model", default=None, help="model for --rescan (default --model)")
     p.add_argument("--rss-trees", type=int, nargs="*", default=[], metavar="N",

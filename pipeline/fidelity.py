@@ -20,6 +20,8 @@ import numpy as np
 from nanodb.pipeline.decode import DecodedImage
 from nanodb.pipeline.sink import EmbeddingModel
 
+from nanodb.media.paths import printable
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_IMAGES = 64
@@ -134,7 +136,7 @@ class QuantizedEmbedding:
             return self._release()
         redone = self._reembed(reference)
         self.report.int8_check(len(batch), float(cosines[worst]), redone)
-        self._after_a_miss(batch[worst].record.path, float(cosines[worst]), redone, pixels)
+        self._after_a_miss(printable(batch[worst].record.path), float(cosines[worst]), redone, pixels)
         return self._release()
 
     def _release(self) -> list[tuple[Batch, np.ndarray]]:

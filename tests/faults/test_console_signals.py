@@ -30,9 +30,9 @@ from helpers.killharness import image_folder, live_paths, run_to_end, write_conf
 from nanodb.database import NanoDB
 from nanodb.storage.format import MANIFEST
 
-PHOTOS = 300  # a scan still running when the stop comes, seconds after the prompt
 STARTUP_BOUND_S = 180  # the prompt appears (imports, opening the database): seconds on a loaded CI machine
 STOP_BOUND_S = 45  # from the stop to the exit: a few seconds normally; past this it hung
+EMBEDDING = re.compile(rb"(?<![\d.])(?:[1-9]\d*\.\d|0\.[1-9]) images/s")  # a progress line's rate above 0
 SAVED = re.compile(r"saved (?:\S+: )?(\d+) items?\b")  # the console's "saved N items to DB", -v's "saved DB: N items"
 # At the prompt, Ctrl-C (and a SIGINT, which prompt_toolkit turns into it) clears the line being typed, as
 # in a shell; while a command runs (`wait`), it stops the program. SIGTERM stops it at any moment.
@@ -112,12 +112,14 @@ class TerminalConsole:
         return self.stderr.read_text(errors="replace")
 
 
-def stop_once(stop: str, console: TerminalConsole, delay: float) -> None:
-    """Stop the scanning console `delay` seconds from now, in the way `stop` names."""
+def stop_once(stop: str, console: TerminalConsole, delay: float, after_embedding: bool = False) -> None:
+    """Stop the scanning console `delay` seconds from now (or from when `wait` shows that images were
+    embedded, `after_embedding`), in the way `stop` names."""
     if stop.endswith("during wait"):
         shown = len(console.screen)
         console.type("wait\r")
-        while b"\r\xe2\x96" not in console.screen[shown:]:  # `wait` draws its progress bar (█ or ░)
+        while not (b"\r\xe2\x96" in console.screen[shown:]  # `wait` draws its progress bar (█ or ░) ...
+                   and (not after_embedding or EMBEDDING.search(console.screen[shown:]))):  # ... and its rate
             assert console.poll() is None and time.monotonic() - console.started < STARTUP_BOUND_S, console.log()
             time.sleep(0.05)
     time.sleep(delay)
@@ -136,14 +138,15 @@ def stop_once(stop: str, console: TerminalConsole, delay: float) -> None:
         console.type("exit\r")
 
 
-def run_and_stop(args: list[str], log: Path, stop: str, delay: float, at_prompt: bool = True) -> tuple[str, float]:
+def run_and_stop(args: list[str], log: Path, stop: str, delay: float, at_prompt: bool = True,
+                 after_embedding: bool = False) -> tuple[str, float]:
     """One console run stopped by `stop` `delay` seconds after its prompt shows (or after it starts):
     (its stderr, seconds from the stop to its exit)."""
     console = TerminalConsole(args, log)
     try:
         if at_prompt:
             console.wait_for(">", bound=STARTUP_BOUND_S)  # the prompt (drawn with escapes around it)
-        stop_once(stop, console, delay)
+        stop_once(stop, console, delay, after_embedding)
         workers = psutil.Process(console.pid).children(recursive=True) if console.poll() is None else []
         seconds = console.wait(STOP_BOUND_S)
     finally:
@@ -174,9 +177,12 @@ def check_saved(db_path: Path, log: str, before: int, folder: set[str]) -> int:
         return len(db)
 
 
-def stop_scans_at_random(tmp_path: Path, stops: list[str], seed: int) -> list[str]:
+def stop_scans_at_random(tmp_path: Path, stops: list[str], seed: int, photos: int, max_delay: float,
+                         after_embedding: bool = False) -> list[str]:
+    """Each stop `0..max_delay` seconds after the prompt (or after the first images are embedded), while
+    a scan of `photos` runs; every other trial on a new database."""
     rng = random.Random(seed)
-    folder = set(image_folder(tmp_path / "photos", PHOTOS))
+    folder = set(image_folder(tmp_path / "photos", photos))
     config = write_config(tmp_path / "console.yaml")
     db_path = tmp_path / "db"
     args = ["--path", str(db_path), "--config", str(config), "--follow-symlinks", "--scan", str(tmp_path / "photos")]
@@ -186,10 +192,11 @@ def stop_scans_at_random(tmp_path: Path, stops: list[str], seed: int) -> list[st
             shutil.rmtree(db_path, ignore_errors=True)
             held = 0
         at_prompt = not stop.endswith("before the prompt")
-        delay = rng.uniform(0.0, 6.0 if at_prompt else 15.0)
-        log, seconds = run_and_stop(args, tmp_path / f"run{trial}.log", stop, delay, at_prompt)
+        delay = rng.uniform(0.0, max_delay if at_prompt else 15.0)
+        log, seconds = run_and_stop(args, tmp_path / f"run{trial}.log", stop, delay, at_prompt,
+                                    after_embedding or rng.random() < 0.5)
         held = check_saved(db_path, log, held, folder)
-        after = "the prompt" if at_prompt else "the start"
+        after = "the prompt (or the first embedding)" if at_prompt else "the start"
         outcomes.append(f"{stop} {delay:.1f} s after {after}: exited {seconds:.1f} s later, {held} items saved")
     final = run_to_end(args, tmp_path / "final.log")  # stdin is no terminal: the scan ends, then the console
     assert final.returncode == 0, final.log[-3000:]
@@ -200,11 +207,12 @@ def stop_scans_at_random(tmp_path: Path, stops: list[str], seed: int) -> list[st
 
 @pytest.mark.timeout(600)
 def test_ctrl_c_during_wait_and_sigint_to_the_group_save_and_exit(tmp_path):
-    stop_scans_at_random(tmp_path, ["ctrl-c during wait", "sigint to the group during wait"], seed=1)
+    stop_scans_at_random(tmp_path, ["ctrl-c during wait", "sigint to the group during wait"], seed=1,
+                         photos=160, max_delay=1.0, after_embedding=True)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_every_stop_at_random_moments_of_a_scan(tmp_path):
     rng = random.Random(21)
-    stop_scans_at_random(tmp_path, [rng.choice(STOPS) for _ in range(24)], seed=21)
+    stop_scans_at_random(tmp_path, [rng.choice(STOPS) for _ in range(24)], seed=21, photos=800, max_delay=3.0)

@@ -83,9 +83,10 @@ def build_ui(service: SearchService) -> gr.Blocks:
                 elem_id="results", interactive=False, buttons=[], show_label=False,
             ),
             lightbox=lightbox_layout(),
-            # held by the browser, set together with the tiles when a search's results are shown:
+            # held by the browser; `shown` and `last` are set with the tiles when a search's results are shown
             shown=gr.JSON([], visible=False),  # [item index, similarity, copies] of each tile
-            position=gr.Number(0, precision=0, visible=False),  # the tile shown in the lightbox
+            position=gr.Number(0, precision=0, visible=False),  # the tile the lightbox shows
+            viewing=gr.Number(None, precision=0, visible=False),  # its item, which "similar to this" searches by
             last=gr.JSON(None, visible=False),  # the request whose results are shown, rerun when an option changes
             request=gr.JSON(None, visible=False),  # the latest search the browser asked for, numbered
             answer=gr.JSON(None, visible=False),  # a search's answer, shown only if still the latest
@@ -166,6 +167,7 @@ class Page:
     lightbox: Lightbox
     shown: gr.JSON
     position: gr.Number
+    viewing: gr.Number
     last: gr.JSON
     request: gr.JSON
     answer: gr.JSON
@@ -180,7 +182,8 @@ def wire_search(page: Page, events: SearchEvents) -> None:
     page.query.input(None, page.query, js=assets.REQUEST_TYPED, **ask)
     page.query.submit(None, page.query, js=assets.REQUEST_TEXT, **ask)
     page.image.change(None, page.image, js=assets.REQUEST_IMAGE, **ask)
-    page.lightbox.similar_button.click(None, [page.shown, page.position], js=assets.REQUEST_SIMILAR, **ask)
+    page.lightbox.similar_button.click(None, page.viewing, js=assets.REQUEST_SIMILAR,
+                                       **ask | {"outputs": [page.request, page.lightbox.column]})
     options = page.options
     rerun = [options["k"].release, options["min_similarity"].release, options["collapse"].input]
     for f in Filters.described():  # a typed filter is searched when done typing; a picked one at once
@@ -189,7 +192,7 @@ def wire_search(page: Page, events: SearchEvents) -> None:
     answered = page.request.change(events.search, [page.request, page.image], [page.answer_tiles, page.answer],
                                    inputs_kwargs=options, trigger_mode="always_last", show_progress="hidden")
     answered.success(None, [page.answer, page.answer_tiles], [page.gallery, page.shown, page.status, page.last,
-                     page.query, page.lightbox.column], js=assets.SHOW_RESULTS, show_progress="hidden", queue=False)
+                     page.query], js=assets.SHOW_RESULTS, show_progress="hidden", queue=False)
     # the same searches for scripts (gradio_client, /gradio_api/call/...), by text or by an uploaded image
     scripts = gr.Button(visible=False)
     scripts.click(events.on_text, page.query, [page.answer_tiles, page.answer], inputs_kwargs=options)
@@ -199,9 +202,10 @@ def wire_search(page: Page, events: SearchEvents) -> None:
 def wire_lightbox(page: Page, events: SearchEvents) -> None:
     """A click on a tile opens the lightbox; previous, next and close act in it ("similar to this": a search)."""
     box, quiet = page.lightbox, {"show_progress": "hidden"}
-    page.gallery.select(events.on_select, [page.shown], [box.column, box.view, page.position], **quiet)
-    box.prev_button.click(events.step(-1), [page.shown, page.position], [box.view, page.position], **quiet)
-    box.next_button.click(events.step(1), [page.shown, page.position], [box.view, page.position], **quiet)
+    shows = [box.view, page.position, page.viewing]
+    page.gallery.select(events.on_select, [page.shown], [box.column, *shows], **quiet)
+    box.prev_button.click(events.step(-1), [page.shown, page.position], shows, **quiet)
+    box.next_button.click(events.step(1), [page.shown, page.position], shows, **quiet)
     box.close_button.click(lambda: gr.Column(visible=False), None, box.column, **quiet)
 
 
@@ -288,16 +292,16 @@ class SearchEvents:
     def on_select(self, shown, evt: gr.SelectData, request: gr.Request):
         tiles = tiles_of(shown)
         if evt.index is None or not 0 <= evt.index < len(tiles):
-            return gr.skip(), gr.skip(), gr.skip()
-        return gr.Column(visible=True), self.lightbox_html(tiles, evt.index, request), evt.index
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return gr.Column(visible=True), self.lightbox_html(tiles, evt.index, request), evt.index, tiles[evt.index][0]
 
     def step(self, by: int):
         def move(shown, at, request: gr.Request):
             tiles = tiles_of(shown)
             if not tiles:
-                return gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
             at = (int(at or 0) + by) % len(tiles)
-            return self.lightbox_html(tiles, at, request), at
+            return self.lightbox_html(tiles, at, request), at, tiles[at][0]
         return move
 
     def lightbox_html(self, tiles, at, request: gr.Request | None) -> str:

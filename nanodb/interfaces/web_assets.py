@@ -60,13 +60,15 @@ REQUEST_TEXT = f"""(text) => [{{seq: {_NEXT}, kind: "text", text}}]"""
 REQUEST_IMAGE = f"""(image) => image ? [{{seq: {_NEXT}, kind: "image"}}] : []"""
 # An option changed: the search shown, again (`last` is the request that gave it).
 REQUEST_AGAIN = f"""(last) => last ? [{{...last, seq: {_NEXT}}}] : []"""
-REQUEST_SIMILAR = f"""(shown, at) => shown && shown[at] ? [{{seq: {_NEXT}, kind: "item", index: shown[at][0]}}] : []"""
+# "Similar to this": the item the lightbox shows (even if other results came meanwhile); the lightbox closes.
+REQUEST_SIMILAR = f"""(item) => item != null ?
+  [{{seq: {_NEXT}, kind: "item", index: item}}, {{__type__: "update", visible: false}}] : []"""
 
 # After each search: its answer shown (the tiles, what they are, the request to rerun, the text box's
-# label; the lightbox, showing one of the old tiles, closed), unless a later search has started since.
+# label), unless a later search has started since.
 SHOW_RESULTS = """(answer, tiles) => {
   if (!answer || answer.seq !== window.nanodbSeq) return [];
   if (answer.failed) return [undefined, undefined, answer.status];
   return [{__type__: "update", value: tiles, selected_index: null}, answer.shown, answer.status, answer.last,
-          {__type__: "update", label: answer.label}, {__type__: "update", visible: false}];
+          {__type__: "update", label: answer.label}];
 }"""

@@ -78,12 +78,23 @@ def open_filters(page) -> None:
 
 
 def set_results(page, k: int) -> None:
+    """Type k in the number box of "Results", until the slider has taken it (a number typed while the
+    just opened accordion still renders its sliders can be lost)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
     open_filters(page)
     box = page.locator("#k input[type=number]")
-    box.fill(str(k))
-    box.press("Enter")
-    # the slider takes the number on Enter, asynchronously: a search sent before that would use the old k
-    page.wait_for_function(f"() => document.querySelector('#k input[type=range]')?.value === '{k}'")
+    for attempt in range(3):
+        box.fill(str(k))
+        box.press("Enter")
+        # the slider takes the number on Enter, asynchronously: a search sent before that would use the old k
+        try:
+            page.wait_for_function(f"() => document.querySelector('#k input[type=range]')?.value === '{k}'",
+                                   timeout=10_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt == 2:
+                raise
 
 
 def tiles(page):

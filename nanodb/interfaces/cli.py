@@ -294,10 +294,11 @@ async def run(args: argparse.Namespace) -> int:
         precision=args.precision, backend=args.backend, follow_symlinks=args.follow_symlinks,
         raw_pairs=args.raw_pairs,
     )
-    db = await open_database(args, settings)
     # Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is
-    # cancelled (in-flight batches dropped) and what was indexed is saved below.
+    # cancelled (in-flight batches dropped) and what was indexed is saved below. Set before the database
+    # opens (a new one loads the model): a signal meanwhile stops the program at its first wait.
     stop = StopOnSignals(asyncio.current_task())
+    db = await open_database(args, settings)
     server = service = None
     uploads = contextlib.ExitStack()
     try:

@@ -29,11 +29,12 @@ class StopOnSignals:
         self.task = task
         self.stopping = False  # set by the program once its cleanup began: a signal then cancels nothing
         self.received = 0
-        loop = asyncio.get_running_loop()
-        # signal.signal, not loop.add_signal_handler: prompt_toolkit's prompt saves and restores a
-        # handler set so, but removes the loop's SIGINT handler after each prompt (SIGINT then did nothing)
+        self._loop = asyncio.get_running_loop()
+        # signal.signal, not loop.add_signal_handler: prompt_toolkit's prompt saves and restores a handler
+        # set so, but removes the loop's SIGINT handler after each prompt (SIGINT then did nothing). And it
+        # runs even while the loop is blocked (a save), so a third signal can always quit.
         for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, lambda signum, frame: loop.call_soon_threadsafe(self._on_signal, signum))
+            signal.signal(stop_signal, self._on_signal)
 
     def exit_if_stopped(self) -> None:
         """Once the program's cleanup is done (saved, closed): after a stop signal, exit now rather than
@@ -46,17 +47,24 @@ class StopOnSignals:
                     stream.flush()
             os._exit(0)
 
-    def _on_signal(self, signum: int) -> None:
+    def _on_signal(self, signum: int, frame) -> None:
         self.received += 1
         if not self.stopping:
             self.stopping = True
-            self.task.cancel()
-            print("\nnanodb: stopping: saving what was indexed", file=sys.stderr)
+            self._loop.call_soon_threadsafe(self.task.cancel)
+            _say("\nnanodb: stopping: saving what was indexed")
         elif self.received < 3:
-            print(f"nanodb: stopping: saving what was indexed ({signal.Signals(signum).name} once more "
-                  f"to quit without saving)", file=sys.stderr)
+            _say(f"nanodb: stopping: saving what was indexed ({signal.Signals(signum).name} once more to quit "
+                 f"without saving)")
         else:
             os._exit(128 + signum)
+
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler: straight to the descriptor, as sys.stderr may be in the
+    middle of a write that the signal interrupted."""
+    with contextlib.suppress(OSError):
+        os.write(2, (line + "\n").encode())
 
 
 async def wait_showing_progress(waiting: Awaitable, line: Callable[[int], str], terminal: TextIO) -> None:

@@ -47,7 +47,8 @@ class TerminalConsole:
     def __init__(self, args: list[str], stderr: Path):
         self.stderr = stderr
         env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "TERM": "xterm",
-               "PROMPT_TOOLKIT_NO_CPR": "1"}  # this terminal answers no cursor position request
+               "PROMPT_TOOLKIT_NO_CPR": "1",  # this terminal answers no cursor position request
+               "PYTHONFAULTHANDLER": "1"}  # end_stuck's SIGABRT writes the stacks to the log
         command = [sys.executable, "-m", "nanodb", "-v", *args]
         pid, self.fd = pty.fork()
         if pid == 0:  # the child: nothing but exec (the test process has threads)
@@ -80,8 +81,9 @@ class TerminalConsole:
         """Until the terminal shows one of `texts`."""
         deadline = time.monotonic() + bound
         while not any(text.encode() in self.screen for text in texts):
-            assert self.poll() is None, f"ended before showing {texts}: {self.log()[-3000:]}"
-            assert time.monotonic() < deadline, f"never showed {texts}: {self.log()[-3000:]}"
+            assert self.poll() is None, f"ended before showing {texts}: {self.log()[-3000:]}\n{self.text()}"
+            if time.monotonic() > deadline:
+                pytest.fail(f"never showed {texts}: {self.end_stuck()}")
             time.sleep(0.05)
 
     def type(self, keys: str) -> None:
@@ -99,14 +101,24 @@ class TerminalConsole:
         t0 = time.monotonic()
         while self.poll() is None:
             if time.monotonic() - t0 > bound:
-                os.kill(self.pid, signal.SIGKILL)
-                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-                screen = bytes(self.screen[-1500:]).decode(errors="replace")
-                pytest.fail(f"still running {bound:.0f} s after the stop (hung): {self.log()[-3000:]}\n{screen}")
+                pytest.fail(f"still running {bound:.0f} s after the stop (hung): {self.end_stuck()}")
             time.sleep(0.05)
         self._reader.join(5)
         os.close(self.fd)
         return time.monotonic() - t0
+
+    def end_stuck(self) -> str:
+        """End a stuck run with SIGABRT, whose faulthandler writes every thread's stack to its log; the
+        log's end and the terminal's."""
+        os.kill(self.pid, signal.SIGABRT)
+        time.sleep(3)
+        os.kill(self.pid, signal.SIGKILL)
+        self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return f"{self.log()[-6000:]}\n{self.text()}"
+
+    def text(self) -> str:
+        """The terminal's last output, without its escape sequences."""
+        return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", bytes(self.screen[-6000:]).decode(errors="replace"))[-2000:]
 
     def log(self) -> str:
         return self.stderr.read_text(errors="replace")
@@ -126,7 +138,12 @@ def stop_once(stop: str, console: TerminalConsole, delay: float, after_embedding
     if stop == "ctrl-c during wait":
         console.type("\x03")
     elif stop.startswith("sigint to the group"):
+        at_the_prompt = stop.endswith("before the prompt") and b">" in console.screen  # it came up meanwhile
         os.killpg(console.pid, signal.SIGINT)  # what the terminal does with Ctrl-C outside the prompt
+        if at_the_prompt:  # there, as Ctrl-C, it clears the line and the console goes on
+            time.sleep(1.0)
+            assert console.poll() is None, f"a Ctrl-C at the prompt ended the console: {console.log()[-3000:]}"
+            console.type("exit\r")
     elif stop.startswith("sigterm"):
         os.kill(console.pid, signal.SIGTERM)
     elif stop == "exit":
@@ -156,6 +173,8 @@ def run_and_stop(args: list[str], log: Path, stop: str, delay: float, at_prompt:
     for worker in alive:
         worker.kill()
     text = console.log()
+    if not text and console.returncode == -signal.SIGTERM:
+        return text, seconds  # SIGTERM's default action, before the program began (while Python imported it)
     assert console.returncode in (0, 130), f"{stop}: exit status {console.returncode}: {text[-3000:]}"
     assert "Traceback" not in text and "exception was never retrieved" not in text, f"{stop}: {text[-4000:]}"
     assert not alive, f"{stop}: {len(alive)} decode worker(s) outlived the console"

@@ -50,10 +50,14 @@ PROBES = (
 )
 
 
-def export_folder(spec: ModelSpec, openvino_version: str) -> Path:
-    """Where the text-tower export of `spec` for this nanodb and OpenVINO version lies (or would)."""
+def export_folder(spec: ModelSpec, openvino_version: str) -> Path | None:
+    """Where the text-tower export of `spec` for this nanodb and OpenVINO version lies (or would); None
+    for a checkpoint file that is not there (loading the model then says so)."""
     if spec.is_file:  # not its digest: hashing the file would cost the time saved
-        st = os.stat(spec.pretrained)
+        try:
+            st = os.stat(spec.pretrained)
+        except OSError:
+            return None
         weights = f"file:{spec.pretrained}:{st.st_size}:{st.st_mtime_ns}"
     else:
         weights = spec.weights_id
@@ -151,6 +155,8 @@ def load_text_tower(spec: ModelSpec, weights_id: str) -> ExportedTextTower | Non
     except ImportError:
         return None
     folder = export_folder(spec, ov.__version__)
+    if folder is None:
+        return None
     if folder not in _towers and folder not in _failed and (folder / "meta.json").is_file():
         try:
             _towers[folder] = ExportedTextTower(folder)
@@ -172,6 +178,8 @@ def export_text_tower(clip: ClipModel) -> Path | None:
     if not _exportable(clip):
         return None
     folder = export_folder(clip.spec, ov.__version__)
+    if folder is None:
+        return None
     if (folder / "meta.json").is_file():
         return folder
     failed = folder.with_name(folder.name + ".failed")  # why it could not be made: not tried again

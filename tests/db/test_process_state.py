@@ -38,8 +38,8 @@ def test_a_compaction_waits_for_a_running_web_search(tmp_path):
         real_search = index.search
         compaction = threading.Thread(target=lambda: (db.forget(paths[::2]), db.save()))
 
-        def search_then_compact(queries, k):
-            found = real_search(queries, k)
+        def search_then_compact(queries, k, **options):
+            found = real_search(queries, k, **options)
             compaction.start()
             compaction.join(1.0)  # a compaction that can run now renumbers the rows under this search
             return found

@@ -154,7 +154,9 @@ class ImageDecodePool:
         try:
             with sandbox.interrupt_blocked_in_children():  # a worker that timed out idle starts again here
                 future = executor.submit(_decode_in_worker, path)
-            return await asyncio.wrap_future(future)
+            # shielded: a cancelled scan leaves the pool's future alone (close() ends the work), as loky's
+            # shutdown, failing the futures it still holds, breaks on one cancelled meanwhile
+            return await asyncio.shield(asyncio.wrap_future(future))
         except BrokenProcessPool:  # some worker died: every file in flight lands here
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path)

@@ -42,3 +42,17 @@ def empty_db_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("empty") / "template"
     NanoDB(path, config="test").close()
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_event_loop_left_running():
+    """A test module (or the code it runs) that leaves an event loop marked running in this thread breaks
+    every later asyncio.run: name it here, where it happens. (Playwright's sync API marks its loop running
+    while it is open: a browser lives for one module at most.)"""
+    import asyncio
+
+    yield
+    loop = asyncio._get_running_loop()
+    if loop is not None:
+        asyncio.events._set_running_loop(None)
+        pytest.fail(f"an event loop was left running in the main thread: {loop!r}")

@@ -298,7 +298,11 @@ async def run(args: argparse.Namespace) -> int:
     # cancelled (in-flight batches dropped) and what was indexed is saved below. Set before the database
     # opens (a new one loads the model): a signal meanwhile stops the program at its first wait.
     stop = StopOnSignals(asyncio.current_task())
-    db = await open_database(args, settings)
+    try:
+        db = await open_database(args, settings)
+    except BaseException:
+        stop.restore()
+        raise
     server = service = None
     uploads = contextlib.ExitStack()
     try:
@@ -343,4 +347,5 @@ async def run(args: argparse.Namespace) -> int:
             print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
         db.close()
         stop.exit_if_stopped()
+        stop.restore()
     return 0

@@ -33,8 +33,12 @@ class StopOnSignals:
         # signal.signal, not loop.add_signal_handler: prompt_toolkit's prompt saves and restores a handler
         # set so, but removes the loop's SIGINT handler after each prompt (SIGINT then did nothing). And it
         # runs even while the loop is blocked (a save), so a third signal can always quit.
-        for stop_signal in STOP_SIGNALS:
-            signal.signal(stop_signal, self._on_signal)
+        self._previous = {stop_signal: signal.signal(stop_signal, self._on_signal) for stop_signal in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        """The handlers from before, once the program is done (a caller of cli.main in-process goes on)."""
+        for stop_signal, handler in self._previous.items():
+            signal.signal(stop_signal, handler)
 
     def exit_if_stopped(self) -> None:
         """Once the program's cleanup is done (saved, closed): after a stop signal, exit now rather than

@@ -35,8 +35,10 @@ def photo_site(tmp_path_factory):
         yield served
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium_browser():
+    """One browser for a module's tests: Playwright's sync API marks its event loop running in this thread
+    while open, so later modules' asyncio.run would fail."""
     from helpers.browser import chromium
 
     with chromium() as browser:

@@ -52,7 +52,8 @@ def no_event_loop_left_running():
     import asyncio
 
     yield
-    loop = asyncio._get_running_loop()
-    if loop is not None:
-        asyncio.events._set_running_loop(None)
-        pytest.fail(f"an event loop was left running in the main thread: {loop!r}")
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # none: as it should be
+        return
+    pytest.fail(f"an event loop was left running in the main thread: {loop!r}")

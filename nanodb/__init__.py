@@ -13,6 +13,7 @@ _PUBLIC = {
     "SearchResult": "nanodb.database",
     "Item": "nanodb.database",
     "ValidationReport": "nanodb.database",
+    "DuplicateGroup": "nanodb.database",
     "DatabaseError": "nanodb.storage.format",
     "ModelLoadError": "nanodb.model.spec",
     "QueryError": "nanodb.search.query",

@@ -25,6 +25,7 @@ from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
 from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.batcher import QueryBatcher
+from nanodb.search.duplicates import DuplicateGroup, NearDuplicate, near_duplicates
 from nanodb.search.encoder import QueryEncoder, SearchTimings
 from nanodb.search.local import LocalSearcher, ValidationReport, validate
 from nanodb.search.request import Filters, Searcher, SearchRequest, SearchResult, SearchResults
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 
 __all__ = ["NanoDB", "SearchRequest", "Filters", "SearchResult", "SearchResults", "Item", "ValidationReport",
-           "SearchTimings"]
+           "SearchTimings", "DuplicateGroup", "NearDuplicate"]
 
 
 class NanoDB:
@@ -434,6 +435,19 @@ class NanoDB:
     def validate(self, batch: int = 256) -> ValidationReport:
         """Query every stored vector; each must find itself (or an identical item) first."""
         return validate(self.store, batch)
+
+    def near_duplicates(self, threshold: float = 0.95, *, min_size: int = 2) -> list[DuplicateGroup]:
+        """Groups of near-duplicate items (bursts, resized or re-encoded copies, light edits), largest first.
+
+        Exact for the threshold: every two live items whose similarity (the float64 dot product of their
+        stored vectors) is at least `threshold` are in one group; a group is a connected component of
+        that relation, so a member can be less similar to another through a chain. Items with identical
+        vectors (byte-identical files share one) are always one group. Each DuplicateGroup lists
+        NearDuplicate(index, path, similarity): its lowest index first, the others by their similarity to
+        that one. `threshold` in (0, 1]; groups smaller than `min_size` (at least 2) are left out.
+        Computed by a self-join with the exact search, in blocks of queries (memory: one block's results
+        and 8 bytes a row); it holds the store's lock, so writers wait for it."""
+        return near_duplicates(self.store, threshold, min_size=min_size)
 
     # ----------------------------------------------------------------- saving and repairing
     def save(self) -> bool:

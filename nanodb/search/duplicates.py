@@ -1,0 +1,179 @@
+"""Near-duplicates: groups of items whose vectors are at least a similarity threshold apart, found
+exactly by a self-join of the stored vectors with the index's exact search (VectorIndex.search).
+
+The groups are the connected components of the graph whose edges are the pairs of live items with
+similarity >= threshold (the float64 dot product of their stored float16 vectors, as a brute force
+computes it), plus the pairs of items with identical vectors (byte-identical files share one vector:
+such copies are always one group, whatever the threshold).
+
+How: the live rows are queried in blocks against the index. Each query asks for its top k among the
+rows from its block's first row on (a pair of rows is found once, by the earlier row's block); while a
+query's k-th best still reaches the threshold, it asks again with twice k, so every row at or above
+the threshold is seen. The index's scores are exact float64 scores rounded to float32: every pair
+within SLACK of the threshold is scored again in float64, which decides. Memory: one block's queries
+and results at a time, the union-find parents (8 bytes a row), and the pairs found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from nanodb.storage.store import ItemStore
+
+BLOCK_ROWS = 512  # queries per self-join step
+FIRST_K = 8  # neighbours asked for first; doubled for the queries whose k-th best still qualifies
+RESULTS_BUDGET = 1 << 22  # (queries x k) of one search: bounds its results when k grows
+SLACK = 1e-5  # float32 rounding of the index's float64 scores is ~6e-8 near 1: pairs this close are rescored
+
+
+@dataclass(frozen=True)
+class NearDuplicate:
+    """One item of a group: its index, its path, and its similarity to the group's first item."""
+
+    index: int
+    path: str | None
+    similarity: float
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "path": self.path, "similarity": round(self.similarity, 6)}
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Items that are near-duplicates of each other: the first is the group's lowest index, the others
+    follow by their similarity to it, highest first. A member may be less similar to the first than
+    the threshold: it is in the group through another member (a chain of near-duplicates)."""
+
+    items: tuple[NearDuplicate, ...]
+
+    @property
+    def indices(self) -> list[int]:
+        return [m.index for m in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[NearDuplicate]:
+        return iter(self.items)
+
+    def to_dict(self) -> dict:
+        return {"size": len(self.items), "items": [m.to_dict() for m in self.items]}
+
+
+def check_threshold(threshold) -> float:
+    """The threshold as a float in (0, 1]; ValueError otherwise (a lower one joins almost every pair)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number, not {str(threshold)[:40]!r}") from None
+    if not 0 < value <= 1:  # NaN too
+        raise ValueError(f"threshold must be more than 0 and at most 1, not {value}")
+    return value
+
+
+def near_duplicates(store: ItemStore, threshold: float = 0.95, *, min_size: int = 2,
+                    block: int = BLOCK_ROWS) -> list[DuplicateGroup]:
+    """The groups of at least `min_size` live items that are near-duplicates at `threshold` (see the
+    module's docstring), largest first (then by first index). Holds the store's lock throughout: a
+    compaction renumbers rows."""
+    threshold = check_threshold(threshold)
+    store.checks.raise_if_failed()
+    with store.lock:
+        components = similar_components(store.index.vectors, store.live_rows(), threshold, store.index.search, block)
+        groups = [_group(store, rows) for rows in components if len(rows) >= max(2, min_size)]
+    groups.sort(key=lambda g: (-len(g), g.items[0].index))
+    return groups
+
+
+def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, search,
+                       block: int = BLOCK_ROWS) -> list[np.ndarray]:
+    """The connected components of more than one row among `live` (sorted row numbers of `vectors`),
+    joined by pairs scoring >= threshold in float64 or with identical vectors. `search(queries, k,
+    allowed=mask)` is the exact top k of VectorIndex.search, which skips the deleted rows itself."""
+    parent = np.arange(len(vectors), dtype=np.int64)
+    for lo in range(0, len(live), block):
+        rows = live[lo : lo + block]
+        for a, b in _similar_pairs(vectors, rows, threshold, search):
+            _union(parent, a, b)
+    while True:  # every parent is a lower row (see _union): jump to the roots
+        jumped = parent[parent]
+        if np.array_equal(jumped, parent):
+            break
+        parent = jumped
+    roots = parent[live]
+    order = np.argsort(roots, kind="stable")
+    roots, members = roots[order], live[order]
+    cuts = np.flatnonzero(np.diff(roots)) + 1
+    return [rows for rows in np.split(members, cuts) if len(rows) > 1]
+
+
+def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, search) -> list[tuple[int, int]]:
+    """The pairs (row of `rows`, other row from rows[0] on) that join: float64 score >= threshold, or
+    identical vectors (which score the row's own score, its squared norm, possibly under the threshold)."""
+    queries = vectors[rows].astype(np.float32)
+    own = np.einsum("ij,ij->i", queries.astype(np.float64), queries.astype(np.float64))
+    reach = np.minimum(threshold, own) - SLACK  # fast scores at or above this are rescored in float64
+    allowed = np.zeros(len(vectors), bool)
+    allowed[rows[0] :] = True
+    found_q, found_r = [], []
+    pending, k = np.arange(len(rows)), FIRST_K
+    while len(pending):
+        again = []
+        step = max(1, RESULTS_BUDGET // k)
+        for s in range(0, len(pending), step):
+            part = pending[s : s + step]
+            top, scores = search(queries[part], k, allowed=allowed)
+            if top.shape[1] == 0:
+                continue
+            hit = scores >= reach[part, None]
+            qi, col = np.nonzero(hit)
+            found_q.append(part[qi])
+            found_r.append(top[qi, col])
+            if top.shape[1] == k:  # fewer than k: every allowed row was returned
+                again.append(part[hit[:, -1]])
+        pending, k = (np.concatenate(again) if again else np.zeros(0, np.int64)), k * 2
+        if len(pending):  # asked again with twice k: drop what this round found for them, it comes back
+            keep = [~np.isin(q, pending) for q in found_q]
+            found_q = [q[m] for q, m in zip(found_q, keep)]
+            found_r = [r[m] for r, m in zip(found_r, keep)]
+    if not found_q:
+        return []
+    qi, other = np.concatenate(found_q), np.concatenate(found_r)
+    mine = rows[qi]
+    keep = other != mine
+    qi, mine, other = qi[keep], mine[keep], other[keep]
+    exact = np.einsum("ij,ij->i", vectors[mine].astype(np.float64), vectors[other].astype(np.float64))
+    joins = exact >= threshold
+    maybe_copies = np.flatnonzero(~joins & (exact >= own[qi] - SLACK))
+    for j in maybe_copies:
+        joins[j] = np.array_equal(vectors[mine[j]], vectors[other[j]])
+    return list(zip(mine[joins].tolist(), other[joins].tolist()))
+
+
+def _find(parent: np.ndarray, x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]
+        x = int(parent[x])
+    return x
+
+
+def _union(parent: np.ndarray, a: int, b: int) -> None:
+    ra, rb = _find(parent, a), _find(parent, b)
+    if ra != rb:
+        parent[max(ra, rb)] = min(ra, rb)
+
+
+def _group(store: ItemStore, rows: np.ndarray) -> DuplicateGroup:
+    """A group's items, the lowest index first, the others by their float64 similarity to it."""
+    rows = np.sort(rows)
+    vectors = store.index.vectors
+    first = vectors[rows[0]].astype(np.float64)
+    members = vectors[rows]
+    similarity = members.astype(np.float64) @ first
+    similarity[(members == members[0]).all(axis=1)] = 1.0  # the first and its copies: the same vector
+    order = np.concatenate([[0], 1 + np.lexsort((rows[1:], -similarity[1:]))])
+    return DuplicateGroup(tuple(NearDuplicate(int(rows[j]), store.path_of(int(rows[j])),
+                                              min(max(float(similarity[j]), -1.0), 1.0)) for j in order))

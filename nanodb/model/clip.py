@@ -22,6 +22,7 @@ from nanodb.model.runtimes import (
     runtimes_for,
 )
 from nanodb.model.spec import ModelConfig, ModelLoadError, ModelSpec, as_pretrained, looks_like_checkpoint
+from nanodb.model.text_length import cuttable, encode_text_cut, needed_length
 
 __all__ = ["ClipModel", "ModelConfig", "ModelLoadError", "ModelSpec", "load_model", "as_pretrained", "PRECISIONS",
            "BACKENDS", "hub_reachable"]
@@ -149,6 +150,7 @@ class ClipModel:
         self.pixel_transform = self.preprocessing.pixel_transform(self.preprocess)
         self.image_size = self.preprocessing.size
         self.image_tower, self.backend = self._start_tower(runtimes)
+        self._cut_text = cuttable(self.model)
         # int8: the tower's calibration and fidelity controls, which a scan drives (pipeline/fidelity.py)
         self.quantization = self.image_tower if self.precision == "int8" else None
         self.dim = int(self.encode_text(["x"]).shape[1])
@@ -202,11 +204,15 @@ class ClipModel:
         return self.encode_pixels(np.stack([self.image_pixels(im) for im in images]))
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
+        """Texts -> unit float32 vectors (N, dim); a CLIP's text tower run on the tokens cut to the longest
+        text (model/text_length.py), the same vectors as at the full context length."""
         import torch
 
+        tokens = self.tokenizer(list(texts))
         with torch.no_grad(), self.autocast():
-            tokens = self.tokenizer(list(texts)).to(self.device)
-            return self._unit(self.model.encode_text(tokens))
+            if self._cut_text:
+                return self._unit(encode_text_cut(self.model, tokens[:, :needed_length(tokens)].to(self.device)))
+            return self._unit(self.model.encode_text(tokens.to(self.device)))
 
 
 _cache: dict[ModelConfig, ClipModel] = {}

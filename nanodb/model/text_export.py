@@ -12,7 +12,11 @@ not installed), text is encoded by the torch model as before.
 
 The tokenizer is open_clip's SimpleTokenizer made of its own parts: its cleaning (ftfy, HTML entities,
 whitespace, lower case, as open_clip.tokenizer's "lower" clean function does), its word pattern (saved
-from the tokenizer) and its BPE vocabulary and merges, run by the `tokenizers` library."""
+from the tokenizer) and its BPE vocabulary and merges, run by the `tokenizers` library.
+
+The tower of a CLIP model (ViT-B-32 and its kin) is exported with a dynamic sequence length and run on a
+batch's token ids cut to its longest text (model/text_length.py): a query of a few words costs a few
+positions' work, not the context length's; other models' towers run at the full length."""
 
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ import numpy as np
 import nanodb
 from nanodb.model.runtimes.openvino_float import cache_dir
 from nanodb.model.spec import ModelConfig, ModelSpec
+from nanodb.model.text_length import cuttable, encode_text_cut, needed_length
 
 if TYPE_CHECKING:
     from nanodb.model.clip import ClipModel
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # raised when what an export holds, or how it is read, changes
+EXPORT_FORMAT = 3  # raised when what an export holds, or how it is read, changes
 MIN_COSINE = 0.9999  # an export's vectors against open_clip's own, on the probe texts, or it is not kept
 
 # texts whose token ids and vectors an export must reproduce before it is kept
@@ -111,6 +116,7 @@ class ExportedTextTower:
         self.weights_id = meta["weights_id"]
         self.dim = meta["dim"]
         self.tokenizer = ClipTokenizer(folder, meta)
+        self.cut = meta["cut"]  # whether it runs a batch's tokens cut to its longest text
         # `keep_compiled`: OpenVINO keeps the compiled model beside the export (written by the first load,
         # the export's own), and loads it in a third of the time of compiling again
         config = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -120,9 +126,15 @@ class ExportedTextTower:
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, used by one thread at a time
 
+    def token_ids(self, texts: list[str]) -> np.ndarray:
+        """The token ids the tower runs for `texts`: open_clip's, cut to the longest text where the export
+        allows (its `cut`), else at the full context length."""
+        tokens = self.tokenizer(list(texts))
+        return np.ascontiguousarray(tokens[:, :needed_length(tokens)]) if self.cut else tokens
+
     def encode_text(self, texts: list[str]) -> np.ndarray:
         """Texts -> unit float32 vectors (N, dim), as ClipModel.encode_text."""
-        tokens = self.tokenizer(list(texts))
+        tokens = self.token_ids(texts)
         with self._lock:
             features = self._request.infer({0: tokens})[0].astype(np.float32)
         return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -228,16 +240,19 @@ def _write_export(clip: ClipModel, folder: Path, ov) -> None:
     bpe.add_special_tokens([tok.decoder[i] for i in tok.all_special_ids])
     bpe.save(str(folder / "tokenizer.json"))
 
-    tower = _traceable_text_tower(clip.model)
-    example = tok(["a red car"])
+    cut = cuttable(clip.model)
+    tower = _traceable_text_tower(clip.model, cut)
+    example = tok(["a red car", "a dog"])
+    if cut:  # traced at a length short of the context length, so nothing takes that for a constant
+        example = example[:, :needed_length(example)]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit tracing's deprecation notices, for this call only
         converted = ov.convert_model(tower, example_input=example,
-                                     input=[ov.PartialShape([-1, tok.context_length])])
+                                     input=[ov.PartialShape([-1, -1 if cut else tok.context_length])])
     ov.save_model(converted, folder / "text.xml")  # float16 weights on disk (half the size), float32 arithmetic
     meta = {"model": clip.spec.name, "weights_id": clip.spec.weights_id, "dim": clip.dim, "pattern": tok.pat.pattern,
             "sot": tok.sot_token_id, "eot": tok.eot_token_id, "context_length": tok.context_length,
-            "format": EXPORT_FORMAT, "nanodb": nanodb.__version__}
+            "cut": cut, "format": EXPORT_FORMAT, "nanodb": nanodb.__version__}
     (folder / "meta.json").write_text(json.dumps(meta))
 
 
@@ -252,15 +267,19 @@ def _check_export(clip: ClipModel, folder: Path) -> None:
     for text, a, b in zip(texts, ours, theirs):
         if not np.array_equal(a, b):
             raise ValueError(f"its tokenizer reads {text[:40]!r} otherwise than open_clip's")
-    with torch.no_grad():
+    with torch.no_grad():  # open_clip's own encode_text, at the full context length
         reference = torch.nn.functional.normalize(clip.model.encode_text(torch.from_numpy(theirs)), dim=-1).numpy()
-    cosine = (exported.encode_text(texts) * reference).sum(axis=1)
-    if cosine.min() < MIN_COSINE:
-        raise ValueError(f"its vectors differ from open_clip's (cosine {cosine.min():.5f})")
+    # all the probes in one batch (run at the full length: the last is cut at it), then all but the last
+    # (2 to 15 token positions each, run cut to 15), then the first alone (5 positions)
+    for n in (len(texts), len(texts) - 1, 1):
+        cosine = (exported.encode_text(texts[:n]) * reference[:n]).sum(axis=1)
+        if cosine.min() < MIN_COSINE:
+            raise ValueError(f"its vectors differ from open_clip's (cosine {cosine.min():.5f})")
 
 
-def _traceable_text_tower(model):
-    """open_clip's encode_text as a module to trace: token ids -> text features (not unit length)."""
+def _traceable_text_tower(model, cut: bool):
+    """open_clip's encode_text as a module to trace: token ids -> text features (not unit length); `cut`:
+    of token ids of any length up to the context length (model/text_length.py), else of the full length."""
     import torch
 
     class TextTower(torch.nn.Module):
@@ -269,6 +288,6 @@ def _traceable_text_tower(model):
             self.clip_model = clip_model
 
         def forward(self, tokens):
-            return self.clip_model.encode_text(tokens)
+            return encode_text_cut(self.clip_model, tokens) if cut else self.clip_model.encode_text(tokens)
 
     return TextTower(model)

@@ -3,6 +3,7 @@ gives its vectors and search results, is never used stale or broken, and spares 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import open_clip
 import pytest
 import torch
 
+import nanodb.model.clip
 from nanodb import NanoDB
 from nanodb.model.clip import ModelConfig, ModelSpec, load_model
 from nanodb.model.text_export import (
@@ -24,6 +26,7 @@ from nanodb.model.text_export import (
     load_text_tower,
     text_encoder,
 )
+from nanodb.model.text_length import cuttable, needed_length
 
 FLOAT32_TORCH = ModelConfig(ModelSpec("ViT-S-32", "none"), "auto", "float32", "torch")  # a NanoDB's with these
 QUERIES = ["a red car", "a dog on the beach", "people at a table", "2:dog + beach - snow", "café ☕ at night"]
@@ -98,6 +101,82 @@ def test_a_fresh_process_searches_text_without_torch(scanned_db, exported):
     assert heavy == []
     with NanoDB(path, read_only=True, backend="torch", precision="float32") as db:
         assert found == [r.index for r in db.search("a red car", k=5)]
+
+
+# texts of 2 to 77 tokens (start and end included), for a batch that runs cut to its longest
+UNEVEN = ["x", "a red car", "a dog on the beach at sunset, people at a table behind it",
+          "🚗🚕 emoji 🐈‍⬛ " * 4, "", "a photo of " * 40, "東京タワー の 夜景"]
+
+
+def full_length_vectors(texts: list[str]) -> np.ndarray:
+    """open_clip's own encode_text at the full context length, float32, unit length."""
+    model = load_model(FLOAT32_TORCH)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.model.encode_text(model.tokenizer(texts)), dim=-1).numpy()
+
+
+def record_token_shapes(monkeypatch) -> list[tuple[int, int]]:
+    """The shapes of the token ids every ExportedTextTower runs from now on, in order."""
+    shapes = []
+    token_ids = ExportedTextTower.token_ids
+
+    def recorded(self, texts):
+        tokens = token_ids(self, texts)
+        shapes.append(tokens.shape)
+        return tokens
+
+    monkeypatch.setattr(ExportedTextTower, "token_ids", recorded)
+    return shapes
+
+
+def test_a_batch_of_uneven_texts_runs_cut_to_its_longest_with_open_clips_vectors(exported, monkeypatch):
+    assert exported.cut
+    shapes = record_token_shapes(monkeypatch)
+    reference = full_length_vectors(UNEVEN)
+    short = [i for i, t in enumerate(UNEVEN) if t != "a photo of " * 40]
+    lengths = needed_length(open_clip.get_tokenizer("ViT-S-32")([UNEVEN[i] for i in short]).numpy())
+    for rows in (range(len(UNEVEN)), short, [0], [1, 4]):
+        vectors = exported.encode_text([UNEVEN[i] for i in rows])
+        assert (vectors * reference[rows]).sum(1).min() > 0.9999, rows
+    assert [shape[1] for shape in shapes] == [77, lengths, 3, 5]  # "x" is 3 tokens, "a red car" 5
+    assert 20 < lengths < 77
+
+
+def test_the_torch_model_runs_a_batch_cut_to_its_longest_with_the_same_vectors(monkeypatch):
+    model = load_model(FLOAT32_TORCH)
+    assert cuttable(model.model)
+    lengths = []
+    cut = nanodb.model.clip.encode_text_cut
+    monkeypatch.setattr("nanodb.model.clip.encode_text_cut", lambda m, tokens: lengths.append(tokens.shape[1])
+                        or cut(m, tokens))
+    reference = full_length_vectors(UNEVEN)
+    assert (model.encode_text(UNEVEN) * reference).sum(1).min() > 0.9999
+    assert (model.encode_text(UNEVEN[:2]) * reference[:2]).sum(1).min() > 0.9999
+    assert lengths == [77, 5]
+
+
+def test_a_text_tower_without_a_causal_mask_or_an_end_token_feature_runs_at_full_length():
+    model = copy.deepcopy(load_model(FLOAT32_TORCH).model)
+    assert cuttable(model)
+    model.text_pool_type = "last"  # the feature at the last position: needs every position
+    assert not cuttable(model)
+    model.text_pool_type = "argmax"
+    causal = model.attn_mask
+    for mask in (None, torch.zeros_like(causal), causal[:10, :10], causal.T):
+        model.attn_mask = mask
+        assert not cuttable(model)
+
+
+@pytest.mark.slow  # a second export (~20 s)
+def test_a_tower_that_cannot_run_cut_is_exported_at_full_length(tmp_path, monkeypatch):
+    monkeypatch.setattr("nanodb.model.text_export.cache_dir", lambda: tmp_path)
+    monkeypatch.setattr("nanodb.model.text_export.cuttable", lambda model: False)
+    folder = export_text_tower(load_model(FLOAT32_TORCH))  # checked against open_clip on the probes
+    tower = ExportedTextTower(folder, keep_compiled=False)
+    assert not tower.cut and json.loads((folder / "meta.json").read_text())["cut"] is False
+    shapes = record_token_shapes(monkeypatch)
+    assert (tower.encode_text(UNEVEN[:2]) * full_length_vectors(UNEVEN[:2])).sum(1).min() > 0.9999
+    assert shapes == [(2, 77)]
 
 
 def test_an_export_of_other_weights_or_another_version_is_never_found(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from nanodb.interfaces.stopping import StopOnSignals
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
 from nanodb.pipeline.walk import RAW_PAIRS
+from nanodb.search.duplicates import check_threshold
 from nanodb.search.request import Filters, SearchRequest
 from nanodb.service import IngestService
 from nanodb.storage.format import DatabaseError
@@ -39,6 +40,7 @@ examples:
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
   nanodb search --path ~/.nanodb/pictures "a red car" -k 5 --json
   nanodb similar --path ~/.nanodb/pictures ~/Pictures/cat.jpg --preview
+  nanodb duplicates --path ~/.nanodb/pictures --threshold 0.95
   nanodb --print-completion bash > ~/.local/share/bash-completion/completions/nanodb
 
 Defaults come from configs/default.yaml; --config FILE overrides them, and flags override both."""
@@ -127,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_one_shot_commands(p: argparse.ArgumentParser) -> None:
-    """`nanodb search` and `nanodb similar`, which print their results and exit."""
-    commands = p.add_subparsers(dest="command", metavar="{search,similar}",
+    """`nanodb search`, `nanodb similar` and `nanodb duplicates`, which print their results and exit."""
+    commands = p.add_subparsers(dest="command", metavar="{search,similar,duplicates}",
                                 description="one-shot commands for scripts: print the results and exit")
     search = commands.add_parser("search", help="search by text, an image or both, print the results and exit")
     search.add_argument("query", nargs="+",
@@ -150,6 +152,22 @@ def add_one_shot_commands(p: argparse.ArgumentParser) -> None:
                              help=f.help)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
+    duplicates = commands.add_parser("duplicates", help="groups of near-duplicate images (bursts, resized, "
+                                     "re-encoded or lightly edited copies), largest first")
+    duplicates.add_argument("--path", required=True, help="database folder").complete = shtab.DIRECTORY
+    duplicates.add_argument("--threshold", type=_threshold, default=0.95, metavar="S",
+                            help="least similarity (cosine) of two near-duplicates, more than 0 and at most 1 "
+                                 "(default 0.95)")
+    duplicates.add_argument("--min-size", type=_positive, default=2, metavar="N",
+                            help="only groups of at least N items (default 2)")
+    duplicates.add_argument("--json", action="store_true", help="one JSON object per group instead of lines")
+
+
+def _threshold(text: str) -> float:
+    try:
+        return check_threshold(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive(text: str) -> int:
@@ -243,7 +261,10 @@ def run_command(argv: list[str] | None) -> int:
 
 
 def one_shot(args: argparse.Namespace) -> int:
-    """`nanodb search` / `nanodb similar`: open the database read-only, print the results, exit."""
+    """`nanodb search` / `nanodb similar` / `nanodb duplicates`: open the database read-only, print the
+    results, exit."""
+    if args.command == "duplicates":
+        return print_duplicates(args)
     settings = load_settings(args.config, k=args.k, device=args.device)
     with NanoDB(args.path, settings=settings, read_only=True) as db:
         query = words_query(" ".join(args.query), args.text) if args.command == "search" else similar_query(args.photo)
@@ -271,6 +292,32 @@ def print_results(db: NanoDB, results, args: argparse.Namespace, filtered: bool)
         print(r)
         if protocol and r.path:
             print(preview(r.path, protocol, db.settings.max_image_pixels))
+
+
+def print_duplicates(args: argparse.Namespace) -> int:
+    """`nanodb duplicates`: each group's items as result lines (a header line before each group, a blank
+    line between groups) or, with --json, one JSON object per group; a summary on stderr."""
+    with NanoDB(args.path, read_only=True) as db:
+        groups = db.near_duplicates(args.threshold, min_size=args.min_size)
+        for number, group in enumerate(groups, 1):
+            if args.json:
+                print(json.dumps({"group": number, **group.to_dict()}))
+                continue
+            if number > 1:
+                print()
+            print(f"group {number}: {counted(len(group), 'item')}")
+            for item in group:
+                print(item)
+        at = f"at similarity >= {args.threshold:g}"
+        if args.min_size > 2:
+            at += f" in groups of {args.min_size} or more"
+        if not groups:
+            why = " (the database is empty)" if len(db) == 0 else ""
+            print(f"nanodb: no near-duplicates {at}{why}", file=sys.stderr)
+        else:
+            items = counted(sum(len(g) for g in groups), "item")
+            print(f"nanodb: {counted(len(groups), 'group')} of near-duplicates {at} ({items})", file=sys.stderr)
+    return 0
 
 
 async def open_database(args: argparse.Namespace, settings) -> NanoDB:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nanodb.media.paths import printable
 from nanodb.storage.store import ItemStore
 
-BLOCK_ROWS = 512  # queries per self-join step
+BLOCK_ROWS = 256  # queries per self-join step
 FIRST_K = 8  # neighbours asked for first; doubled for the queries whose k-th best still qualifies
 RESULTS_BUDGET = 1 << 22  # (queries x k) of one search: bounds its results when k grows
 SLACK = 1e-5  # float32 rounding of the index's float64 scores is ~6e-8 near 1: pairs this close are rescored
@@ -39,6 +40,9 @@ class NearDuplicate:
 
     def to_dict(self) -> dict:
         return {"index": self.index, "path": self.path, "similarity": round(self.similarity, 6)}
+
+    def __str__(self) -> str:  # a search result's line
+        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
 
 
 @dataclass(frozen=True)
@@ -89,12 +93,13 @@ def near_duplicates(store: ItemStore, threshold: float = 0.95, *, min_size: int 
 
 
 def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, search,
-                       block: int = BLOCK_ROWS) -> list[np.ndarray]:
+                       block: int = BLOCK_ROWS, queried: int | None = None) -> list[np.ndarray]:
     """The connected components of more than one row among `live` (sorted row numbers of `vectors`),
     joined by pairs scoring >= threshold in float64 or with identical vectors. `search(queries, k,
-    allowed=mask)` is the exact top k of VectorIndex.search, which skips the deleted rows itself."""
+    allowed=mask)` is the exact top k of VectorIndex.search, which skips the deleted rows itself.
+    `queried` (benchmarks): query only the first that many live rows, the join's costliest part."""
     parent = np.arange(len(vectors), dtype=np.int64)
-    for lo in range(0, len(live), block):
+    for lo in range(0, len(live) if queried is None else min(queried, len(live)), block):
         rows = live[lo : lo + block]
         for a, b in _similar_pairs(vectors, rows, threshold, search):
             _union(parent, a, b)
@@ -104,10 +109,11 @@ def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, 
             break
         parent = jumped
     roots = parent[live]
+    shared = np.bincount(roots, minlength=len(vectors))[roots] > 1  # rows in a component of two or more
+    roots, members = roots[shared], live[shared]
     order = np.argsort(roots, kind="stable")
-    roots, members = roots[order], live[order]
-    cuts = np.flatnonzero(np.diff(roots)) + 1
-    return [rows for rows in np.split(members, cuts) if len(rows) > 1]
+    roots, members = roots[order], members[order]
+    return np.split(members, np.flatnonzero(np.diff(roots)) + 1) if len(members) else []
 
 
 def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, search) -> list[tuple[int, int]]:

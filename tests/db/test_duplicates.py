@@ -3,6 +3,8 @@ self-join of the stored vectors: on real photos and their edited copies, and on 
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import numpy as np
@@ -206,3 +208,28 @@ def test_an_empty_database_has_no_groups(tmp_path):
         assert db.near_duplicates() == []
         db.add(np.ones((1, db.dim)), paths=["/one"])
         assert db.near_duplicates() == []
+
+
+def test_the_duplicates_command_prints_the_api_groups_as_lines_and_json(photos_db, capsys):
+    from nanodb.interfaces.cli import main
+
+    path, _, _ = photos_db
+    with NanoDB(path, read_only=True) as db:
+        want = db.near_duplicates(0.99)
+    assert want
+    capsys.readouterr()
+    assert main(["duplicates", "--path", str(path), "--threshold", "0.99", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [{"group": n, **g.to_dict()}
+                                                              for n, g in enumerate(want, 1)]
+    assert err == f"nanodb: {len(want)} groups of near-duplicates at similarity >= 0.99 " \
+                  f"({sum(len(g) for g in want)} items)\n"
+    assert main(["duplicates", "--path", str(path), "--threshold", "0.99"]) == 0
+    out, _ = capsys.readouterr()
+    blocks = out.split("\n\n")
+    assert len(blocks) == len(want)
+    for n, (block, group) in enumerate(zip(blocks, want), 1):
+        header, *lines = block.strip("\n").splitlines()
+        assert header == f"group {n}: {len(group)} items"
+        assert lines == [str(m) for m in group]
+        assert all(re.fullmatch(r"\* index=\d+  .+  similarity=\d\.\d{4}", line) for line in lines)

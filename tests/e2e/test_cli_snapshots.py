@@ -37,7 +37,7 @@ def nanodb(capsys, monkeypatch, vector_db, tmp_path):
     return run
 
 
-@pytest.mark.parametrize("command", ["", "search", "similar"])
+@pytest.mark.parametrize("command", ["", "search", "similar", "duplicates"])
 def test_help_matches_its_snapshot(nanodb, command):
     status, out, err = nanodb(*filter(None, [command]), "--help")
     assert status == 0 and not err
@@ -52,6 +52,17 @@ def test_similar_result_lines_and_json_lines_match_their_snapshot(nanodb):
         assert status == 0 and err == ("" if out else "nanodb: no results match the filters\n"), err
         transcript.append(f"$ nanodb similar --path <DB> {' '.join(args)}\n{out}")
     assert_matches_snapshot("cli_similar.txt", "".join(transcript))
+
+
+def test_duplicates_lines_and_json_match_their_snapshot(nanodb):
+    """Groups of the stored vectors only: the same on every machine."""
+    transcript = []
+    for args in (("--threshold", "0.9"), ("--threshold", "0.92", "--json"), ("--threshold", "0.9", "--min-size", "5"),
+                 ()):
+        status, out, err = nanodb("duplicates", "--path", "{db}", *args)
+        assert status == 0 and len(err.splitlines()) == 1, err
+        transcript.append(f"$ nanodb duplicates --path <DB> {' '.join(args)}\n{out}{err}")
+    assert_matches_snapshot("cli_duplicates.txt", "".join(transcript))
 
 
 def test_search_json_has_the_snapshot_shape(nanodb):
@@ -77,6 +88,9 @@ ERRORS = [
     ("search", "--path", "{db}", "cat", "--no-such-flag"),
     ("search", "cat"),
     ("similar", "--path", "{db}"),
+    ("duplicates", "--path", "{db}", "--threshold", "0"),
+    ("duplicates", "--path", "{db}", "--threshold", "high"),
+    ("duplicates", "--path", "{tmp}/no-db"),
     ("--k", "0"),
     ("--scan", "{tmp}"),
     ("--no-such-flag",),

@@ -63,7 +63,7 @@ def test_the_readme_flag_table_lists_every_flag_of_help_and_no_other():
 
 def test_the_readme_documents_every_flag_of_every_subcommand_and_no_other():
     names = subcommands()
-    assert names == ["search", "similar"], names  # a new subcommand: document it, then add it here
+    assert names == ["search", "similar", "duplicates"], names  # a new subcommand: document it, then add it here
     readme = (REPO / "README.md").read_text()
     in_readme = table_flags("One-shot commands for scripts")
     in_help = {}

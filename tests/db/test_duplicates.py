@@ -233,3 +233,20 @@ def test_the_duplicates_command_prints_the_api_groups_as_lines_and_json(photos_d
         assert header == f"group {n}: {len(group)} items"
         assert lines == [str(m) for m in group]
         assert all(re.fullmatch(r"\* index=\d+  .+  similarity=\d\.\d{4}", line) for line in lines)
+
+
+def test_a_partner_ranked_past_the_first_k_is_found(tmp_path):
+    """Row 0 has ten closer neighbours than x; x (in a later block, so only row 0's query can find the
+    pair) is similar enough to row 0 alone: the join must ask row 0's query for more than k results."""
+    with NanoDB(tmp_path / "db", config="test") as db:
+        dim = db.dim
+        p = np.eye(dim)[0]
+        close = 0.999 * p + np.sqrt(1 - 0.999**2) * np.eye(dim)[2:12]  # ten rows at 0.999 to row 0
+        x = 0.96 * p + 0.28 * np.eye(dim)[1]  # 0.96 to row 0, 0.959 to the ten
+        noise = np.random.default_rng(5).standard_normal((19, dim))
+        db.add(np.concatenate([p[None], close, noise, x[None]]), paths=[f"/v/{i}" for i in range(31)])
+        threshold = float(db.vectors[30].astype(np.float64) @ db.vectors[0].astype(np.float64))
+        assert (db.vectors[1:11].astype(np.float64) @ db.vectors[30].astype(np.float64) < threshold).all()
+        groups = near_duplicates(db.store, threshold, block=7)
+        assert found_groups(groups) == {frozenset(range(11)) | {30}}
+        assert found_groups(groups) == brute_force_groups(db.vectors, np.arange(31), threshold)

@@ -33,7 +33,7 @@ from nanodb.media.paths import (
     OUTSIDE_ROOTS,
     absolute_path,
     is_excluded,
-    is_image_name,
+    is_indexed_name,
     leads_inside,
     printable,
     resolved_roots,
@@ -120,7 +120,7 @@ class FolderWatcher:
         return False
 
     def _wanted_file(self, path: str) -> bool:
-        return is_image_name(path) and self._watched(path)
+        return is_indexed_name(path) and self._watched(path)
 
     # ------------------------------------------------------------------ events
     async def _apply_events(self) -> None:

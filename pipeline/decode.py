@@ -29,7 +29,7 @@ from nanodb.media import sandbox
 from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
-from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, read_video_frames
+from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, preload_video_libraries, read_video_frames
 
 
 @dataclass
@@ -108,6 +108,7 @@ def _init_worker(transform, max_pixels: int, parent: int, limits: DecodeLimits |
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     sandbox.ignore_terminal_interrupt()
     sandbox.exit_with_parent(parent)
+    preload_video_libraries()  # FFmpeg's libraries mapped before the memory limit: not counted in it
     if limits is not None:
         sandbox.limit_this_process(limits)
 

@@ -47,6 +47,12 @@ def is_video_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
+def preload_video_libraries() -> None:
+    """Import PyAV (and map FFmpeg's libraries, tens of MiB) now: a decode worker does it before it
+    limits its memory, so that the limit counts what a video's decode allocates, not the libraries."""
+    import av  # noqa: F401
+
+
 def frame_time(metadata: dict[str, Any] | None) -> float | None:
     """A frame's moment (seconds) from an item's metadata; None for an item that is not a video frame."""
     value = (metadata or {}).get(TIME_KEY)

@@ -19,18 +19,18 @@ SCENE_S = 3.0  # each photo is a scene this long
 FPS = 10
 
 
-def make_clip(path: Path, photos: list[Path], seconds: float = SCENE_S, size=(320, 240)) -> Path:
+def make_clip(path: Path, photos: list[Path], seconds: float = SCENE_S, size=(320, 240), fps: int = FPS) -> Path:
     """An MPEG-4 clip showing each photo for `seconds`, a keyframe every second."""
     with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=FPS)
+        stream = container.add_stream("mpeg4", rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = FPS
+        stream.codec_context.gop_size = fps
         n = 0
         for photo in photos:
             with Image.open(photo) as im:
                 picture = im.convert("RGB").resize(size)
-            for _ in range(int(seconds * FPS)):
+            for _ in range(int(seconds * fps)):
                 frame = av.VideoFrame.from_image(picture)
                 frame.pts = n
                 n += 1
@@ -67,6 +67,16 @@ def test_a_scene_change_is_two_frames_in_the_right_halves(tmp_path, photos):
     assert len(times) == 2
     assert times[0] < SCENE_S <= times[1] < 2 * SCENE_S
     assert all(min(image.size) <= 448 for _, image in video.frames)
+
+
+def test_a_4k_video_decodes_in_a_worker_limited_to_128_mib(tmp_path, photos):
+    folder = tmp_path / "4k"
+    folder.mkdir()
+    make_clip(folder / "uhd.mkv", photos[:2], seconds=2.0, size=(3840, 2160), fps=2)
+    with NanoDB(tmp_path / "db", config="test", decode_memory_mb=128, workers=1) as db:
+        report = db.scan(folder)
+        assert (report.added, report.failed) == (1, 0), report.failures
+        assert frames_of(db, folder / "uhd.mkv") == [0.0, 2.0]
 
 
 def test_scan_indexes_frames_and_a_rescan_nothing_new(tmp_path, clips):
@@ -144,3 +154,29 @@ def test_one_shot_output_names_the_moment(tmp_path, clips, photos, capsys):
     first, second = map(json.loads, capsys.readouterr().out.splitlines())
     assert first["path"].endswith("two scenes.MP4") and SCENE_S <= first["time"] < 2 * SCENE_S
     assert "time" not in second
+
+
+def test_watch_indexes_renames_and_forgets_a_video(tmp_path, photos):
+    from test_service import WATCH_BOUND_S, BackgroundService, wait_for
+
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    Image.open(photos[2]).convert("RGB").save(folder / "photo.jpg")
+    clip = make_clip(tmp_path / "outside.mov", photos[:2])
+    db = NanoDB(tmp_path / "db", config="test")
+    bg = BackgroundService(db, [folder])
+    try:
+        assert bg.ready.wait(120), "the first scan of the watched folder did not finish"
+        frames = lambda path: bg.query(lambda: len(db.store.rows_of(str(path))))  # noqa: E731
+        arrived = folder / "arrived.mov"
+        clip.rename(arrived)
+        wait_for(lambda: frames(arrived) == 2, WATCH_BOUND_S + 10, "a video's frames")
+        renamed = folder / "renamed.mov"
+        arrived.rename(renamed)
+        wait_for(lambda: frames(renamed) == 2 and frames(arrived) == 0, WATCH_BOUND_S, "a renamed video")
+        renamed.unlink()
+        wait_for(lambda: frames(renamed) == 0, WATCH_BOUND_S, "a deleted video")
+        assert bg.query(lambda: len(db)) == 1
+    finally:
+        bg.stop()
+        db.close()

@@ -5,8 +5,9 @@ and its moment in the metadata ({"time": 83.2}, seconds from the start). Frames 
 changes: keyframes (encoders put one at each cut) at least MIN_GAP_S apart are compared by a tiny gray
 thumbnail, and a frame is kept when it differs enough from the last one kept; the first frame always is.
 At most MAX_FRAMES are kept per video and at most MAX_CANDIDATES keyframes are decoded, so a two-hour film
-costs a bounded number of decodes and embeddings; sampling also stops after SAMPLE_SECONDS of decoding
-(the decode worker's own time limit still holds above it).
+costs a bounded number of decodes and embeddings; sampling also stops SAMPLE_SECONDS after the file was
+opened (hashing included), with the frames kept so far (the decode worker's own time limit, 10 s by
+default, still holds above it).
 
 Bounded in memory: one decoder thread, only keyframes decoded, each frame scaled down (to FRAME_SIDE on
 its short side) as soon as it is decoded, and dimensions checked against the pixel limit before any
@@ -106,6 +107,7 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     ImageRejected with a short reason for a file that is not a readable video, or has no frame."""
     import av
 
+    began = clock.monotonic()  # the sampling budget counts the hashing too (a large file takes seconds)
     digest, st = _file_hash(path)
     f, _ = open_regular_file(path, MAX_VIDEO_BYTES)
     frames: list[tuple[float, Any]] = []
@@ -127,7 +129,6 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
             last_tried = None
             last_kept_sig = None
             tried = 0
-            began = clock.monotonic()
             for packet in container.demux(stream):
                 if packet.pts is None or packet.size == 0:
                     continue

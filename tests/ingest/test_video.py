@@ -180,3 +180,25 @@ def test_watch_indexes_renames_and_forgets_a_video(tmp_path, photos):
     finally:
         bg.stop()
         db.close()
+
+
+def test_frames_arriving_in_several_batches_are_one_file(tmp_path):
+    from dataclasses import replace
+
+    import numpy as np
+
+    from nanodb.media.record import FileRecord
+    from nanodb.media.video import frame_hash
+
+    path = str(tmp_path / "v.mp4")
+    frames = [FileRecord(path=path, size=10, mtime=1.0, hash=frame_hash(b"v1", t), metadata={"time": t})
+              for t in (0.0, 2.0, 4.0)]
+    with NanoDB(tmp_path / "db", config="test") as db:
+        vectors = np.random.default_rng(0).normal(size=(3, db.dim)).astype(np.float32)
+        assert db.store.add_files(frames[:2], vectors[:2]) == (1, 0)
+        assert db.store.add_files(frames[2:], vectors[2:]) == (0, 0)  # more frames of the same version
+        assert len(db.store.rows_of(path)) == 3 and db.index_of(path) is not None
+        newer = replace(frames[0], mtime=2.0, hash=frame_hash(b"v2", 0.0))
+        assert db.store.add_files([newer], vectors[:1]) == (0, 1)  # a new version replaces every frame
+        assert [db[i].metadata for i in db.store.rows_of(path)] == [{"time": 0.0}]
+        assert db.forget([path]) == 1 and len(db) == 0

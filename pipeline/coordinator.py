@@ -259,7 +259,10 @@ class ScanPipeline:
                 decoded = await self.pool.decode(f.path)
                 if isinstance(decoded, DecodeFailure):  # with the size and mtime it was found with
                     self.sink.remember_failure(f.path, f.size, f.mtime, decoded.reason)
-                await outbox.put(decoded)
+                    await outbox.put(decoded)
+                else:  # an image's one item, or a video's frames
+                    for item in decoded:
+                        await outbox.put(item)
             finally:  # only once passed on: a slot bounds the decoded images held, not just those decoding
                 slots.release()
 

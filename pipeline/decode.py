@@ -29,6 +29,7 @@ from nanodb.media import sandbox
 from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
+from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, preload_video_libraries, read_video_frames
 
 
 @dataclass
@@ -68,6 +69,30 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
     return DecodedImage(record, pixels)
 
 
+def decode_video(path: str, transform, max_pixels: int) -> list[DecodedImage] | DecodeFailure:
+    """A video's frames at its scene changes (media.video), each a DecodedImage of its own: the video's
+    path, size and mtime, a hash of its own (derived from the video's and its time) and {"time": seconds}."""
+    try:
+        video = read_video_frames(path, max_pixels)
+        frames = [(t, model_pixels(image, transform)) for t, image in video.frames]
+    except ImageRejected as e:
+        return DecodeFailure(path, str(e))
+    except MemoryError:
+        return DecodeFailure(path, TOO_MUCH_MEMORY)
+    except Exception as e:
+        return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
+    return [DecodedImage(FileRecord(path=path, size=video.size, mtime=video.mtime, hash=frame_hash(video.hash, t),
+                                    metadata={TIME_KEY: round(t, 3)}), pixels) for t, pixels in frames]
+
+
+def decode_media(path: str, transform, max_pixels: int) -> list[DecodedImage] | DecodeFailure:
+    """Any indexed file's items: an image's one, or a video's frames (decode_video)."""
+    if is_video_name(path):
+        return decode_video(path, transform, max_pixels)
+    decoded = decode_file(path, transform, max_pixels)
+    return decoded if isinstance(decoded, DecodeFailure) else [decoded]
+
+
 # The pixel transform, pixel limit and decode limits of a decode worker process, set by its initializer.
 _worker_args: tuple = ()
 _worker_limits: DecodeLimits | None = None
@@ -83,14 +108,15 @@ def _init_worker(transform, max_pixels: int, parent: int, limits: DecodeLimits |
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     sandbox.ignore_terminal_interrupt()
     sandbox.exit_with_parent(parent)
+    preload_video_libraries()  # FFmpeg's libraries mapped before the memory limit: not counted in it
     if limits is not None:
         sandbox.limit_this_process(limits)
 
 
-def _decode_in_worker(path: str) -> DecodedImage | DecodeFailure:
+def _decode_in_worker(path: str) -> list[DecodedImage] | DecodeFailure:
     if _worker_limits is None:
-        return decode_file(path, *_worker_args)
-    result = sandbox.run_limited(_worker_limits, decode_file, path, *_worker_args)
+        return decode_media(path, *_worker_args)
+    result = sandbox.run_limited(_worker_limits, decode_media, path, *_worker_args)
     if isinstance(result, DecodeFailure) and result.reason == TOO_MUCH_MEMORY:
         return DecodeFailure(path, _worker_limits.too_big)
     return result
@@ -147,8 +173,9 @@ class ImageDecodePool:
                 return executor
             return getattr(self, name)
 
-    async def decode(self, path: str) -> DecodedImage | DecodeFailure:
-        """Decode one file in a worker; a worker crash is pinned on the file that caused it."""
+    async def decode(self, path: str) -> list[DecodedImage] | DecodeFailure:
+        """Decode one file in a worker (an image: one item, a video: its frames); a worker crash is
+        pinned on the file that caused it."""
         loop = asyncio.get_running_loop()
         executor = self._executor or await loop.run_in_executor(None, self._ready_executor, "_executor", self.workers)
         try:
@@ -161,7 +188,7 @@ class ImageDecodePool:
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path)
 
-    def _decode_alone(self, path: str) -> DecodedImage | DecodeFailure:
+    def _decode_alone(self, path: str) -> list[DecodedImage] | DecodeFailure:
         with self._alone:
             solo = self._ready_executor("_solo", 1)
             try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_file
+from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_media
 from nanodb.pipeline.sink import EmbeddingModel
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
     """A Ray task: read and decode files, where they are visible to every node (a shared folder)."""
-    return [decode_file(p, transform, max_pixels) for p in paths]
+    decoded = [decode_media(p, transform, max_pixels) for p in paths]
+    return [d for one in decoded for d in ([one] if isinstance(one, DecodeFailure) else one)]  # a video's frames
 
 
 class ClipWorker:

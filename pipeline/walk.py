@@ -14,7 +14,7 @@ from nanodb.media.paths import (
     OUTSIDE_ROOTS,
     absolute_path,
     is_excluded,
-    is_image_name,
+    is_indexed_name,
     is_unsupported_image_name,
     leads_inside,
     printable,
@@ -123,7 +123,7 @@ class DirectoryWalker:
             return
         if stat.S_ISDIR(st.st_mode):
             yield from self._walk_tree(root, visited)
-        elif is_image_name(root) or stat.S_ISREG(st.st_mode):
+        elif is_indexed_name(root) or stat.S_ISREG(st.st_mode):
             if found := self._file(root, visited.files):
                 yield found
 
@@ -169,13 +169,13 @@ class DirectoryWalker:
                 return False
         except OSError:
             return False  # unreadable: the checks that follow report it
-        if is_image_name(entry.name) or _is_dir(entry):
+        if is_indexed_name(entry.name) or _is_dir(entry):
             self._problem(entry.path, OUTSIDE_ROOTS)
         return True
 
     def _image(self, entry: os.DirEntry, seen: set[str]) -> FoundFile | None:
         """A folder entry that is an image file; an image format nanodb cannot read is a problem."""
-        if is_image_name(entry.name):
+        if is_indexed_name(entry.name):
             return self._file(entry.path, seen)
         if is_unsupported_image_name(entry.name):
             self._problem(entry.path, f"unsupported image format ({os.path.splitext(entry.name)[1]})")

@@ -33,12 +33,13 @@ from nanodb.media.paths import (
     OUTSIDE_ROOTS,
     absolute_path,
     is_excluded,
-    is_image_name,
+    is_indexed_name,
     leads_inside,
     printable,
     resolved_roots,
 )
 from nanodb.media.record import FileRecord, content_hash
+from nanodb.media.video import is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class FolderWatcher:
         return False
 
     def _wanted_file(self, path: str) -> bool:
-        return is_image_name(path) and self._watched(path)
+        return is_indexed_name(path) and self._watched(path)
 
     # ------------------------------------------------------------------ events
     async def _apply_events(self) -> None:
@@ -239,7 +240,8 @@ class FolderWatcher:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""
         if self.sink.is_unchanged(found.path, found.size, found.mtime):
             return
-        digest = await asyncio.to_thread(_hash_file, found.path)
+        # a video is not read whole here (its items are its frames, whose hashes only its decode gives)
+        digest = None if is_video_name(found.path) else await asyncio.to_thread(_hash_file, found.path)
         if digest is not None and os.path.exists(found.path):  # not deleted while hashing
             known = FileRecord(path=found.path, size=found.size, mtime=found.mtime, hash=digest)
             if self.sink.add_known_file(known) is not None:

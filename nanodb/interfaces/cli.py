@@ -287,7 +287,8 @@ def print_results(db: NanoDB, results, args: argparse.Namespace, filtered: bool)
         print(f"nanodb: no results{why}", file=sys.stderr)
     for r in results:
         if args.json:
-            print(json.dumps({"index": r.index, "path": r.path, "similarity": round(r.similarity, 6)}))
+            at = {} if r.time is None else {"time": r.time}  # a video's frame: its moment, in seconds
+            print(json.dumps({"index": r.index, "path": r.path, **at, "similarity": round(r.similarity, 6)}))
             continue
         print(r)
         if protocol and r.path:

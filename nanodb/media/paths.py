@@ -7,6 +7,7 @@ import fnmatch
 import os
 
 from nanodb.media.formats import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
+from nanodb.media.video import is_video_name
 
 # Folders nobody wants indexed: hidden ones, Synology and desktop thumbnail caches.
 DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
@@ -14,6 +15,11 @@ DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def is_indexed_name(name: str) -> bool:
+    """A file a scan indexes: an image (is_image_name) or a video (media.video)."""
+    return is_image_name(name) or is_video_name(name)
 
 
 def is_unsupported_image_name(name: str) -> bool:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from nanodb.media.video import is_video_name
 from nanodb.search.query import QueryError
 from nanodb.search.request import DATE_RANGE, Filters, SearchRequest, SearchResult, SearchResults
 from nanodb.storage.columns import store_columns
@@ -134,18 +135,20 @@ def allowed_top(index: VectorIndex, queries: np.ndarray, n: int,
     return index.search(queries, n, allowed=allowed)
 
 
-def best_per_content(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int, hashes: np.ndarray) -> Chosen:
-    """The k best rows of distinct file content (hash), each with the other rows of its content. `top(n)`
-    gives one query's exact top n allowed rows; it is asked for more, doubling, until every copy of the
-    k-th kept row was seen (they all score within SCORE_TIE of it) or no row is left."""
+def best_per_key(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int, key_of: Callable[[int], Any]) -> Chosen:
+    """The k best rows of distinct keys (a file content's hash; a video's path for its frames), each with
+    the other rows of its key that are copies (not the other frames of a video: those keys are tuples).
+    `top(n)` gives one query's exact top n allowed rows; it is asked for more, doubling, until every copy
+    of the k-th kept row was seen (they all score within SCORE_TIE of it) or no row is left."""
     fetch = int(k * 1.5) + 16
     while True:
         rows, scores = top(fetch)
-        groups: dict[bytes, tuple[int, float, list[int]]] = {}
+        groups: dict[Any, tuple[int, float, list[int]]] = {}
         for i, s in zip(rows, scores):
-            key = bytes(hashes[i])
+            key = key_of(int(i))
             if key in groups:
-                groups[key][2].append(int(i))
+                if not isinstance(key, tuple):
+                    groups[key][2].append(int(i))
             elif len(groups) < k:
                 groups[key] = (int(i), float(s), [])
         chosen = list(groups.values())
@@ -154,16 +157,33 @@ def best_per_content(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int
         fetch *= 2
 
 
+def video_key(store: ItemStore, row: int) -> tuple[str, str] | None:
+    """The key that collapses a video's frames into one result (its path); None for other items."""
+    path = store.path_of(row)
+    return ("video", path) if path is not None and is_video_name(path) else None
+
+
 def answer(request: SearchRequest, store: ItemStore, top_rows: TopRows) -> list[SearchResults]:
     """An embedded request answered from `top_rows` (the exact top n allowed rows of each query), with
-    the paths and metadata of the rows as they are now: the caller holds the store's lock."""
+    the paths and metadata of the rows as they are now: the caller holds the store's lock. A video's
+    frames are always one result, its best frame; with `request.collapse`, identical files are too."""
     vectors = np.asarray(request.vectors, np.float32).reshape(-1, store.dim)
+    chosen = None
     if not request.collapse:
         indices, scores = top_rows(vectors, request.k)
         chosen = [[(int(i), float(s), []) for i, s in zip(ri, rs)] for ri, rs in zip(indices, scores)]
+        if any(video_key(store, i) for row in chosen for i, _, _ in row):
+            chosen = None  # frames of a video among them: collapsed below
+
+        def key_of(i: int):
+            return video_key(store, i) or i
     else:
         hashes = store.column("hash")
-        chosen = [best_per_content(lambda n, q=q: tuple(a[0] for a in top_rows(q[None], n)), request.k, hashes)
+
+        def key_of(i: int):
+            return video_key(store, i) or bytes(hashes[i])
+    if chosen is None:
+        chosen = [best_per_key(lambda n, q=q: tuple(a[0] for a in top_rows(q[None], n)), request.k, key_of)
                   for q in vectors]
     return [
         SearchResults(SearchResult(i, store.path_of(i), min(max(s, -1.0), 1.0), store.metadata_of(i), copies)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nanodb.media.paths import printable
+from nanodb.media.video import frame_time, timestamp
 from nanodb.search.query import QueryError, check_k, check_min_similarity
 
 FILE_TYPES = ("jpg", "png", "webp", "gif", "heic", "tiff", "bmp")  # the types offered as choices
@@ -94,8 +95,14 @@ class SearchResult:
     metadata: dict[str, Any] = field(default_factory=dict)
     duplicates: list[int] = field(default_factory=list)  # other items with the same file content
 
+    @property
+    def time(self) -> float | None:
+        """The moment of a video's frame (seconds from its start); None for any other item."""
+        return frame_time(self.metadata)
+
     def __str__(self) -> str:
-        return f"* index={self.index}  {printable(self.path or '')}  similarity={self.similarity:.4f}"
+        at = f" @ {timestamp(self.time)}" if self.time is not None else ""  # a video's moment: path @ 00:01:23
+        return f"* index={self.index}  {printable(self.path or '')}{at}  similarity={self.similarity:.4f}"
 
 
 class SearchResults(list):

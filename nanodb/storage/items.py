@@ -34,7 +34,9 @@ class ItemTable:
         self.meta = meta
         self.file = file  # the items file whose records are mapped at the start of `records`
         self.mapped = file.nbytes // ITEM_DTYPE.itemsize if file is not None else 0
-        self.path_rows: dict[str, int] | None = None  # built on first use
+        self.path_rows: dict[str, int] | None = None  # built on first use: a path's newest live row
+        # every live row of a path that has several (a video's frames), built with path_rows
+        self.shared_rows: dict[str, set[int]] = {}
         self.hash_rows: dict[bytes, int] | None = None
         self.columns: FilterColumns | None = None  # derived on first use (columns.store_columns)
 
@@ -116,10 +118,23 @@ class ItemTable:
         """The live row of each file path (`dead` marks deleted rows)."""
         if self.path_rows is None:
             self.check_file()
-            self.path_rows = {
-                p: i for i in range(self.count) if not dead[i] and (p := self._path_of(i)) is not None
-            }
+            self.path_rows, self.shared_rows = {}, {}
+            for i in range(self.count):
+                if not dead[i] and (p := self._path_of(i)) is not None:
+                    self._add_path_row(p, i)
         return self.path_rows
+
+    def _add_path_row(self, path: str, row: int) -> None:
+        if (before := self.path_rows.get(path)) is not None:
+            self.shared_rows.setdefault(path, {before}).add(row)
+        self.path_rows[path] = row
+
+    def rows_of(self, path: str, dead: np.ndarray) -> list[int]:
+        """Every live row of a file path (several for a video: one per frame), in row order."""
+        paths = self.live_paths(dead)
+        if path in self.shared_rows:
+            return sorted(self.shared_rows[path])
+        return [paths[path]] if path in paths else []
 
     def row_with_hash(self, content_hash: bytes) -> int | None:
         """A row (deleted ones too) whose content has this hash."""
@@ -143,7 +158,7 @@ class ItemTable:
             self.meta += mbytes
             row["size"], row["mtime"], row["hash"] = rec.size, rec.mtime, rec.hash
             if rec.path and self.path_rows is not None:
-                self.path_rows[rec.path] = i
+                self._add_path_row(rec.path, i)
             if self.hash_rows is not None:
                 self.hash_rows[bytes(rec.hash)] = i
         self.count = start + len(records)
@@ -158,7 +173,13 @@ class ItemTable:
         self.check_file()
         for i in rows:
             p = self._path_of(i)
-            if p is not None and self.path_rows.get(p) == i:
+            if p is not None and (shared := self.shared_rows.get(p)) is not None:
+                shared.discard(i)
+                if self.path_rows.get(p) == i and shared:
+                    self.path_rows[p] = max(shared)
+                if len(shared) <= 1:
+                    del self.shared_rows[p]
+            elif p is not None and self.path_rows.get(p) == i:
                 del self.path_rows[p]
 
     def _grow(self, capacity: int) -> None:

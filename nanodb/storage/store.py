@@ -19,6 +19,7 @@ import numpy as np
 
 from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import FileRecord
+from nanodb.media.video import frame_time
 from nanodb.storage.checks import VERIFY_AT_OPEN_BYTES, FileCheck, check_length, read_exact, verify_file
 from nanodb.storage.commit import (
     Chunks,
@@ -212,6 +213,27 @@ class ItemStore:
         with self.lock:
             return self.table.live_paths(self.index.dead)
 
+    def rows_of(self, path: str) -> list[int]:
+        """Every live item of a file path: one for an image, one per frame for a video."""
+        with self.lock:
+            return self.table.rows_of(path, self.index.dead)
+
+    def _replaced_rows(self, file: FileRecord, adding: list[FileRecord]) -> list[int]:
+        """The live rows that adding `file` replaces: every row of its path, except, for a video's frame,
+        the other frames of the same version of the video (same size and mtime, another time) and frames
+        added in the same call (a video's frames come in several batches, each with its own call)."""
+        rows = self.rows_of(file.path)
+        if frame_time(file.metadata) is None or len(rows) < 1:
+            return rows
+        times = {frame_time(f.metadata) for f in adding if f.path == file.path}
+        kept = []
+        for i in rows:
+            rec = self.table.record_of(i)
+            sibling = rec.size == file.size and rec.mtime == file.mtime and frame_time(rec.metadata) is not None
+            if not (sibling and frame_time(rec.metadata) not in times):
+                kept.append(i)
+        return kept
+
     def indexed_paths(self) -> list[str]:
         return list(self._paths_to_index())
 
@@ -266,14 +288,25 @@ class ItemStore:
                 else:
                     rows[j] = fresh[j].astype(np.float16)  # the bits it is stored with
                     first[h] = j
-            paths = self._paths_to_index()
-            old = [paths.get(f.path) for f in files]
+            files = list(files)
+            # Counted by file, not by item: a video is one file added (or updated) when its first frames
+            # come, none when more of its frames follow (siblings of that version are stored already).
+            added = updated = 0
+            replaced: set[int] = set()
+            for path in dict.fromkeys(f.path for f in files):
+                mine = [f for f in files if f.path == path]
+                gone = set() if path is None else {i for f in mine for i in self._replaced_rows(f, files)}
+                siblings = path is not None and len(self.rows_of(path)) > len(gone)
+                if frame_time(mine[0].metadata) is None:
+                    added, updated = added + len(mine) - bool(gone), updated + bool(gone)
+                elif not siblings:
+                    added, updated = added + (not gone), updated + bool(gone)
+                replaced |= gone
             self.append(rows, files, stored=True)
             self.failed_files.discard(f.path for f in files)
-            replaced = [i for i in old if i is not None]
             if replaced:
-                self.delete(replaced)
-        return len(files) - len(replaced), len(replaced)
+                self.delete(sorted(replaced))
+        return added, updated
 
     def delete(self, indices: Iterable[int]) -> None:
         """Remove items from search results and from the folder at the next save."""
@@ -294,20 +327,19 @@ class ItemStore:
             paths = self._paths_to_index()
             rows, records, replaced = [], [], []
             for old, new in moves:
-                i = paths.get(absolute_path(old))
-                if i is None:
+                if absolute_path(old) not in paths:
                     continue
                 new = absolute_path(new)
-                rows.append(i)
-                if new in paths:
-                    replaced.append(paths[new])
-                # The old size and mtime (a rename keeps both), not the file's now: if it has changed
-                # since the move, the next scan sees the difference and re-embeds it.
-                records.append(replace(self.table.record_of(i), path=new))
+                replaced.extend(self.rows_of(new))
+                for i in self.rows_of(absolute_path(old)):  # a video's frames move together
+                    rows.append(i)
+                    # The old size and mtime (a rename keeps both), not the file's now: if it has changed
+                    # since the move, the next scan sees the difference and re-embeds it.
+                    records.append(replace(self.table.record_of(i), path=new))
             if rows:
                 self.append(self.index.vectors[rows], records, stored=True)
                 self.delete(rows + replaced)
-        return len(rows)
+        return len({r.path for r in records})
 
     def move_folder(self, old: str, new: str) -> int:
         """Re-point every item under folder `old` to the same place under `new`."""
@@ -324,12 +356,12 @@ class ItemStore:
             rows = []
             for p in paths:
                 p = absolute_path(p)
-                if p in index:
-                    rows.append(index[p])
+                rows.extend(self.rows_of(p))  # a video's frames, all of them
                 prefix = p + os.sep
-                rows.extend(i for q, i in index.items() if q.startswith(prefix))
+                rows.extend(i for q in list(index) if q.startswith(prefix) for i in self.rows_of(q))
+            files = len({self.table.path_of(i) for i in rows})  # a video's frames are one file
             self.delete(rows)
-        return len(rows)
+        return files
 
     def add_known_file(self, file: FileRecord) -> int | None:
         """Index a file whose exact bytes are already known (a copy, or a move that arrived as a delete

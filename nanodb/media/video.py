@@ -1,0 +1,156 @@
+"""Videos, a media kind of their own: which files are videos, and the frames of one that a scan indexes.
+
+A video is indexed as a few of its frames, each an item of its own with the video's path, size and mtime
+and its moment in the metadata ({"time": 83.2}, seconds from the start). Frames are taken at scene
+changes: keyframes (encoders put one at each cut) at least MIN_GAP_S apart are compared by a tiny gray
+thumbnail, and a frame is kept when it differs enough from the last one kept; the first frame always is.
+At most MAX_FRAMES are kept per video and at most MAX_CANDIDATES keyframes are decoded, so a two-hour film
+costs a bounded number of decodes and embeddings; sampling also stops SAMPLE_SECONDS after the file was
+opened (hashing included), with the frames kept so far (the decode worker's own time limit, 10 s by
+default, still holds above it).
+
+Bounded in memory: one decoder thread, only keyframes decoded, each frame scaled down (to FRAME_SIDE on
+its short side) as soon as it is decoded, and dimensions checked against the pixel limit before any
+frame is decoded. The file is read through the media opener (open_regular_file), never by name.
+
+Each frame's content hash is derived from the video's (content_hash of the bytes, read in chunks) and the
+frame's time: identical copies of a video share their frames' vectors, and no two frames of one video
+share a hash. Frames of one file are told by their path: searches show a video once, at its best frame.
+"""
+
+from __future__ import annotations
+
+import os
+import time as clock
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from nanodb.media.opener import ImageRejected, check_dimensions, open_regular_file
+from nanodb.media.record import content_hash
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm", ".3gp", ".mts"})
+
+MAX_VIDEO_BYTES = 1 << 40  # videos are read in chunks and streamed to the demuxer, never whole
+MIN_GAP_S = 2.0  # at most one frame every this many seconds
+MAX_FRAMES = 64  # frames kept per video
+MAX_CANDIDATES = 256  # keyframes decoded per video at most (spread over its duration when it is known)
+SAMPLE_SECONDS = 6.0  # stop decoding candidates after this long (the kept frames so far are used)
+SCENE_CHANGE = 0.08  # mean absolute difference (0..1) of the gray thumbnails that makes a new scene
+FRAME_SIDE = 448  # short side of a kept frame (the model's transform resizes it further)
+SIGNATURE = (16, 16)  # the gray thumbnail a frame is compared by
+HASH_CHUNK = 1 << 20
+TIME_KEY = "time"  # the metadata key of a frame's moment, in seconds
+
+
+def is_video_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
+
+
+def preload_video_libraries() -> None:
+    """Import PyAV (and map FFmpeg's libraries, tens of MiB) now: a decode worker does it before it
+    limits its memory, so that the limit counts what a video's decode allocates, not the libraries."""
+    import av  # noqa: F401
+
+
+def frame_time(metadata: dict[str, Any] | None) -> float | None:
+    """A frame's moment (seconds) from an item's metadata; None for an item that is not a video frame."""
+    value = (metadata or {}).get(TIME_KEY)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def frame_hash(video_hash: bytes, time: float) -> bytes:
+    """The content hash of the frame at `time` of the video whose bytes hash to `video_hash`."""
+    return content_hash(video_hash + f"@{time:.3f}".encode())
+
+
+def timestamp(seconds: float) -> str:
+    """`00:01:23` (hours always shown)."""
+    s = int(max(seconds, 0.0))
+    return f"{s // 3600:02d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@dataclass
+class VideoFrames:
+    """The frames a scan keeps of one video: (time in seconds, 8-bit RGB PIL image), in time order."""
+
+    size: int
+    mtime: float
+    hash: bytes  # of the video file's bytes
+    frames: list[tuple[float, Any]]
+
+
+def _file_hash(path: str) -> tuple[bytes, os.stat_result]:
+    f, st = open_regular_file(path, MAX_VIDEO_BYTES)
+    with f:
+        try:
+            return content_hash(iter(lambda: f.read(HASH_CHUNK), b"")), st
+        except OSError as e:
+            raise ImageRejected(f"unreadable: {e.strerror or e}") from None
+
+
+def _signature(frame) -> np.ndarray:
+    w, h = SIGNATURE
+    return frame.to_ndarray(width=w, height=h, format="gray").astype(np.float32) / 255.0
+
+
+def _scaled(frame):
+    """The frame as RGB, its short side at most FRAME_SIDE (scaled by libswscale, not in Python)."""
+    w, h = frame.width, frame.height
+    scale = min(1.0, FRAME_SIDE / max(1, min(w, h)))
+    return frame.to_image(width=max(1, round(w * scale)), height=max(1, round(h * scale)))
+
+
+def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
+    """The frames of the video at `path` taken at scene changes (see the module's doc). Raises
+    ImageRejected with a short reason for a file that is not a readable video, or has no frame."""
+    import av
+
+    began = clock.monotonic()  # the sampling budget counts the hashing too (a large file takes seconds)
+    digest, st = _file_hash(path)
+    f, _ = open_regular_file(path, MAX_VIDEO_BYTES)
+    frames: list[tuple[float, Any]] = []
+    try:
+        with f, av.open(f, mode="r") as container:
+            if not container.streams.video:
+                raise ImageRejected("no video stream")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            check_dimensions(ctx.width, ctx.height, max_pixels)
+            ctx.thread_type = "NONE"
+            ctx.thread_count = 1
+            ctx.skip_frame = "NONKEY"
+            base = stream.time_base
+            duration = float(stream.duration * base) if stream.duration and base else (
+                container.duration / 1e6 if container.duration else None)
+            gap = max(MIN_GAP_S, (duration or 0.0) / MAX_CANDIDATES)
+            start = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+            last_tried = None
+            last_kept_sig = None
+            tried = 0
+            for packet in container.demux(stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                t = float(packet.pts * base) - start if base else 0.0
+                if frames and (not packet.is_keyframe or (last_tried is not None and t < last_tried + gap)):
+                    continue  # the first frame is decoded whatever the packet (a stream may not start on a key)
+                for frame in packet.decode():
+                    t = float(frame.pts * base) - start if frame.pts is not None and base else t
+                    last_tried, tried = t, tried + 1
+                    sig = _signature(frame)
+                    if last_kept_sig is None or float(np.abs(sig - last_kept_sig).mean()) > SCENE_CHANGE:
+                        frames.append((max(t, 0.0), _scaled(frame)))
+                        last_kept_sig = sig
+                    break
+                if tried >= MAX_CANDIDATES or clock.monotonic() - began > SAMPLE_SECONDS:
+                    break
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as e:  # FFmpeg's errors (av.FFmpegError) and anything a damaged container makes it raise
+        raise ImageRejected(f"corrupt or unsupported video ({type(e).__name__}: {e})") from None
+    if not frames:
+        raise ImageRejected("corrupt or unsupported video (no frame decoded)")
+    if len(frames) > MAX_FRAMES:  # spread evenly over the video
+        frames = [frames[i] for i in np.linspace(0, len(frames) - 1, MAX_FRAMES).round().astype(int)]
+    return VideoFrames(st.st_size, st.st_mtime, digest, frames)

@@ -1,5 +1,5 @@
 """The JSON HTTP API: search by text, uploaded image or item index (or a combination); stats; thumbnails
-and originals.
+and originals (a single byte range of one on request: a browser plays a video by ranges).
 
 Every error is a JSON object {"error": "one line"} with a 4xx status; nothing a client sends can
 make the server stop serving. The OpenAPI schema is at /openapi.json, browsable at /docs.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 import mimetypes
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanodb.database import SearchResults
 from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
+from nanodb.media.video import frame_time
 from nanodb.search.batcher import SearchBusy
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
 from nanodb.storage.format import DatabaseError
@@ -40,6 +42,9 @@ K = Query(64, description=f"number of results, 1..{MAX_K}", examples=[16], json_
 MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (cosine, -1..1)", examples=[0.2],
                        json_schema_extra=SIMILARITY_BOUNDS)
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "a JPEG image"}}
+TIME_HELP = "a video's frame: its moment, seconds from the video's start (null for a photo)"
+CHUNK = 1 << 16  # bytes read from an original at a time
+ONE_RANGE = re.compile(r"bytes=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
 
 
 class Where(NamedTuple):
@@ -89,6 +94,7 @@ class Result(BaseModel):
     thumbnail: str
     original: str
     duplicates: list[int] = Field(default_factory=list, description="items with the same file content (collapse)")
+    time: float | None = Field(None, description=TIME_HELP)
 
 
 class SearchResponse(BaseModel):
@@ -141,6 +147,7 @@ class ItemInfo(BaseModel):
     size: int
     mtime: float
     metadata: dict
+    time: float | None = Field(None, description=TIME_HELP)
 
 
 class Error(BaseModel):
@@ -160,6 +167,7 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
                 thumbnail=f"/api/items/{r.index}/thumbnail",
                 original=f"/api/items/{r.index}/original",
                 duplicates=r.duplicates,
+                time=r.time,
             )
             for r in outcome
         ],
@@ -169,10 +177,37 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
     )
 
 
-def _chunks(f):
+def _chunks(f, start: int, length: int):
+    """`length` bytes of the open file from `start`, read CHUNK at a time; the file closed after."""
     with f:
-        while chunk := f.read(1 << 16):
+        f.seek(start)
+        while length > 0 and (chunk := f.read(min(CHUNK, length))):
+            length -= len(chunk)
             yield chunk
+
+
+class RangeNotSatisfiable(ValueError):
+    """A Range header that names no byte of the file (416)."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range `header` asks of a file of `size` bytes, as (first, last) inclusive; None for the
+    whole file: no header, one the server ignores as RFC 9110 allows (several ranges, another unit, a
+    malformed one). Raises RangeNotSatisfiable for a range past the end."""
+    m = ONE_RANGE.fullmatch(header.strip()) if header else None
+    if m is None or not (m[1] or m[2]):
+        return None
+    if not m[1]:  # the last N bytes
+        if int(m[2]) == 0:
+            raise RangeNotSatisfiable("an empty suffix range")
+        return max(0, size - int(m[2])), size - 1
+    first = int(m[1])
+    last = int(m[2]) if m[2] else size - 1
+    if m[2] and last < first:
+        return None  # invalid: ignored
+    if first >= size:
+        raise RangeNotSatisfiable(f"the range starts past the file's {size} bytes")
+    return first, min(last, size - 1)
 
 
 def content_disposition(name: str) -> str:
@@ -259,7 +294,8 @@ def add_item_routes(router: APIRouter, service: SearchService, thumbnails: Thumb
     @router.get("/items/{index}", response_model=ItemInfo, summary="One stored item")
     def item(index: int):
         it = db[exists(index)]
-        return ItemInfo(index=index, path=it.path, size=it.size, mtime=it.mtime, metadata=it.metadata)
+        return ItemInfo(index=index, path=it.path, size=it.size, mtime=it.mtime, metadata=it.metadata,
+                        time=frame_time(it.metadata))
 
     @router.get("/items/{index}/thumbnail", response_class=FileResponse, responses=JPEG,
                 summary="An item's JPEG thumbnail")
@@ -268,14 +304,27 @@ def add_item_routes(router: APIRouter, service: SearchService, thumbnails: Thumb
                             headers={"Cache-Control": "private, max-age=86400"})
 
     @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file",
-                responses={200: {"content": {"image/*": {}}, "description": "the file as indexed"}})
-    def original(index: int):
+                responses={200: {"content": {"image/*": {}, "video/*": {}}, "description": "the file as indexed"},
+                           206: {"content": {"image/*": {}, "video/*": {}},
+                                 "description": "the byte range asked for (a `Range: bytes=first-last` header)"},
+                           416: {"model": Error, "description": "a range past the end of the file"}})
+    def original(index: int, request: Request):
         f = open_original(db, index)  # checked against its content hash, then sent from this descriptor
-        name = Path(db[index].path).name
-        return StreamingResponse(_chunks(f),
+        size, name = db[index].size, Path(db[index].path).name
+        headers = {"Content-Disposition": content_disposition(name), "Accept-Ranges": "bytes"}
+        try:  # a Range with If-Range is answered whole: the server sends no validator it could compare
+            asked = None if "if-range" in request.headers else byte_range(request.headers.get("range"), size)
+        except RangeNotSatisfiable as e:
+            f.close()
+            return JSONResponse({"error": f"{e}; ask for bytes 0-{size - 1}"}, status_code=416,
+                                headers={"Content-Range": f"bytes */{size}"})
+        first, last = asked or (0, size - 1)
+        if asked is not None:
+            headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+        headers["Content-Length"] = str(last - first + 1)
+        return StreamingResponse(_chunks(f, first, last - first + 1), status_code=200 if asked is None else 206,
                                  media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
-                                 headers={"Content-Disposition": content_disposition(name),
-                                          "Content-Length": str(db[index].size)})
+                                 headers=headers)
 
 
 def unknown_api_route(app: FastAPI) -> None:

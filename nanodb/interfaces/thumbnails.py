@@ -2,10 +2,13 @@
 
 A file is only ever found by item index, never from a path in a request, and only while it is still
 the file that was indexed: same size, modification time and content hash, checked on the very file
-descriptor that is then sent. So a path swapped for a symlink to another file, or for another file
-with the same size and mtime, is refused. It is opened by the media layer's one opener (never blocks,
-a regular file checked before a byte is read). And a file reached through a symlink out of the folders
-the database was scanned from is refused (403), unless those were scanned following symlinks.
+descriptor that is then sent (for a video's frame, the hash derived from the video's: media.video). A
+check is remembered for the file's identity (device, inode, size, mtime and ctime, which no writer can
+set back): the many range requests a browser makes while playing a video hash the file once. So a path
+swapped for a symlink to another file, or for another file with the same size and mtime, is refused.
+It is opened by the media layer's one opener (never blocks, a regular file checked before a byte is read).
+And a file reached through a symlink out of the folders the database was scanned from is refused (403),
+unless those were scanned following symlinks.
 """
 
 from __future__ import annotations
@@ -14,15 +17,25 @@ import os
 import stat
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
-from nanodb.media.opener import ImageRejected, open_image, open_regular_file
+from nanodb.media.opener import MAX_FILE_BYTES, ImageRejected, open_image, open_regular_file
 from nanodb.media.paths import servable_path
-from nanodb.media.record import content_hash
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
+from nanodb.media.video import (
+    MAX_VIDEO_BYTES,
+    frame_thumbnail,
+    frame_time,
+    indexed_content_hash,
+    is_video_frame,
+    preload_video_libraries,
+)
 
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 THUMBNAIL_DECODERS = 2  # worker processes making thumbnails, each decode limited (media.sandbox)
+VIDEO_DECODERS = 1  # worker processes making thumbnails of video frames (PyAV loaded before the limits)
+VERIFIED_FILES = 1024  # file identities whose content hash was checked, remembered
 
 
 class NotServable(LookupError):
@@ -72,18 +85,42 @@ def check_original(db, index: int) -> None:
         raise NotServable(f"the file of item {index} is gone") from None
 
 
+_verified: OrderedDict[tuple, None] = OrderedDict()  # (item hash, path, file identity) checked, latest last
+_verified_lock = threading.Lock()
+
+
+def _identity(item, st: os.stat_result) -> tuple:
+    return (item.hash, item.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _check_content(f, st: os.stat_result, item, index: int) -> None:
+    """The open file's bytes hash to the item's stored hash (media.video.indexed_content_hash); a file
+    already checked with the same identity is not read again."""
+    key = _identity(item, st)
+    with _verified_lock:
+        if key in _verified:
+            _verified.move_to_end(key)
+            return
+    if indexed_content_hash(item.path, item.metadata, _hashed(f, item.size + 1)).hex() != item.hash:
+        raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
+    with _verified_lock:
+        _verified[key] = None
+        while len(_verified) > VERIFIED_FILES:
+            _verified.popitem(last=False)
+
+
 def open_original(db, index: int):
     """The file of live item `index`, opened and checked to be the one that was indexed (its content
     hash included, on this very descriptor); returned open at its start for the caller to read and close."""
     item = _indexed_item(db, index)
     try:  # non-blocking, and checked to be a regular file before a byte is read (a FIFO, a device)
-        f, st = open_regular_file(item.path)
+        f, st = open_regular_file(item.path, MAX_VIDEO_BYTES if is_video_frame(item.path, item.metadata) else
+                                  MAX_FILE_BYTES)
     except ImageRejected as e:  # gone, or no longer a regular file
         raise NotServable(f"the file of item {index} cannot be sent ({e})") from None
     try:
         _check_stat(st, item, index)
-        if content_hash(_hashed(f, item.size + 1)).hex() != item.hash:
-            raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
+        _check_content(f, st, item, index)
         _check_inside_roots(db, item, index)
         f.seek(0)
         return f
@@ -112,6 +149,8 @@ class ThumbnailCache:
         # originals are decoded in limited worker processes: a time bomb costs one request, at most
         # the decode_seconds setting, and is then refused at once (by content hash: the same bytes)
         self.decoder = DecodeSandbox(THUMBNAIL_DECODERS, DecodeLimits.of(db.settings))
+        # a video's frame: decoded in a worker of its own (started on first need) with the same limits
+        self.video_decoder = DecodeSandbox(VIDEO_DECODERS, DecodeLimits.of(db.settings), preload_video_libraries)
         self._refused: dict[str, str] = {}
 
     def get(self, index: int) -> Path:
@@ -130,15 +169,23 @@ class ThumbnailCache:
                 raise NotServable(self._refused[key])
             if not thumb.is_file():
                 with open_original(self.db, index) as original:
-                    self._make(original, thumb, Path(item.path).name)
+                    self._make(original, thumb, item)
         with self._guard:
             self._making.pop(key, None)
         return thumb
 
-    def _make(self, original, thumb: Path, name: str) -> None:
+    def _make(self, original, thumb: Path, item) -> None:
+        name = Path(item.path).name
         try:
-            # from the verified descriptor: never reopened by path, which may have been swapped since
-            im = self.decoder.run(small_image, original.read(), self.size)
+            if is_video_frame(item.path, item.metadata):
+                # a video is not sent whole to the worker: it opens the path through the opener and
+                # decodes only if it finds the very file checked here (device, inode, size, mtime)
+                st = os.fstat(original.fileno())
+                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                im = self.video_decoder.run(frame_thumbnail, item.path, identity, frame_time(item.metadata),
+                                            self.size, int(self.db.settings.max_image_pixels))
+            else:  # from the verified descriptor: never reopened by path, which may have been swapped since
+                im = self.decoder.run(small_image, original.read(), self.size)
         except (OSError, ValueError) as e:  # ImageRejected is a ValueError
             self._refused[thumb.stem] = f"cannot make a thumbnail of {name}: {e}"
             raise NotServable(self._refused[thumb.stem]) from None
@@ -153,5 +200,6 @@ class ThumbnailCache:
             raise
 
     def close(self) -> None:
-        """Stop the thumbnail decoder's worker processes."""
+        """Stop the thumbnail decoders' worker processes."""
         self.decoder.close()
+        self.video_decoder.close()

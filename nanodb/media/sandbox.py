@@ -106,9 +106,11 @@ def limit_this_process(limits: DecodeLimits) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def _init_sandbox_worker(limits: DecodeLimits, parent: int) -> None:
+def _init_sandbox_worker(limits: DecodeLimits, parent: int, prepare: Callable | None = None) -> None:
     ignore_terminal_interrupt()
     exit_with_parent(parent)
+    if prepare is not None:  # e.g. load a decoder's libraries: the memory limit counts what a decode allocates
+        prepare()
     limit_this_process(limits)
 
 
@@ -145,11 +147,12 @@ def _ready() -> bool:
     return True
 
 
-def start_worker(limits: DecodeLimits) -> Executor:
-    """One limited worker process, started and answering."""
+def start_worker(limits: DecodeLimits, prepare: Callable | None = None) -> Executor:
+    """One limited worker process, started and answering; `prepare()` (picklable) runs in it before it
+    limits itself."""
     from loky import ProcessPoolExecutor
 
-    worker = ProcessPoolExecutor(1, initializer=_init_sandbox_worker, initargs=(limits, os.getpid()))
+    worker = ProcessPoolExecutor(1, initializer=_init_sandbox_worker, initargs=(limits, os.getpid(), prepare))
     try:
         with interrupt_blocked_in_children():
             started = worker.submit(_ready)
@@ -162,10 +165,12 @@ def start_worker(limits: DecodeLimits) -> Executor:
 
 class DecodeSandbox:
     """`workers` limited worker processes (started on first need), each running one call at a time: a
-    time bomb costs its own call, at most `limits.seconds`, and then its worker is replaced."""
+    time bomb costs its own call, at most `limits.seconds`, and then its worker is replaced. `prepare`: a
+    picklable function each worker runs before it limits itself (media.video.preload_video_libraries)."""
 
-    def __init__(self, workers: int, limits: DecodeLimits):
+    def __init__(self, workers: int, limits: DecodeLimits, prepare: Callable | None = None):
         self.limits = limits
+        self.prepare = prepare
         self._idle: queue.SimpleQueue[Executor | None] = queue.SimpleQueue()
         for _ in range(workers):
             self._idle.put(None)  # a slot whose process is not started yet
@@ -177,7 +182,7 @@ class DecodeSandbox:
         worker = self._idle.get()
         try:
             if worker is None:
-                worker = start_worker(self.limits)
+                worker = start_worker(self.limits, self.prepare)
             with interrupt_blocked_in_children():  # a worker that timed out idle starts again here
                 future = worker.submit(run_limited, self.limits, fn, *args)
             try:

@@ -154,3 +154,65 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     if len(frames) > MAX_FRAMES:  # spread evenly over the video
         frames = [frames[i] for i in np.linspace(0, len(frames) - 1, MAX_FRAMES).round().astype(int)]
     return VideoFrames(st.st_size, st.st_mtime, digest, frames)
+
+
+def is_video_frame(path: str | None, metadata: dict[str, Any] | None) -> bool:
+    """Whether an item with this path and metadata is a frame of a video (a scan made it so)."""
+    return bool(path) and is_video_name(path) and frame_time(metadata) is not None
+
+
+def indexed_content_hash(path: str | None, metadata: dict[str, Any] | None, chunks) -> bytes:
+    """The content hash that an item with this path and metadata was indexed with, if its file's bytes
+    are `chunks` (read by the caller through the opener): the file's own hash for a photo, the hash
+    derived from the video's and the frame's time (frame_hash) for a video's frame. What the server
+    compares with an item's stored hash to tell that its file is still the one indexed."""
+    digest = content_hash(chunks)
+    return frame_hash(digest, frame_time(metadata)) if is_video_frame(path, metadata) else digest
+
+
+def frame_thumbnail(path: str, identity: tuple[int, int, int, int], time: float, size: int, max_pixels: int):
+    """The frame at `time` (seconds) of the video at `path` as an RGB PIL image of at most `size` pixels a
+    side: the keyframe at or just after `time` (a scan's frames are keyframes), else the last one before.
+
+    Run in a limited worker process (media.sandbox). The file is opened through open_regular_file and must
+    be the very file the caller checked: `identity` is its (st_dev, st_ino, st_size, st_mtime_ns), so a
+    path swapped since (for a symlink, another file) is refused. One decoder thread, keyframes only,
+    dimensions checked against `max_pixels` before any frame is decoded. Raises ImageRejected."""
+    import av
+
+    f, st = open_regular_file(path, MAX_VIDEO_BYTES)
+    last = None
+    try:
+        with f:
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
+                raise ImageRejected("the file changed since it was checked")
+            with av.open(f, mode="r") as container:
+                if not container.streams.video:
+                    raise ImageRejected("no video stream")
+                stream = container.streams.video[0]
+                ctx = stream.codec_context
+                check_dimensions(ctx.width, ctx.height, max_pixels)
+                ctx.thread_type = "NONE"
+                ctx.thread_count = 1
+                ctx.skip_frame = "NONKEY"
+                base = stream.time_base
+                start = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+                if base and time > 0:
+                    try:  # to the keyframe at or before the moment (backward); a file that cannot seek decodes on
+                        container.seek(int((time + start) / base), stream=stream, backward=True)
+                    except Exception:  # FFmpeg cannot seek in some files: they are decoded from the start
+                        pass
+                for frame in container.decode(stream):
+                    t = float(frame.pts * base) - start if frame.pts is not None and base else 0.0
+                    last = frame
+                    if t >= time - 0.001:  # a frame's stored time is rounded to milliseconds
+                        break
+                if last is None:
+                    raise ImageRejected("no frame decoded")
+                w, h = last.width, last.height
+                scale = min(1.0, size / max(1, w, h))
+                return last.to_image(width=max(1, round(w * scale)), height=max(1, round(h * scale)))
+    except (ImageRejected, MemoryError):
+        raise
+    except Exception as e:  # FFmpeg's errors (av.FFmpegError) and anything a damaged container makes it raise
+        raise ImageRejected(f"corrupt or unsupported video ({type(e).__name__}: {e})") from None

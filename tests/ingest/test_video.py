@@ -7,38 +7,13 @@ import json
 import os
 from pathlib import Path
 
-import av
 import pytest
 from helpers import coco_photos
+from helpers.videos import SCENE_S, make_clip
 from PIL import Image
 
 from nanodb import NanoDB
 from nanodb.media.video import frame_time, read_video_frames
-
-SCENE_S = 3.0  # each photo is a scene this long
-FPS = 10
-
-
-def make_clip(path: Path, photos: list[Path], seconds: float = SCENE_S, size=(320, 240), fps: int = FPS) -> Path:
-    """An MPEG-4 clip showing each photo for `seconds`, a keyframe every second."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.gop_size = fps
-        n = 0
-        for photo in photos:
-            with Image.open(photo) as im:
-                picture = im.convert("RGB").resize(size)
-            for _ in range(int(seconds * fps)):
-                frame = av.VideoFrame.from_image(picture)
-                frame.pts = n
-                n += 1
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """The web UI (Gradio Blocks): search by text as you type or by a dropped image, filter, browse in a lightbox.
 
 The gallery shows thumbnails served by the HTTP API (/api/items/N/thumbnail), so the browser loads
-small cached JPEGs in parallel and the search itself returns at once. Clicking a tile opens the
-lightbox: the original large, its details, previous/next, "similar to this" and "open original".
+small cached JPEGs in parallel and the search itself returns at once (a video's tile: its best frame,
+the moment in the caption, `name @ 00:01:23`). Clicking a tile opens the lightbox: the original large
+(a video plays from that frame's moment), its details, previous/next, "similar to this" and "open original".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nanodb.database import Item, SearchResults
 from nanodb.interfaces import web_assets as assets
 from nanodb.interfaces.search_service import BadRequest, SearchService
 from nanodb.media.opener import ImageRejected, read_image_file
+from nanodb.media.video import frame_time, is_video_frame, timestamp
 from nanodb.search.request import Filters
 
 CSS, JS = assets.CSS, assets.JS  # the server mounts the page with them
@@ -215,8 +217,9 @@ def base_url(request: gr.Request | None) -> str:
 
 def caption(r) -> str:
     name = os.path.basename(r.path) if r.path else f"item {r.index}"
+    at = f" @ {timestamp(r.time)}" if r.time is not None else ""  # a video's frame: its moment
     copies = f" ×{len(r.duplicates) + 1}" if r.duplicates else ""
-    return f"{name}{copies} · {r.similarity:.3f}"
+    return f"{name}{at}{copies} · {r.similarity:.3f}"
 
 
 def tiles_of(shown) -> list[tuple[int, float, int]]:
@@ -315,8 +318,15 @@ class SearchEvents:
         original = f"{base}/api/items/{index}/original"
         thumb = f"{base}/api/items/{index}/thumbnail"
         copies_text = f" · {copies} identical files" if copies > 1 else ""
+        moment = frame_time(item.metadata) if item is not None and is_video_frame(path, item.metadata) else None
+        if moment is not None:  # played from the frame's moment (a media fragment), muted so that it may start
+            view = (f'<video src="{original}#t={moment:.3f}" poster="{thumb}" controls autoplay muted playsinline '
+                    f'preload="auto" data-time="{moment:.3f}" title="{name}"></video>')
+            name += f" @ {timestamp(moment)}"
+        else:
+            view = f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
         return (
-            f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
+            view +
             f'<div class="details"><b class="name">{name}</b> · {at + 1} of {len(tiles)}<br>'
             f'{folder_name}<br>{when} ({source}) · {human_size(item.size if item else -1)} · '
             f'similarity {similarity:.3f}{copies_text} · '

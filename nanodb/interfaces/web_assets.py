@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # Responsive: tiles at least 110 px wide (two or three columns on a phone), inputs stack on narrow
 # screens, file names appear on hover. The lightbox covers the window, opaque, in either theme: the
-# photo as large as the window leaves room for, its name and details light on black below it.
+# photo (or video) as large as the window leaves room for, its name and details light on black below it.
 CSS = """
 #results, #results .grid-wrap { max-height: none !important; min-height: 0 !important; }
 #results .grid-container { grid-template-columns: repeat(auto-fill, minmax(140px, 1fr)) !important; }
@@ -28,7 +28,8 @@ CSS = """
                  background: transparent !important; border: none !important; box-shadow: none !important; }
 #lightbox-view .html-container, #lightbox-view .prose { flex: 1 1 0; min-height: 0; display: flex;
                                                        flex-direction: column; padding: 0; max-width: none; }
-#lightbox-view img { flex: 1 1 0; min-height: 0; width: 100%; object-fit: contain; display: block; margin: 0; }
+#lightbox-view img, #lightbox-view video { flex: 1 1 0; min-height: 0; width: 100%; object-fit: contain;
+                                           display: block; margin: 0; background: #000; }
 #lightbox-view .details { flex: none; color: #e8e8e8 !important; text-align: center; margin-top: 8px;
                           overflow-wrap: anywhere; }
 #lightbox-view .details .name { color: #fff !important; }

@@ -78,6 +78,8 @@ def test_scan_decoding_matches_open_clip_float32(reference, big_jpeg):
         decoded = asyncio.run(decode_all())
     finally:
         pool.close()
+    assert all(isinstance(d, list) and len(d) == 1 for d in decoded), decoded  # a photo is one item
+    decoded = [items[0] for items in decoded]
     assert all(isinstance(d, DecodedImage) for d in decoded)
     vectors = model.encode_pixels(np.stack([d.pixels for d in decoded]))
     assert np.sum(vectors * open_clip_vectors(reference, files), 1).min() > 0.99

@@ -22,9 +22,10 @@ TRIES = [3, pytest.param(30, marks=pytest.mark.slow)]
 WORDS = ["dog", "kitchen", "bus", "cat", "beach", "pizza", "horse", "street", "snow", "bird"]
 
 # Counts, in the page, the web UI events the browser sent (Gradio's queue/join) and the answers it received
-# (process_completed on the result stream), with the time of the latest of either.
+# (process_completed on the result stream), the uploads started and still running (a dropped image is
+# uploaded before its event is sent), with the time of the latest of any.
 EVENT_COUNTER = """(() => {
-  const seen = window.nanodbEvents = {sent: [], answered: 0, last: performance.now()};
+  const seen = window.nanodbEvents = {sent: [], answered: 0, uploads: 0, uploading: 0, last: performance.now()};
   const plainFetch = window.fetch;
   async function count(reader) {
     const decoder = new TextDecoder();
@@ -41,6 +42,11 @@ EVENT_COUNTER = """(() => {
   }
   window.fetch = async function (input, init) {
     const url = String(input && input.url ? input.url : input);
+    if (url.includes("/upload")) {
+      seen.uploads += 1; seen.uploading += 1; seen.last = performance.now();
+      try { return await plainFetch.apply(this, arguments); }
+      finally { seen.uploading -= 1; seen.last = performance.now(); }
+    }
     const response = await plainFetch.apply(this, arguments);
     if (url.includes("/queue/join") && response.ok) {
       seen.sent.push(String(init && init.body)); seen.last = performance.now();
@@ -111,10 +117,11 @@ def type_and_wait_until_sent(page, text: str) -> None:
 
 
 def settle(page) -> None:
-    """Wait until every event sent was answered and nothing was sent or answered for 0.5 s (a debounced
-    keystroke sends within 0.25 s): whatever an older search could still change has then arrived."""
-    page.wait_for_function("() => { const e = window.nanodbEvents;"
-                           " return e.sent.length === e.answered && performance.now() - e.last > 500; }",
+    """Wait until no upload runs, every event sent was answered and nothing was sent or answered for 0.5 s
+    (a debounced keystroke sends within 0.25 s): whatever an older search could still change has then
+    arrived."""
+    page.wait_for_function("() => { const e = window.nanodbEvents; return e.uploading === 0 &&"
+                           " e.sent.length === e.answered && performance.now() - e.last > 500; }",
                            polling=100)
 
 
@@ -173,7 +180,9 @@ def test_dropping_an_image_while_a_text_search_runs_shows_the_images_results(pag
     for n in range(tries):
         photo = photos[(5 * n) % len(photos)]
         type_and_wait_until_sent(page, f"a {WORDS[n % len(WORDS)]} {n}")
+        uploads = page.evaluate("window.nanodbEvents.uploads")
         page.locator("#image-query input[type=file]").set_input_files(str(photo))
+        page.wait_for_function(f"() => window.nanodbEvents.uploads > {uploads}")  # settle() then waits for it
         check(page, failures, n, ["the uploaded image"], api_search(site, "image", photo=photo))
     assert not failures, f"{len(failures)} of {tries} tries ended on an older action's results:\n" + \
         "\n".join(failures)

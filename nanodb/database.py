@@ -21,7 +21,7 @@ from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.model.text_export import ExportedTextTower, text_encoder
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
-from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_file
+from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_media
 from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.batcher import QueryBatcher
@@ -224,11 +224,14 @@ class NanoDB:
     ) -> list[int]:
         """Add items that are not files of a scanned folder; returns their indices.
 
-        `items`: a vector (dim,), a batch of vectors (n, dim), a PIL image, an image file path, or a
-        list of images/paths. `metadata`: one dict for all, or one per item. `paths`: optional labels.
+        `items`: a vector (dim,), a batch of vectors (n, dim), a PIL image, an image or video file path,
+        or a list of images/paths. A video adds its frames, sampled as a scan samples them: one item each,
+        with the video's path and metadata {"time": seconds}. `metadata`: one dict for all, or one per
+        given item (a video's applies to each of its frames). `paths`: optional labels, likewise.
         """
         self.store.check_writable()
         records: list[FileRecord] = []
+        sources: list[int] = []  # the given item of each record: a video gives several
         if isinstance(items, np.ndarray) or (isinstance(items, list) and items and _is_number_list(items)):
             vectors = np.asarray(items, np.float32)
             if vectors.ndim == 1:
@@ -236,37 +239,42 @@ class NanoDB:
             if vectors.ndim != 2 or vectors.shape[1] != self.dim:
                 raise ValueError(f"vectors must have shape (n, {self.dim}), not {vectors.shape}")
             records = [FileRecord(path=None, hash=content_hash(v.tobytes())) for v in vectors]
+            sources = list(range(len(records)))
+            given = len(records)
         else:
             images = items if isinstance(items, (list, tuple)) else [items]
+            given = len(images)
             decoded = []
-            for im in images:
+            for j, im in enumerate(images):
                 if isinstance(im, (str, os.PathLike)):
                     result = self._decode(absolute_path(im))
                     if isinstance(result, DecodeFailure):
                         raise ValueError(f"cannot add {result.path}: {result.reason}")
-                    decoded.append(result.pixels)
-                    records.append(result.record)
+                    for one in result:
+                        decoded.append(one.pixels)
+                        records.append(one.record)
+                        sources.append(j)
                 else:
                     decoded.append(self.model.image_pixels(im))
                     records.append(FileRecord(path=None, hash=content_hash(np.asarray(decoded[-1]).tobytes())))
+                    sources.append(j)
             vectors = self.model.encode_pixels(np.stack(decoded)) if decoded else np.zeros((0, self.dim))
-        n = len(records)
-        metas = [metadata] * n if isinstance(metadata, dict) or metadata is None else list(metadata)
-        if len(metas) != n:
-            raise ValueError(f"got {len(metas)} metadata entries for {n} items")
-        if paths is not None and len(paths) != n:
-            raise ValueError(f"got {len(paths)} paths for {n} items")
-        labels = [r.path for r in records] if paths is None else paths
-        records = [dataclasses.replace(r, path=p, metadata={**(r.metadata or {}), **(m or {})} or None)
-                   for r, p, m in zip(records, labels, metas)]
+        metas = [metadata] * given if isinstance(metadata, dict) or metadata is None else list(metadata)
+        if len(metas) != given:
+            raise ValueError(f"got {len(metas)} metadata entries for {given} items")
+        if paths is not None and len(paths) != given:
+            raise ValueError(f"got {len(paths)} paths for {given} items")
+        labels = [r.path for r in records] if paths is None else [paths[j] for j in sources]
+        records = [dataclasses.replace(r, path=p, metadata={**(r.metadata or {}), **(metas[j] or {})} or None)
+                   for r, p, j in zip(records, labels, sources)]
         indices = self.store.append(vectors, records)
         if self.autosave_every and self.unsaved >= self.autosave_every:
             self.save()
         return indices
 
     def _decode(self, path: str):
-        """Decode one file in this process, exactly as a decode worker would."""
-        return decode_file(path, self.model.pixel_transform, self.settings.max_image_pixels)
+        """Decode one file's items in this process (a video's frames), exactly as a decode worker would."""
+        return decode_media(path, self.model.pixel_transform, self.settings.max_image_pixels)
 
     def delete(self, indices: Iterable[int]) -> None:
         """Remove items from search results and from the database at the next save."""
@@ -442,7 +450,8 @@ class NanoDB:
         Exact for the threshold: every two live items whose similarity (the float64 dot product of their
         stored vectors) is at least `threshold` are in one group; a group is a connected component of
         that relation, so a member can be less similar to another through a chain. Items with identical
-        vectors (byte-identical files share one) are always one group. Each DuplicateGroup lists
+        vectors (byte-identical files share one) are always one group. Two frames of one video (items of
+        one video's path) are never paired: a group holds both only through another item. Each DuplicateGroup lists
         NearDuplicate(index, path, similarity): its lowest index first, the others by their similarity to
         that one. `threshold` in (0, 1]; groups smaller than `min_size` (at least 2) are left out.
         Computed by a self-join with the exact search, in blocks of queries (memory: one block's results

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -19,6 +19,8 @@ from nanodb.pipeline.sink import EmbeddingModel, IndexSink
 from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 
 from nanodb.media.paths import absolute_path, printable
+from nanodb.media.record import FileRecord
+from nanodb.media.video import is_video_frame, is_video_name
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +29,14 @@ log = logging.getLogger(__name__)
 class ScanReport:
     """Live counters of a scan (read by progress displays while it runs) and its final summary."""
 
-    found: int = 0  # image files found by the walker so far, those it could not read too
+    found: int = 0  # files found by the walker so far (photos and videos), those it could not read too
+    videos_found: int = 0  # of which videos
     unchanged: int = 0  # already indexed with the same size and mtime: not decoded again
     added: int = 0
     updated: int = 0  # changed files, re-embedded
     dropped: int = 0  # indexed files gone from a rescanned folder
-    embedded: int = 0  # images run through the model (a file identical to an indexed one is not)
+    embedded: int = 0  # images run through the model, video frames included (an indexed file's copy is not)
+    frames_embedded: int = 0  # of which video frames
     failed_before: int = 0  # failed to decode at an earlier scan and unchanged since: not tried again
     raw_left_out: int = 0  # camera RAW files beside their camera's JPEG (or HEIF): the pair is one item
     int8_checked: int = 0  # int8 vectors also computed in floating point to check them (pipeline/fidelity.py)
@@ -62,6 +66,17 @@ class ScanReport:
         self.failures.append((path, reason))
         self.changed()
 
+    def count_found(self, path: str) -> None:
+        """Count a file the walker found (or could not read)."""
+        self.found += 1
+        self.videos_found += is_video_name(path)
+
+    def count_embedded(self, records: Iterable[FileRecord]) -> None:
+        """Count items run through the model: a photo's image or a video's frame each."""
+        for record in records:
+            self.embedded += 1
+            self.frames_embedded += is_video_frame(record.path, record.metadata)
+
     def int8_check(self, images: int, cosine: float, reembedded: int) -> None:
         """Count a fidelity check of `images` int8 vectors whose lowest cosine was `cosine`."""
         self.int8_checked += images
@@ -74,7 +89,7 @@ class ScanReport:
 
     @property
     def rate(self) -> float:
-        """Images embedded per second of the scan's wall time."""
+        """Images (video frames included) embedded per second of the scan's wall time."""
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def status(self) -> str:
@@ -89,8 +104,9 @@ class ScanReport:
         )
 
     def summary(self) -> str:
-        """One line: files found, wall time since the scan started, what happened to them (those counts
-        add up to the files found), the rate of images embedded (only when some were); then, after a
+        """One line: files found (photos and videos apart when there are videos), wall time since the scan
+        started, what happened to them (those counts add up to the files found), the images and video
+        frames embedded and their rate (only when some were); then, after a
         semicolon, what is not among the files found (items of files gone, RAW files of a pair) and the
         int8 fidelity checks."""
         counts = [f"{self.added} added", f"{self.updated} updated", f"{self.unchanged} unchanged",
@@ -99,7 +115,10 @@ class ScanReport:
             counts.append(f"{self.failed_before} failed before (unchanged: not retried)")
         if self.found > self.done:  # a scan stopped before its end
             counts.append(f"{self.found - self.done} not done")
-        rate = f" ({_count(self.embedded, 'image')} embedded, {self.rate:.1f}/s)" if self.embedded else ""
+        images, frames = self.embedded - self.frames_embedded, self.frames_embedded
+        embedded = " and ".join([_count(images, "image")] * bool(images or not frames)
+                                + [_count(frames, "video frame")] * bool(frames))
+        rate = f" ({embedded} embedded, {self.rate:.1f}/s)" if self.embedded else ""
         asides = [f"dropped {_count(self.dropped, 'gone file')}"] if self.dropped else []
         if self.raw_left_out:
             asides.append(f"{_count(self.raw_left_out, 'RAW+JPEG pair')}: JPEG only")
@@ -107,7 +126,9 @@ class ScanReport:
             asides.append(f"int8 checked on {_count(self.int8_checked, 'image')}: lowest cosine "
                           f"{self.int8_min_cosine:.4f} to floating point"
                           + (f", {self.int8_reembedded} re-embedded in it" if self.int8_reembedded else ""))
-        return (f"scanned {_count(self.found, 'image')} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"
+        found = (f"{_count(self.found - self.videos_found, 'photo')} and {_count(self.videos_found, 'video')}"
+                 if self.videos_found else _count(self.found, "file"))
+        return (f"scanned {found} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"
                 + "".join(f"; {aside}" for aside in asides))
 
 
@@ -189,7 +210,7 @@ class ScanPipeline:
     async def _offer(self, f: FoundFile, outbox: asyncio.Queue) -> None:
         """Count a found file and pass it on, unless it is indexed with the same size and mtime, or failed
         with them before (a broken file would load the model at every rescan)."""
-        self.report.found += 1
+        self.report.count_found(f.path)
         if self.sink.is_unchanged(f.path, f.size, f.mtime):
             self.report.unchanged += 1
         elif not self.retry_failed and self.sink.failed_before(f.path, f.size, f.mtime):
@@ -199,7 +220,7 @@ class ScanPipeline:
 
     def _take_walk_problems(self, problems: list[str]) -> None:
         for problem in self.walker.problems:
-            self.report.found += 1  # found, and skipped: the summary's counts add up to the files found
+            self.report.count_found(problem.path)  # found, and skipped: the summary's counts add up to the files found
             self.report.failures.append((problem.path, problem.reason))
             problems.append(problem.path)
         self.walker.problems.clear()

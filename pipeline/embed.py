@@ -60,7 +60,7 @@ class ClipStage:
             if batch and (last or len(batch) >= self.batch_size):
                 await self.running.wait()
                 ready = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self._embed, batch, last)
-                self.report.embedded += len(batch)
+                self.report.count_embedded(b.record for b in batch)
                 batch = []
             elif last and self.quantized is not None and self.quantized.held:
                 ready = await asyncio.get_running_loop().run_in_executor(CLIP_THREAD, self.quantized.flush)

@@ -6,15 +6,15 @@ as their FileRecords: the pixels stay on the node that decoded them.
 Ray retries a task whose worker or node died (and rebuilds a lost decoded batch from its lineage);
 an actor is restarted elsewhere and its call retried. A batch still failing after that is sent again
 up to `attempts` times, then its files are reported as failed. A batch's records and vectors travel in
-one object, so they cannot misalign, and a path is passed on at most once, so nothing is appended
-twice. Ray is imported only when the stage starts: this module imports without it.
+one object, so they cannot misalign, and each item of a path (a photo's one, a video's frames) is passed
+on at most once, so nothing is appended twice. Ray is imported only when the stage starts: this module
+imports without it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +30,18 @@ def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedIm
     """A Ray task: read and decode files, where they are visible to every node (a shared folder)."""
     decoded = [decode_media(p, transform, max_pixels) for p in paths]
     return [d for one in decoded for d in ([one] if isinstance(one, DecodeFailure) else one)]  # a video's frames
+
+
+def passed_on(paths: list[str], records: list) -> list[int]:
+    """The positions of the records to pass on from a batch of `paths` that came back: each item of a
+    path sent once, however often it came back (a photo's one item; a video's frames, told apart by
+    their hashes), nothing of a path not sent."""
+    sent, seen, keep = set(paths), set(), []
+    for i, r in enumerate(records):
+        if r.path in sent and (r.path, r.hash) not in seen:
+            seen.add((r.path, r.hash))
+            keep.append(i)
+    return keep
 
 
 class ClipWorker:
@@ -109,11 +121,8 @@ class RayEmbedStage:
                 records, failures, vectors = await self._embed(paths, load)
                 for path, reason in failures:
                     report.fail(path, reason)
-                keep, unsent = [], Counter(paths)
-                for i, r in enumerate(records):
-                    if unsent[r.path] > 0:  # each path sent is passed on once, however often it came back
-                        unsent[r.path] -= 1
-                        keep.append(i)
+                keep = passed_on(paths, records)
+                report.count_embedded(records[i] for i in keep)
                 if keep:
                     await outbox.put(([records[i] for i in keep], vectors[keep]))
             finally:

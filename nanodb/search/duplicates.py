@@ -4,7 +4,10 @@ exactly by a self-join of the stored vectors with the index's exact search (Vect
 The groups are the connected components of the graph whose edges are the pairs of live items with
 similarity >= threshold (the float64 dot product of their stored float16 vectors, as a brute force
 computes it), plus the pairs of items with identical vectors (byte-identical files share one vector:
-such copies are always one group, whatever the threshold).
+such copies are always one group, whatever the threshold), except the pairs of two frames of one video
+(items of one video's path): similar scenes of one shot are not duplicates to clean up. Frames of two
+videos, or a frame and a photo, pair like any two items; so two frames of one video can still be in one
+group through other items (a photo like both).
 
 How: the live rows are queried in blocks against the index. Each query asks for its top k among the
 rows from its block's first row on (a pair of rows is found once, by the earlier row's block); while a
@@ -22,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanodb.media.paths import printable
+from nanodb.media.video import VIDEO_EXTENSIONS
+from nanodb.search.local import video_key
+from nanodb.storage.columns import store_columns
 from nanodb.storage.store import ItemStore
 
 BLOCK_ROWS = 256  # queries per self-join step
@@ -85,23 +91,41 @@ def near_duplicates(store: ItemStore, threshold: float = 0.95, *, min_size: int 
     compaction renumbers rows."""
     threshold = check_threshold(threshold)
     store.checks.raise_if_failed()
+    store_columns(store)  # derived on first use, not under the lock: writers go on meanwhile
     with store.lock:
-        components = similar_components(store.index.vectors, store.live_rows(), threshold, store.index.search, block)
+        live = store.live_rows()
+        components = similar_components(store.index.vectors, live, threshold, store.index.search, block,
+                                        videos=video_ids(store, live))
         groups = [_group(store, rows) for rows in components if len(rows) >= max(2, min_size)]
     groups.sort(key=lambda g: (-len(g), g.items[0].index))
     return groups
 
 
+def video_ids(store: ItemStore, live: np.ndarray) -> np.ndarray:
+    """For each row of the store, a number shared by the live frames of one video (its path), -1 for
+    any other row. The caller holds the store's lock."""
+    ids = np.full(store.rows, -1, np.int64)
+    named = store_columns(store).extension_rows(frozenset(e.lstrip(".") for e in VIDEO_EXTENSIONS))
+    candidates = live[live < len(named)]
+    numbers: dict = {}
+    for row in candidates[named[candidates]].tolist():
+        if (key := video_key(store, row)) is not None:
+            ids[row] = numbers.setdefault(key, len(numbers))
+    return ids
+
+
 def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, search,
-                       block: int = BLOCK_ROWS, queried: int | None = None) -> list[np.ndarray]:
+                       block: int = BLOCK_ROWS, queried: int | None = None,
+                       videos: np.ndarray | None = None) -> list[np.ndarray]:
     """The connected components of more than one row among `live` (sorted row numbers of `vectors`),
-    joined by pairs scoring >= threshold in float64 or with identical vectors. `search(queries, k,
+    joined by pairs scoring >= threshold in float64 or with identical vectors, except pairs of rows with
+    the same `videos` number (>= 0: frames of one video; None: no video). `search(queries, k,
     allowed=mask)` is the exact top k of VectorIndex.search, which skips the deleted rows itself.
     `queried` (benchmarks): query only the first that many live rows, the join's costliest part."""
     parent = np.arange(len(vectors), dtype=np.int64)
     for lo in range(0, len(live) if queried is None else min(queried, len(live)), block):
         rows = live[lo : lo + block]
-        for a, b in _similar_pairs(vectors, rows, threshold, search):
+        for a, b in _similar_pairs(vectors, rows, threshold, search, videos):
             _union(parent, a, b)
     while True:  # every parent is a lower row (see _union): jump to the roots
         jumped = parent[parent]
@@ -116,9 +140,11 @@ def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, 
     return np.split(members, np.flatnonzero(np.diff(roots)) + 1) if len(members) else []
 
 
-def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, search) -> list[tuple[int, int]]:
+def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, search,
+                   videos: np.ndarray | None = None) -> list[tuple[int, int]]:
     """The pairs (row of `rows`, other row from rows[0] on) that join: float64 score >= threshold, or
-    identical vectors (which score the row's own score, its squared norm, possibly under the threshold)."""
+    identical vectors (which score the row's own score, its squared norm, possibly under the threshold);
+    never two frames of one video (the same `videos` number >= 0)."""
     queries = vectors[rows].astype(np.float32)
     own = np.einsum("ij,ij->i", queries.astype(np.float64), queries.astype(np.float64))
     reach = np.minimum(threshold, own) - SLACK  # fast scores at or above this are rescored in float64
@@ -150,6 +176,8 @@ def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, sear
     qi, other = np.concatenate(found_q), np.concatenate(found_r)
     mine = rows[qi]
     keep = other != mine
+    if videos is not None:
+        keep &= (videos[mine] < 0) | (videos[mine] != videos[other])
     qi, mine, other = qi[keep], mine[keep], other[keep]
     exact = np.einsum("ij,ij->i", vectors[mine].astype(np.float64), vectors[other].astype(np.float64))
     joins = exact >= threshold

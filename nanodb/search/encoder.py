@@ -18,6 +18,7 @@ from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import content_hash
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox, model_input
+from nanodb.media.video import frame_time, is_video_name
 from nanodb.model.clip import ClipModel
 from nanodb.search.fetch import fetch_url
 from nanodb.search.query import (
@@ -51,6 +52,14 @@ class SearchTimings:
                 self.image_encode_ms = encode_ms
             self.search_ms = search_ms
             self.searches += 1
+
+
+def video_query_message(store: ItemStore, path: str) -> str:
+    """Why a video is no query image, one line: with the item of its first indexed frame to search by."""
+    frames = sorted(store.rows_of(path), key=lambda row: frame_time(store.metadata_of(row)) or 0.0)
+    if frames:
+        return f"a video cannot be a query image; search by one of its frames' items (#{frames[0]})"
+    return f"a video cannot be a query image; scan {printable(path)}, then search by one of its frames' items (#N)"
 
 
 def is_image_object(value: Any) -> bool:
@@ -149,6 +158,8 @@ class QueryEncoder:
         path = absolute_path(name.strip() if isinstance(name, str) else name)
         if not os.path.lexists(path):
             raise QueryError(f"no such image file: {printable(os.fspath(name))}")
+        if is_video_name(path):
+            raise QueryError(video_query_message(self.store, path))
         try:
             data = read_image_file(path).data
         except ImageRejected as e:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.media.paths import absolute_path, is_image_name
+from nanodb.media.paths import absolute_path, is_indexed_name
 
 
 class QueryError(ValueError):
@@ -88,12 +88,13 @@ def is_url(text: str) -> bool:
 
 def is_image_reference(text: str) -> bool:
     """A query string that names an image rather than words, for NanoDB.search, the console and the
-    command line alike: an http(s) URL, a name with an image extension (`a dog.jpg` too), or a path's
-    start (/ ./ ../ ~/). A missing file so named is an error, never a silent text search."""
+    command line alike: an http(s) URL, a name with an image or video extension (`a dog.jpg` too), or a
+    path's start (/ ./ ../ ~/). A missing file so named is an error, never a silent text search; a video
+    is one too (it is no query image: its frames' items are)."""
     text = text.strip()
     if is_url(text):
         return True
-    return "\n" not in text and len(text) < 4096 and (is_image_name(text) or text.startswith(PATH_STARTS))
+    return "\n" not in text and len(text) < 4096 and (is_indexed_name(text) or text.startswith(PATH_STARTS))
 
 
 def unquoted(text: str) -> str | None:

@@ -1,5 +1,6 @@
 """Near-duplicates (NanoDB.near_duplicates) equal the connected components of a float64 brute-force
-self-join of the stored vectors: on real photos and their edited copies, and on synthetic vectors."""
+self-join of the stored vectors (two frames of one video never paired): on real photos and their edited
+copies, and on synthetic vectors."""
 
 from __future__ import annotations
 
@@ -16,11 +17,16 @@ from nanodb import NanoDB
 from nanodb.search.duplicates import near_duplicates
 
 
-def brute_force_groups(vectors: np.ndarray, live: np.ndarray, threshold: float) -> set[frozenset[int]]:
-    """Components of more than one live row joined by float64 dot >= threshold, or identical vectors."""
+def brute_force_groups(vectors: np.ndarray, live: np.ndarray, threshold: float,
+                       videos: list[str | None] | None = None) -> set[frozenset[int]]:
+    """Components of more than one live row joined by float64 dot >= threshold, or identical vectors,
+    except two rows of one video (`videos`: each row's video path, None for a photo)."""
     rows = vectors[live].astype(np.float64)
     joined = rows @ rows.T >= threshold
     joined |= (vectors[live][:, None, :] == vectors[live][None, :, :]).all(axis=2)
+    if videos is not None:
+        of = [videos[i] for i in live]
+        joined &= ~np.array([[a is not None and a == b for b in of] for a in of])
     label = list(range(len(live)))
 
     def find(x):
@@ -250,3 +256,28 @@ def test_a_partner_ranked_past_the_first_k_is_found(tmp_path):
         groups = near_duplicates(db.store, threshold, block=7)
         assert found_groups(groups) == {frozenset(range(11)) | {30}}
         assert found_groups(groups) == brute_force_groups(db.vectors, np.arange(31), threshold)
+
+
+def test_frames_of_one_video_are_not_near_duplicates_of_each_other(tmp_path):
+    """Frames of one video (similar scenes of one shot, even identical ones) never pair; a frame pairs
+    with a photo or with a frame of another video, and two frames of one video can share a group only
+    through such an item."""
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((4, 384))
+    noise = lambda v: v + 0.05 * rng.standard_normal(384)  # noqa: E731
+    vectors = np.stack([noise(base[0]), noise(base[0]), noise(base[0]),  # 0-2: frames of a.mp4, one scene
+                        base[1], base[1],  # 3-4: identical frames of a.mp4 (a still shot)
+                        noise(base[2]), noise(base[2]),  # 5: frame of b.MKV, 6: a photo like it
+                        noise(base[3]), noise(base[3]),  # 7: frame of a.mp4, 8: frame of c.webm like it
+                        *rng.standard_normal((20, 384))])
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    videos = ["/v/a.mp4"] * 5 + ["/v/b.MKV", None, "/v/a.mp4", "/v/c.webm"] + [None] * 20
+    paths = [v or f"/p/{i}.jpg" for i, v in enumerate(videos)]
+    metadata = [{"time": float(i)} if v else None for i, v in enumerate(videos)]
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.add(vectors, paths=paths, metadata=metadata)
+        live = np.arange(len(vectors))
+        for threshold in (0.9, 0.99, 0.3, 0.05):
+            groups = db.near_duplicates(threshold)
+            assert found_groups(groups) == brute_force_groups(db.vectors, live, threshold, videos), threshold
+        assert found_groups(db.near_duplicates(0.9)) == {frozenset({5, 6}), frozenset({7, 8})}

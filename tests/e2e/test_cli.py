@@ -43,7 +43,7 @@ def test_scripted_console_prints_nanodb_result_lines(tmp_path, photo_tree):
     assert "saved 40 items" in out
     assert "6 skipped" in run.stderr.decode()
     # The summary's counts add up to the files found (a broken link, found by the walk, is one of them).
-    found, *counts = map(int, re.search(r"scanned (\d+) images in [\d.]+s: (\d+) added, (\d+) updated, "
+    found, *counts = map(int, re.search(r"scanned (\d+) files in [\d.]+s: (\d+) added, (\d+) updated, "
                                         r"(\d+) unchanged, (\d+) skipped", run.stderr.decode()).groups())
     assert found == sum(counts) == 46, run.stderr.decode()
     # Reopened later, with no scan: the same database answers, and a bad command does not end it.
@@ -97,7 +97,7 @@ def test_a_watch_prints_a_line_for_each_change_it_indexes(tmp_path):
             time.sleep(0.1)
 
     try:
-        wait_for("scanned 1 image in ")  # the first scan indexed a.jpg: the watch follows
+        wait_for("scanned 1 file in ")  # the first scan indexed a.jpg: the watch follows
         os.rename(folder / "a.jpg", folder / "b.jpg")
         wait_for(f"watch: moved {folder / 'a.jpg'} -> {folder / 'b.jpg'}\n")
         (folder / "b.jpg").unlink()

@@ -173,12 +173,12 @@ def test_the_scan_summary_counts_the_whole_scan_in_words(tmp_path, monkeypatch):
         monkeypatch.setattr(db.store, "save", lambda: (save(), saves.append(time.monotonic()))[0])
         called = time.monotonic()
         report = db.scan(folder)
-        assert report.summary().startswith("scanned 1 image in ")
+        assert report.summary().startswith("scanned 1 file in ")
         assert "(1 image embedded, " in report.summary()
         assert called <= report.started and report.finished >= saves[-1]  # the scan's save is in its time
         again = db.scan(folder)
         assert "embedded" not in again.summary() and "0.0" not in again.summary().split(":")[1]
-        assert "scanned 1 image in" in again.summary() and "1 unchanged" in again.summary()
+        assert "scanned 1 file in" in again.summary() and "1 unchanged" in again.summary()
 
 
 def test_similarities_are_cosines_never_above_one(tmp_path):

@@ -165,3 +165,47 @@ def test_sharded_search_filters_and_collapses_like_the_local_searcher(cluster, t
                        [[(r.index, r.similarity, r.duplicates) for r in row] for row in expected], named
             collapsed = db.search(vectors[5], k=3, collapse_duplicates=True)[0]
         assert sorted([collapsed.index, *collapsed.duplicates]) == [5, *range(400, 407), 408, 409]  # 407 deleted
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sharded_search_collapses_a_videos_frames_like_the_local_searcher(cluster, tmp_path):
+    """A video's frames, spread over the shards, are one result (its best frame) after the merge,
+    exactly as in the local searcher (search.local.answer, which the shards' merge reuses)."""
+    c, _ = cluster
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((600, 384)).astype(np.float32)
+    clip = [i % 6 if i % 3 else None for i in range(600)]  # two rows in three: frames of four videos
+    paths = [f"/v/clip{v}.mp4" if v is not None else f"/p/{i}.jpg" for i, v in enumerate(clip)]
+    metadata = [{"time": float(i)} if v is not None else None for i, v in enumerate(clip)]
+    vectors[[100, 350, 550]] = vectors[1] + 0.01 * rng.standard_normal(384)  # near a frame, on every shard
+    queries = np.concatenate([rng.standard_normal((10, 384)), vectors[[1, 2, 350]]]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
+        db.add(vectors, paths=paths, metadata=metadata)
+        db.save()
+        with NanoDB(tmp_path / "db", read_only=True) as local:
+            for named in [{}, {"collapse_duplicates": True}, {"folder": "/v"}]:
+                sharded = db.search(queries, k=8, **named)
+                expected = local.search(queries, k=8, **named)
+                assert [[(r.index, r.similarity, r.duplicates) for r in row] for row in sharded] == \
+                       [[(r.index, r.similarity, r.duplicates) for r in row] for row in expected], named
+                for row in sharded:
+                    videos = [r.path for r in row if r.path.endswith(".mp4")]
+                    assert len(videos) == len(set(videos)), named
+                    assert len(row) == (4 if named.get("folder") else 8), named
+
+
+def test_a_ray_batch_passes_on_every_frame_of_a_video_once():
+    """A batch that came back passes on each item of each path sent once: a photo's one item, every
+    frame of a video (they used to be cut to the first), nothing of a path not sent."""
+    from nanodb.pipeline.ray_ingest import passed_on
+
+    from nanodb.media.record import FileRecord
+
+    def record(path: str, hash: bytes) -> FileRecord:
+        return FileRecord(path=path, hash=hash)
+
+    records = [record("/a.jpg", b"a"), record("/v.mp4", b"f1"), record("/v.mp4", b"f2"), record("/a.jpg", b"a"),
+               record("/v.mp4", b"f1"), record("/other.jpg", b"o")]
+    assert passed_on(["/a.jpg", "/v.mp4"], records) == [0, 1, 2]

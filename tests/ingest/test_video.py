@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import coco_photos
 from helpers.videos import SCENE_S, make_clip
@@ -61,6 +62,10 @@ def test_scan_indexes_frames_and_a_rescan_nothing_new(tmp_path, clips):
         times = frames_of(db, clips / "two scenes.MP4")
         assert len(times) == 2 and times[0] < SCENE_S <= times[1]
         assert len(db) == 3
+        summary = report.summary()  # photos and videos apart, frames apart from images
+        assert summary.startswith("scanned 1 photo and 1 video in "), summary
+        assert "(1 image and 2 video frames embedded, " in summary, summary
+        assert (report.embedded, report.frames_embedded) == (3, 2)
         db.save()
         again = db.scan(clips)
         assert (again.unchanged, again.added, again.updated, again.embedded) == (2, 0, 0, 0)
@@ -177,3 +182,42 @@ def test_frames_arriving_in_several_batches_are_one_file(tmp_path):
         assert db.store.add_files([newer], vectors[:1]) == (0, 1)  # a new version replaces every frame
         assert [db[i].metadata for i in db.store.rows_of(path)] == [{"time": 0.0}]
         assert db.forget([path]) == 1 and len(db) == 0
+
+
+def test_add_a_video_adds_its_frames_as_a_scan_does(tmp_path, clips):
+    clip, photo = clips / "two scenes.MP4", clips / "photo.jpg"
+    with NanoDB(tmp_path / "scanned", config="test") as scanned:
+        scanned.scan(clips)
+        want = {(item.path, frame_time(item.metadata)): item.vector for item in scanned}
+    with NanoDB(tmp_path / "db", config="test") as db:
+        added = db.add([photo, clip], metadata=[{"album": "a"}, {"album": "b"}])
+        assert len(added) == 3 and len(db) == 3
+        items = [db[i] for i in added]
+        assert [(item.path, item.metadata.get("album")) for item in items] == \
+               [(str(photo), "a"), (str(clip), "b"), (str(clip), "b")]
+        assert frames_of(db, clip) == sorted(t for p, t in want if p == str(clip))
+        for item in items:  # the same frames, embedded alike (batches may round the last bit apart)
+            other = want[item.path, frame_time(item.metadata)]
+            assert float(item.vector.astype(np.float32) @ other.astype(np.float32)) > 0.999
+        results = db.search(db[added[1]].vector, k=3)  # the video's frames are one result
+        assert sorted(r.path for r in results) == sorted([str(clip), str(photo)])
+
+
+def test_a_video_as_query_image_is_a_one_line_error_naming_a_frames_item(tmp_path, clips):
+    from nanodb.search.query import QueryError
+
+    clip = clips / "two scenes.MP4"
+    with NanoDB(tmp_path / "db", config="test") as db:
+        with pytest.raises(QueryError, match=r"^a video cannot be a query image; scan .*#N\)$"):
+            db.search(str(clip))
+        db.scan(clips)
+        first = min((item for item in db if item.path == str(clip)), key=lambda item: frame_time(item.metadata))
+        message = f"a video cannot be a query image; search by one of its frames' items (#{first.index})"
+        for query in [str(clip), clip, f"2:{clip} + dog"]:
+            with pytest.raises(QueryError) as error:
+                db.search(query)
+            assert str(error.value) == message, query
+        with pytest.raises(QueryError, match=r"^a video cannot be a query image"):
+            db.search(image=str(clip))
+        with pytest.raises(QueryError, match=r"^no such image file"):
+            db.search("missing clip.mp4")  # a video's name is a file, never a silent text search

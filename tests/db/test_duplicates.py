@@ -250,3 +250,17 @@ def test_a_partner_ranked_past_the_first_k_is_found(tmp_path):
         groups = near_duplicates(db.store, threshold, block=7)
         assert found_groups(groups) == {frozenset(range(11)) | {30}}
         assert found_groups(groups) == brute_force_groups(db.vectors, np.arange(31), threshold)
+
+
+def test_unlocked_groups_equal_the_locked_ones_and_leave_out_rows_deleted_meanwhile(vectors_db):
+    db = vectors_db
+    for threshold in (0.8, 0.95, 1.0):
+        locked = db.near_duplicates(threshold)
+        assert found_groups(db.near_duplicates(threshold, unlocked=True)) == found_groups(locked)
+    state = db.state
+    biggest = db.near_duplicates(0.8)[0]
+    db.delete([biggest.indices[-1]])
+    assert db.state != state
+    after = db.near_duplicates(0.8, unlocked=True)
+    assert all(biggest.indices[-1] not in g.indices for g in after)
+    assert found_groups(after) == found_groups(db.near_duplicates(0.8))

@@ -444,7 +444,13 @@ class NanoDB:
         """Query every stored vector; each must find itself (or an identical item) first."""
         return validate(self.store, batch)
 
-    def near_duplicates(self, threshold: float = 0.95, *, min_size: int = 2) -> list[DuplicateGroup]:
+    @property
+    def state(self) -> tuple[int, int, int]:
+        """A marker that changes whenever items are added or deleted or renumbered (a compaction)."""
+        return self.store.state
+
+    def near_duplicates(self, threshold: float = 0.95, *, min_size: int = 2,
+                        unlocked: bool = False) -> list[DuplicateGroup]:
         """Groups of near-duplicate items (bursts, resized or re-encoded copies, light edits), largest first.
 
         Exact for the threshold: every two live items whose similarity (the float64 dot product of their
@@ -455,8 +461,10 @@ class NanoDB:
         NearDuplicate(index, path, similarity): its lowest index first, the others by their similarity to
         that one. `threshold` in (0, 1]; groups smaller than `min_size` (at least 2) are left out.
         Computed by a self-join with the exact search, in blocks of queries (memory: one block's results
-        and 8 bytes a row); it holds the store's lock, so writers wait for it."""
-        return near_duplicates(self.store, threshold, min_size=min_size)
+        and 8 bytes a row); it holds the store's lock, so writers and searches wait for it, unless
+        `unlocked` (a server): then it joins the rows live when it starts while others go on, drops the
+        rows deleted meanwhile, and starts over if a compaction renumbered the rows meanwhile."""
+        return near_duplicates(self.store, threshold, min_size=min_size, unlocked=unlocked)
 
     # ----------------------------------------------------------------- saving and repairing
     def save(self) -> bool:

@@ -26,7 +26,14 @@ from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanodb.database import SearchResults
-from nanodb.interfaces.search_service import MAX_K, BadRequest, SearchService, TooLarge
+from nanodb.interfaces.search_service import (
+    MAX_DUPLICATE_GROUPS,
+    MAX_DUPLICATE_ITEMS,
+    MAX_K,
+    BadRequest,
+    SearchService,
+    TooLarge,
+)
 from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
 from nanodb.media.video import frame_time
 from nanodb.search.batcher import SearchBusy
@@ -150,6 +157,32 @@ class ItemInfo(BaseModel):
     time: float | None = Field(None, description=TIME_HELP)
 
 
+class DuplicateItem(BaseModel):
+    index: int
+    path: str | None
+    similarity: float = Field(description="cosine similarity to the group's first item")
+    thumbnail: str
+    original: str
+    time: float | None = Field(None, description=TIME_HELP)
+
+
+class DuplicateGroupOut(BaseModel):
+    size: int = Field(description="items in the group (its `items` are cut short past the answer's item limit)")
+    items: list[DuplicateItem]
+
+
+class DuplicatesResponse(BaseModel):
+    threshold: float
+    min_size: int
+    total_groups: int = Field(description="groups found, of at least min_size items")
+    total_items: int = Field(description="items in them")
+    groups: list[DuplicateGroupOut] = Field(description=f"the largest groups first: at most `limit` groups and "
+                                                        f"{MAX_DUPLICATE_ITEMS} items in all")
+    truncated: bool = Field(description="some groups or items are left out of this answer")
+    seconds: float = Field(description="time the computation took")
+    cached: bool = Field(description="the last computation's result, for an unchanged database")
+
+
 class Error(BaseModel):
     error: str
 
@@ -235,6 +268,7 @@ def api_router(service: SearchService, thumbnails: ThumbnailCache,
                        dependencies=[Depends(basic_auth(*auth))] if auth else [])
     add_search_routes(router, service)
     add_item_routes(router, service, thumbnails)
+    add_duplicate_routes(router, service)
     return router
 
 
@@ -278,6 +312,25 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
     def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY,
                     where: Where = Depends(query_filters)):
         return _response(service.by_item(item_that_exists(db, index), k, min_similarity, **where.options()), len(db))
+
+
+def add_duplicate_routes(router: APIRouter, service: SearchService) -> None:
+    """Near-duplicate groups: one computation at a time (another request meanwhile: 503, Retry-After);
+    the last result is kept until the database changes."""
+    db = service.db
+
+    @router.get("/duplicates", response_model=DuplicatesResponse, summary="Groups of near-duplicate items",
+                responses={503: {"model": Error, "description": "near-duplicates are being computed for another "
+                                                                "request: retry after Retry-After seconds"}})
+    def duplicates(
+        threshold: float = Query(0.95, gt=0, le=1, description="the least similarity (cosine) of two "
+                                 "near-duplicates, more than 0 and at most 1", examples=[0.95]),
+        min_size: int = Query(2, ge=2, le=1_000_000, description="only groups of at least this many items"),
+        limit: int = Query(MAX_DUPLICATE_GROUPS, ge=1, le=MAX_DUPLICATE_GROUPS,
+                           description=f"groups returned, largest first, 1..{MAX_DUPLICATE_GROUPS}"),
+    ):
+        # a sync route: FastAPI runs it in its thread pool, off the event loop
+        return service.duplicates.find(threshold).answer(db, min_size, limit)
 
 
 def add_item_routes(router: APIRouter, service: SearchService, thumbnails: ThumbnailCache) -> None:

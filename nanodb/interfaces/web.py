@@ -33,7 +33,8 @@ TEXT_LABEL = "Search by text"
 
 def stats_text(stats: dict) -> str:
     """The stats line: the collection first, timings once there are some, then any scan in progress."""
-    line = f"**{stats['items']:,}** photos indexed · {stats['model']}"
+    # an item is a photo or one frame of a video (docs/videos.md)
+    line = f"**{stats['items']:,}** items indexed · {stats['model']}"
     timings = [(name, stats[key]) for name, key in
                (("text", "text_encode_ms"), ("image", "image_encode_ms"), ("search", "search_ms"))
                if stats[key] is not None]
@@ -76,6 +77,7 @@ def build_ui(service: SearchService) -> gr.Blocks:
         gr.Markdown("## nanodb")
         query, image = search_inputs(service)
         options = option_inputs()
+        duplicates_view(service)
         stats = gr.Markdown(stats_text(service.stats()), elem_id="stats")
         page = Page(
             query=query, image=image, options=options,
@@ -128,6 +130,61 @@ def option_inputs() -> dict[str, gr.components.Component]:
             min_similarity = gr.Slider(-1, 1, value=-1, step=0.01, label="Minimum similarity",
                                        elem_id="min-similarity", min_width=180)
     return {"k": k, "min_similarity": min_similarity, **filters, "collapse": collapse}
+
+
+def duplicates_view(service: SearchService) -> None:
+    """The Duplicates view: groups of near-duplicates at the slider's threshold, shown when it opens, when
+    the threshold is released and on "Find"; computed by the server one at a time, the last result kept."""
+    with gr.Accordion("Duplicates", open=False, elem_id="duplicates"):
+        with gr.Row(equal_height=True):
+            threshold = gr.Slider(0.8, 1.0, value=0.95, step=0.01, label="Similarity threshold",
+                                  elem_id="dup-threshold", min_width=180, scale=3)
+            find = gr.Button("Find duplicates", elem_id="dup-find", variant="primary", scale=1, min_width=120)
+        status = gr.Markdown("Near-duplicates: resized or re-encoded copies, bursts, light edits.",
+                             elem_id="dup-status")
+        groups = gr.HTML(elem_id="dup-groups")
+    show = DuplicatesEvents(service).show
+    gr.on([find.click, threshold.release], show, threshold, [status, groups], show_progress="minimal",
+          trigger_mode="always_last", concurrency_limit=1)
+
+
+class DuplicatesEvents:
+    def __init__(self, service: SearchService):
+        self.service = service
+
+    def show(self, threshold, request: gr.Request) -> tuple[str, str]:
+        """(the status line, the groups' HTML): each group a row of tiles, largest groups first."""
+        try:
+            found = self.service.duplicates.find(threshold)
+        except BadRequest as e:
+            return f"⚠️ {e}", gr.skip()
+        answer = found.answer(self.service.db)
+        took = "cached" if found.cached else f"took {found.seconds:.2f} s"
+        n = answer["total_groups"]
+        status = (f"**{n:,} group{'s' if n != 1 else ''}** of near-duplicates at similarity ≥ "
+                  f"{found.threshold:.2f} · {answer['total_items']:,} items · {took}")
+        if answer["truncated"]:
+            status += f" · showing the largest {len(answer['groups'])}"
+        return status, duplicates_html(answer, base_url(request))
+
+
+def duplicates_html(answer: dict, base: str) -> str:
+    """Each group a row of its tiles (a thumbnail linking to the original, its name and similarity)."""
+    rows = []
+    for number, group in enumerate(answer["groups"], 1):
+        tiles = []
+        for m in group["items"]:
+            name = os.path.basename(m["path"]) if m["path"] else f"item {m['index']}"
+            if m["time"] is not None:
+                name += f" @ {timestamp(m['time'])}"
+            name = html.escape(name)
+            tiles.append(f'<a class="dup-tile" href="{base}{m["original"]}" target="_blank" rel="noopener" '
+                         f'title="{html.escape(m["path"] or name)}" data-index="{m["index"]}">'
+                         f'<img src="{base}{m["thumbnail"]}" alt="{name}" loading="lazy">'
+                         f'<span>{name}<br>{m["similarity"]:.3f}</span></a>')
+        rows.append(f'<div class="dup-group"><div class="dup-head">Group {number} · {group["size"]} items</div>'
+                    f'<div class="dup-row">{"".join(tiles)}</div></div>')
+    return "".join(rows)
 
 
 def search_filters(options: dict) -> dict:

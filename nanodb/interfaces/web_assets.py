@@ -35,6 +35,12 @@ CSS = """
 #lightbox-view .details .name { color: #fff !important; }
 #lightbox-view .details a { white-space: nowrap; color: #8ab4f8 !important; }
 #lightbox-buttons { flex: none; justify-content: center; }
+#dup-groups .dup-group { margin: 8px 0; }
+#dup-groups .dup-head { font-weight: 600; margin-bottom: 4px; }
+#dup-groups .dup-row { display: flex; flex-wrap: wrap; gap: 6px; }
+#dup-groups .dup-tile { width: 140px; max-width: calc(50% - 3px); text-decoration: none; color: inherit; }
+#dup-groups .dup-tile img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 4px; display: block; }
+#dup-groups .dup-tile span { display: block; font-size: 12px; overflow-wrap: anywhere; line-height: 1.3; }
 #lightbox-buttons button { flex: 0 1 auto; min-width: 90px; }
 """
 

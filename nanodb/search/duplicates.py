@@ -85,18 +85,36 @@ def check_threshold(threshold) -> float:
 
 
 def near_duplicates(store: ItemStore, threshold: float = 0.95, *, min_size: int = 2,
-                    block: int = BLOCK_ROWS) -> list[DuplicateGroup]:
+                    block: int = BLOCK_ROWS, unlocked: bool = False) -> list[DuplicateGroup]:
     """The groups of at least `min_size` live items that are near-duplicates at `threshold` (see the
     module's docstring), largest first (then by first index). Holds the store's lock throughout: a
-    compaction renumbers rows."""
+    compaction renumbers rows.
+
+    `unlocked` (a server): the join runs on the rows live when it starts, without the store's lock, so
+    searches and writers go on meanwhile. Rows added meanwhile are left out, rows deleted meanwhile are
+    dropped from the groups at the end; a compaction meanwhile (it renumbers rows) makes it start over."""
     threshold = check_threshold(threshold)
     store.checks.raise_if_failed()
+    size = max(2, min_size)
     store_columns(store)  # derived on first use, not under the lock: writers go on meanwhile
-    with store.lock:
-        live = store.live_rows()
-        components = similar_components(store.index.vectors, live, threshold, store.index.search, block,
-                                        videos=video_ids(store, live))
-        groups = [_group(store, rows) for rows in components if len(rows) >= max(2, min_size)]
+    if not unlocked:
+        with store.lock:
+            live = store.live_rows()
+            components = similar_components(store.index.vectors, live, threshold, store.index.search, block,
+                                            videos=video_ids(store, live))
+            groups = [_group(store, rows) for rows in components if len(rows) >= size]
+    else:
+        while True:
+            with store.lock:
+                index, live = store.index, store.live_rows()
+                vectors, videos = index.vectors, video_ids(store, live)
+            components = similar_components(vectors, live, threshold, index.search, block, videos=videos)
+            with store.lock:
+                if store.index is not index:  # compacted meanwhile: the rows were renumbered
+                    continue
+                components = [rows[~index.dead[rows]] for rows in components]
+                groups = [_group(store, rows) for rows in components if len(rows) >= size]
+                break
     groups.sort(key=lambda g: (-len(g), g.items[0].index))
     return groups
 

@@ -174,6 +174,13 @@ class ItemStore:
         return self.index.count - len(self._deleted)
 
     @property
+    def state(self) -> tuple[int, int, int]:
+        """(the index's identity, its rows, the live items): changes when items are added or deleted and
+        when a compaction renumbers them (results derived from the rows can be cached under it)."""
+        with self.lock:
+            return id(self.index), self.index.count, len(self)
+
+    @property
     def unsaved(self) -> int:
         """Items added or deleted since the last save."""
         return (self.index.count - self.manifest.count) + (len(self._deleted) - self.manifest.deleted)

@@ -281,3 +281,17 @@ def test_frames_of_one_video_are_not_near_duplicates_of_each_other(tmp_path):
             groups = db.near_duplicates(threshold)
             assert found_groups(groups) == brute_force_groups(db.vectors, live, threshold, videos), threshold
         assert found_groups(db.near_duplicates(0.9)) == {frozenset({5, 6}), frozenset({7, 8})}
+
+
+def test_unlocked_groups_equal_the_locked_ones_and_leave_out_rows_deleted_meanwhile(vectors_db):
+    db = vectors_db
+    for threshold in (0.8, 0.95, 1.0):
+        locked = db.near_duplicates(threshold)
+        assert found_groups(db.near_duplicates(threshold, unlocked=True)) == found_groups(locked)
+    state = db.state
+    biggest = db.near_duplicates(0.8)[0]
+    db.delete([biggest.indices[-1]])
+    assert db.state != state
+    after = db.near_duplicates(0.8, unlocked=True)
+    assert all(biggest.indices[-1] not in g.indices for g in after)
+    assert found_groups(after) == found_groups(db.near_duplicates(0.8))

@@ -86,7 +86,7 @@ def test_uploading_an_indexed_photo_shows_it_first(page, site):
 
 def test_the_first_page_invites_a_search(page):
     assert "Type what you are looking for" in page.locator("#status").inner_text()
-    assert re.search(r"24 photos indexed", page.locator("#stats").inner_text())
+    assert re.search(r"24 items indexed", page.locator("#stats").inner_text())
     assert "text encode -" not in page.locator("#stats").inner_text()
 
 
@@ -203,7 +203,7 @@ def test_a_bad_query_shows_a_message_and_the_page_keeps_working(page, site):
     page.locator("#query textarea").fill("a red car")
     page.locator("#query textarea").press("Enter")
     page.wait_for_function("() => document.querySelector('#status')?.innerText.includes('a red car')")
-    assert "photos indexed" in page.locator("#stats").inner_text()
+    assert "items indexed" in page.locator("#stats").inner_text()
     page.screenshot(path=ARTIFACTS / "web-error-then-search.png", full_page=True)
 
 
@@ -263,3 +263,34 @@ def test_the_lightbox_covers_the_page_with_the_photo_as_large_as_fits_and_its_na
         assert picture["top"] >= 0 and close["y"] + close["height"] <= viewport["height"]  # all of it on screen
     finally:
         page.close()
+
+
+@pytest.mark.parametrize("width", [1280, 400])
+def test_the_duplicates_view_shows_a_resized_copy_beside_its_original(browser, tmp_path, width):
+    from helpers.browser import served_photos
+    from PIL import Image
+
+    with served_photos(tmp_path, ("p",), per_folder=4) as (db, url, photos):
+        copy = tmp_path / "p" / "copy_small.png"
+        with Image.open(photos[2]) as im:
+            im.resize((im.width // 2, im.height // 2), Image.LANCZOS).save(copy)
+        db.add([str(copy)])
+        want = db.near_duplicates(0.95)
+        pair = {db.index_of(photos[2]), db.index_of(copy)}
+        page = open_page(browser, url, viewport={"width": width, "height": 900}, **(PHONE if width < 600 else {}))
+        try:
+            page.locator("#duplicates button").first.click()  # opens the view
+            page.locator("#dup-find").click()
+            page.wait_for_function("() => /groups? of near-duplicates/.test(document.querySelector('#dup-status')"
+                                   "?.innerText)")
+            assert re.match(rf"{len(want)} groups? ", page.locator("#dup-status").inner_text())
+            rows = page.locator("#dup-groups .dup-row").evaluate_all(
+                "rows => rows.map(r => [...r.querySelectorAll('.dup-tile')].map(a => +a.dataset.index))")
+            assert rows == [g.indices for g in want]
+            assert any(pair <= set(row) for row in rows)
+            page.wait_for_function("() => [...document.querySelectorAll('#dup-groups img')].every(i => "
+                                   "i.complete && i.naturalWidth > 0)")
+            assert page.evaluate("document.documentElement.scrollWidth") <= width
+            page.screenshot(path=ARTIFACTS / f"web-duplicates-{width}.png", full_page=True)
+        finally:
+            page.close()

@@ -135,10 +135,16 @@ def stop_once(stop: str, console: TerminalConsole, delay: float, after_embedding
             assert console.poll() is None and time.monotonic() - console.started < STARTUP_BOUND_S, console.log()
             time.sleep(0.05)
     time.sleep(delay)
+    # a scan that ended meanwhile (its summary written) ended the `wait` too: the stop lands at the prompt
+    wait_ended = stop.endswith("during wait") and "scanned " in console.log()
     if stop == "ctrl-c during wait":
         console.type("\x03")
+        if wait_ended:
+            time.sleep(1.0)
+            assert console.poll() is None, f"a Ctrl-C at the prompt ended the console: {console.log()[-3000:]}"
+            console.type("exit\r")
     elif stop.startswith("sigint to the group"):
-        at_the_prompt = stop.endswith("before the prompt") and b">" in console.screen  # it came up meanwhile
+        at_the_prompt = wait_ended or (stop.endswith("before the prompt") and b">" in console.screen)
         os.killpg(console.pid, signal.SIGINT)  # what the terminal does with Ctrl-C outside the prompt
         if at_the_prompt:  # there, as Ctrl-C, it clears the line and the console goes on
             time.sleep(1.0)

@@ -102,6 +102,21 @@ def _scaled(frame):
     return frame.to_image(width=max(1, round(w * scale)), height=max(1, round(h * scale)))
 
 
+def keyframe_stream(container, max_pixels: int) -> tuple[Any, float]:
+    """The container's first video stream set to decode its keyframes only, on one thread, once its
+    dimensions passed `max_pixels`; and its start time in seconds. Raises ImageRejected."""
+    if not container.streams.video:
+        raise ImageRejected("no video stream")
+    stream = container.streams.video[0]
+    ctx = stream.codec_context
+    check_dimensions(ctx.width, ctx.height, max_pixels)
+    ctx.thread_type = "NONE"
+    ctx.thread_count = 1
+    ctx.skip_frame = "NONKEY"
+    base = stream.time_base
+    return stream, float(stream.start_time * base) if stream.start_time is not None and base else 0.0
+
+
 def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     """The frames of the video at `path` taken at scene changes (see the module's doc). Raises
     ImageRejected with a short reason for a file that is not a readable video, or has no frame."""
@@ -113,19 +128,11 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     frames: list[tuple[float, Any]] = []
     try:
         with f, av.open(f, mode="r") as container:
-            if not container.streams.video:
-                raise ImageRejected("no video stream")
-            stream = container.streams.video[0]
-            ctx = stream.codec_context
-            check_dimensions(ctx.width, ctx.height, max_pixels)
-            ctx.thread_type = "NONE"
-            ctx.thread_count = 1
-            ctx.skip_frame = "NONKEY"
+            stream, start = keyframe_stream(container, max_pixels)
             base = stream.time_base
             duration = float(stream.duration * base) if stream.duration and base else (
                 container.duration / 1e6 if container.duration else None)
             gap = max(MIN_GAP_S, (duration or 0.0) / MAX_CANDIDATES)
-            start = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
             last_tried = None
             last_kept_sig = None
             tried = 0
@@ -187,16 +194,8 @@ def frame_thumbnail(path: str, identity: tuple[int, int, int, int], time: float,
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
                 raise ImageRejected("the file changed since it was checked")
             with av.open(f, mode="r") as container:
-                if not container.streams.video:
-                    raise ImageRejected("no video stream")
-                stream = container.streams.video[0]
-                ctx = stream.codec_context
-                check_dimensions(ctx.width, ctx.height, max_pixels)
-                ctx.thread_type = "NONE"
-                ctx.thread_count = 1
-                ctx.skip_frame = "NONKEY"
+                stream, start = keyframe_stream(container, max_pixels)
                 base = stream.time_base
-                start = float(stream.start_time * base) if stream.start_time is not None and base else 0.0
                 if base and time > 0:
                     try:  # to the keyframe at or before the moment (backward); a file that cannot seek decodes on
                         container.seek(int((time + start) / base), stream=stream, backward=True)

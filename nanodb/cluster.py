@@ -1,21 +1,25 @@
 """nanodb on a Ray cluster: connecting, the CLIP actors of a distributed scan, and the shard actors of
-sharded search (search.sharded). It composes the pipeline's Ray stage and the search layer, above both.
+a sharded database (search.sharded). It composes the pipeline's Ray stage and the search layer.
 
-The database stays with one process (this one): it walks, skips unchanged files, appends and saves.
-A scan's decoding and embedding run on the cluster (pipeline.ray_ingest); a search fans out to shards.
+A scan's decoding and embedding run on the cluster (pipeline.ray_ingest). A database made with
+`shards` keeps its items in shard actors, each owning a store folder (search.sharded.ShardedStore);
+without, the database stays a local folder of this process.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from nanodb.model.clip import ModelConfig, load_model
 from nanodb.pipeline.ray_ingest import RayEmbedStage, RayStageOptions
-from nanodb.search.sharded import ShardedSearch
-from nanodb.storage.store import ItemStore
+from nanodb.search.sharded import ShardedStore
+from nanodb.storage.cluster_manifest import is_sharded
+from nanodb.storage.format import MANIFEST, DatabaseError, Manifest
 
 INSTALL_HINT = "running on a Ray cluster needs Ray, an optional extra: pip install 'nanodb[ray]'"
 
@@ -24,14 +28,17 @@ INSTALL_HINT = "running on a Ray cluster needs Ray, an optional extra: pip insta
 class RayOptions:
     """Where and how to use a Ray cluster. `address`: 'auto', 'HOST:PORT', 'ray://HOST:PORT', or
     'local' (start Ray on this machine). `clip_actors`: default one per GPU of the cluster, else 1.
-    `actor_cpus`: CPUs per CLIP actor on the CPU path. `shards`: default one per node.
-    `shard_gpus`: GPUs per shard actor (its vectors then live on the GPU, with CuPy)."""
+    `actor_cpus`: CPUs per CLIP actor on the CPU path. `shards`: a new database is made of this many
+    shards (None: a local database). `shard_dir`: where the shards' folders are, on each node's own disk
+    (None: inside the database folder, which every node must then reach: a shared filesystem).
+    `shard_gpus`: GPUs per shard actor."""
 
     address: str = "auto"
     clip_actors: int | None = None
     actor_cpus: int = 1
     decode_cpus: float = 1
     shards: int | None = None
+    shard_dir: str | None = None
     shard_gpus: float = 0
     object_store_memory: int | None = None  # for 'local' only
 
@@ -52,7 +59,6 @@ class RayCluster:
         self.ray = import_ray()  # fail at once, with how to install it
         self._connected_here = False
         self._stages: list[RayEmbedStage] = []
-        self._searches: list[ShardedSearch] = []
 
     def connect(self) -> None:
         ray = self.ray
@@ -84,21 +90,27 @@ class RayCluster:
         self._stages.append(stage)
         return stage
 
-    def sharded_search(self, store: ItemStore) -> ShardedSearch:
-        self.connect()
-        shards = self.options.shards or max(1, sum(1 for n in self.ray.nodes() if n["Alive"]))
-        search = ShardedSearch(store, shards, self.options.shard_gpus)
-        self._searches.append(search)
-        return search
+    def sharded_store(self, root: Path, read_only: bool, new_model: Callable[[], Manifest],
+                      compact_dead_fraction: float) -> ShardedStore | None:
+        """The shards of the database at `root`: a sharded one's, reconnected; a new one's, made when
+        `shards` is set (`new_model()` gives its model's manifest); None for a local database."""
+        o = self.options
+        if is_sharded(root):
+            return ShardedStore.open(root, read_only=read_only, compact_dead_fraction=compact_dead_fraction,
+                                     gpus=o.shard_gpus)
+        if not o.shards or (root / MANIFEST).exists():
+            return None
+        if read_only:
+            raise DatabaseError(f"no nanodb database at {root}")
+        return ShardedStore.create(root, new_model(), o.shards, o.shard_dir,
+                                   compact_dead_fraction=compact_dead_fraction, gpus=o.shard_gpus)
 
     def close(self) -> None:
         if not self.ray.is_initialized():
             return
         for stage in self._stages:
             stage.stop()
-        for search in self._searches:
-            search.stop()
-        self._stages, self._searches = [], []
+        self._stages = []
         if self._connected_here:
             self.ray.shutdown()
             self._connected_here = False

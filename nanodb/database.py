@@ -27,8 +27,10 @@ from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.batcher import QueryBatcher
 from nanodb.search.duplicates import DuplicateGroup, NearDuplicate, near_duplicates
 from nanodb.search.encoder import QueryEncoder, SearchTimings
-from nanodb.search.local import LocalSearcher, ValidationReport, validate
+from nanodb.search.local import LocalSearcher, ValidationReport
 from nanodb.search.request import Filters, Searcher, SearchRequest, SearchResult, SearchResults
+from nanodb.search.sharded import ShardedSearcher, ShardedStore
+from nanodb.storage.cluster_manifest import is_sharded, read_cluster_manifest
 from nanodb.storage.format import DatabaseError, Manifest, read_manifest
 from nanodb.storage.repair import RepairReport, repair_folder
 from nanodb.storage.store import Item, ItemStore
@@ -89,21 +91,32 @@ class NanoDB:
             # now, in this thread: Ray's local processes die with the thread that starts them, and a
             # scan or a server request runs in a short-lived worker thread
             self.cluster.connect()
-        self._shards = None
 
         manifest = read_manifest(self.path) if self.path.is_dir() else None
         # the one description of the model, for every loader (this process's, Ray actors'): the model asked
         # for, or an existing database's own, run on the settings' device, precision and backend
         self.model_config = ModelConfig.from_settings(self.settings, model, pretrained, seed)
-        if manifest is None:
-            if read_only:
-                raise DatabaseError(f"no nanodb database at {self.path}")
-            # a new database needs the model (for its dimension): fail before creating files
-            manifest = _new_manifest(self.model)
-        else:
+        self.store: ItemStore | ShardedStore | None = None
+        if manifest is None and is_sharded(self.path):
+            if self.cluster is None:
+                raise DatabaseError(f"{self.path} is a sharded database: open it on its Ray cluster (--ray ADDRESS)")
+            manifest = read_cluster_manifest(self.path).model
+        if manifest is not None:
             self.model_config = self.model_config.with_spec(_model_of(manifest, model, pretrained, seed))
-        self.store = ItemStore(self.path, manifest, read_only=read_only,
-                               compact_dead_fraction=self.settings.compact_dead_fraction)
+        if self.cluster is not None:
+            # a sharded database's shards, reconnected or made: the model is loaded for a new one's dimension
+            self.store = self.cluster.sharded_store(self.path, read_only, lambda: _new_manifest(self.model),
+                                                    self.settings.compact_dead_fraction)
+            if self.store is not None:
+                manifest = self.store.manifest
+        if self.store is None:
+            if manifest is None:
+                if read_only:
+                    raise DatabaseError(f"no nanodb database at {self.path}")
+                # a new database needs the model (for its dimension): fail before creating files
+                manifest = _new_manifest(self.model)
+            self.store = ItemStore(self.path, manifest, read_only=read_only,
+                                   compact_dead_fraction=self.settings.compact_dead_fraction)
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
                                     DecodeLimits.of(self.settings), text_model=lambda: self.text_model)
         # single queries from concurrent callers share encode and search passes (search.batcher)
@@ -186,15 +199,17 @@ class NanoDB:
 
     @property
     def vectors(self) -> np.ndarray:
-        """All stored float16 vectors (deleted rows included; see Item.deleted)."""
+        """All stored float16 vectors (deleted rows included; see Item.deleted); not of a sharded
+        database, whose vectors stay on its shards (iterate over its items)."""
+        if isinstance(self.store, ShardedStore):
+            raise ValueError("a sharded database's vectors stay on its shards: iterate over its items")
         return self.store.vectors
 
     def __getitem__(self, index: int) -> Item:
         return self.store.item(index)
 
     def __iter__(self):
-        for i in self.store.live_rows():
-            yield self.store.item(int(i))
+        return self.store.live_items()
 
     def has_item(self, index: int) -> bool:
         """True for the index of a live item."""
@@ -432,17 +447,15 @@ class NanoDB:
         return results
 
     def _searcher(self) -> Searcher:
-        """The local searcher, or with a Ray cluster the shard actors serving the vectors (made on first search)."""
-        if self.cluster is None:
-            return LocalSearcher(self.store)
-        with self.store.lock:
-            if self._shards is None:
-                self._shards = self.cluster.sharded_search(self.store)
-        return self._shards
+        """The local searcher, or a sharded database's, which the shards answer."""
+        if isinstance(self.store, ShardedStore):
+            return ShardedSearcher(self.store)
+        return LocalSearcher(self.store)
 
     def validate(self, batch: int = 256) -> ValidationReport:
-        """Query every stored vector; each must find itself (or an identical item) first."""
-        return validate(self.store, batch)
+        """Query every stored vector; each must find itself (or an identical item) first (in a sharded
+        database, within its shard)."""
+        return self._searcher().validate(batch)
 
     @property
     def state(self) -> tuple[int, int, int]:
@@ -464,6 +477,8 @@ class NanoDB:
         and 8 bytes a row); it holds the store's lock, so writers and searches wait for it, unless
         `unlocked` (a server): then it joins the rows live when it starts while others go on, drops the
         rows deleted meanwhile, and starts over if a compaction renumbered the rows meanwhile."""
+        if isinstance(self.store, ShardedStore):
+            raise ValueError("near-duplicates of a sharded database are not available yet (a join across shards)")
         return near_duplicates(self.store, threshold, min_size=min_size, unlocked=unlocked)
 
     # ----------------------------------------------------------------- saving and repairing

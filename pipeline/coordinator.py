@@ -176,7 +176,7 @@ class ScanPipeline:
         self.clip = ClipStage(get_model, batch_size, self.report, running, is_known=sink.has_content)
         self.appender = IndexAppender(sink, self.report, autosave_every)
         # A stage that decodes and embeds elsewhere (pipeline.ray_ingest.RayEmbedStage) instead of the
-        # local decode pool and CLIP stage: `run(found, embedded, report, running)`.
+        # local decode pool and CLIP stage: `run(found, embedded, report, running, remember_failure)`.
         self.remote = remote
         self.queue_size = max(64, 4 * batch_size)
 
@@ -189,7 +189,8 @@ class ScanPipeline:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._walk(found) if self.feed is None else self._follow(self.feed, found))
                 if self.remote is not None:
-                    tg.create_task(self.remote.run(found, embedded, self.report, self.running))
+                    tg.create_task(self.remote.run(found, embedded, self.report, self.running,
+                                                   self.sink.remember_failure))
                 else:
                     tg.create_task(self._decode(found, decoded))
                     tg.create_task(self.clip.run(decoded, embedded))
@@ -203,20 +204,25 @@ class ScanPipeline:
     async def _follow(self, feed: asyncio.Queue, outbox: asyncio.Queue) -> None:
         """The watch mode's first stage: files a watcher saw change, instead of a walk."""
         while (f := await feed.get()) is not None:
-            await self._offer(f, outbox)
+            await self._offer([f], outbox)
             self.report.changed()
         await outbox.put(None)
 
-    async def _offer(self, f: FoundFile, outbox: asyncio.Queue) -> None:
-        """Count a found file and pass it on, unless it is indexed with the same size and mtime, or failed
-        with them before (a broken file would load the model at every rescan)."""
-        self.report.count_found(f.path)
-        if self.sink.is_unchanged(f.path, f.size, f.mtime):
-            self.report.unchanged += 1
-        elif not self.retry_failed and self.sink.failed_before(f.path, f.size, f.mtime):
-            self.report.failed_before += 1
-        else:
-            await outbox.put(f)
+    async def _offer(self, files: list[FoundFile], outbox: asyncio.Queue) -> None:
+        """Count found files and pass them on, except those indexed with the same size and mtime, or that
+        failed with them before (a broken file would load the model at every rescan). The sink is asked
+        once for the whole chunk."""
+        stats = [(f.path, f.size, f.mtime) for f in files]
+        unchanged = self.sink.unchanged_files(stats)
+        failed = set() if self.retry_failed else self.sink.failed_before(s for s in stats if s[0] not in unchanged)
+        for f in files:
+            self.report.count_found(f.path)
+            if f.path in unchanged:
+                self.report.unchanged += 1
+            elif f.path in failed:
+                self.report.failed_before += 1
+            else:
+                await outbox.put(f)
 
     def _take_walk_problems(self, problems: list[str]) -> None:
         for problem in self.walker.problems:
@@ -248,9 +254,8 @@ class ScanPipeline:
         problems: list[str] = []
         while chunk := await asyncio.to_thread(lambda: list(islice(files, 256))):
             self._take_walk_problems(problems)
-            for f in chunk:
-                seen.add(f.path)
-                await self._offer(f, outbox)
+            seen.update(f.path for f in chunk)
+            await self._offer(chunk, outbox)
             self.report.changed()
         self._take_walk_problems(problems)
         self.report.dropped += self._drop_missing(seen, problems)

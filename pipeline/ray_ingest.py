@@ -109,18 +109,25 @@ class RayEmbedStage:
             ray.kill(a)
         self.actors = []
 
-    async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue, report, running: asyncio.Event) -> None:
-        """Consumes FoundFiles (None ends the stream); emits (records, vectors) batches, then None."""
+    async def run(self, inbox: asyncio.Queue, outbox: asyncio.Queue, report, running: asyncio.Event,
+                  remember_failure: Callable[[str, int, float, str], None] | None = None) -> None:
+        """Consumes FoundFiles (None ends the stream); emits (records, vectors) batches, then None. A file
+        that failed to decode is passed to `remember_failure` (path, size, mtime, reason), as the local
+        decode stage does (a batch the cluster itself failed is not: it is tried again at the next scan)."""
         self.start()
         load = [0] * len(self.actors)
         slots = asyncio.Semaphore(len(self.actors) * self.options.in_flight_per_actor)
         tasks: set[asyncio.Task] = set()
 
-        async def one(paths: list[str]) -> None:
+        async def one(files: list) -> None:
+            paths = [f.path for f in files]
             try:
-                records, failures, vectors = await self._embed(paths, load)
+                records, failures, vectors, decoded = await self._embed(paths, load)
+                found = {f.path: f for f in files}
                 for path, reason in failures:
                     report.fail(path, reason)
+                    if decoded and remember_failure is not None and (f := found.get(path)) is not None:
+                        remember_failure(f.path, f.size, f.mtime, reason)
                 keep = passed_on(paths, records)
                 report.count_embedded(records[i] for i in keep)
                 if keep:
@@ -137,7 +144,7 @@ class RayEmbedStage:
                     if (f := inbox.get_nowait()) is None:
                         break
                     batch.append(f)
-                task = asyncio.create_task(one([b.path for b in batch]))
+                task = asyncio.create_task(one(batch))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 if f is None:
@@ -149,7 +156,8 @@ class RayEmbedStage:
         await outbox.put(None)
 
     async def _embed(self, paths: list[str], load: list[int]):
-        """One batch through decode + CLIP on the least busy actor; resent on failure, then failed."""
+        """One batch through decode + CLIP on the least busy actor; resent on failure, then failed.
+        Returns (records, failures, vectors, whether it was decoded: False when the cluster failed it)."""
         import ray
 
         error: Exception | None = None
@@ -158,7 +166,7 @@ class RayEmbedStage:
             load[i] += 1
             try:
                 decoded = self._decode.remote(paths, self.transform, self.max_pixels)
-                return await self.actors[i].embed.remote(decoded)
+                return (*await self.actors[i].embed.remote(decoded), True)
             except ray.exceptions.RayError as e:
                 error = e
                 log.warning("a batch of %d files failed on the cluster, sending it again: %s",
@@ -166,4 +174,4 @@ class RayEmbedStage:
             finally:
                 load[i] -= 1
         reason = f"failed on the Ray cluster: {str(error).splitlines()[0]}"
-        return [], [(p, reason) for p in paths], None
+        return [], [(p, reason) for p in paths], None, False

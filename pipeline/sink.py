@@ -17,11 +17,13 @@ from nanodb.media.record import FileRecord
 class IndexSink(Protocol):
     path: str  # the database folder: never scanned or watched
 
-    def is_unchanged(self, path: str, size: int, mtime: float) -> bool:
-        """Indexed already with this size and modification time: no need to decode it again."""
+    def unchanged_files(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        """The paths among `files` ((path, size, mtime)) indexed already with that size and modification
+        time: no need to decode them again. Asked per chunk of a walk (a sharded sink asks its shards)."""
 
-    def failed_before(self, path: str, size: int, mtime: float) -> bool:
-        """Failed to decode before with this size and modification time: retried only when asked."""
+    def failed_before(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        """The paths among `files` that failed to decode before with that size and modification time:
+        retried only when asked."""
 
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
         """A file that failed to decode, with the size and mtime it had (forgotten once it is indexed)."""

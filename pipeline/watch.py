@@ -238,7 +238,7 @@ class FolderWatcher:
 
     async def _hand_on(self, found: FoundFile) -> None:
         """Index a settled file: skip it if unchanged, reuse a known vector for known bytes, else embed."""
-        if self.sink.is_unchanged(found.path, found.size, found.mtime):
+        if self.sink.unchanged_files([(found.path, found.size, found.mtime)]):
             return
         # a video is not read whole here (its items are its frames, whose hashes only its decode gives)
         digest = None if is_video_name(found.path) else await asyncio.to_thread(_hash_file, found.path)

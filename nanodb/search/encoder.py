@@ -124,7 +124,7 @@ class QueryEncoder:
         elif isinstance(query, (int, np.integer)) and not isinstance(query, bool):
             if not store.is_live(int(query)):
                 raise QueryError(f"no item with index {query}")
-            v = store.vectors[int(query)].astype(np.float32)
+            v = store.vector(int(query)).astype(np.float32)
         elif isinstance(query, os.PathLike):
             v = self.embed_file(query)
         elif is_image_object(query):
@@ -171,7 +171,7 @@ class QueryEncoder:
         it ties with it exactly), else the model's embedding, made as a scan makes it."""
         known = self.store.row_with_hash(content_hash(data))
         if known is not None:
-            return self.store.vectors[known].astype(np.float32)
+            return self.store.vector(known).astype(np.float32)
         model = self.model()
         try:
             if self.decoder is None:

@@ -208,6 +208,9 @@ class LocalSearcher:
             allowed = allowed_rows(store, where)
             return answer(request, store, lambda queries, n: allowed_top(store.index, queries, n, allowed))
 
+    def validate(self, batch: int = 256) -> ValidationReport:
+        return validate(self.store, batch)
+
 
 @dataclass
 class ValidationReport:

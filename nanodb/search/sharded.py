@@ -1,139 +1,505 @@
-"""Sharded search on a Ray cluster: shard actors each hold a contiguous range of the vectors, every
-shard answers the same SearchRequest within its rows, and the per-shard top k are merged so results
-equal one process's exact search: same items, same order, ties to the lower index.
+"""A sharded database on a Ray cluster: the items live in N shards, each an ordinary nanodb store folder
+owned by one Ray actor (`Shard`); the coordinator (`ShardedStore`, in the NanoDB process) holds no
+vectors and no per-item table, only the actors.
+
+Routing: a file goes to the shard its content hash names, so byte-identical files meet in one shard and
+share one vector there; a video's frames go by the video's path, so they stay together. A changed file
+whose new content lands in another shard is dropped from the others after it is added (a coordinator
+killed in between leaves it in two shards: a rescan sees that and indexes it again, once).
+
+Item indices are global: row r of shard s is item r * N + s. A search is answered by every shard within
+its own rows (the local searcher: filters, minimum similarity, collapsed duplicates, a video's frames as
+one result) and merged best first, ties to the lower index; as a content group and a video never span
+two shards, the merge equals one store's answer.
+
+Losing a node: a shard's actor is restarted by Ray (on another node where its folder is on shared
+storage) and reopens its folder, losing what it had not saved. Calls wait up to `timeout` seconds for
+it, then fail with ShardUnavailable naming the shard.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
-from nanodb.search.local import RowFilter, allowed_rows, allowed_top, answer
-from nanodb.search.request import SearchRequest, SearchResults
-from nanodb.storage.columns import store_columns
-from nanodb.storage.index import VectorIndex
-from nanodb.storage.store import ItemStore
+from nanodb.media.paths import absolute_path
+from nanodb.media.record import FileRecord
+from nanodb.media.video import frame_time
+from nanodb.search.local import LocalSearcher, ValidationReport, validate
+from nanodb.search.request import SearchRequest, SearchResult, SearchResults
+from nanodb.storage.cluster_manifest import (
+    ClusterManifest,
+    ShardLocation,
+    read_cluster_manifest,
+    write_cluster_manifest,
+)
+from nanodb.storage.format import DatabaseError, Manifest, read_manifest
+from nanodb.storage.store import Item, ItemStore
+
+log = logging.getLogger(__name__)
+
+SHARD_TIMEOUT_S = 60.0  # how long a call waits for a restarting shard before ShardUnavailable
+ITEMS_PER_CALL = 4096  # items fetched at a time when iterating over a sharded database
 
 
-class SearchShard:
-    """A Ray actor holding rows [offset, offset + n) of the vectors, in RAM or on its GPU."""
-
-    def __init__(self, vectors: np.ndarray, dead: np.ndarray, offset: int, backend: str):
-        self.offset = offset
-        self.index = VectorIndex(vectors.shape[1], backend)
-        self.append(vectors, dead)
-
-    def append(self, vectors: np.ndarray, dead: np.ndarray) -> None:
-        start = self.index.append(vectors)
-        if dead.any():
-            self.index.delete(start + np.flatnonzero(dead))
-
-    def delete(self, rows: np.ndarray) -> None:
-        """Delete by global row index."""
-        self.index.delete(np.asarray(rows) - self.offset)
-
-    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Global row indices and float64 scores of this shard's top k among the rows `allowed` (a mask
-        over this shard's rows; None: all) allows. The scores are recomputed the way the index's exact
-        pass computes them, so the merge orders candidates of different shards exactly as one index would."""
-        queries = np.array(queries, np.float32)  # Ray hands over a read-only view of its object store
-        indices, _ = allowed_top(self.index, queries, k, allowed)
-        q64 = queries.astype(np.float64)
-        rows = self.index.vectors[indices].astype(np.float64)  # (Q, k, dim)
-        scores = (rows * q64[:, None, :]).sum(axis=2)
-        return indices + self.offset, scores
+class ShardUnavailable(DatabaseError):
+    """A shard did not answer (its node is down and its actor could not be restarted in time)."""
 
 
-def merge_top_k(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-shard (indices, float64 scores) -> the overall top k, best first, ties to the lower index."""
-    indices = np.concatenate([p[0] for p in parts], axis=1)
-    scores = np.concatenate([p[1] for p in parts], axis=1)
-    order = np.lexsort((indices, -scores), axis=1)[:, :k]
-    return np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1).astype(np.float32)
+def route_key(record: FileRecord) -> bytes:
+    """What decides a record's shard: its content hash; for a video's frame, the video's path."""
+    if frame_time(record.metadata) is not None and record.path is not None:
+        return hashlib.blake2b(os.fsencode(record.path), digest_size=16).digest()
+    return bytes(record.hash)
 
 
-class ShardedSearch:
-    """The store's vectors split over `shards` actors, kept in step with the store: new rows go to the
-    last shard, deletions to the shards that hold them, a compaction (renumbered rows) rebuilds all."""
+def shard_of(key: bytes, shards: int) -> int:
+    return int.from_bytes(key[:8], "little") % shards
 
-    def __init__(self, store: ItemStore, shards: int, gpus: float = 0):
+
+class Shard:
+    """A Ray actor owning one shard's store folder: every read and write of its items happens here."""
+
+    def __init__(self, folder: str, model: Manifest, create: bool, read_only: bool, compact_dead_fraction: float):
+        root = Path(folder)
+        manifest = read_manifest(root)  # a damaged folder raises DatabaseError with the --repair hint
+        if manifest is None and not create:
+            raise DatabaseError(f"the shard folder {folder} holds no database on this node: it is on another "
+                                f"node's disk, or was removed")
+        empty = dataclasses.replace(model, count=0, generation=0, paths_bytes=0, meta_bytes=0, deleted=0,
+                                    compact=0, roots={})
+        self.store = ItemStore(root, manifest or empty, read_only=read_only,
+                               compact_dead_fraction=compact_dead_fraction)
+        self.searcher = LocalSearcher(self.store)
+
+    def info(self) -> dict[str, Any]:
+        s = self.store
+        return {"items": len(s), "rows": s.rows, "unsaved": 0 if s.read_only else s.unsaved, "state": s.state}
+
+    # --- writing
+    def append(self, vectors: np.ndarray, records: list[FileRecord]) -> list[int]:
+        return self.store.append(vectors, records)
+
+    def add_files(self, records: list[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
+        return self.store.add_files(records, vectors)
+
+    def drop_files(self, paths: list[str]) -> list[str]:
+        """Delete the items of exactly these paths (not folders); returns the paths that had some."""
+        rows = {p: self.store.rows_of(p) for p in paths}
+        self.store.delete([i for r in rows.values() for i in r])
+        return [p for p, r in rows.items() if r]
+
+    def add_known_file(self, record: FileRecord) -> int | None:
+        return self.store.add_known_file(record)
+
+    def delete(self, rows: list[int]) -> None:
+        self.store.delete(rows)
+
+    def forget(self, paths: list[str]) -> int:
+        return self.store.forget(paths)
+
+    def move_paths(self, moves: list[tuple[str, str]]) -> int:
+        return self.store.move_paths(moves)
+
+    def move_folder(self, old: str, new: str) -> int:
+        return self.store.move_folder(old, new)
+
+    def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        self.store.remember_failure(path, size, mtime, reason)
+
+    def save(self) -> bool:
+        return self.store.save()
+
+    def save_failures(self) -> None:
+        self.store.save_failures()
+
+    # --- reading
+    def known_files(self, files: list[tuple[str, int, float]]) -> tuple[list[str], list[str]]:
+        """(the paths among `files` indexed here, those of them unchanged)."""
+        held = [p for p, _, _ in files if self.store.rows_of(p)]
+        return held, sorted(self.store.unchanged_files(files))
+
+    def failed_before(self, files: list[tuple[str, int, float]]) -> list[str]:
+        return sorted(self.store.failed_before(files))
+
+    def indexed_paths(self) -> list[str]:
+        return self.store.indexed_paths()
+
+    def rows_of(self, path: str) -> list[int]:
+        return self.store.rows_of(path)
+
+    def row_with_hash(self, content_hash: bytes) -> int | None:
+        return self.store.row_with_hash(content_hash)
+
+    def items(self, rows: list[int]) -> list[Item | None]:
+        """The items of these rows (None for a row that does not exist or is deleted)."""
+        return [self.store.item(r) if self.store.is_live(r) else None for r in rows]
+
+    def live_items(self, after: int, n: int) -> list[Item]:
+        """Up to n live items with rows above `after`, in row order."""
+        rows = self.store.live_rows()
+        rows = rows[np.searchsorted(rows, after, side="right"):][:n]
+        return [self.store.item(int(r)) for r in rows]
+
+    def search(self, request: SearchRequest) -> list[list[tuple[int, float, str | None, dict, list[int]]]]:
+        return [[(r.index, r.similarity, r.path, r.metadata, r.duplicates) for r in results]
+                for results in self.searcher.search(request)]
+
+    def validate(self, batch: int) -> ValidationReport:
+        return validate(self.store, batch)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class ShardedStore:
+    """The coordinator's view of a sharded database: the subset of ItemStore that NanoDB, the query
+    encoder and the interfaces use, and the pipeline's IndexSink, each call sent to the shards that hold
+    the items (routed by content hash, or asked all at once). Indices are global (module docstring)."""
+
+    def __init__(self, root: Path, manifest: ClusterManifest, *, read_only: bool, create: bool,
+                 compact_dead_fraction: float, gpus: float = 0, timeout: float = SHARD_TIMEOUT_S):
         import ray
 
+        self.root = root
+        self.path = str(root)  # for the pipeline: never scanned
+        self.read_only = read_only
+        self.lock = threading.RLock()
+        self.cluster_manifest = manifest
+        self.manifest = dataclasses.replace(manifest.model, roots=manifest.roots)
+        self.timeout = timeout
+        self.actors = []
+        for where in manifest.shards:
+            pinned = {} if where.node is None else {"resources": {f"node:{where.node}": 0.001}}
+            actor = ray.remote(Shard).options(
+                num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
+                scheduling_strategy="SPREAD" if where.node is None else "DEFAULT", **pinned)
+            self.actors.append(actor.remote(where.folder, manifest.model, create, read_only, compact_dead_fraction))
+        try:
+            self.each_shard("info")
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def create(cls, root: Path, model: Manifest, shards: int, shard_dir: str | None, *,
+               compact_dead_fraction: float, gpus: float = 0) -> ShardedStore:
+        """A new sharded database at `root`: shard folders `root/shard-NNN`, or, with `shard_dir`, folders
+        on the disk of the node each shard starts on (pinned to that node from then on)."""
+        if shards < 1:
+            raise ValueError(f"shards must be at least 1, not {shards}")
+        locations = [ShardLocation(str(root / f"shard-{i:03d}")) for i in range(shards)]
+        if shard_dir is not None:
+            locations = [ShardLocation(os.path.join(shard_dir, f"{root.name}-shard-{i:03d}"), node)
+                         for i, node in enumerate(_spread_nodes(shards))]
+        manifest = ClusterManifest(dataclasses.replace(model, roots={}), locations)
+        write_cluster_manifest(root, manifest)
+        return cls(root, manifest, read_only=False, create=True, compact_dead_fraction=compact_dead_fraction,
+                   gpus=gpus)
+
+    @classmethod
+    def open(cls, root: Path, *, read_only: bool, compact_dead_fraction: float, gpus: float = 0) -> ShardedStore:
+        return cls(root, read_cluster_manifest(root), read_only=read_only, create=not read_only,
+                   compact_dead_fraction=compact_dead_fraction, gpus=gpus)
+
+    # ----------------------------------------------------------------- calling the shards
+    @property
+    def shards(self) -> int:
+        return len(self.actors)
+
+    def _get(self, refs: list, shards: Sequence[int]) -> list:
+        import ray
+
+        try:
+            return ray.get(refs, timeout=self.timeout)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            names = ", ".join(f"{s} ({self.cluster_manifest.shards[s].folder})" for s in shards)
+            raise ShardUnavailable(f"shard {names} did not answer within {self.timeout:.0f} s: its node may be "
+                                   f"down ({str(e).splitlines()[0][:200]}); try again once it is back") from None
+        except ray.exceptions.RayTaskError as e:  # the shard's own error, e.g. a DatabaseError: as itself
+            raise e.as_instanceof_cause() from None
+
+    def each_shard(self, method: str, *args) -> list:
+        """Call `method` on every shard at once; their answers in shard order."""
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], range(self.shards))
+
+    def _on(self, calls: dict[int, tuple]) -> dict[int, Any]:
+        """{shard: (method, *args)} -> {shard: answer}, the calls made at once."""
+        shards = list(calls)
+        refs = [getattr(self.actors[s], calls[s][0]).remote(*calls[s][1:]) for s in shards]
+        return dict(zip(shards, self._get(refs, shards)))
+
+    def _split(self, index: int) -> tuple[int, int]:
+        """Global item index -> (shard, row)."""
+        if index < 0:
+            raise IndexError(f"item {index} does not exist (a sharded database counts no items from the end)")
+        return index % self.shards, index // self.shards
+
+    def _global(self, shard: int, row: int) -> int:
+        return row * self.shards + shard
+
+    def _route(self, records: Sequence[FileRecord]) -> list[int]:
+        return [shard_of(route_key(r), self.shards) for r in records]
+
+    # ----------------------------------------------------------------- reading
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    def __len__(self) -> int:
+        return sum(i["items"] for i in self.each_shard("info"))
+
+    @property
+    def rows(self) -> int:
+        """One more than the highest item index."""
+        return max((self._global(s, i["rows"] - 1) + 1 for s, i in enumerate(self.each_shard("info")) if i["rows"]),
+                   default=0)
+
+    @property
+    def unsaved(self) -> int:
+        return sum(i["unsaved"] for i in self.each_shard("info"))
+
+    @property
+    def state(self) -> tuple[int, int, int]:
+        infos = self.each_shard("info")
+        return hash(tuple(tuple(i["state"]) for i in infos)), sum(i["rows"] for i in infos), \
+            sum(i["items"] for i in infos)
+
+    def _item(self, index: int) -> Item | None:
+        shard, row = self._split(index)
+        item = self._on({shard: ("items", [row])})[shard][0]
+        return None if item is None else dataclasses.replace(item, index=index)
+
+    def item(self, index: int) -> Item:
+        item = self._item(index)
+        if item is None:
+            raise IndexError(f"item {index} does not exist or was deleted")
+        return item
+
+    def is_live(self, index: int) -> bool:
+        return index >= 0 and self._item(index) is not None
+
+    def path_of(self, index: int) -> str | None:
+        item = self._item(index)
+        return None if item is None else item.path
+
+    def metadata_of(self, index: int) -> dict[str, Any]:
+        item = self._item(index)
+        return {} if item is None else item.metadata
+
+    def vector(self, index: int) -> np.ndarray:
+        return self.item(index).vector
+
+    def live_items(self) -> Iterator[Item]:
+        """Every live item, shard by shard, fetched ITEMS_PER_CALL at a time."""
+        for s in range(self.shards):
+            after = -1
+            while batch := self._on({s: ("live_items", after, ITEMS_PER_CALL)})[s]:
+                for item in batch:
+                    yield dataclasses.replace(item, index=self._global(s, item.index))
+                after = batch[-1].index
+
+    def rows_of(self, path: str) -> list[int]:
+        return sorted(self._global(s, r) for s, rows in enumerate(self.each_shard("rows_of", path)) for r in rows)
+
+    def index_of(self, path: str | os.PathLike) -> int | None:
+        rows = self.rows_of(absolute_path(path))
+        return rows[0] if rows else None
+
+    def row_with_hash(self, content_hash: bytes) -> int | None:
+        s = shard_of(bytes(content_hash), self.shards)
+        row = self._on({s: ("row_with_hash", bytes(content_hash))})[s]
+        return None if row is None else self._global(s, row)
+
+    def has_content(self, content_hash: bytes) -> bool:
+        return self.row_with_hash(content_hash) is not None
+
+    def indexed_paths(self) -> list[str]:
+        return [p for paths in self.each_shard("indexed_paths") for p in paths]
+
+    def unchanged_files(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        """Asked of every shard at once: a path held by two shards (a coordinator killed between adding
+        a changed file to its new shard and dropping it from the old one) counts as changed."""
+        files = list(files)
+        if not files:
+            return set()
+        answers = self.each_shard("known_files", files)
+        held: dict[str, int] = {}
+        for paths, _ in answers:
+            for p in paths:
+                held[p] = held.get(p, 0) + 1
+        return {p for _, unchanged in answers for p in unchanged if held[p] == 1}
+
+    def failed_before(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        by_shard: dict[int, list] = {}
+        for f in files:
+            by_shard.setdefault(self._path_shard(f[0]), []).append(f)
+        return {p for paths in self._on({s: ("failed_before", fs) for s, fs in by_shard.items()}).values()
+                for p in paths}
+
+    def _path_shard(self, path: str) -> int:
+        """The shard that remembers a file's decode failure (by its path: it has no content hash)."""
+        return shard_of(hashlib.blake2b(os.fsencode(path), digest_size=16).digest(), self.shards)
+
+    def validate(self, batch: int = 256) -> ValidationReport:
+        reports = self.each_shard("validate", batch)
+        return ValidationReport(
+            sum(r.checked for r in reports),
+            [(self._global(s, a), self._global(s, b)) for s, r in enumerate(reports) for a, b in r.failures],
+            [[self._global(s, i) for i in g] for s, r in enumerate(reports) for g in r.duplicates])
+
+    # ----------------------------------------------------------------- writing
+    def check_writable(self) -> None:
+        if self.read_only:
+            raise DatabaseError(f"{self.root} is open read-only")
+
+    def append(self, vectors: np.ndarray, records: Sequence[FileRecord], *, stored: bool = False) -> list[int]:
+        self.check_writable()
+        vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
+        route = np.asarray(self._route(records), int)
+        parts = {s: ("append", vectors[route == s], [r for r, t in zip(records, route) if t == s])
+                 for s in np.unique(route).tolist()}
+        rows = self._on(parts)
+        indices = np.empty(len(records), np.int64)
+        for s, got in rows.items():
+            indices[route == s] = [self._global(s, r) for r in got]
+        return indices.tolist()
+
+    def add_files(self, files: Sequence[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
+        """Each file to its shard; then its path dropped from the other shards (a changed file whose
+        content moved it), which makes an added file there an updated one here."""
+        self.check_writable()
+        route = np.asarray(self._route(files), int)
+        calls = {}
+        for s in np.unique(route).tolist():
+            mine = np.flatnonzero(route == s)
+            calls[s] = ("add_files", [files[i] for i in mine], None if vectors is None else vectors[mine])
+        counts = self._on(calls)
+        added, updated = (sum(c[i] for c in counts.values()) for i in (0, 1))
+        paths_of = {s: sorted({files[i].path for i in np.flatnonzero(route == s) if files[i].path is not None})
+                    for s in calls}
+        drops = {}
+        for s in range(self.shards):
+            elsewhere = [p for t, paths in paths_of.items() if t != s for p in paths]
+            if elsewhere:
+                drops[s] = ("drop_files", elsewhere)
+        moved = len({p for paths in self._on(drops).values() for p in paths}) if drops else 0
+        moved = min(moved, added)
+        return added - moved, updated + moved
+
+    def add_known_file(self, file: FileRecord) -> int | None:
+        s = shard_of(route_key(file), self.shards)
+        row = self._on({s: ("add_known_file", file)})[s]
+        if row is None:
+            return None
+        others = {t: ("drop_files", [absolute_path(file.path)]) for t in range(self.shards) if t != s}
+        if others:
+            self._on(others)
+        return self._global(s, row)
+
+    def delete(self, indices: Iterable[int]) -> None:
+        self.check_writable()
+        by_shard: dict[int, list[int]] = {}
+        for i in indices:
+            if int(i) >= 0:
+                s, row = self._split(int(i))
+                by_shard.setdefault(s, []).append(row)
+        self._on({s: ("delete", rows) for s, rows in by_shard.items()})
+
+    def forget(self, paths: Iterable[str]) -> int:
+        self.check_writable()
+        return sum(self.each_shard("forget", [os.fspath(p) for p in paths]))
+
+    def move_paths(self, moves: Iterable[tuple[str, str]]) -> int:
+        return sum(self.each_shard("move_paths", list(moves)))
+
+    def move_folder(self, old: str, new: str) -> int:
+        return sum(self.each_shard("move_folder", old, new))
+
+    def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        s = self._path_shard(path)
+        self._on({s: ("remember_failure", path, size, mtime, reason)})
+
+    def save_failures(self) -> None:
+        if not self.read_only:
+            self.each_shard("save_failures")
+
+    def save(self) -> bool:
+        """Every shard commits what it holds (each crash-safe on its own)."""
+        self.check_writable()
+        return any(self.each_shard("save"))
+
+    def record_roots(self, roots: dict[str, bool]) -> None:
+        self.check_writable()
+        merged = {**self.cluster_manifest.roots, **roots}
+        if merged != self.cluster_manifest.roots:
+            self.cluster_manifest = dataclasses.replace(self.cluster_manifest, roots=merged)
+            write_cluster_manifest(self.root, self.cluster_manifest)
+            self.manifest = dataclasses.replace(self.manifest, roots=merged)
+
+    def record_weights(self, pretrained: str, weights_id: str) -> None:
+        self.check_writable()
+        model = dataclasses.replace(self.cluster_manifest.model, pretrained=pretrained, weights_id=weights_id)
+        self.cluster_manifest = dataclasses.replace(self.cluster_manifest, model=model)
+        write_cluster_manifest(self.root, self.cluster_manifest)
+        self.manifest = dataclasses.replace(self.manifest, pretrained=pretrained, weights_id=weights_id)
+
+    def close(self) -> None:
+        """Release the shards' folders and end their actors (what was not saved is lost, as with a store)."""
+        import ray
+
+        if not self.actors:
+            return
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=self.timeout)
+        except ray.exceptions.RayError as e:
+            log.warning("a shard did not close cleanly: %s", str(e).splitlines()[0])
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self.actors = []
+
+
+def merge_results(parts: list[list[list[tuple]]], k: int, shards: int) -> list[SearchResults]:
+    """Per-shard results of each query -> the overall best k of each, ties to the lower global index."""
+    merged = []
+    for q in range(len(parts[0]) if parts else 0):
+        candidates = [(row * shards + s, sim, path, meta, [d * shards + s for d in dups])
+                      for s, part in enumerate(parts) for row, sim, path, meta, dups in part[q]]
+        candidates.sort(key=lambda c: (-c[1], c[0]))
+        merged.append(SearchResults(SearchResult(index=i, path=path, similarity=sim, metadata=meta, duplicates=dups)
+                                    for i, sim, path, meta, dups in candidates[:k]))
+    return merged
+
+
+class ShardedSearcher:
+    """The Searcher of a sharded database: every shard answers within its rows, the answers merged."""
+
+    def __init__(self, store: ShardedStore):
         self.store = store
-        self.shards = shards
-        self.actor = ray.remote(SearchShard).options(num_cpus=0, num_gpus=gpus, scheduling_strategy="SPREAD")
-        self.backend = "auto" if gpus else "numpy"
-        self.actors: list = []
-        self.bounds: list[int] = []  # first row of each shard, then the row count
-        self.dead = np.zeros(0, bool)
-        self.generation = -1
-
-    def _dead_mask(self) -> np.ndarray:
-        dead = np.ones(self.store.rows, bool)
-        dead[self.store.live_rows()] = False
-        return dead
-
-    def _build(self) -> None:
-        import ray
-
-        self.stop()
-        rows, vectors, dead = self.store.rows, self.store.vectors, self._dead_mask()
-        self.bounds = [rows * s // self.shards for s in range(self.shards + 1)]
-        self.actors = [
-            self.actor.remote(vectors[lo:hi].copy(), dead[lo:hi], lo, self.backend)
-            for lo, hi in zip(self.bounds, self.bounds[1:])
-        ]
-        ray.get([a.__ray_ready__.remote() for a in self.actors])
-        self.dead, self.generation = dead, self.store.manifest.generation
-
-    def sync(self) -> None:
-        """Bring the shards up to the store's rows and deletions (the caller holds the store's lock)."""
-        import ray
-
-        store, synced = self.store, self.bounds[-1] if self.bounds else -1
-        grown_last = store.rows - (self.bounds[-2] if len(self.bounds) > 1 else 0)
-        if (store.manifest.generation != self.generation or store.rows < synced
-                or grown_last > 2 * store.rows // self.shards + 1024):  # renumbered, or the last shard too big
-            self._build()
-            return
-        if store.rows == synced and len(store) == synced - int(self.dead.sum()):
-            return
-        dead = self._dead_mask()
-        calls = []
-        gone = np.flatnonzero(dead[:synced] & ~self.dead)
-        for a, lo, hi in zip(self.actors, self.bounds, self.bounds[1:]):
-            mine = gone[(gone >= lo) & (gone < hi)]
-            if len(mine):
-                calls.append(a.delete.remote(mine))
-        if store.rows > synced:
-            calls.append(self.actors[-1].append.remote(store.vectors[synced:].copy(), dead[synced:]))
-            self.bounds[-1] = store.rows
-        ray.get(calls)
-        self.dead = dead
-
-    def top_rows(self, queries: np.ndarray, n: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Like search.local.allowed_top over all the shards: (indices, float32 scores), each (Q, n').
-        Each shard gets its slice of the `allowed` mask and returns its own exact top n."""
-        import ray
-
-        queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.store.dim))
-        slices = [None if allowed is None else allowed[lo:hi] for lo, hi in zip(self.bounds, self.bounds[1:])]
-        parts = ray.get([a.search.remote(queries, n, part) for a, part in zip(self.actors, slices)])
-        return merge_top_k(parts, n)
 
     def search(self, request: SearchRequest) -> list[SearchResults]:
-        """The local searcher's answer, served by the shards: each keeps the rows the filters allow; the
-        duplicates of a file's content are collapsed after the exact merge (asking for more as needed)."""
-        where = RowFilter.of(request.filters)
-        if where:
-            store_columns(self.store)  # derived on first use, not under the lock: writers go on meanwhile
-        with self.store.lock:  # indices and the paths they name come from one state
-            self.sync()
-            allowed = allowed_rows(self.store, where)
-            return answer(request, self.store, lambda queries, n: self.top_rows(queries, n, allowed))
+        parts = self.store.each_shard("search", request)
+        return merge_results(parts, request.k, self.store.shards)
 
-    def stop(self) -> None:
-        import ray
+    def validate(self, batch: int = 256) -> ValidationReport:
+        return self.store.validate(batch)
 
-        for a in self.actors:
-            ray.kill(a)
-        self.actors, self.bounds = [], []
+
+def _spread_nodes(n: int) -> list[str]:
+    """The IP addresses of n nodes for n new shards on node-local disks: the alive nodes with CPUs, in
+    turn (a head node that only coordinates holds none)."""
+    import ray
+
+    nodes = sorted({node["NodeManagerAddress"] for node in ray.nodes()
+                    if node["Alive"] and node["Resources"].get("CPU", 0) > 0})
+    if not nodes:
+        raise DatabaseError("the Ray cluster has no node with CPUs to hold a shard")
+    return [nodes[i % len(nodes)] for i in range(n)]

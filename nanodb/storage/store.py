@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -196,6 +196,10 @@ class ItemStore:
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.index.dead)
 
+    def live_items(self) -> Iterator[Item]:
+        for i in self.live_rows():
+            yield self.item(int(i))
+
     def path_of(self, index: int) -> str | None:
         return self.table.path_of(index)
 
@@ -244,13 +248,22 @@ class ItemStore:
     def indexed_paths(self) -> list[str]:
         return list(self._paths_to_index())
 
-    def is_unchanged(self, path: str, size: int, mtime: float) -> bool:
-        i = self._paths_to_index().get(path)
-        if i is None:
-            return False
+    def unchanged_files(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        """The paths among `files` ((path, size, mtime)) indexed with that very size and mtime."""
+        index = self._paths_to_index()
         self.table.check_file()
-        rec = self.table.records[i]
-        return int(rec["size"]) == size and float(rec["mtime"]) == mtime
+        unchanged = set()
+        for path, size, mtime in files:
+            i = index.get(path)
+            if i is not None:
+                rec = self.table.records[i]
+                if int(rec["size"]) == size and float(rec["mtime"]) == mtime:
+                    unchanged.add(path)
+        return unchanged
+
+    def vector(self, index: int) -> np.ndarray:
+        """Row `index`'s stored float16 vector (a copy)."""
+        return self.index.vectors[index].copy()
 
     def column(self, name: str) -> np.ndarray:
         """One field of the item table over the rows (e.g. "mtime", "hash"): a view, not to be changed."""
@@ -393,10 +406,11 @@ class ItemStore:
             return self.table.row_with_hash(content_hash)
 
     # ----------------------------------------------------------------- files that failed
-    def failed_before(self, path: str, size: int, mtime: float) -> bool:
-        """`path` failed to decode before with this very size and mtime."""
+    def failed_before(self, files: Iterable[tuple[str, int, float]]) -> set[str]:
+        """The paths among `files` ((path, size, mtime)) that failed to decode before with that very size
+        and mtime."""
         with self.lock:
-            return self.failed_files.unchanged(path, size, mtime)
+            return {path for path, size, mtime in files if self.failed_files.unchanged(path, size, mtime)}
 
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
         with self.lock:

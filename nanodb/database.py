@@ -493,13 +493,19 @@ class NanoDB:
         """Make a damaged database openable: commit the longest consistent prefix of its items.
 
         `model`/`pretrained`/`seed` (else the settings) are used only when the manifest is unreadable.
-        Items lost this way come back by rescanning their folders."""
+        Items lost this way come back by rescanning their folders. A sharded database's shards are
+        repaired each in its folder, which must be reachable from here."""
         settings = settings or load_settings()
 
         def from_settings() -> Manifest:
             return _new_manifest(load_model(ModelConfig.from_settings(settings, model, pretrained, seed)))
 
-        return repair_folder(Path(path).expanduser().absolute(), from_settings)
+        root = Path(path).expanduser().absolute()
+        if is_sharded(root):  # each shard's folder, where this machine reaches it (a shared filesystem)
+            cluster = read_cluster_manifest(root)
+            return RepairReport.combined([repair_folder(Path(s.folder), lambda: cluster.model)
+                                          for s in cluster.shards])
+        return repair_folder(root, from_settings)
 
     def close(self) -> None:
         if self.cluster is not None:

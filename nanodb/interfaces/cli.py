@@ -36,6 +36,7 @@ examples:
   nanodb --scan ~/Pictures --path ~/.nanodb/pictures --autosave
   nanodb --path ~/.nanodb/pictures --server --port 7860
   nanodb --scan /mnt/nas/photos --path ~/.nanodb/nas --ray auto --autosave
+  nanodb --scan /mnt/shared/laion --path /mnt/shared/db --ray auto --shards 8 --autosave
   nanodb --path ~/.nanodb/pictures --watch ~/Pictures --watch /mnt/camera --exclude '*.tmp.jpg'
   printf 'a red car\\nsave\\n' | nanodb --path ~/.nanodb/pictures
   nanodb search --path ~/.nanodb/pictures "a red car" -k 5 --json
@@ -116,8 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="web UI address (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=7860, help="web UI port (default 7860)")
     p.add_argument("--ray", metavar="ADDRESS",
-                   help="decode, embed and search on a Ray cluster: auto, HOST:PORT, ray://HOST:PORT, or local "
-                        "(needs pip install 'nanodb[ray]')")
+                   help="decode and embed on a Ray cluster, and open a sharded database there: auto, HOST:PORT, "
+                        "ray://HOST:PORT, or local (needs pip install 'nanodb[ray]')")
+    p.add_argument("--shards", type=_positive, metavar="N",
+                   help="with --ray, for a new database: keep its items in N shards on the cluster (the --path "
+                        "folder then holds only the cluster manifest)")
+    p.add_argument("--shard-dir", metavar="DIR",
+                   help="with --shards: put the shards' folders under DIR on each node's own disk (default: inside "
+                        "--path, which every node must reach, e.g. a shared filesystem)")
     p.add_argument("--auth", metavar="USER:PASS", help="with --server: ask for this user and password")
     p.add_argument("--trusted-proxy", metavar="ADDRESS", action="append", default=[],
                    help="with --server: a reverse proxy whose X-Forwarded-For names the client (repeatable; by "
@@ -152,6 +159,7 @@ def add_one_shot_commands(p: argparse.ArgumentParser) -> None:
                              help=f.help)
         sub.add_argument("--config", metavar="FILE", help="YAML file of settings (or a name in configs/)")
         sub.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where the model runs")
+        sub.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster of a sharded database (auto, HOST:PORT)")
     duplicates = commands.add_parser("duplicates", help="groups of near-duplicate images (bursts, resized, "
                                      "re-encoded or lightly edited copies), largest first")
     duplicates.add_argument("--path", required=True, help="database folder").complete = shtab.DIRECTORY
@@ -266,7 +274,7 @@ def one_shot(args: argparse.Namespace) -> int:
     if args.command == "duplicates":
         return print_duplicates(args)
     settings = load_settings(args.config, k=args.k, device=args.device)
-    with NanoDB(args.path, settings=settings, read_only=True) as db:
+    with NanoDB(args.path, settings=settings, read_only=True, ray=ray_options(args)) as db:
         query = words_query(" ".join(args.query), args.text) if args.command == "search" else similar_query(args.photo)
         filters = Filters(**{f.name: getattr(args, f.name) for f in Filters.described()})
         results = db.find(SearchRequest(k=args.k, filters=filters, **query))
@@ -330,10 +338,21 @@ async def open_database(args: argparse.Namespace, settings) -> NanoDB:
         print(f"nanodb: {report.summary()}", file=sys.stderr)
     if args.read_only and (args.scan or args.watch or args.autosave):
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
-    if args.ray:
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # this program's Ray reports nothing anywhere
     return NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=args.ray)
+                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=ray_options(args))
+
+
+def ray_options(args: argparse.Namespace):
+    """The Ray cluster of --ray (with --shards, --shard-dir), or None."""
+    shards, shard_dir = getattr(args, "shards", None), getattr(args, "shard_dir", None)
+    if not args.ray:
+        if shards or shard_dir:
+            raise ValueError("--shards and --shard-dir need --ray ADDRESS (the cluster that holds the shards)")
+        return None
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # this program's Ray reports nothing anywhere
+    from nanodb.cluster import RayOptions
+
+    return RayOptions(address=args.ray, shards=shards, shard_dir=shard_dir)
 
 
 async def run(args: argparse.Namespace) -> int:

@@ -68,17 +68,45 @@ def shard_of(key: bytes, shards: int) -> int:
 class Shard:
     """A Ray actor owning one shard's store folder: every read and write of its items happens here."""
 
-    def __init__(self, folder: str, model: Manifest, create: bool, read_only: bool, compact_dead_fraction: float):
-        root = Path(folder)
-        manifest = read_manifest(root)  # a damaged folder raises DatabaseError with the --repair hint
-        if manifest is None and not create:
-            raise DatabaseError(f"the shard folder {folder} holds no database on this node: it is on another "
-                                f"node's disk, or was removed")
-        empty = dataclasses.replace(model, count=0, generation=0, paths_bytes=0, meta_bytes=0, deleted=0,
-                                    compact=0, roots={})
-        self.store = ItemStore(root, manifest or empty, read_only=read_only,
-                               compact_dead_fraction=compact_dead_fraction)
-        self.searcher = LocalSearcher(self.store)
+    def __init__(self, folder: str, model: Manifest, read_only: bool, compact_dead_fraction: float):
+        """Opens the folder (also when Ray restarts the actor after its node was lost). A folder that cannot
+        be opened (damaged: the --repair hint; missing: on a lost disk) is not an actor that dies: every
+        call answers its error. Only `create` makes a new store, once, when the database is made."""
+        self._store: ItemStore | None = None
+        self._error: DatabaseError | None = None
+        self.folder, self.model = Path(folder), model
+        self.options = {"read_only": read_only, "compact_dead_fraction": compact_dead_fraction}
+        try:
+            manifest = read_manifest(self.folder)
+            if manifest is None:
+                raise DatabaseError(f"the shard folder {folder} holds no database on this node: it is on "
+                                    f"another node's disk, or was removed")
+            self._store = ItemStore(self.folder, manifest, **self.options)
+        except DatabaseError as e:
+            self._error = e
+
+    def create(self) -> None:
+        """Make this shard's empty store (a new database's, before anything else is asked of it)."""
+        if self._store is None and read_manifest(self.folder) is None:
+            empty = dataclasses.replace(self.model, count=0, generation=0, paths_bytes=0, meta_bytes=0, deleted=0,
+                                        compact=0, roots={})
+            self._store, self._error = ItemStore(self.folder, empty, **self.options), None
+
+    @property
+    def store(self) -> ItemStore:
+        if self._error is not None:
+            raise self._error
+        return self._store
+
+    @property
+    def searcher(self) -> LocalSearcher:
+        return LocalSearcher(self.store)
+
+    def node(self) -> str:
+        """The id of the Ray node this shard runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def info(self) -> dict[str, Any]:
         s = self.store
@@ -157,7 +185,8 @@ class Shard:
         return validate(self.store, batch)
 
     def close(self) -> None:
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
 
 class ShardedStore:
@@ -182,8 +211,10 @@ class ShardedStore:
             actor = ray.remote(Shard).options(
                 num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=-1,
                 scheduling_strategy="SPREAD" if where.node is None else "DEFAULT", **pinned)
-            self.actors.append(actor.remote(where.folder, manifest.model, create, read_only, compact_dead_fraction))
+            self.actors.append(actor.remote(where.folder, manifest.model, read_only, compact_dead_fraction))
         try:
+            if create:
+                self.each_shard("create")
             self.each_shard("info")
         except BaseException:
             self.close()
@@ -207,7 +238,7 @@ class ShardedStore:
 
     @classmethod
     def open(cls, root: Path, *, read_only: bool, compact_dead_fraction: float, gpus: float = 0) -> ShardedStore:
-        return cls(root, read_cluster_manifest(root), read_only=read_only, create=not read_only,
+        return cls(root, read_cluster_manifest(root), read_only=read_only, create=False,
                    compact_dead_fraction=compact_dead_fraction, gpus=gpus)
 
     # ----------------------------------------------------------------- calling the shards
@@ -224,8 +255,8 @@ class ShardedStore:
             names = ", ".join(f"{s} ({self.cluster_manifest.shards[s].folder})" for s in shards)
             raise ShardUnavailable(f"shard {names} did not answer within {self.timeout:.0f} s: its node may be "
                                    f"down ({str(e).splitlines()[0][:200]}); try again once it is back") from None
-        except ray.exceptions.RayTaskError as e:  # the shard's own error, e.g. a DatabaseError: as itself
-            raise e.as_instanceof_cause() from None
+        except ray.exceptions.RayTaskError as e:  # the shard's own error (a DatabaseError, ...): as itself
+            raise (e.cause if isinstance(e.cause, Exception) else e.as_instanceof_cause()) from None
 
     def each_shard(self, method: str, *args) -> list:
         """Call `method` on every shard at once; their answers in shard order."""

@@ -36,6 +36,12 @@ class RepairReport:
     manifest_rebuilt: bool  # the manifest was unreadable and was rebuilt from the data files
     damaged_paths: int = 0  # items whose stored path could not be trusted, now deleted
 
+    @classmethod
+    def combined(cls, reports: list[RepairReport]) -> RepairReport:
+        """One report for the shards of a sharded database, each repaired on its own."""
+        return cls(sum(r.committed for r in reports), sum(r.kept for r in reports), sum(r.deleted for r in reports),
+                   any(r.manifest_rebuilt for r in reports), sum(r.damaged_paths for r in reports))
+
     def summary(self) -> str:
         how = "rebuilt the manifest from the data files; " if self.manifest_rebuilt else ""
         lost = self.committed - self.kept

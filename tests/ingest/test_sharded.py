@@ -18,6 +18,7 @@ from helpers.ray_cluster import STORE_MB, assert_same_scan, options
 
 from nanodb import NanoDB
 from nanodb.search.sharded import ShardedStore
+from nanodb.storage.format import DatabaseError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -206,3 +207,44 @@ time.sleep(600)
         assert sorted(i.path for i in db) == sorted(f"/s/{i}" for i in range(300))
         v = np.random.default_rng(1).standard_normal((300, 384)).astype(np.float32)
         assert [row[0].path for row in db.search(v[:5], k=1)] == [f"/s/{i}" for i in range(5)]
+
+
+def test_a_damaged_shard_is_refused_with_the_repair_hint_and_repair_mends_it(cluster, tmp_path):
+    c, _ = cluster
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((200, 384)).astype(np.float32)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=2)) as db:
+        db.add(vectors, paths=[f"/x/{i}.jpg" for i in range(200)])
+        db.save()
+    vectors_file = next((tmp_path / "db" / "shard-001").glob("vectors.*.f16"))
+    with open(vectors_file, "r+b") as f:  # a torn write: the last item's vector is cut short
+        f.truncate(vectors_file.stat().st_size - 100)
+    with pytest.raises(DatabaseError, match="--repair") as refused:
+        NanoDB(tmp_path / "db", ray=options(c))
+    assert "shard-001" in str(refused.value) and "\n" not in str(refused.value)  # one line, naming the shard
+    report = NanoDB.repair(tmp_path / "db")
+    assert report.committed == 200 and report.kept == 199
+    with NanoDB(tmp_path / "db", ray=options(c)) as db:
+        assert len(db) == 199 and db.validate().ok
+
+
+def test_a_shard_whose_folder_is_lost_with_its_node_is_named_in_a_one_line_error(cluster, tmp_path):
+    """A shard on a node's own disk cannot come back elsewhere: searches answer which shard is missing."""
+    import ray
+
+    c, workers = cluster
+    rng = np.random.default_rng(6)
+    vectors = rng.standard_normal((300, 384)).astype(np.float32)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
+        db.add(vectors, paths=[f"/y/{i}.jpg" for i in range(300)])
+        db.save()
+        nodes = ray.get([a.node.remote() for a in db.store.actors])
+        by_id = {n.node_id: n for n in c.list_all_nodes() if n is not c.head_node}
+        lost = next(s for s, n in enumerate(nodes) if n in by_id)
+        folder = tmp_path / "db" / f"shard-{lost:03d}"
+        folder.rename(tmp_path / "elsewhere")  # the disk goes with the node
+        c.remove_node(by_id[nodes[lost]], False)
+        workers[workers.index(by_id[nodes[lost]])] = c.add_node(num_cpus=3, object_store_memory=STORE_MB)
+        with pytest.raises(DatabaseError, match=f"shard-{lost:03d}") as missing:
+            db.search(vectors[0], k=3)
+        assert "\n" not in str(missing.value)

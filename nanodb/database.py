@@ -251,6 +251,8 @@ class NanoDB:
                     if isinstance(result, DecodeFailure):
                         raise ValueError(f"cannot add {result.path}: {result.reason}")
                     for one in result:
+                        if isinstance(one, DecodeFailure):  # a tar shard's member
+                            raise ValueError(f"cannot add {one.path}: {one.reason}")
                         decoded.append(one.pixels)
                         records.append(one.record)
                         sources.append(j)
@@ -288,7 +290,9 @@ class NanoDB:
     def scan(self, *paths: str | os.PathLike, progress: bool = False, excludes=None,
              follow_symlinks: bool | None = None, retry_failed: bool = False,
              raw_pairs: str | None = None) -> ScanReport:
-        """Add the images under folders (recursively) or single files; returns a ScanReport.
+        """Add the images under folders (recursively) or single files; returns a ScanReport. A path may
+        also be an fsspec URL prefix (`s3://bucket/photos/`: its objects) or webdataset tar shards
+        (`data/{00000..00099}.tar`, local or behind a URL: their image members, `<tar>#<member>`).
 
         Files already indexed with the same size and mtime are skipped; changed ones are re-embedded.
         A file that failed to decode is remembered with its size and mtime and tried again only once it

@@ -105,6 +105,7 @@ class SourceLister:
     def _prefix(self, url: str) -> Iterator[FoundFile]:
         """The indexed objects under a URL prefix (or the one object it names), in name order."""
         fs, root = filesystem(url)
+        fs.invalidate_cache()  # a rescan lists anew: objects added or removed since
         try:
             listing = fs.find(root, detail=True, withdirs=False)
             if not listing:
@@ -154,6 +155,7 @@ class SourceLister:
 
     def _remote_tar(self, url: str) -> Iterator[FoundFile]:
         fs, path = filesystem(url)
+        fs.invalidate_cache()
         try:
             size, mtime = object_stat(fs.info(path))
         except FileNotFoundError:

@@ -126,7 +126,6 @@ def test_brace_patterns_and_member_paths():
     assert split_member("/photos/#1 best.jpg") is None
 
 
-@pytest.mark.slow
 def test_an_s3_prefix_scan_equals_a_folder_scan_and_rescans_like_one(s3, photos, folder_vectors, tmp_path):
     for i, p in enumerate(photos):  # some in a sub-prefix; a hidden one and a text file are passed over
         s3.put(str(p), f"{BUCKET}/coco/{'sub/' if i % 2 else ''}{p.name}")
@@ -158,7 +157,6 @@ def test_a_missing_bucket_is_one_clear_line(s3, tmp_path, empty_db_path):
     assert "no-such-bucket" in message and "\n" not in message
 
 
-@pytest.mark.slow
 def test_tar_shards_scan_like_a_folder_with_captions_and_json(shards, folder_vectors, tmp_path):
     pattern = str(shards / "shard-{0000..0002}.tar")
     with NanoDB(tmp_path / "db", config="test") as db:
@@ -179,7 +177,6 @@ def test_tar_shards_scan_like_a_folder_with_captions_and_json(shards, folder_vec
         assert (again.added, again.updated, again.unchanged, again.failed) == (0, 0, PHOTOS, 0)
 
 
-@pytest.mark.slow
 def test_a_corrupt_shard_fails_in_one_line_and_keeps_what_was_read(shards, photos, tmp_path):
     folder = tmp_path / "shards"
     shutil.copytree(shards, folder)
@@ -204,7 +201,6 @@ def test_a_corrupt_shard_fails_in_one_line_and_keeps_what_was_read(shards, photo
         assert db.index_of(member_path(str(folder / "shard-0000.tar"), f"{photos[3].stem}.jpg")) is None
 
 
-@pytest.mark.slow
 def test_tar_shards_on_s3(s3, shards, folder_vectors, tmp_path):
     for tar in sorted(shards.iterdir()):
         s3.put(str(tar), f"{BUCKET}/shards/{tar.name}")

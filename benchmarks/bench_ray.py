@@ -1,12 +1,14 @@
-"""nanodb on Ray, on this machine: ingestion with 1, 2 and 4 CLIP actors against the local pipeline;
-the coordinator's append rate; sharded search latency and merge overhead against one process; and a
-projection for 8 GPU nodes from those figures.
+"""A sharded database on Ray, on this machine: the coordinator's memory while a 3-shard database grows
+(it must stay flat: the items live in the shards), shard and merge latency against one process,
+ingestion images/s of a sharded scan against a local one, and a projection to 100M and 1B vectors from
+the measured per-shard figures.
 
-    RAY_USAGE_STATS_ENABLED=0 python benchmarks/bench_ray.py --images 96 --rows 200000
+    RAY_USAGE_STATS_ENABLED=0 python benchmarks/bench_ray.py --grow 100000 500000 1000000 2000000
 
-Ray runs as one local instance (`ray.init`, logical CPUs = 2 + actors, so actors and decode tasks
-always have a slot); on one machine every actor shares its cores, so the actor rows measure the
-overhead of the distributed path more than its scaling. Random weights: no download.
+Ray runs as one local instance (`ray.init`) with its shard actors as separate processes; the
+coordinator's memory is this process's resident set (VmRSS, and its peak VmHWM), the shards' the sum of
+their actor processes'. Vectors are random, 512-d (ViT-B-32's width), added through the Python API in
+batches of 10,000. Random weights: no download.
 """
 
 from __future__ import annotations
@@ -28,81 +30,133 @@ from helpers import DATA as SHARED  # noqa: E402
 
 from nanodb import NanoDB  # noqa: E402
 from nanodb.cluster import RayOptions  # noqa: E402
-from nanodb.media.record import FileRecord  # noqa: E402
-from nanodb.search.sharded import merge_top_k  # noqa: E402
+from nanodb.search.request import SearchRequest  # noqa: E402
+from nanodb.search.sharded import merge_results  # noqa: E402
 
 DATA = SHARED / "coco-val2017" / "images"
+DIM = 512
+BATCH = 10_000
 
 
-def link_tree(n: int, root: Path) -> Path:
-    root.mkdir(parents=True)
-    for f in sorted(DATA.glob("*.jpg"))[:n]:
-        os.symlink(f, root / f.name)
-    return root
+def rss_mb(pid: int | str = "self") -> tuple[float, float]:
+    """(resident MiB now, peak resident MiB) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def scan_rate(tree: Path, model: str, batch: int, ray=None) -> tuple[float, float]:
-    """(images/s of a first scan with model and workers warm, seconds to start them)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        with NanoDB(Path(tmp) / "db", model, "none", batch_size=batch, ray=ray, follow_symlinks=True) as db:
-            if ray is None:  # warm the decode pool and the model, as the Ray path starts its actors
-                db.scan(next(tree.iterdir()))
-            else:
-                stage = db.cluster.embed_stage(db.model_config, db.model.pixel_transform,
-                                               db.settings.max_image_pixels, batch)
-                stage.start()
-            warm = time.perf_counter() - t0
-            report = db.scan(tree)
-            return report.added / report.seconds, warm
+def shard_pids(db: NanoDB) -> list[int]:
+    import ray
+
+    return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in db.store.actors])
 
 
-def append_rate(model: str, n: int, batch: int, autosave_every: int) -> float:
-    """Items/s the coordinator appends (add_files + an autosave every `autosave_every`), no model run."""
+def unit(rng, n: int) -> np.ndarray:
+    v = rng.standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def grow(path: Path, sizes: list[int]) -> list[tuple]:
+    """Rows (items, coordinator MiB, coordinator peak MiB, shards MiB, add items/s) as the database grows."""
     rng = np.random.default_rng(0)
-    files = [FileRecord(path=f"/nas/photos/{i:08d}.jpg", size=100_000 + i, mtime=1.7e9 + i, hash=rng.bytes(16))
-             for i in range(n)]
-    with tempfile.TemporaryDirectory() as tmp:
-        with NanoDB(Path(tmp) / "db", model, "none") as db:
-            vectors = rng.standard_normal((n, db.dim)).astype(np.float32)
+    rows, done = [], 0
+    with NanoDB(path, "ViT-B-32", "none", ray=RayOptions(address="local", shards=3)) as db:
+        pids = shard_pids(db)
+        for size in sizes:
             start = time.perf_counter()
-            for lo in range(0, n, batch):
-                db.store.add_files(files[lo:lo + batch], vectors[lo:lo + batch])
-                if db.unsaved >= autosave_every:
-                    db.save()
+            while done < size:
+                n = min(BATCH, size - done)
+                db.add(unit(rng, n), paths=[f"/laion/{i:09d}.jpg" for i in range(done, done + n)])
+                done += n
             db.save()
-            return n / (time.perf_counter() - start)
+            rate = (size - rows[-1][0] if rows else size) / (time.perf_counter() - start)
+            now, peak = rss_mb()
+            shards = sum(rss_mb(p)[0] for p in pids)
+            rows.append((size, now, peak, shards, rate))
+            print(f"| {size:,} | {now:,.0f} | {peak:,.0f} | {shards:,.0f} | {rate:,.0f} |", flush=True)
+    return rows
 
 
-def search_latency(rows: int, shard_counts: list[int], queries: int, k: int, repeat: int) -> list[tuple]:
-    """(shards, ms per single query, ms per batch of `queries`, merge ms of that batch) rows."""
+def latency(path: Path, local_path: Path, k: int, repeat: int, batch: int) -> list[tuple]:
+    """(served by, ms per query p50, ms per batch, merge ms per batch) for the sharded and a local database."""
     rng = np.random.default_rng(1)
+    queries = unit(rng, batch)
+    out = []
+
+    def timed(db):
+        db.search(queries[0], k=k), db.search(queries, k=k)  # warm
+        one = sorted(_ms(lambda i=i: db.search(queries[i % batch], k=k)) for i in range(repeat))[repeat // 2]
+        many = min(_ms(lambda: db.search(queries, k=k)) for _ in range(3))
+        return one, many
+
+    with NanoDB(local_path, read_only=True) as db:
+        out.append(("one process", *timed(db), 0.0))
+    with NanoDB(path, read_only=True, ray=RayOptions(address="local")) as db:
+        one, many = timed(db)
+        parts = db.store.each_shard("search", SearchRequest(vectors=queries, k=k, query=0).checked(k))
+        merge = min(_ms(lambda: merge_results(parts, k, db.store.shards)) for _ in range(20))
+        out.append((f"{db.store.shards} shards", one, many, merge))
+    return out
+
+
+def copy_to_local(path: Path, local_path: Path) -> None:
+    """The sharded database's items in one local database (the same vectors and paths)."""
+    with NanoDB(path, read_only=True, ray=RayOptions(address="local")) as sharded, \
+            NanoDB(local_path, "ViT-B-32", "none") as local:
+        vectors, paths = [], []
+        for item in sharded:
+            vectors.append(item.vector)
+            paths.append(item.path)
+            if len(vectors) == BATCH:
+                local.add(np.stack(vectors).astype(np.float32), paths=paths)
+                vectors, paths = [], []
+        if vectors:
+            local.add(np.stack(vectors).astype(np.float32), paths=paths)
+        local.save()
+
+
+def scan_rates(images: int, batch: int) -> list[tuple]:
+    """(database, images/s) of a first scan of `images` COCO photos with ViT-B-32: local, and sharded
+    over 3 shards with 1 CLIP actor (the model and the actors warm)."""
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "db"
-        with NanoDB(path, "ViT-S-32", "none") as db:
-            db.add(rng.standard_normal((rows, db.dim)).astype(np.float32))
-            db.save()
-            dim = db.dim
-        q = rng.standard_normal((queries, dim)).astype(np.float32)
-        q /= np.linalg.norm(q, axis=1, keepdims=True)
-
-        def timed(db) -> tuple[float, float]:
-            db.search(q[0], k=k), db.search(q, k=k)  # warm (and, sharded, build the shards)
-            one = min(_ms(lambda: db.search(q[i % queries], k=k)) for i in range(repeat))
-            many = min(_ms(lambda: db.search(q, k=k)) for _ in range(max(1, repeat // 10)))
-            return one, many
-
-        with NanoDB(path, read_only=True) as db:
-            out.append(("1 process", *timed(db), 0.0))
-        for shards in shard_counts:
-            opts = RayOptions(address="local", shards=shards, object_store_memory=400 * 2**20)
-            with NanoDB(path, read_only=True, ray=opts) as db:
-                one, many = timed(db)
-                fake = [(np.sort(rng.integers(0, rows, (queries, k))), rng.random((queries, k))) for _ in range(shards)]
-                merge = min(_ms(lambda: merge_top_k(fake, k)) for _ in range(20))
-                out.append((f"{shards} shards", one, many, merge))
+        tree = Path(tmp) / "photos"
+        tree.mkdir()
+        for f in sorted(DATA.glob("*.jpg"))[:images]:
+            os.symlink(f, tree / f.name)
+        warm = Path(tmp) / "warm"
+        warm.mkdir()
+        for f in sorted(DATA.glob("*.jpg"))[images:images + batch]:
+            os.symlink(f, warm / f.name)
+        for name, ray in [("local", None), ("3 shards, 1 CLIP actor", RayOptions(address="local", shards=3,
+                                                                                    clip_actors=1))]:
+            with NanoDB(Path(tmp) / name, "ViT-B-32", "none", batch_size=batch, ray=ray, follow_symlinks=True) as db:
+                db.scan(warm)
+                report = db.scan(tree)
+                out.append((name, report.added / report.seconds))
     return out
+
+
+def projection(per_item_bytes: float, ms_per_million: float, overhead_ms: float) -> None:
+    """On paper: nodes, memory, single-query latency and queries/s for 100M and 1B vectors."""
+    node_ram_gb, node_cores, usable = 256, 32, 0.7
+    items_per_node = usable * node_ram_gb * 2**30 / per_item_bytes
+    exact_rows = (100 - overhead_ms) / ms_per_million * node_cores * 1e6  # per node, for a query under 100 ms
+    print(f"\n## projection (on paper): nodes of {node_ram_gb} GiB and {node_cores} cores, {usable:.0%} of RAM for "
+          f"shards; {per_item_bytes:,.0f} B/item in a shard and {ms_per_million:.1f} ms per million rows per core "
+          f"(single query) measured here; fan-out + merge overhead {overhead_ms:.1f} ms")
+    print("| vectors | nodes (memory) | shard RAM / node | exact query | batched queries/s | nodes for < 100 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for total in (100e6, 1e9):
+        nodes = int(np.ceil(total / items_per_node))
+        per_node = total / nodes
+        scan_ms = per_node / 1e6 * ms_per_million / node_cores
+        # batched: one pass over a node's rows serves a batch of 64 queries at ~7x the one-by-one rate
+        print(f"| {total:,.0f} | {nodes} | {per_node * per_item_bytes / 2**30:,.0f} GiB | {scan_ms + overhead_ms:,.0f} ms "
+              f"| {1000 / scan_ms * 7:,.0f} | {int(np.ceil(total / exact_rows))} |")
+    print(f"\nExact search stays under 100 ms while each node holds at most {exact_rows / 1e6:,.0f} M rows "
+          f"({node_cores} cores); a cluster sized by memory ({items_per_node / 1e6:,.0f} M rows a node) passes "
+          f"100 ms beyond that, where an approximate index (IVF-PQ, as clip-retrieval serves LAION-5B) is needed, "
+          f"or {items_per_node / exact_rows:.1f}x the nodes.")
 
 
 def _ms(fn) -> float:
@@ -113,46 +167,40 @@ def _ms(fn) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=96)
-    p.add_argument("--model", default="ViT-S-32")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4])
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--shards", type=int, nargs="*", default=[1, 2, 4])
-    p.add_argument("--queries", type=int, default=100)
-    p.add_argument("--append", type=int, default=100_000)
+    p.add_argument("--grow", type=int, nargs="+", default=[100_000, 500_000, 1_000_000, 2_000_000])
+    p.add_argument("--images", type=int, default=128)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--dir", default=None, help="where the databases go (default: a temporary folder)")
     args = p.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     print(f"# {platform.node()}: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, ray {ray.__version__}")
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = link_tree(args.images, Path(tmp) / "photos")
-        print(f"\n## ingestion, {args.images} COCO photos, {args.model} random weights, batch {args.batch}")
-        print("| path | images/s | start (s) |\n|---|---:|---:|")
-        rate, warm = scan_rate(tree, args.model, args.batch)
-        print(f"| local pipeline | {rate:.1f} | {warm:.1f} |")
-        per_actor = {}
-        for n in args.actors:
-            ray.init(num_cpus=2 + n, include_dashboard=False, object_store_memory=200 * 2**20,
-                     logging_level="WARNING")
-            try:
-                rate, warm = scan_rate(tree, args.model, args.batch, RayOptions(address="local", clip_actors=n))
-            finally:
-                ray.shutdown()
-            per_actor[n] = rate
-            print(f"| Ray, {n} CLIP actor(s) | {rate:.1f} | {warm:.1f} |")
-
-    rate = append_rate(args.model, args.append, args.batch * 2, 1000)
-    print(f"\n## coordinator append rate (add_files, batches of {args.batch * 2}, autosave every 1000, {args.model})")
-    print(f"{rate:,.0f} items/s")
-
-    print(f"\n## search, {args.rows:,} rows, k=10; a batch is {args.queries} queries")
-    print("| served by | ms / query | ms / batch | merge ms / batch |\n|---|---:|---:|---:|")
-    for name, one, many, merge in search_latency(args.rows, args.shards, args.queries, 10, 50):
-        print(f"| {name} | {one:.2f} | {many:.1f} | {merge:.2f} |")
-    print(f"\n# projection inputs: per-actor {per_actor.get(1, 0):.1f} images/s (CPU, this machine), "
-          f"coordinator append {rate:,.0f} items/s")
+    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=1 << 30, logging_level="WARNING")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        path, local_path = Path(tmp) / "sharded", Path(tmp) / "local"
+        print("\n## a 3-shard database grows (items added through the Python API, saved at each size)")
+        print("| items | coordinator MiB | coordinator peak MiB | 3 shards MiB | items/s added |")
+        print("|---:|---:|---:|---:|---:|")
+        grown = grow(path, args.grow)
+        copy_to_local(path, local_path)
+        rows = args.grow[-1]
+        print(f"\n## search at {rows:,} x {DIM}, k=10: single queries (p50 of {args.repeat}) and a batch of 64")
+        print("| served by | ms / query | ms / batch of 64 | merge ms / batch |\n|---|---:|---:|---:|")
+        lat = latency(path, local_path, 10, args.repeat, 64)
+        for name, one, many, merge in lat:
+            print(f"| {name} | {one:.1f} | {many:.1f} | {merge:.2f} |")
+    print(f"\n## ingestion: {args.images} COCO photos, ViT-B-32 random weights, batch {args.batch}")
+    print("| database | images/s |\n|---|---:|")
+    for name, rate in scan_rates(args.images, args.batch):
+        print(f"| {name} | {rate:.1f} |")
+    per_item = (grown[-1][3] - grown[0][3]) * 2**20 / (rows - grown[0][0])  # marginal: without the processes' own
+    local_one = lat[0][1]
+    sharded_one = lat[1][1]
+    ms_per_million = local_one / (rows / 1e6) * min(2, os.cpu_count() or 1)  # per core: this machine's cores
+    projection(per_item, ms_per_million, max(1.0, sharded_one - local_one))
+    ray.shutdown()
 
 
 if __name__ == "__main__":

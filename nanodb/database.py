@@ -266,6 +266,8 @@ class NanoDB:
                     if isinstance(result, DecodeFailure):
                         raise ValueError(f"cannot add {result.path}: {result.reason}")
                     for one in result:
+                        if isinstance(one, DecodeFailure):  # a tar shard's member
+                            raise ValueError(f"cannot add {one.path}: {one.reason}")
                         decoded.append(one.pixels)
                         records.append(one.record)
                         sources.append(j)
@@ -303,7 +305,9 @@ class NanoDB:
     def scan(self, *paths: str | os.PathLike, progress: bool = False, excludes=None,
              follow_symlinks: bool | None = None, retry_failed: bool = False,
              raw_pairs: str | None = None) -> ScanReport:
-        """Add the images under folders (recursively) or single files; returns a ScanReport.
+        """Add the images under folders (recursively) or single files; returns a ScanReport. A path may
+        also be an fsspec URL prefix (`s3://bucket/photos/`: its objects) or webdataset tar shards
+        (`data/{00000..00099}.tar`, local or behind a URL: their image members, `<tar>#<member>`).
 
         Files already indexed with the same size and mtime are skipped; changed ones are re-embedded.
         A file that failed to decode is remembered with its size and mtime and tried again only once it
@@ -478,7 +482,8 @@ class NanoDB:
         `unlocked` (a server): then it joins the rows live when it starts while others go on, drops the
         rows deleted meanwhile, and starts over if a compaction renumbered the rows meanwhile."""
         if isinstance(self.store, ShardedStore):
-            raise ValueError("near-duplicates of a sharded database are not available yet (a join across shards)")
+            raise NotImplementedError("near-duplicates of a sharded database are not available yet (they need a "
+                                      "join across the shards)")
         return near_duplicates(self.store, threshold, min_size=min_size, unlocked=unlocked)
 
     # ----------------------------------------------------------------- saving and repairing

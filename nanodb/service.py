@@ -10,6 +10,7 @@ import time
 
 from nanodb.database import NanoDB
 from nanodb.pipeline.coordinator import ScanReport
+from nanodb.pipeline.sources import is_source
 from nanodb.pipeline.watch import FolderWatcher
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class IngestService:
     # ------------------------------------------------------------------ starting work
     def scan(self, path: str, on_done=None) -> asyncio.Task:
         """Scan a folder or file in the background; `on_done(report)` is called when it ends."""
-        if not os.path.exists(os.path.expanduser(path)) and not self.db.indexed_under(path):
+        if not is_source(path) and not os.path.exists(os.path.expanduser(path)) and not self.db.indexed_under(path):
             raise ValueError(f"no such file or folder: {path}")  # a folder gone since its scan is rescanned
         report = ScanReport()
         task = self._keep(self._scan(path, report, on_done))

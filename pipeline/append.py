@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from nanodb.pipeline.sink import IndexSink
+
+from nanodb.media.remote import source_exists
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class IndexAppender:
             records, vectors = batch
             # A file deleted or moved away while it was being embedded is not added: the watcher,
             # which runs on this same event loop, handled its event already or will find it indexed.
-            present = [i for i, r in enumerate(records) if os.path.exists(r.path)]
+            present = [i for i, r in enumerate(records) if source_exists(r.path)]
             if len(present) < len(records):
                 records = [records[i] for i in present]
                 vectors = None if vectors is None else vectors[present]

@@ -13,13 +13,16 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from nanodb.pipeline.append import IndexAppender
-from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool
+from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, ImageDecodePool
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
+from nanodb.pipeline.sources import SourceLister, is_source
 from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 
-from nanodb.media.paths import absolute_path, printable
+from nanodb.media.opener import FileBytes, ImageRejected
+from nanodb.media.paths import absolute_path, is_image_name, is_indexed_name, printable
 from nanodb.media.record import FileRecord
+from nanodb.media.remote import TarBroken, is_tar_name, member_path, open_tar, split_member, tar_members
 from nanodb.media.video import is_video_frame, is_video_name
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,9 @@ class ScanReport:
     int8_min_cosine: float | None = None  # the lowest cosine those checks saw (None: no check)
     int8_reembedded: int = 0  # images re-embedded in floating point after a check fell short
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # the image members found in each tar shard read by this scan (its indexed members not among them are
+    # dropped, unless the tar is among the failures: damaged partway)
+    tar_members: dict[str, set[str]] = field(default_factory=dict, repr=False)
     walking: bool = True
     started: float = field(default_factory=time.monotonic)  # the scan's wall time counts from here
     finished: float | None = None
@@ -70,6 +76,11 @@ class ScanReport:
         """Count a file the walker found (or could not read)."""
         self.found += 1
         self.videos_found += is_video_name(path)
+
+    def count_member(self, tar: str, path: str) -> None:
+        """Count an image member `path` of tar shard `tar` found (it is one file of the summary)."""
+        self.tar_members.setdefault(tar, set()).add(path)
+        self.count_found(path)
 
     def count_embedded(self, records: Iterable[FileRecord]) -> None:
         """Count items run through the model: a photo's image or a video's frame each."""
@@ -160,7 +171,10 @@ class ScanPipeline:
         `retry_failed`: decode again the files that failed before, changed or not. `index_paired_raw`:
         index a camera RAW file beside its JPEG too (by default the pair is one item, the JPEG)."""
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
-        self.walker = DirectoryWalker([str(r) for r in roots], skip_dirs=(str(sink.path),),
+        roots = [os.fspath(r) for r in roots]
+        # URL prefixes and tar shards (pipeline.sources) beside the local folders (the walker's)
+        self.sources = SourceLister([r for r in roots if is_source(r)], **kwargs)
+        self.walker = DirectoryWalker([r for r in roots if not is_source(r)], skip_dirs=(str(sink.path),),
                                       follow_symlinks=follow_symlinks, index_paired_raw=index_paired_raw,
                                       **kwargs)
         self.retry_failed = retry_failed
@@ -179,6 +193,7 @@ class ScanPipeline:
         # local decode pool and CLIP stage: `run(found, embedded, report, running, remember_failure)`.
         self.remote = remote
         self.queue_size = max(64, 4 * batch_size)
+        self._indexed_members: dict[str, list[str]] | None = None  # tar -> its indexed members' paths
 
     async def run(self) -> ScanReport:
         found: asyncio.Queue = asyncio.Queue(self.queue_size)
@@ -199,6 +214,7 @@ class ScanPipeline:
             raise group.exceptions[0] from None
         finally:
             self.report.finished = time.monotonic()
+        self.report.dropped += self._drop_missing_members()
         return self.report
 
     async def _follow(self, feed: asyncio.Queue, outbox: asyncio.Queue) -> None:
@@ -211,25 +227,49 @@ class ScanPipeline:
     async def _offer(self, files: list[FoundFile], outbox: asyncio.Queue) -> None:
         """Count found files and pass them on, except those indexed with the same size and mtime, or that
         failed with them before (a broken file would load the model at every rescan). The sink is asked
-        once for the whole chunk."""
+        once for the whole chunk. A tar shard is unchanged when its indexed members are (they keep the
+        tar's size and mtime): skipped whole; else its members are the files found, counted as it is read."""
+        first = {f.path: members[0] for f in files
+                 if is_tar_name(f.path) and (members := self.indexed_members().get(f.path))}
         stats = [(f.path, f.size, f.mtime) for f in files]
-        unchanged = self.sink.unchanged_files(stats)
-        failed = set() if self.retry_failed else self.sink.failed_before(s for s in stats if s[0] not in unchanged)
+        unchanged = self.sink.unchanged_files([(first.get(p, p), size, mtime) for p, size, mtime in stats])
+        failed = set() if self.retry_failed else self.sink.failed_before(
+            s for s in stats if first.get(s[0], s[0]) not in unchanged)
         for f in files:
-            self.report.count_found(f.path)
-            if f.path in unchanged:
-                self.report.unchanged += 1
+            if f.path in first and first[f.path] in unchanged:
+                members = self.indexed_members()[f.path]
+                for path in members:
+                    self.report.count_found(path)
+                self.report.unchanged += len(members)
+            elif is_tar_name(f.path) and f.path not in failed:
+                await outbox.put(f)
             elif f.path in failed:
+                self.report.count_found(f.path)
                 self.report.failed_before += 1
+            elif f.path in unchanged:
+                self.report.count_found(f.path)
+                self.report.unchanged += 1
             else:
+                self.report.count_found(f.path)
                 await outbox.put(f)
 
+    def indexed_members(self) -> dict[str, list[str]]:
+        """tar shard -> the paths of its indexed members (read from the sink once a scan)."""
+        if self._indexed_members is None:
+            self._indexed_members = {}
+            for p in self.sink.indexed_paths():
+                if (split := split_member(p)) is not None:
+                    self._indexed_members.setdefault(split[0], []).append(p)
+        return self._indexed_members
+
     def _take_walk_problems(self, problems: list[str]) -> None:
-        for problem in self.walker.problems:
-            self.report.count_found(problem.path)  # found, and skipped: the summary's counts add up to the files found
-            self.report.failures.append((problem.path, problem.reason))
-            problems.append(problem.path)
-        self.walker.problems.clear()
+        for walker in (self.walker, self.sources):
+            for problem in walker.problems:
+                # found, and skipped: the summary's counts add up to the files found
+                self.report.count_found(problem.path)
+                self.report.failures.append((problem.path, problem.reason))
+                problems.append(problem.path)
+            walker.problems.clear()
         self.report.raw_left_out = self.walker.raw_left_out
 
     def _vanished_roots(self) -> list[str]:
@@ -259,6 +299,15 @@ class ScanPipeline:
             self.report.changed()
         self._take_walk_problems(problems)
         self.report.dropped += self._drop_missing(seen, problems)
+        if self.sources.args:
+            listed = iter(self.sources)
+            while chunk := await asyncio.to_thread(lambda: list(islice(listed, 256))):
+                self._take_walk_problems(problems)
+                seen.update(f.path for f in chunk)
+                await self._offer(chunk, outbox)
+                self.report.changed()
+            self._take_walk_problems(problems)
+            self.report.dropped += self._drop_missing_objects(seen)
         self.report.walking = False
         self.report.changed()
         await outbox.put(None)
@@ -272,8 +321,28 @@ class ScanPipeline:
         gone = [
             p for p in self.sink.indexed_paths()
             if p.startswith(tuple(folders)) and p not in seen and not p.startswith(blind)
-            and not os.path.lexists(p)
+            and split_member(p) is None and not os.path.lexists(p)
         ]
+        return self.sink.forget(gone) if gone else 0
+
+    def _drop_missing_objects(self, seen: set[str]) -> int:
+        """Forget the indexed objects under the URL prefixes listed that the listing did not find, and the
+        members of named tar shards that no longer exist."""
+        prefixes = tuple(p + "/" for p in self.sources.prefixes)
+        whole = set(self.sources.prefixes)
+        gone = [p for p in self.sink.indexed_paths()
+                if (p in whole or p.startswith(prefixes)) and p not in seen and split_member(p) is None]
+        for tar in self.sources.gone_tars:
+            gone.extend(self.indexed_members().get(tar, []))
+            log.info("%s gone: its items are dropped", printable(tar))
+        return self.sink.forget(gone) if gone else 0
+
+    def _drop_missing_members(self) -> int:
+        """Forget the indexed members of the tar shards read by this scan that are no longer in them
+        (a shard rewritten); a shard damaged partway (a failure of its own) loses nothing."""
+        broken = {path for path, _ in self.report.failures}
+        gone = [p for tar, found in self.report.tar_members.items() if tar not in broken
+                for p in self.indexed_members().get(tar, []) if p not in found]
         return self.sink.forget(gone) if gone else 0
 
     async def _decode(self, inbox: asyncio.Queue, outbox: asyncio.Queue) -> None:
@@ -292,18 +361,68 @@ class ScanPipeline:
             finally:  # only once passed on: a slot bounds the decoded images held, not just those decoding
                 slots.release()
 
+        def start(task: asyncio.Task) -> None:
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
         try:
             while (f := await inbox.get()) is not None:
                 await self.running.wait()
+                if is_tar_name(f.path):
+                    await self._read_tar(f, slots, start, outbox)
+                    continue
                 await slots.acquire()
-                task = asyncio.create_task(decode_one(f))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                start(asyncio.create_task(decode_one(f)))
             await asyncio.gather(*tasks)
         finally:  # a cancelled scan (Ctrl-C, `cancel`) leaves no decode running on behind it
             for task in tasks:
                 task.cancel()
         await outbox.put(None)
+
+
+    async def _read_tar(self, tar: FoundFile, slots: asyncio.Semaphore, start, outbox: asyncio.Queue) -> None:
+        """A tar shard read in one pass here, its image members' bytes handed to the decode pool one by
+        one (bounded by `slots`, as files are) with their sample's caption and JSON."""
+        async def fail(path: str, size: int, mtime: float, reason: str) -> None:
+            self.sink.remember_failure(path, size, mtime, reason)
+            await outbox.put(DecodeFailure(path, reason))
+
+        async def decode_member(path: str, file: FileBytes, metadata: dict) -> None:
+            try:
+                decoded = await self.pool.decode(path, file, metadata)
+                for item in [decoded] if isinstance(decoded, DecodeFailure) else decoded:
+                    if isinstance(item, DecodeFailure):
+                        self.sink.remember_failure(item.path, file.size, file.mtime, item.reason)
+                    await outbox.put(item)
+            finally:
+                slots.release()
+
+        try:
+            f, size, mtime = await asyncio.to_thread(open_tar, tar.path)
+        except ImageRejected as e:
+            self.report.count_found(tar.path)
+            await fail(tar.path, tar.size, tar.mtime, str(e))
+            return
+        members = tar_members(tar.path, f, is_indexed_name)
+        try:
+            self.report.tar_members.setdefault(tar.path, set())
+            while (m := await asyncio.to_thread(next, members, None)) is not None:
+                path = member_path(tar.path, m.name)
+                self.report.count_member(tar.path, path)
+                if not self.retry_failed and self.sink.failed_before([(path, size, mtime)]):
+                    self.report.failed_before += 1
+                elif m.data is None or not is_image_name(m.name):
+                    await fail(path, size, mtime, m.reason or REMOTE_VIDEO)
+                else:
+                    await self.running.wait()
+                    await slots.acquire()
+                    start(asyncio.create_task(decode_member(path, FileBytes(m.data, size, mtime), m.metadata)))
+                self.report.changed()
+        except TarBroken as e:
+            self.report.count_found(tar.path)
+            await fail(tar.path, size, mtime, str(e))
+        finally:
+            await asyncio.to_thread(f.close)
 
 
 def progress_bar(report: ScanReport):

@@ -26,8 +26,17 @@ from typing import Any
 import numpy as np
 
 from nanodb.media import sandbox
-from nanodb.media.opener import DEFAULT_MAX_PIXELS, ImageRejected, model_pixels, open_image, read_image_file
+from nanodb.media.opener import (
+    DEFAULT_MAX_PIXELS,
+    FileBytes,
+    ImageRejected,
+    model_pixels,
+    open_image,
+    read_image_file,
+)
+from nanodb.media.paths import is_indexed_name, is_url
 from nanodb.media.record import FileRecord, content_hash
+from nanodb.media.remote import TarBroken, is_tar_name, member_path, open_tar, read_remote_bytes, tar_members
 from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
 from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, preload_video_libraries, read_video_frames
 
@@ -51,10 +60,13 @@ class DecodeWorkersFailed(RuntimeError):
     """The decode worker processes could not start: the scan stops, no file is counted as skipped."""
 
 
-def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeFailure:
-    """Read one file and turn it into model-input pixels; any failure becomes a DecodeFailure."""
+def decode_file(path: str, transform, max_pixels: int, file: FileBytes | None = None,
+                metadata: dict | None = None) -> DecodedImage | DecodeFailure:
+    """Read one file (or object: a URL) and turn it into model-input pixels; any failure becomes a
+    DecodeFailure. Given `file`, its bytes were read already (a tar shard's member), with `metadata`."""
     try:
-        file = read_image_file(path)
+        if file is None:
+            file = read_remote_bytes(path) if is_url(path) else read_image_file(path)
         image = open_image(file.data, max_pixels, getattr(transform, "draft_size", None))
         pixels = model_pixels(image, transform)
     except ImageRejected as e:
@@ -64,8 +76,9 @@ def decode_file(path: str, transform, max_pixels: int) -> DecodedImage | DecodeF
     except Exception as e:  # a transform can fail on an odd image too; the scan must go on
         return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
     taken = image.info.get("taken")  # the EXIF date, kept with the item (the web UI shows it)
+    metadata = {**(metadata or {}), **({"taken": taken} if taken else {})}
     record = FileRecord(path=path, size=file.size, mtime=file.mtime, hash=content_hash(file.data),
-                        metadata={"taken": taken} if taken else None)
+                        metadata=metadata or None)
     return DecodedImage(record, pixels)
 
 
@@ -85,12 +98,44 @@ def decode_video(path: str, transform, max_pixels: int) -> list[DecodedImage] | 
                                     metadata={TIME_KEY: round(t, 3)}), pixels) for t, pixels in frames]
 
 
-def decode_media(path: str, transform, max_pixels: int) -> list[DecodedImage] | DecodeFailure:
-    """Any indexed file's items: an image's one, or a video's frames (decode_video)."""
+REMOTE_VIDEO = "videos are read from local folders only (not from URLs or tar shards)"
+
+
+def decode_media(path: str, transform, max_pixels: int, file: FileBytes | None = None,
+                 metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:
+    """Any indexed file's items: an image's one, a video's frames (decode_video), a tar shard's members
+    (decode_tar). Given `file`, the bytes of a tar's member `path`, read already."""
     if is_video_name(path):
-        return decode_video(path, transform, max_pixels)
-    decoded = decode_file(path, transform, max_pixels)
+        return DecodeFailure(path, REMOTE_VIDEO) if file is not None or is_url(path) else \
+            decode_video(path, transform, max_pixels)
+    if file is None and is_tar_name(path):
+        return decode_tar(path, transform, max_pixels)
+    decoded = decode_file(path, transform, max_pixels, file, metadata)
     return decoded if isinstance(decoded, DecodeFailure) else [decoded]
+
+
+def decode_tar(tar: str, transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
+    """A tar shard's members, read in one pass and decoded in this process (a Ray task's whole shard):
+    each image member an item (`<tar>#<member>`, the tar's size and mtime, its sample's caption and
+    JSON as metadata), each refused member a failure; a shard damaged partway: the members before the
+    damage, then one failure for the tar."""
+    out: list[DecodedImage | DecodeFailure] = []
+    try:
+        f, size, mtime = open_tar(tar)
+    except ImageRejected as e:
+        return [DecodeFailure(tar, str(e))]
+    with f:
+        try:
+            for m in tar_members(tar, f, is_indexed_name):
+                path = member_path(tar, m.name)
+                if m.data is None:
+                    out.append(DecodeFailure(path, m.reason or "unreadable"))
+                else:
+                    one = decode_media(path, transform, max_pixels, FileBytes(m.data, size, mtime), m.metadata)
+                    out.extend([one] if isinstance(one, DecodeFailure) else one)
+        except TarBroken as e:
+            out.append(DecodeFailure(tar, str(e)))
+    return out
 
 
 # The pixel transform, pixel limit and decode limits of a decode worker process, set by its initializer.
@@ -113,10 +158,11 @@ def _init_worker(transform, max_pixels: int, parent: int, limits: DecodeLimits |
         sandbox.limit_this_process(limits)
 
 
-def _decode_in_worker(path: str) -> list[DecodedImage] | DecodeFailure:
+def _decode_in_worker(path: str, file: FileBytes | None = None,
+                      metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:
     if _worker_limits is None:
-        return decode_media(path, *_worker_args)
-    result = sandbox.run_limited(_worker_limits, decode_media, path, *_worker_args)
+        return decode_media(path, *_worker_args, file, metadata)
+    result = sandbox.run_limited(_worker_limits, decode_media, path, *_worker_args, file, metadata)
     if isinstance(result, DecodeFailure) and result.reason == TOO_MUCH_MEMORY:
         return DecodeFailure(path, _worker_limits.too_big)
     return result
@@ -173,27 +219,30 @@ class ImageDecodePool:
                 return executor
             return getattr(self, name)
 
-    async def decode(self, path: str) -> list[DecodedImage] | DecodeFailure:
-        """Decode one file in a worker (an image: one item, a video: its frames); a worker crash is
-        pinned on the file that caused it."""
+    async def decode(self, path: str, file: FileBytes | None = None,
+                     metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:
+        """Decode one file in a worker (an image: one item, a video: its frames; an object behind a URL
+        is read there too); a worker crash is pinned on the file that caused it. Given `file`: the bytes
+        of a tar shard's member `path` (read by the scan, in one pass over the shard), with `metadata`."""
         loop = asyncio.get_running_loop()
         executor = self._executor or await loop.run_in_executor(None, self._ready_executor, "_executor", self.workers)
         try:
             with sandbox.interrupt_blocked_in_children():  # a worker that timed out idle starts again here
-                future = executor.submit(_decode_in_worker, path)
+                future = executor.submit(_decode_in_worker, path, file, metadata)
             # shielded: a cancelled scan leaves the pool's future alone (close() ends the work), as loky's
             # shutdown, failing the futures it still holds, breaks on one cancelled meanwhile
             return await asyncio.shield(asyncio.wrap_future(future))
         except BrokenProcessPool:  # some worker died: every file in flight lands here
             self._replace(executor)
-        return await loop.run_in_executor(None, self._decode_alone, path)
+        return await loop.run_in_executor(None, self._decode_alone, path, file, metadata)
 
-    def _decode_alone(self, path: str) -> list[DecodedImage] | DecodeFailure:
+    def _decode_alone(self, path: str, file: FileBytes | None = None,
+                      metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:
         with self._alone:
             solo = self._ready_executor("_solo", 1)
             try:
                 with sandbox.interrupt_blocked_in_children():
-                    future = solo.submit(_decode_in_worker, path)
+                    future = solo.submit(_decode_in_worker, path, file, metadata)
                 return future.result()
             except BrokenProcessPool as e:  # a crash, or the time limit's alarm
                 self._replace(solo)

@@ -23,11 +23,15 @@ import numpy as np
 from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_media
 from nanodb.pipeline.sink import EmbeddingModel
 
+from nanodb.media.remote import is_tar_name, split_member
+
 log = logging.getLogger(__name__)
 
 
 def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
-    """A Ray task: read and decode files, where they are visible to every node (a shared folder)."""
+    """A Ray task: read and decode files, where they are visible to every node (a shared folder), or
+    objects behind URLs (read on the node), or a tar shard (a batch of its own: read in one pass,
+    every member decoded)."""
     decoded = [decode_media(p, transform, max_pixels) for p in paths]
     return [d for one in decoded for d in ([one] if isinstance(one, DecodeFailure) else one)]  # a video's frames
 
@@ -38,7 +42,8 @@ def passed_on(paths: list[str], records: list) -> list[int]:
     their hashes), nothing of a path not sent."""
     sent, seen, keep = set(paths), set(), []
     for i, r in enumerate(records):
-        if r.path in sent and (r.path, r.hash) not in seen:
+        split = split_member(r.path)
+        if (r.path in sent or (split is not None and split[0] in sent)) and (r.path, r.hash) not in seen:
             seen.add((r.path, r.hash))
             keep.append(i)
     return keep
@@ -57,7 +62,9 @@ class ClipWorker:
     def embed(self, decoded: list[DecodedImage | DecodeFailure]):
         images = [d for d in decoded if isinstance(d, DecodedImage)]
         failures = [(d.path, d.reason) for d in decoded if isinstance(d, DecodeFailure)]
-        vectors = self.model.encode_pixels(np.stack([d.pixels for d in images])) if images else None
+        step = 256  # a tar shard's members come as one batch: embedded a slice at a time
+        vectors = np.concatenate([self.model.encode_pixels(np.stack([d.pixels for d in images[i:i + step]]))
+                                  for i in range(0, len(images), step)]) if images else None
         return [d.record for d in images], failures, vectors
 
 
@@ -124,6 +131,14 @@ class RayEmbedStage:
             try:
                 records, failures, vectors, decoded = await self._embed(paths, load)
                 found = {f.path: f for f in files}
+                if len(paths) == 1 and is_tar_name(paths[0]):  # a shard: its members are the files found
+                    tar = paths[0]
+                    report.tar_members.setdefault(tar, set())
+                    for path in dict.fromkeys([r.path for r in records] + [p for p, _ in failures]):
+                        if path == tar:  # damaged partway: the tar itself is the failure
+                            report.count_found(path)
+                        else:
+                            report.count_member(tar, path)
                 for path, reason in failures:
                     report.fail(path, reason)
                     if decoded and remember_failure is not None and (f := found.get(path)) is not None:
@@ -135,20 +150,22 @@ class RayEmbedStage:
             finally:
                 slots.release()
 
+        nothing = object()
+        waiting: Any = nothing  # a file taken from the inbox that starts the next batch (a tar shard, or None)
         try:
-            while (f := await inbox.get()) is not None:
+            while (f := await inbox.get() if waiting is nothing else waiting) is not None:
+                waiting = nothing
                 await running.wait()
                 await slots.acquire()
-                batch = [f]  # and whatever else arrived while this waited for a slot
-                while len(batch) < self.options.batch_size and not inbox.empty():
-                    if (f := inbox.get_nowait()) is None:
+                batch = [f]  # and whatever else arrived while this waited for a slot; a tar shard alone
+                while not is_tar_name(f.path) and len(batch) < self.options.batch_size and not inbox.empty():
+                    if (g := inbox.get_nowait()) is None or is_tar_name(g.path):
+                        waiting = g
                         break
-                    batch.append(f)
+                    batch.append(g)
                 task = asyncio.create_task(one(batch))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
-                if f is None:
-                    break
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--path", help="database folder (created if missing, loaded if present); required").complete = (
         shtab.DIRECTORY)
     p.add_argument("--scan", action="append", default=[], metavar="DIR",
-                   help="add the images under a folder (recursively) or a single file; repeatable"
+                   help="add the images under a folder (recursively) or a single file, an fsspec URL prefix "
+                        "(s3://bucket/photos/) or webdataset tar shards ('data/{00000..00099}.tar'); repeatable"
                    ).complete = shtab.FILE
     p.add_argument("--watch", action="append", default=[], metavar="DIR",
                    help="scan a folder, then keep indexing what changes in it until Ctrl-C/SIGTERM "

@@ -38,6 +38,7 @@ from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_origi
 from nanodb.media.video import frame_time
 from nanodb.search.batcher import SearchBusy
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
+from nanodb.search.sharded import ShardUnavailable
 from nanodb.storage.format import DatabaseError
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,16 @@ def install_error_handlers(app: FastAPI) -> None:
         shown = "" if value is None or isinstance(value, (dict, list)) else f" (got {str(value)[:40]!r})"
         message = " ".join(f"{where}: {first.get('msg', 'invalid')}".split())[:200]
         return JSONResponse({"error": message + shown}, status_code=422)
+
+    @app.exception_handler(ShardUnavailable)
+    async def shard_down(request: Request, exc: ShardUnavailable):  # a sharded database's node is down
+        log.error("%s: %s", request.url.path, exc)
+        return JSONResponse({"error": "a shard of the database is not answering (its node may be down): retry "
+                                      "later"}, status_code=503, headers={"Retry-After": "30"})
+
+    @app.exception_handler(NotImplementedError)
+    async def not_here(request: Request, exc: NotImplementedError):  # e.g. near-duplicates of a sharded database
+        return JSONResponse({"error": str(exc)}, status_code=501)
 
     @app.exception_handler(DatabaseError)
     async def damaged(request: Request, exc: DatabaseError):  # e.g. a data file truncated under the server

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from nanodb.media.opener import MAX_FILE_BYTES, ImageRejected, open_image, open_regular_file
 from nanodb.media.paths import servable_path
+from nanodb.media.remote import is_remote_item
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
 from nanodb.media.video import (
     MAX_VIDEO_BYTES,
@@ -54,6 +55,8 @@ def _indexed_item(db, index: int):
     if not db.has_item(index):
         raise NotServable(f"no item with index {index}")
     item = db[index]
+    if is_remote_item(item.path):  # never opened from here: no local file of its own
+        raise NotServable(f"item {index} was read from a URL or a tar shard: its file is not available here")
     if item.path is None or item.size < 0:
         raise NotServable(f"item {index} was added without a file")
     return item

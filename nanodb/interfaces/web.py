@@ -156,7 +156,7 @@ class DuplicatesEvents:
         """(the status line, the groups' HTML): each group a row of tiles, largest groups first."""
         try:
             found = self.service.duplicates.find(threshold)
-        except BadRequest as e:
+        except (BadRequest, NotImplementedError) as e:  # NotImplementedError: a sharded database's
             return f"⚠️ {e}", gr.skip()
         answer = found.answer(self.service.db)
         took = "cached" if found.cached else f"took {found.seconds:.2f} s"

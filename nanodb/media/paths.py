@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 
 from nanodb.media.formats import IMAGE_EXTENSIONS, UNSUPPORTED_IMAGE_EXTENSIONS
 from nanodb.media.video import is_video_name
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(path: str) -> bool:
+    """`path` names an object behind a URL (`s3://bucket/key.jpg`: media.remote), not a local file."""
+    return bool(_URL.match(path))
+
 
 # Folders nobody wants indexed: hidden ones, Synology and desktop thumbnail caches.
 DEFAULT_EXCLUDES = (".*", "@eaDir", ".thumbnails", "__MACOSX")
@@ -27,8 +36,12 @@ def is_unsupported_image_name(name: str) -> bool:
 
 
 def absolute_path(path: str | os.PathLike) -> str:
-    """How every path is stored and compared: absolute, `~` expanded, symlinks kept as named."""
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+    """How every path is stored and compared: absolute, `~` expanded, symlinks kept as named. A URL
+    (`s3://bucket/key`, an object's path: media.remote) is kept as it is."""
+    path = os.fspath(path)
+    if is_url(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def is_excluded(relative_parts: list[str], path: str, patterns: tuple[str, ...]) -> bool:

@@ -248,3 +248,38 @@ def test_a_shard_whose_folder_is_lost_with_its_node_is_named_in_a_one_line_error
         with pytest.raises(DatabaseError, match=f"shard-{lost:03d}") as missing:
             db.search(vectors[0], k=3)
         assert "\n" not in str(missing.value)
+
+
+def test_the_http_api_serves_a_sharded_database(cluster, tmp_path):
+    """The server is a thin layer over NanoDB: searches, items, thumbnails and stats work on the shards."""
+    import shutil
+
+    import httpx
+    from helpers import coco_photos
+
+    from nanodb.interfaces.server import start_server
+
+    c, _ = cluster
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for src in coco_photos(10):
+        shutil.copy(src, photos / src.name)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
+        db.scan(photos)
+        db.save()
+        server = start_server(db, "127.0.0.1", 0)
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                found = client.get("/api/search/text", params={"q": "a dog on a beach", "k": 5}).json()["results"]
+                assert [r["path"] for r in found] == [r.path for r in db.search(text="a dog on a beach", k=5)]
+                top = found[0]["index"]
+                assert client.get(f"/api/items/{top}/thumbnail").headers["content-type"] == "image/jpeg"
+                assert client.get(f"/api/items/{top}/original").content == (photos / found[0]["path"].split("/")[-1]
+                                                                            ).read_bytes()
+                assert client.get("/api/stats").json()["items"] == 10
+                same = client.get(f"/api/search/item/{top}", params={"k": 1}).json()["results"]
+                assert same[0]["index"] == top
+                not_yet = client.get("/api/duplicates")  # not sharded yet: said so
+                assert not_yet.status_code == 501 and "sharded" in not_yet.json()["error"]
+        finally:
+            server.stop()

@@ -513,15 +513,15 @@ class NanoDB:
         return repair_folder(root, from_settings)
 
     def close(self) -> None:
-        if self.cluster is not None:
-            self.cluster.close()
         if self._decode_pool is not None:
             self._decode_pool.close()
             self._decode_pool = None
         if getattr(self, "queries", None) is not None:
             self.queries.close()
         if getattr(self, "store", None) is not None:
-            self.store.close()
+            self.store.close()  # a sharded database's shards, before the cluster they run on
+        if self.cluster is not None:
+            self.cluster.close()
 
     def __enter__(self) -> NanoDB:
         return self

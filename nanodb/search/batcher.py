@@ -1,5 +1,6 @@
-"""Queries that arrive together answered together: one text-tower pass for all their words, one pass of
-the index for all their vectors.
+"""Queries that arrive together answered together: one pass of the index for all their vectors (each
+text still encoded alone, so its vector has the bits it has alone on every CPU; a text asked by several
+queries once).
 
 A query on 1M rows costs about as much alone as in a batch of dozens (the kernel reads the rows once for
 all the queries of a pass), so concurrent users (a server's clients, a program's threads) share passes.
@@ -159,7 +160,8 @@ class QueryBatcher:
                 job.results = results
 
     def embed(self, batch: list[Pending]) -> None:
-        """Each query's vector: the words of plain text queries encoded in one batch, the others one by one."""
+        """Each query's vector, computed exactly as for the query alone; the same text asked by several
+        queries is encoded once."""
         words = {id(job): plain_words(job.request, job.query) for job in batch}
         texted = [job for job in batch if words[id(job)] is not None]
         for job in batch:
@@ -175,14 +177,20 @@ class QueryBatcher:
             return
         t0 = time.perf_counter()
         try:
-            rows = self.encoder.text_model().encode_text([words[id(job)][0] for job in texted])
+            # each distinct text encoded alone, as a lone query's is: a batch's matrix products can take
+            # other kernels than one text's (oneDNN picks them by the rows; seen on AVX2 CPUs from 16
+            # short or 4 long texts), which changes the last bits and could reorder close results
+            model = self.encoder.text_model()
+            rows = {text: model.encode_text([text])[0]
+                    for text in dict.fromkeys(words[id(job)][0] for job in texted)}
         except Exception as e:
             for job in texted:
                 job.error = e
             return
         encode_ms = (time.perf_counter() - t0) * 1000
-        for job, row in zip(texted, rows):
-            job.vector, job.encode_ms = words[id(job)][1](row), encode_ms
+        for job in texted:
+            text, finish = words[id(job)]
+            job.vector, job.encode_ms = finish(rows[text]), encode_ms
 
 
 def searched_alike(a: SearchRequest, b: SearchRequest) -> bool:

@@ -289,12 +289,6 @@ class ShardedStore:
         return sum(i["items"] for i in self.each_shard("info"))
 
     @property
-    def rows(self) -> int:
-        """One more than the highest item index."""
-        return max((self._global(s, i["rows"] - 1) + 1 for s, i in enumerate(self.each_shard("info")) if i["rows"]),
-                   default=0)
-
-    @property
     def unsaved(self) -> int:
         return sum(i["unsaved"] for i in self.each_shard("info"))
 
@@ -392,7 +386,8 @@ class ShardedStore:
         if self.read_only:
             raise DatabaseError(f"{self.root} is open read-only")
 
-    def append(self, vectors: np.ndarray, records: Sequence[FileRecord], *, stored: bool = False) -> list[int]:
+    def append(self, vectors: np.ndarray, records: Sequence[FileRecord]) -> list[int]:
+        """Each vector to the shard of its record's route key; returns the new items' global indices."""
         self.check_writable()
         vectors = np.asarray(vectors, np.float32).reshape(-1, self.dim)
         route = np.asarray(self._route(records), int)

@@ -5,6 +5,7 @@ validates, reopens and survives lost nodes exactly as one local store would."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pytest
 from helpers.ray_cluster import STORE_MB, assert_same_scan, options
 
 from nanodb import NanoDB
+from nanodb.media.record import content_hash
 from nanodb.search.sharded import ShardedStore
 from nanodb.storage.format import DatabaseError
 
@@ -283,3 +285,47 @@ def test_the_http_api_serves_a_sharded_database(cluster, tmp_path):
                 assert not_yet.status_code == 501 and "sharded" in not_yet.json()["error"]
         finally:
             server.stop()
+
+
+def test_a_watch_keeps_a_sharded_database_in_step_with_its_folder(cluster, tmp_path):
+    """New, renamed, modified (its new content may land on another shard) and deleted files: each path
+    is in the database once, as in the folder."""
+    import shutil
+
+    from helpers import coco_photos
+    from helpers.background import BackgroundService, wait_for
+
+    c, _ = cluster
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = coco_photos(12)
+    for src in sources[:4]:
+        shutil.copy(src, photos / src.name)
+    db = NanoDB(tmp_path / "db", config="test", autosave=True, ray=options(c, shards=3))
+    bg = BackgroundService(db, [photos])
+
+    def in_step() -> bool:
+        paths = bg.query(lambda: [i.path for i in db])
+        return len(paths) == len(set(paths)) and set(paths) == {str(p) for p in photos.glob("*.jpg")}
+
+    def holds(path, digest: str) -> bool:
+        return bg.query(lambda: (i := db.index_of(path)) is not None and db[i].hash == digest)
+
+    try:
+        assert bg.ready.wait(180), "the first scan of the watched folder did not finish"
+        assert in_step()
+        shutil.copy(sources[4], photos / "new.jpg")
+        wait_for(in_step, 60, "a new image")
+        (photos / "new.jpg").rename(photos / "renamed.jpg")
+        wait_for(in_step, 60, "a renamed image")
+        for src in sources[5:9]:  # modified in place: new content, routed anew
+            shutil.copy(src, photos / "renamed.jpg")
+            wait_for(functools.partial(holds, photos / "renamed.jpg", content_hash(src.read_bytes()).hex()), 60,
+                     "a modified image")
+            assert in_step()
+        (photos / sources[0].name).unlink()
+        wait_for(in_step, 60, "a deleted image")
+    finally:
+        bg.stop()
+        db.save()
+        db.close()

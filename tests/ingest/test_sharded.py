@@ -38,6 +38,18 @@ def same_results(sharded, local, sharded_db, local_db) -> None:
             assert sorted(map(sharded_db.path_of, mine.duplicates)) == sorted(map(local_db.path_of, theirs.duplicates))
 
 
+def random_vectors(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 384)).astype(np.float32)
+
+
+def saved_sharded(path, c, vectors, shards: int, folder: str) -> NanoDB:
+    """A sharded database of `vectors`, labelled FOLDER/i.jpg, saved, open."""
+    db = NanoDB(path, config="test", ray=options(c, shards=shards))
+    db.add(vectors, paths=[f"{folder}/{i}.jpg" for i in range(len(vectors))])
+    db.save()
+    return db
+
+
 def twin_databases(tmp_path, c, vectors, paths, metadata=None, deleted=()):
     """The same items added to a 3-shard database and to a local one, the `deleted` paths deleted."""
     sharded = NanoDB(tmp_path / "sharded", config="test", ray=options(c, shards=3))
@@ -213,11 +225,7 @@ time.sleep(600)
 
 def test_a_damaged_shard_is_refused_with_the_repair_hint_and_repair_mends_it(cluster, tmp_path):
     c, _ = cluster
-    rng = np.random.default_rng(4)
-    vectors = rng.standard_normal((200, 384)).astype(np.float32)
-    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=2)) as db:
-        db.add(vectors, paths=[f"/x/{i}.jpg" for i in range(200)])
-        db.save()
+    saved_sharded(tmp_path / "db", c, random_vectors(200, 4), 2, "/x").close()
     vectors_file = next((tmp_path / "db" / "shard-001").glob("vectors.*.f16"))
     with open(vectors_file, "r+b") as f:  # a torn write: the last item's vector is cut short
         f.truncate(vectors_file.stat().st_size - 100)
@@ -235,11 +243,8 @@ def test_a_shard_whose_folder_is_lost_with_its_node_is_named_in_a_one_line_error
     import ray
 
     c, workers = cluster
-    rng = np.random.default_rng(6)
-    vectors = rng.standard_normal((300, 384)).astype(np.float32)
-    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=3)) as db:
-        db.add(vectors, paths=[f"/y/{i}.jpg" for i in range(300)])
-        db.save()
+    vectors = random_vectors(300, 6)
+    with saved_sharded(tmp_path / "db", c, vectors, 3, "/y") as db:
         nodes = ray.get([a.node.remote() for a in db.store.actors])
         by_id = {n.node_id: n for n in c.list_all_nodes() if n is not c.head_node}
         lost = next(s for s, n in enumerate(nodes) if n in by_id)

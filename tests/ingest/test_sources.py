@@ -228,38 +228,25 @@ def test_remote_items_have_no_file_to_send(tmp_path, empty_db_path):
 @pytest.mark.ray
 def test_a_ray_scan_reads_s3_objects_and_tar_shards_on_the_nodes(s3, photos, shards, folder_vectors, tmp_path):
     """One small cluster (a head that only coordinates, one 3-CPU worker node), started after the S3
-    server: its workers inherit the AWS variables. An S3 prefix and local shards, as a local scan."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
+    server: its workers inherit the AWS variables. An S3 prefix and local tar shards into a sharded
+    database, as a local scan of the same images in a folder."""
+    pytest.importorskip("ray")
+    from helpers.ray_cluster import ray_cluster
 
     from nanodb.cluster import RayOptions
 
     for p in photos[:4]:
         s3.put(str(p), f"{BUCKET}/ray/{p.name}")
-    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # never report to the network
-    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=0, include_dashboard=False,
-                                                          object_store_memory=100 * 2**20))
-    c.add_node(num_cpus=3, object_store_memory=100 * 2**20)
-    try:
-        ray.init(address=c.address, logging_level="WARNING")
-        c.wait_for_nodes()
-        with NanoDB(tmp_path / "db", config="test", batch_size=4,
-                    ray=RayOptions(address=c.address, clip_actors=1)) as db:
-            report = db.scan(f"s3://{BUCKET}/ray/", str(shards / "shard-{0000..0001}.tar"))
-            assert (report.found, report.added, report.failed) == (12, 12, 0), report.failures
-            assert len(db) == db.store.rows == 12
-            for item in db:
-                cosine = float(item.vector.astype(np.float32) @ folder_vectors[stem_of(item.path)])
-                assert cosine > 0.999, item.path
-            assert sum(split_member(item.path) is not None for item in db) == 8
-            assert all(item.metadata["caption"].startswith("photo ") for item in db if split_member(item.path))
-            again = db.scan(f"s3://{BUCKET}/ray/", str(shards / "shard-{0000..0001}.tar"))
-            assert (again.added, again.unchanged) == (0, 12)
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if saved is None:
-            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
-        else:
-            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+    with ray_cluster(workers=1) as (c, _), NanoDB(tmp_path / "db", config="test", batch_size=4,
+                                                  ray=RayOptions(address=c.address, clip_actors=1, shards=2)) as db:
+        report = db.scan(f"s3://{BUCKET}/ray/", str(shards / "shard-{0000..0001}.tar"))
+        assert (report.found, report.added, report.failed) == (12, 12, 0), report.failures
+        paths = [item.path for item in db]
+        assert len(paths) == len(set(paths)) == 12
+        for item in db:
+            cosine = float(item.vector.astype(np.float32) @ folder_vectors[stem_of(item.path)])
+            assert cosine > 0.999, item.path
+        assert sum(split_member(item.path) is not None for item in db) == 8
+        assert all(item.metadata["caption"].startswith("photo ") for item in db if split_member(item.path))
+        again = db.scan(f"s3://{BUCKET}/ray/", str(shards / "shard-{0000..0001}.tar"))
+        assert (again.added, again.unchanged) == (0, 12)

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -201,7 +200,6 @@ class ShardedStore:
         self.root = root
         self.path = str(root)  # for the pipeline: never scanned
         self.read_only = read_only
-        self.lock = threading.RLock()
         self.cluster_manifest = manifest
         self.manifest = dataclasses.replace(manifest.model, roots=manifest.roots)
         self.timeout = timeout

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -289,28 +289,27 @@ class ScanPipeline:
         if vanished:
             self.report.dropped += self.sink.forget(vanished)
             log.info("%s gone: its items are dropped", ", ".join(map(printable, vanished)))
-        files = iter(self.walker)
         seen: set[str] = set()
         problems: list[str] = []
-        while chunk := await asyncio.to_thread(lambda: list(islice(files, 256))):
+        await self._offer_all(iter(self.walker), outbox, seen, problems)
+        self.report.dropped += self._drop_missing(seen, problems)
+        if self.sources.args:
+            await self._offer_all(iter(self.sources), outbox, seen, problems)
+            self.report.dropped += self._drop_missing_objects(seen)
+        self.report.walking = False
+        self.report.changed()
+        await outbox.put(None)
+
+    async def _offer_all(self, found: Iterator[FoundFile], outbox: asyncio.Queue, seen: set[str],
+                         problems: list[str]) -> None:
+        """Offer what a walk or a listing finds, in chunks of 256 read off the event loop; the paths go
+        into `seen`, those it could not read into `problems`."""
+        while chunk := await asyncio.to_thread(lambda: list(islice(found, 256))):
             self._take_walk_problems(problems)
             seen.update(f.path for f in chunk)
             await self._offer(chunk, outbox)
             self.report.changed()
         self._take_walk_problems(problems)
-        self.report.dropped += self._drop_missing(seen, problems)
-        if self.sources.args:
-            listed = iter(self.sources)
-            while chunk := await asyncio.to_thread(lambda: list(islice(listed, 256))):
-                self._take_walk_problems(problems)
-                seen.update(f.path for f in chunk)
-                await self._offer(chunk, outbox)
-                self.report.changed()
-            self._take_walk_problems(problems)
-            self.report.dropped += self._drop_missing_objects(seen)
-        self.report.walking = False
-        self.report.changed()
-        await outbox.put(None)
 
     def _drop_missing(self, seen: set[str], problems: list[str]) -> int:
         """Forget indexed files under the scanned folders that the walk did not find and that no longer

@@ -112,9 +112,9 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def read_remote_bytes(url: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
-    """An object's bytes, at most `max_bytes` of them, its size checked (from the store's listing) before
-    a byte is read; raises ImageRejected (gone, unreadable, empty, too large)."""
+def remote_stat(url: str, max_bytes: int):
+    """(fsspec filesystem, path within it, size, mtime) of an object checked before a byte of it is read;
+    raises ImageRejected (no fsspec, gone, unreadable, empty, larger than `max_bytes`)."""
     try:
         fs, path = filesystem(url)
     except SourceError as e:
@@ -129,6 +129,13 @@ def read_remote_bytes(url: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
         raise ImageRejected("empty file")
     if size > max_bytes:
         raise ImageRejected(f"file too large ({size >> 20} MiB)")
+    return fs, path, size, mtime
+
+
+def read_remote_bytes(url: str, max_bytes: int = MAX_FILE_BYTES) -> FileBytes:
+    """An object's bytes, at most `max_bytes` of them, its size checked (from the store's listing) before
+    a byte is read; raises ImageRejected (gone, unreadable, empty, too large)."""
+    fs, path, size, mtime = remote_stat(url, max_bytes)
     try:
         with fs.open(path, "rb") as f:
             data = f.read(size + 1)
@@ -146,17 +153,9 @@ def open_tar(tar: str):
     if not is_url(tar):
         f, st = open_regular_file(tar, MAX_TAR_BYTES)
         return f, st.st_size, st.st_mtime
+    fs, path, size, mtime = remote_stat(tar, MAX_TAR_BYTES)
     try:
-        fs, path = filesystem(tar)
-    except SourceError as e:
-        raise ImageRejected(str(e)) from None
-    try:
-        size, mtime = object_stat(fs.info(path))
-        if size == 0:
-            raise ImageRejected("empty file")
         return fs.open(path, "rb", block_size=1 << 22), size, mtime
-    except ImageRejected:
-        raise
     except FileNotFoundError:
         raise ImageRejected("vanished") from None
     except Exception as e:

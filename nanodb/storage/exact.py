@@ -66,7 +66,7 @@ def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
 
 def float64_dots(buf: np.ndarray, rows: np.ndarray, queries: np.ndarray, qi: np.ndarray, kernel) -> np.ndarray:
     """buf[rows[i]] . queries[qi[i]] in float64 for float16 rows: each product of a float16 and a
-    float32 value (widened) is exact, only the sums round. The C kernel's AVX-512 loop where it runs
+    float32 value (widened) is exact, only the sums round. The C kernel's AVX-512 or AVX2 loop where it runs
     (64 queries at 100K x 512, 19K candidates: ~1 ms against 17 ms for NumPy, whose float16
     conversion is not vectorised); else NumPy in cache-sized slices (einsum sums 4x faster than a
     product array and .sum)."""

@@ -10,9 +10,9 @@ to the lower index. So every path returns the float64 brute-force top k of the f
 sorts all N scores, and never holds a float32 copy.
 
 Fast passes (`scan`): on the CPU, the compact copy scored by a small C kernel (`nanodb/storage/_scan.c`,
-AVX-512 VNNI where the CPU has it; half the bytes of float16; loaded by `kernel`), or, when that kernel
-was not built or does not match this code, the float16 rows converted block by block into a small
-float32 scratch and scored by BLAS; on a GPU, float32 on CuPy (here).
+AVX-512 VNNI, else AVX2, else plain C, chosen at run time; half the bytes of float16; loaded by
+`kernel`), or, when that kernel was not built or does not match this code, the float16 rows converted
+block by block into a small float32 scratch and scored by BLAS; on a GPU, float32 on CuPy (here).
 """
 
 from __future__ import annotations
@@ -50,11 +50,16 @@ def cupy_available() -> bool:
 KERNEL = built_kernel()
 
 
+KERNEL_LOOPS = {2: "int8 vnni", 1: "int8 avx2", 0: "int8 c"}  # nanodb_level's answers
+
+
 def fast_pass(dim: int) -> str:
-    """Which CPU fast pass searches rows of `dim`: "int8 vnni", "int8 c" or "float16 blas" (no kernel built)."""
+    """Which CPU fast pass searches rows of `dim`: "int8 vnni", "int8 avx2", "int8 c" or "float16 blas" (no
+    kernel built)."""
     if KERNEL is None:
         return "float16 blas"
-    return "int8 vnni" if KERNEL.nanodb_vnni(dim) else "int8 c"
+    return KERNEL_LOOPS[KERNEL.nanodb_level(dim)]
+
 
 
 # A mapped compact copy larger than this is copied into anonymous memory by a background thread after

@@ -16,13 +16,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-KERNEL_ABI = 2  # NANODB_KERNEL_ABI in _scan.c: bump both with any change of its functions
+KERNEL_ABI = 3  # NANODB_KERNEL_ABI in _scan.c: bump both with any change of its functions
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 SIGNATURES = {  # name: (argument types, result type)
     "nanodb_scores": ([_P, _P, _I, _I, _P, _P, _P, _I, _P, _I], None),
     "nanodb_scores_rows": ([_P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _I], None),
-    "nanodb_vnni": ([_I], ctypes.c_int),
+    "nanodb_scores_level": ([_I, _P, _P, _P, _I, _I, _P, _P, _P, _I, _P, _I], None),
+    "nanodb_level": ([_I], ctypes.c_int),
     "nanodb_dots": ([_P, _P, _I, _I, _P, _P, _P], None),
     "nanodb_dots_ok": ([_I], ctypes.c_int),
 }

@@ -80,7 +80,7 @@ def test_allowed_blocks_crossing_segments_keep_every_candidate(index):
 
 
 @pytest.mark.skipif(KERNEL is None, reason="the compact-copy kernel is not built")
-@pytest.mark.parametrize("dim", [128, 96])  # the AVX-512 loop (where the CPU has it) and the plain C one
+@pytest.mark.parametrize("dim", [128, 96, 100])  # the best loop for each: VNNI or AVX2, AVX2, plain C
 def test_kernel_scores_of_listed_rows_equal_those_of_the_rows_themselves(dim):
     rng = np.random.default_rng(9)
     codes, scales = quantize_rows(unit(rng, 1000, dim).astype(np.float16))

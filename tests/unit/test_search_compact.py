@@ -18,23 +18,37 @@ def small_segments(monkeypatch):
     monkeypatch.setattr(scan, "SEGMENT_ROWS", 4096)
 
 
-def kernel_scores(codes, steps, queries):
+def kernel_scores(codes, steps, queries, level=2):
+    """Scores by the kernel's loop `level` (2 VNNI, 1 AVX2, 0 plain C), or the best below it that runs here."""
     qc, offsets, qsteps, _, _ = quantize_queries(queries)
     out = np.empty((len(queries), len(codes)), np.float32)
-    index_module.KERNEL.nanodb_scores(codes.ctypes.data, steps.ctypes.data, len(codes), codes.shape[1],
-                                      qc.ctypes.data, offsets.ctypes.data, qsteps.ctypes.data, len(queries),
-                                      out.ctypes.data, out.shape[1])
+    index_module.KERNEL.nanodb_scores_level(level, codes.ctypes.data, steps.ctypes.data, None, len(codes),
+                                            codes.shape[1], qc.ctypes.data, offsets.ctypes.data, qsteps.ctypes.data,
+                                            len(queries), out.ctypes.data, out.shape[1])
     return out, qc, qsteps
 
 
-@pytest.mark.parametrize("dim", [64, 100, 512, 768])  # VNNI for multiples of 64 (when the CPU has it), plain C else
-@pytest.mark.parametrize("nq", [1, 3, 9])
-def test_kernel_equals_integer_dot_then_two_float32_products(dim, nq):
+def runs_here(level: int, dim: int) -> None:
+    if index_module.KERNEL.nanodb_level(dim) < level:
+        pytest.skip(f"this CPU or dim {dim} does not run loop {index_module.KERNEL_LOOPS[level]}")
+
+
+LEVELS = pytest.mark.parametrize("level", [2, 1, 0], ids=["vnni", "avx2", "c"])
+
+
+@LEVELS
+@pytest.mark.parametrize("dim", [64, 100, 512, 768])  # VNNI for multiples of 64, AVX2 of 16, plain C else
+@pytest.mark.parametrize("nq", [1, 2, 3, 9])  # the loops' blocks of 4 x 4, 4 x 2 and 4 x 1
+def test_kernel_equals_integer_dot_then_two_float32_products(level, dim, nq):
+    runs_here(level, dim)
     rng = np.random.default_rng(dim * nq)
     codes = rng.integers(0, 256, (37, dim), dtype=np.uint8)
     codes[0] = 255  # extremes: the largest sums
+    codes[1] = 0
     steps = rng.random(37, dtype=np.float32)
-    out, qc, qsteps = kernel_scores(codes, steps, rng.standard_normal((nq, dim)).astype(np.float32))
+    queries = rng.standard_normal((nq, dim)).astype(np.float32)
+    queries[0, : dim // 2] = -np.abs(queries[0, : dim // 2]).max()  # codes of -127 against 0 and 255
+    out, qc, qsteps = kernel_scores(codes, steps, queries, level)
     dots = qc.astype(np.int64) @ (codes.astype(np.int64) - 128).T
     want = dots.astype(np.float32) * (qsteps[:, None] * steps[None, :])
     np.testing.assert_array_equal(out, want)
@@ -122,3 +136,23 @@ def test_stats_report_the_passes():
     index.search(unit(rng, 2, 64), 5, stats)
     assert stats["fast_pass"].startswith("int8") and stats["rescored"] >= 10
     assert stats["fast_s"] >= 0 and stats["exact_s"] >= 0
+
+
+@pytest.mark.parametrize("dim", [512, 520, 100])  # AVX-512 or AVX2, AVX2 only (a multiple of 8), NumPy
+def test_exact_rescoring_sums_float64_products_of_float16_rows(dim):
+    """The rescoring's float64 dots (the kernel's where it runs, else NumPy's) are the float64 dot products
+    of the stored float16 rows, and equal rows score equal bits (their tie goes to the lower index)."""
+    from nanodb.storage.exact import float64_dots
+
+    rng = np.random.default_rng(dim)
+    rows = unit(rng, 300, dim).astype(np.float16)
+    rows[7] = rows[3]
+    queries = unit(rng, 5, dim).astype(np.float64)
+    picked = rng.integers(0, 300, 2000).astype(np.int64)
+    picked[:2] = 3, 7
+    qi = rng.integers(0, 5, 2000).astype(np.int64)
+    qi[1] = qi[0]
+    got = float64_dots(rows, picked, queries, qi, index_module.KERNEL)
+    want = np.einsum("ij,ij->i", rows[picked].astype(np.float64), queries[qi])
+    np.testing.assert_allclose(got, want, rtol=0, atol=dim * 2.0**-52)
+    assert got[0] == got[1]

@@ -37,7 +37,7 @@ def edited(old: str, new: str) -> str:
 def test_a_library_built_from_this_source_is_loaded(tmp_path, caplog):
     lib = load_kernel(build(tmp_path, "current", SOURCE.read_text()))
     assert lib is not None and lib.nanodb_kernel_abi() == KERNEL_ABI
-    assert lib.nanodb_vnni(3) == 0  # signatures set: an int64 argument, an int result
+    assert lib.nanodb_level(3) == 0  # signatures set: an int64 argument, an int result
     assert not caplog.records
 
 

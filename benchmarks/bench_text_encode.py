@@ -4,8 +4,9 @@
     python benchmarks/bench_text_encode.py                   # ViT-B-32, random weights
     python benchmarks/bench_text_encode.py --model ViT-S-32 --runs 5
 
-Four encoders of the same model: the OpenVINO export (what a text query runs) made with and without the
-cut, and the torch model (backend torch; bfloat16 autocast on a CPU, as `precision auto`) with and without
+Five encoders of the same model: the OpenVINO export (what a text query runs) made with and without the
+cut, the export called once per text (what the batcher's shared pass runs: each text's vector has the bits
+it has alone), and the torch model (backend torch; bfloat16 autocast on a CPU, as `precision auto`) with and without
 it. The exports lie in a temporary NANODB_CACHE. Each timing is the median of --runs calls, the encoders
 taken in turn so that a change of the machine's load falls on all of them; the vectors of each are
 compared with open_clip's float32 encode_text at the full length.
@@ -37,6 +38,7 @@ def main() -> None:
 
     from unittest import mock
 
+    import numpy as np
     import torch
 
     from nanodb.model import text_export
@@ -58,7 +60,11 @@ def main() -> None:
         finally:
             model._cut_text = saved  # noqa: SLF001
 
+    def one_by_one(texts):  # what the batcher's shared pass runs: each text alone, its lone vector's bits
+        return np.concatenate([cut_export.encode_text([text]) for text in texts])
+
     encoders = [("OpenVINO export, cut (now)", cut_export.encode_text),
+                ("OpenVINO export, cut, one text a call", one_by_one),
                 ("OpenVINO export, 77 tokens (before)", full_export.encode_text),
                 ("torch bf16, cut (now)", model.encode_text),
                 ("torch bf16, 77 tokens (before)", torch_full)]

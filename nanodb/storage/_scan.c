@@ -60,26 +60,37 @@ static inline void store4(float *o, __m128i dots, int32_t offset, float qs, cons
     _mm_storeu_ps(o, _mm_mul_ps(v, _mm_mul_ps(_mm_set1_ps(qs), _mm_loadu_ps(rs))));
 }
 
+/* The block of 4 rows r..r+3 of a pass: their codes (c) and steps (rs). Fetches rows read later: listed
+ * rows GATHER_AHEAD ahead (scattered: the hardware prefetcher misses them); else, when `interleaved` (the
+ * block's rows read piece by piece in turn, which the prefetcher does not follow), the rows PREFETCH_ROWS
+ * ahead (a prefetch never faults). */
+static inline void row_block(const uint8_t *codes, const float *row_scale, const int64_t *idx, int64_t r, int64_t rows,
+                             int64_t dim, int interleaved, const uint8_t **c, float *rs)
+{
+    for (int64_t i = 0; i < 4; i++) {
+        c[i] = codes + ROW(idx, r + i) * dim;
+        rs[i] = row_scale[ROW(idx, r + i)];
+    }
+    if (idx && r + GATHER_AHEAD + 4 <= rows)
+        for (int64_t i = 0; i < 4; i++)
+            for (int64_t d = 0; d < dim; d += 64)
+                _mm_prefetch((const char *)(codes + idx[r + GATHER_AHEAD + i] * dim + d), _MM_HINT_T0);
+    else if (!idx && interleaved)
+        for (int64_t d = 0; d < 4 * dim; d += 64)
+            _mm_prefetch((const char *)(c[0] + PREFETCH_ROWS * dim + d), _MM_HINT_T0);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 static void scores_vnni(const uint8_t *codes, const float *row_scale, const int64_t *idx, int64_t rows, int64_t dim,
                         const int8_t *q, const int32_t *qo, const float *qs, int64_t nq, float *out, int64_t ldo)
 {
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-        const uint8_t *c0 = codes + ROW(idx, r) * dim, *c1 = codes + ROW(idx, r + 1) * dim;
-        const uint8_t *c2 = codes + ROW(idx, r + 2) * dim, *c3 = codes + ROW(idx, r + 3) * dim;
-        const float rs[4] = {row_scale[ROW(idx, r)], row_scale[ROW(idx, r + 1)], row_scale[ROW(idx, r + 2)],
-                             row_scale[ROW(idx, r + 3)]};
+        const uint8_t *c[4];
+        float rs[4];
+        row_block(codes, row_scale, idx, r, rows, dim, nq >= 4, c, rs); /* only the 4 x 4 loop interleaves */
+        const uint8_t *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
         int64_t j = 0;
-        if (idx && r + GATHER_AHEAD + 4 <= rows) /* listed rows: fetch the ones GATHER_AHEAD ahead */
-            for (int64_t i = 0; i < 4; i++)
-                for (int64_t d = 0; d < dim; d += 64)
-                    _mm_prefetch((const char *)(codes + idx[r + GATHER_AHEAD + i] * dim + d), _MM_HINT_T0);
-        else if (!idx && j + 4 <= nq) /* the 4 x 4 loop reads the 4 rows' 64-byte pieces in turn, which the
-                                       * hardware prefetcher does not follow: ask for the rows PREFETCH_ROWS
-                                       * ahead (never faults) */
-            for (int64_t d = 0; d < 4 * dim; d += 64)
-                _mm_prefetch((const char *)(c0 + PREFETCH_ROWS * dim + d), _MM_HINT_T0);
         for (; j + 4 <= nq; j += 4) { /* 4 rows x 4 queries: 8 loads per 16 dot instructions */
             const int8_t *q0 = q + j * dim, *q1 = q0 + dim, *q2 = q1 + dim, *q3 = q2 + dim;
             __m512i z = _mm512_setzero_si512();
@@ -176,18 +187,11 @@ static void scores_avx2(const uint8_t *codes, const float *row_scale, const int6
         _mm256_store_si256((__m256i *)(qw + i), _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + i))));
     int64_t r = 0;
     for (; r + 4 <= rows; r += 4) {
-        const uint8_t *c0 = codes + ROW(idx, r) * dim, *c1 = codes + ROW(idx, r + 1) * dim;
-        const uint8_t *c2 = codes + ROW(idx, r + 2) * dim, *c3 = codes + ROW(idx, r + 3) * dim;
-        const float rs[4] = {row_scale[ROW(idx, r)], row_scale[ROW(idx, r + 1)], row_scale[ROW(idx, r + 2)],
-                             row_scale[ROW(idx, r + 3)]};
+        const uint8_t *c[4];
+        float rs[4];
+        row_block(codes, row_scale, idx, r, rows, dim, 1, c, rs); /* both loops interleave the 4 rows */
+        const uint8_t *c0 = c[0], *c1 = c[1], *c2 = c[2], *c3 = c[3];
         int64_t j = 0;
-        if (idx && r + GATHER_AHEAD + 4 <= rows) /* as in scores_vnni */
-            for (int64_t i = 0; i < 4; i++)
-                for (int64_t d = 0; d < dim; d += 64)
-                    _mm_prefetch((const char *)(codes + idx[r + GATHER_AHEAD + i] * dim + d), _MM_HINT_T0);
-        else if (!idx)
-            for (int64_t d = 0; d < 4 * dim; d += 64)
-                _mm_prefetch((const char *)(c0 + PREFETCH_ROWS * dim + d), _MM_HINT_T0);
         for (; j + 2 <= nq; j += 2) { /* 4 rows x 2 queries */
             const int16_t *q0 = qw + j * dim, *q1 = q0 + dim;
             __m256i z = _mm256_setzero_si256();
@@ -224,6 +228,14 @@ static void scores_avx2(const uint8_t *codes, const float *row_scale, const int6
     free(qw);
 }
 
+/* The rescored rows are scattered: fetch row rows[i + DOTS_AHEAD] while row rows[i] is summed. */
+static inline void fetch_ahead(const uint16_t *vectors, const int64_t *rows, int64_t i, int64_t n, int64_t dim)
+{
+    if (i + DOTS_AHEAD < n)
+        for (int64_t d = 0; d < dim; d += 32)
+            _mm_prefetch((const char *)(vectors + rows[i + DOTS_AHEAD] * dim + d), _MM_HINT_T0);
+}
+
 /* out[i] = float64 dot of float16 row rows[i] of `vectors` with float64 query qi[i]: each float16 value
  * times a query value (a float32 widened) is exact in float64, so only the sums round. */
 __attribute__((target("avx512f")))
@@ -233,9 +245,7 @@ static void dots_avx512(const uint16_t *vectors, const int64_t *rows, int64_t n,
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *x = vectors + rows[i] * dim;
         const double *q = queries + qi[i] * dim;
-        if (i + DOTS_AHEAD < n) /* the rows are scattered: fetch a later one while this one is summed */
-            for (int64_t d = 0; d < dim; d += 32)
-                _mm_prefetch((const char *)(vectors + rows[i + DOTS_AHEAD] * dim + d), _MM_HINT_T0);
+        fetch_ahead(vectors, rows, i, n, dim);
         __m512d a0 = _mm512_setzero_pd(), a1 = a0;
         for (int64_t d = 0; d < dim; d += 16) {
             __m512 x16 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(x + d)));
@@ -254,9 +264,7 @@ static void dots_avx2(const uint16_t *vectors, const int64_t *rows, int64_t n, i
     for (int64_t i = 0; i < n; i++) {
         const uint16_t *x = vectors + rows[i] * dim;
         const double *q = queries + qi[i] * dim;
-        if (i + DOTS_AHEAD < n)
-            for (int64_t d = 0; d < dim; d += 32)
-                _mm_prefetch((const char *)(vectors + rows[i + DOTS_AHEAD] * dim + d), _MM_HINT_T0);
+        fetch_ahead(vectors, rows, i, n, dim);
         __m256d a0 = _mm256_setzero_pd(), a1 = a0;
         for (int64_t d = 0; d < dim; d += 8) {
             __m256 x8 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + d)));

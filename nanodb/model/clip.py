@@ -215,6 +215,12 @@ class ClipModel:
             return self._unit(self.model.encode_text(tokens.to(self.device)))
 
 
+    def encode_each(self, texts: list[str]) -> np.ndarray:
+        """Each text's vector as `encode_text([text])` gives it, bit for bit: one text a call (a batch's
+        matrix products may take other kernels, which change the last bits)."""
+        return np.concatenate([self.encode_text([text]) for text in texts])
+
+
 _cache: dict[ModelConfig, ClipModel] = {}
 
 

@@ -1,6 +1,6 @@
 """Queries that arrive together answered together: one pass of the index for all their vectors (each
-text still encoded alone, so its vector has the bits it has alone on every CPU; a text asked by several
-queries once).
+text's vector the one it gets alone, bit for bit, on every CPU: `encode_each`; a text asked by several
+queries encoded once).
 
 A query on 1M rows costs about as much alone as in a batch of dozens (the kernel reads the rows once for
 all the queries of a pass), so concurrent users (a server's clients, a program's threads) share passes.
@@ -177,12 +177,11 @@ class QueryBatcher:
             return
         t0 = time.perf_counter()
         try:
-            # each distinct text encoded alone, as a lone query's is: a batch's matrix products can take
-            # other kernels than one text's (oneDNN picks them by the rows; seen on AVX2 CPUs from 16
-            # short or 4 long texts), which changes the last bits and could reorder close results
-            model = self.encoder.text_model()
-            rows = {text: model.encode_text([text])[0]
-                    for text in dict.fromkeys(words[id(job)][0] for job in texted)}
+            # each distinct text's vector as a lone query gets it (encode_each): a batch's matrix products
+            # can take other kernels than one text's, which would change the last bits and could reorder
+            # close results
+            distinct = list(dict.fromkeys(words[id(job)][0] for job in texted))
+            rows = dict(zip(distinct, self.encoder.text_model().encode_each(distinct)))
         except Exception as e:
             for job in texted:
                 job.error = e

@@ -80,8 +80,8 @@ class QueryEncoder:
 
     `limits`: a query image's bytes (a file, a URL) are decoded in a worker process within these
     limits (media.sandbox), started on the first such query; None decodes them in this process.
-    `text_model`: what encodes words (anything with ClipModel's `encode_text`, such as the text tower's
-    export that runs without torch); the model by default."""
+    `text_model`: what encodes words (anything with ClipModel's `encode_text` and `encode_each`, such as
+    the text tower's export that runs without torch); the model by default."""
 
     def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
                  limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None):

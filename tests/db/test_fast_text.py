@@ -155,6 +155,47 @@ def test_the_torch_model_runs_a_batch_cut_to_its_longest_with_the_same_vectors(m
     assert lengths == [77, 5]
 
 
+def lone_vectors(tower, texts: list[str]) -> np.ndarray:
+    return np.concatenate([tower.encode_text([text]) for text in texts])
+
+
+def test_texts_encoded_together_get_their_lone_vectors_bit_for_bit(exported):
+    """What the query batcher relies on: encode_each gives each text the bits encode_text([text]) gives,
+    the first time a shape is met (checked then) and after (its calls shared where checked alike)."""
+    tower = ExportedTextTower(exported.folder)
+    texts = varied_texts(40, seed=3) + [f"photo number {i}" for i in range(48)] + ["a red car"] * 3
+    want = lone_vectors(tower, texts)
+    for _ in range(2):
+        np.testing.assert_array_equal(tower.encode_each(texts), want)
+    np.testing.assert_array_equal(tower.encode_each(texts[5:6]), want[5:6])
+
+
+def test_a_shape_seen_to_change_the_bits_is_never_shared_again(exported, monkeypatch):
+    """A call of 8 texts that gives other bits than the texts alone (a CPU whose kernels differ by the
+    rows, stood in for by a tower that shifts them) is answered with the lone vectors, remembered, and
+    later such texts share calls of a size seen alike."""
+    tower = ExportedTextTower(exported.folder)
+    texts = [f"photo number {i}" for i in range(100, 200)]
+    lengths = [needed_length(tower.tokenizer([t])) for t in texts]
+    length = max(set(lengths), key=lengths.count)
+    texts = [t for t, n in zip(texts, lengths) if n == length][:12]
+    assert len(texts) == 12
+    want = lone_vectors(tower, texts)
+    features, calls = tower.features, []
+
+    def eights_differ(tokens):
+        calls.append(len(tokens))
+        return features(tokens) + (1e-3 if len(tokens) == 8 else 0)
+
+    monkeypatch.setattr(tower, "features", eights_differ)
+    np.testing.assert_array_equal(tower.encode_each(texts), want)
+    assert calls == [8] + [1] * 8 + [4] + [1] * 4  # each new shape checked against the texts alone
+    assert tower.shared_shapes == {(8, length): False, (4, length): True}
+    calls.clear()
+    np.testing.assert_array_equal(tower.encode_each(texts), want)
+    assert calls == [4, 4, 4]
+
+
 def test_a_text_tower_without_a_causal_mask_or_an_end_token_feature_runs_at_full_length():
     model = copy.deepcopy(load_model(FLOAT32_TORCH).model)
     assert cuttable(model)

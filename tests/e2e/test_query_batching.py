@@ -27,10 +27,17 @@ class GatedTextModel:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def encode_text(self, texts):
+    def hold(self) -> None:
         self.entered.set()
         assert self.release.wait(STALLED_S), "the test never released the pass"
+
+    def encode_text(self, texts):
+        self.hold()
         return self.model.encode_text(texts)
+
+    def encode_each(self, texts):
+        self.hold()
+        return self.model.encode_each(texts)
 
 
 @pytest.fixture(scope="module")

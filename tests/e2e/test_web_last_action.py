@@ -117,12 +117,22 @@ def type_and_wait_until_sent(page, text: str) -> None:
 
 
 def settle(page) -> None:
-    """Wait until no upload runs, every event sent was answered and nothing was sent or answered for 0.5 s
-    (a debounced keystroke sends within 0.25 s): whatever an older search could still change has then
-    arrived."""
-    page.wait_for_function("() => { const e = window.nanodbEvents; return e.uploading === 0 &&"
-                           " e.sent.length === e.answered && performance.now() - e.last > 500; }",
-                           polling=100)
+    """Wait until the latest search the browser started (window.nanodbSeq) was sent, no upload runs, every
+    event sent was answered, and nothing was sent or answered for 0.5 s: whatever an older search could
+    still change has then arrived. (Without the first condition, a keystroke's search still waiting out
+    its debounce on a busy machine, typing having outlasted the 0.5 s, was checked before it was sent.)"""
+    page.wait_for_function(SETTLED, polling=100)
+
+
+# Whether the page has settled (see settle): a sent body is Gradio's queue/join JSON, its `data` the event's
+# inputs, the search request ({seq, kind, ...}) among them.
+SETTLED = """() => {
+  const e = window.nanodbEvents, seq = window.nanodbSeq;
+  const carries = body => { try { return JSON.parse(body).data.some(d => d && d.seq === seq); }
+                            catch { return false; } };
+  return (seq === undefined || e.sent.some(carries)) && e.uploading === 0 && e.sent.length === e.answered &&
+         performance.now() - e.last > 500;
+}"""
 
 
 def check(page, failures: list, try_: int, want_status: list[str], want_tiles: list[int]) -> None:

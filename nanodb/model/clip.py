@@ -214,7 +214,6 @@ class ClipModel:
                 return self._unit(encode_text_cut(self.model, tokens[:, :needed_length(tokens)].to(self.device)))
             return self._unit(self.model.encode_text(tokens.to(self.device)))
 
-
     def encode_each(self, texts: list[str]) -> np.ndarray:
         """Each text's vector as `encode_text([text])` gives it, bit for bit: one text a call (a batch's
         matrix products may take other kernels, which change the last bits)."""

@@ -170,6 +170,12 @@ def test_texts_encoded_together_get_their_lone_vectors_bit_for_bit(exported):
     np.testing.assert_array_equal(tower.encode_each(texts[5:6]), want[5:6])
 
 
+def test_the_torch_model_encodes_each_text_as_alone():
+    model = load_model(FLOAT32_TORCH)
+    texts = UNEVEN + ["a red car"]
+    np.testing.assert_array_equal(model.encode_each(texts), lone_vectors(model, texts))
+
+
 def test_a_shape_seen_to_change_the_bits_is_never_shared_again(exported, monkeypatch):
     """A call of 8 texts that gives other bits than the texts alone (a CPU whose kernels differ by the
     rows, stood in for by a tower that shifts them) is answered with the lone vectors, remembered, and

@@ -43,9 +43,12 @@ class ClipStage:
         batch: list[DecodedImage] = []
         done = False
         while not done:
+            waiting = batch or (self.quantized is not None and self.quantized.held)
             try:
-                waiting = batch or (self.quantized is not None and self.quantized.held)
-                item = await asyncio.wait_for(inbox.get(), FLUSH_AFTER_S) if waiting else await inbox.get()
+                # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns an item that arrives in the
+                # same turn as a cancel and drops the cancel (the stopped scan then waited here for ever)
+                async with asyncio.timeout(FLUSH_AFTER_S if waiting else None):
+                    item = await inbox.get()
             except TimeoutError:
                 item = ...
             if item is None:

@@ -161,14 +161,15 @@ class ExportedTextTower:
 
     def _features_alike(self, tokens: np.ndarray) -> np.ndarray:
         """The features of token rows of one length, each as it has them alone; see encode_each."""
-        shape = tokens.shape
-        if shape[0] == 1 or self.shared_shapes.get(shape) is False:
-            return np.concatenate([self.features(row[None]) for row in tokens])
-        together = self.features(tokens)
-        if shape in self.shared_shapes:
-            return together
+        shape, seen_alike = tokens.shape, self.shared_shapes.get(tokens.shape)
+        shared = shape[0] > 1 and seen_alike is not False
+        if shared:
+            together = self.features(tokens)
+            if seen_alike:
+                return together
         alone = np.concatenate([self.features(row[None]) for row in tokens])
-        self.shared_shapes[shape] = bool(np.array_equal(together, alone))
+        if shared:  # a shape's first call: remember whether it gave each row its lone bits
+            self.shared_shapes[shape] = bool(np.array_equal(together, alone))
         return alone
 
     def features(self, tokens: np.ndarray) -> np.ndarray:

@@ -61,7 +61,6 @@ def fast_pass(dim: int) -> str:
     return KERNEL_LOOPS[KERNEL.nanodb_level(dim)]
 
 
-
 # A mapped compact copy larger than this is copied into anonymous memory by a background thread after
 # opening: the fast pass scans it ~2.5x faster there (huge pages) than through a file's 4 KB pages
 # (measured at 10M x 512; benchmarks/RESULTS.md). Searches use the mapping until the copy is done.

@@ -6,8 +6,10 @@ changes: keyframes (encoders put one at each cut) at least MIN_GAP_S apart are c
 thumbnail, and a frame is kept when it differs enough from the last one kept; the first frame always is.
 At most MAX_FRAMES are kept per video and at most MAX_CANDIDATES keyframes are decoded, so a two-hour film
 costs a bounded number of decodes and embeddings; sampling also stops SAMPLE_SECONDS after the file was
-opened (hashing included), with the frames kept so far (the decode worker's own time limit, 10 s by
-default, still holds above it).
+opened (hashing included), with the frames kept so far, but never before the first keyframe is decoded
+(the decode worker's own time limit, 10 s by default, still holds above it). Every frame the decoder
+gives back is a candidate at its own time, those it holds back until the end of the stream too: with
+B-frames (H.264 High, HEVC) a packet's frame comes out later, two at once, or out of order.
 
 Bounded in memory: one decoder thread, only keyframes decoded, each frame scaled down (to FRAME_SIDE on
 its short side) as soon as it is decoded, and dimensions checked against the pixel limit before any
@@ -20,6 +22,7 @@ share a hash. Frames of one file are told by their path: searches show a video o
 
 from __future__ import annotations
 
+import heapq
 import os
 import time as clock
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ SAMPLE_SECONDS = 6.0  # stop decoding candidates after this long (the kept frame
 SCENE_CHANGE = 0.08  # mean absolute difference (0..1) of the gray thumbnails that makes a new scene
 FRAME_SIDE = 448  # short side of a kept frame (the model's transform resizes it further)
 SIGNATURE = (16, 16)  # the gray thumbnail a frame is compared by
+REORDER = 8  # candidate frames held to be put in time order (a decoder may give them out of order)
 HASH_CHUNK = 1 << 20
 TIME_KEY = "time"  # the metadata key of a frame's moment, in seconds
 
@@ -125,33 +129,10 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     began = clock.monotonic()  # the sampling budget counts the hashing too (a large file takes seconds)
     digest, st = _file_hash(path)
     f, _ = open_regular_file(path, MAX_VIDEO_BYTES)
-    frames: list[tuple[float, Any]] = []
     try:
         with f, av.open(f, mode="r") as container:
             stream, start = keyframe_stream(container, max_pixels)
-            base = stream.time_base
-            duration = float(stream.duration * base) if stream.duration and base else (
-                container.duration / 1e6 if container.duration else None)
-            gap = max(MIN_GAP_S, (duration or 0.0) / MAX_CANDIDATES)
-            last_tried = None
-            last_kept_sig = None
-            tried = 0
-            for packet in container.demux(stream):
-                if packet.pts is None or packet.size == 0:
-                    continue
-                t = float(packet.pts * base) - start if base else 0.0
-                if frames and (not packet.is_keyframe or (last_tried is not None and t < last_tried + gap)):
-                    continue  # the first frame is decoded whatever the packet (a stream may not start on a key)
-                for frame in packet.decode():
-                    t = float(frame.pts * base) - start if frame.pts is not None and base else t
-                    last_tried, tried = t, tried + 1
-                    sig = _signature(frame)
-                    if last_kept_sig is None or float(np.abs(sig - last_kept_sig).mean()) > SCENE_CHANGE:
-                        frames.append((max(t, 0.0), _scaled(frame)))
-                        last_kept_sig = sig
-                    break
-                if tried >= MAX_CANDIDATES or clock.monotonic() - began > SAMPLE_SECONDS:
-                    break
+            frames = _scene_frames(container, stream, start, began)
     except (ImageRejected, MemoryError):
         raise
     except Exception as e:  # FFmpeg's errors (av.FFmpegError) and anything a damaged container makes it raise
@@ -161,6 +142,65 @@ def read_video_frames(path: str, max_pixels: int) -> VideoFrames:
     if len(frames) > MAX_FRAMES:  # spread evenly over the video
         frames = [frames[i] for i in np.linspace(0, len(frames) - 1, MAX_FRAMES).round().astype(int)]
     return VideoFrames(st.st_size, st.st_mtime, digest, frames)
+
+
+def _scene_frames(container, stream, start: float, began: float) -> list[tuple[float, Any]]:
+    """The scene frames of `stream` (set up by keyframe_stream), in time order. Keyframe packets at least
+    `gap` apart are handed to the decoder (and every packet before the first keyframe: a stream may not
+    start on one). Every frame it gives back is a candidate at its own pts, the frames it holds back for
+    B-frame reordering too (drained at the end): a decoder of B-frame streams gives a packet's frame later,
+    two at once, or out of time order (HEVC), so the last REORDER candidates wait, scaled, to be compared
+    in time order. The budget (SAMPLE_SECONDS since `began`) ends the decoding only once a keyframe was
+    handed over (or a frame came out), so the first one is decoded however long the hashing took."""
+    base = stream.time_base
+    duration = float(stream.duration * base) if stream.duration and base else (
+        container.duration / 1e6 if container.duration else None)
+    gap = max(MIN_GAP_S, (duration or 0.0) / MAX_CANDIDATES)
+    frames: list[tuple[float, Any]] = []
+    waiting: list[tuple[float, int, np.ndarray, Any]] = []  # a heap of (time, arrival, signature, image)
+    arrived = 0  # frames the decoder gave (ties in time keep their arrival order)
+    last_tried: float | None = None
+    last_kept_sig = None
+
+    def decide(candidate: tuple[float, int, np.ndarray, Any]) -> None:
+        nonlocal last_tried, last_kept_sig
+        t, _, sig, image = candidate
+        if last_tried is not None and t < last_tried + gap:
+            return
+        last_tried = t
+        if last_kept_sig is None or float(np.abs(sig - last_kept_sig).mean()) > SCENE_CHANGE:
+            frames.append((max(t, 0.0), image))
+            last_kept_sig = sig
+
+    def arrive(frame, sent: float) -> None:
+        nonlocal arrived
+        t = float(frame.pts * base) - start if frame.pts is not None and base else sent
+        arrived += 1
+        heapq.heappush(waiting, (t, arrived, _signature(frame), _scaled(frame)))
+        if len(waiting) > REORDER:
+            decide(heapq.heappop(waiting))
+
+    last_key: float | None = None  # the time of the last keyframe handed to the decoder
+    decoded = 0
+    t = 0.0
+    for packet in container.demux(stream):
+        if packet.pts is None or packet.size == 0:
+            continue  # (demux's last, empty packet among them: the decoder is drained below)
+        t = float(packet.pts * base) - start if base else 0.0
+        if last_key is not None and (not packet.is_keyframe or t < last_key + gap):
+            continue
+        if packet.is_keyframe:
+            last_key, decoded = t, decoded + 1
+        for frame in stream.decode(packet):
+            arrive(frame, t)
+        if (last_key is not None or arrived) and (
+                max(decoded, arrived) >= MAX_CANDIDATES or clock.monotonic() - began > SAMPLE_SECONDS):
+            break
+    for frame in stream.decode(None):  # the frames the decoder still holds
+        arrive(frame, t)
+    while waiting:
+        decide(heapq.heappop(waiting))
+    return frames
 
 
 def is_video_frame(path: str | None, metadata: dict[str, Any] | None) -> bool:
@@ -188,7 +228,6 @@ def frame_thumbnail(path: str, identity: tuple[int, int, int, int], time: float,
     import av
 
     f, st = open_regular_file(path, MAX_VIDEO_BYTES)
-    last = None
     try:
         with f:
             if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(identity):
@@ -201,17 +240,35 @@ def frame_thumbnail(path: str, identity: tuple[int, int, int, int], time: float,
                         container.seek(int((time + start) / base), stream=stream, backward=True)
                     except Exception:  # FFmpeg cannot seek in some files: they are decoded from the start
                         pass
-                for frame in container.decode(stream):
-                    t = float(frame.pts * base) - start if frame.pts is not None and base else 0.0
-                    last = frame
-                    if t >= time - 0.001:  # a frame's stored time is rounded to milliseconds
-                        break
-                if last is None:
+                found = _frame_at(container.decode(stream), base, start, time)
+                if found is None:
                     raise ImageRejected("no frame decoded")
-                w, h = last.width, last.height
+                w, h = found.width, found.height
                 scale = min(1.0, size / max(1, w, h))
-                return last.to_image(width=max(1, round(w * scale)), height=max(1, round(h * scale)))
+                return found.to_image(width=max(1, round(w * scale)), height=max(1, round(h * scale)))
     except (ImageRejected, MemoryError):
         raise
     except Exception as e:  # FFmpeg's errors (av.FFmpegError) and anything a damaged container makes it raise
         raise ImageRejected(f"corrupt or unsupported video ({type(e).__name__}: {e})") from None
+
+
+def _frame_at(decoded, base, start: float, time: float):
+    """Of the `decoded` frames, the first at or after `time`, else the last before. A decoder may give
+    frames out of time order (HEVC's keyframes alone): a frame at the very moment ends the search, else
+    REORDER more frames are looked at after the first one past it."""
+    after = before = None
+    after_t = before_t = 0.0
+    past = 0
+    for frame in decoded:
+        t = float(frame.pts * base) - start if frame.pts is not None and base else 0.0
+        if abs(t - time) <= 0.001:  # a frame's stored time is rounded to milliseconds
+            return frame
+        if t > time and (after is None or t < after_t):
+            after, after_t = frame, t
+        elif t < time and (before is None or t > before_t):
+            before, before_t = frame, t
+        if after is not None:
+            past += 1
+            if past > REORDER:
+                break
+    return after if after is not None else before

@@ -26,7 +26,8 @@ class IndexSink(Protocol):
         retried only when asked."""
 
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
-        """A file that failed to decode, with the size and mtime it had (forgotten once it is indexed)."""
+        """A file that failed to decode, with the size and mtime it had (forgotten once it is indexed);
+        its items indexed with another size or mtime are dropped (they describe bytes it no longer holds)."""
 
     def indexed_paths(self) -> list[str]:
         """The paths of every live item (a rescan drops the ones gone from their folder)."""

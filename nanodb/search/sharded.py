@@ -142,6 +142,9 @@ class Shard:
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
         self.store.remember_failure(path, size, mtime, reason)
 
+    def drop_stale(self, path: str, size: int, mtime: float) -> int:
+        return self.store.drop_stale(path, size, mtime)
+
     def save(self) -> bool:
         return self.store.save()
 
@@ -449,8 +452,11 @@ class ShardedStore:
         return sum(self.each_shard("move_folder", old, new))
 
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        """Remembered by the path's shard; the file's stale items dropped from every shard (a photo's
+        items are routed by their content hash, not by path)."""
         s = self._path_shard(path)
         self._on({s: ("remember_failure", path, size, mtime, reason)})
+        self.each_shard("drop_stale", path, size, mtime)
 
     def save_failures(self) -> None:
         if not self.read_only:

@@ -413,8 +413,24 @@ class ItemStore:
             return {path for path, size, mtime in files if self.failed_files.unchanged(path, size, mtime)}
 
     def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
+        """A file that failed to decode with this size and mtime (not retried until they change); its
+        items of another size or mtime are dropped (drop_stale), as a changed photo's are replaced."""
         with self.lock:
             self.failed_files.add(path, size, mtime, reason)
+            self.drop_stale(path, size, mtime)
+
+    def drop_stale(self, path: str, size: int, mtime: float) -> int:
+        """Delete the items of file `path` indexed with another size or mtime: they describe bytes it no
+        longer holds (searches would show it for what it was). Returns how many were deleted."""
+        if self.read_only:
+            return 0
+        with self.lock:
+            stale = [i for i in self.rows_of(absolute_path(path))
+                     if (r := self.table.record_of(i)).size != size or r.mtime != mtime]
+            self.delete(stale)
+        if stale:
+            log.info("%s changed and cannot be read now: its %d items are dropped", printable(path), len(stale))
+        return len(stale)
 
     def save_failures(self) -> None:
         """Write the record of failed files if it changed (a cache: a failure to write it is only logged)."""

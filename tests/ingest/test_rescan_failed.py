@@ -97,3 +97,26 @@ def test_the_command_line_retries_failed_files_only_with_retry_failed(tmp_path, 
     assert cli.main([*scan, "--retry-failed"]) == 0
     err = capsys.readouterr().err
     assert "failed before" not in err and "1 skipped" in err
+
+
+@pytest.mark.parametrize("kind", ["photo", "video"])
+def test_a_changed_file_that_fails_loses_its_stale_items_and_stays_failed(tmp_path, folder, kind):
+    """Its items describe bytes the file no longer holds (the server already refuses to show them):
+    they are dropped, the file is reported as failed, and a rescan says it failed before."""
+    from helpers.videos import make_clip
+
+    if kind == "photo":
+        changed = folder / "good.jpg"
+    else:
+        changed = make_clip(folder / "clip.mp4", coco_photos(2))
+    db_path = tmp_path / "db"
+    rescan(db_path, folder)
+    with NanoDB(db_path, config="test") as db:
+        assert any(item.path == str(changed) for item in db)
+    changed.write_bytes(changed.read_bytes()[:3000])  # cut short: unreadable now
+    report = rescan(db_path, folder)
+    assert [p for p, _ in report.failures] == [str(changed)]
+    with NanoDB(db_path, config="test") as db:
+        assert [item.path for item in db if item.path == str(changed)] == [], "stale items are still searchable"
+    again = rescan(db_path, folder)
+    assert (again.failed, again.failed_before) == (0, 2)

@@ -313,7 +313,8 @@ class NanoDB:
         A file that failed to decode is remembered with its size and mtime and tried again only once it
         changes, or with `retry_failed`. A symlink that leads outside `paths` is skipped unless
         `follow_symlinks` (default: the setting). `raw_pairs` (default: the setting): "jpeg" indexes a
-        camera RAW file beside a JPEG (or HEIF) of the same name as one item, the JPEG; "both" indexes both.
+        camera RAW file beside a JPEG, HEIF or export (PNG, TIFF, WebP, AVIF) of the same name as one
+        item, that file; "both" indexes both.
         """
         return asyncio.run(self.scan_async(*paths, progress=progress, excludes=excludes,
                                            follow_symlinks=follow_symlinks, retry_failed=retry_failed,

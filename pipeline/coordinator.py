@@ -41,7 +41,7 @@ class ScanReport:
     embedded: int = 0  # images run through the model, video frames included (an indexed file's copy is not)
     frames_embedded: int = 0  # of which video frames
     failed_before: int = 0  # failed to decode at an earlier scan and unchanged since: not tried again
-    raw_left_out: int = 0  # camera RAW files beside their camera's JPEG (or HEIF): the pair is one item
+    raw_left_out: int = 0  # camera RAW files beside their JPEG, HEIF or export: the pair is one item
     int8_checked: int = 0  # int8 vectors also computed in floating point to check them (pipeline/fidelity.py)
     int8_min_cosine: float | None = None  # the lowest cosine those checks saw (None: no check)
     int8_reembedded: int = 0  # images re-embedded in floating point after a check fell short
@@ -132,7 +132,7 @@ class ScanReport:
         rate = f" ({embedded} embedded, {self.rate:.1f}/s)" if self.embedded else ""
         asides = [f"dropped {_count(self.dropped, 'gone file')}"] if self.dropped else []
         if self.raw_left_out:
-            asides.append(f"{_count(self.raw_left_out, 'RAW+JPEG pair')}: JPEG only")
+            asides.append(f"{_count(self.raw_left_out, 'RAW pair')}: JPEG/export only")
         if self.int8_checked:
             asides.append(f"int8 checked on {_count(self.int8_checked, 'image')}: lowest cosine "
                           f"{self.int8_min_cosine:.4f} to floating point"

@@ -23,7 +23,7 @@ from nanodb.media.paths import (
 
 log = logging.getLogger(__name__)
 
-RAW_PAIRS = ("jpeg", "both")  # the values of the raw_pairs setting: a RAW+JPEG pair is the JPEG, or both
+RAW_PAIRS = ("jpeg", "both")  # the raw_pairs setting: a RAW beside its JPEG (or export) is the JPEG, or both
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,15 @@ class WalkProblem:
 
 def paired_raw_names(names: list[str]) -> set[str]:
     """The camera RAW file names among `names` (one folder's files) that have a rendering of the same shot
-    beside them: a JPEG or HEIF of the same stem, in any letter case (IMG_0001.CR2 beside img_0001.jpg)."""
+    beside them: a JPEG, HEIF or other export (RENDERING_EXTENSIONS) of the same stem, in any letter case
+    (IMG_0001.CR2 beside img_0001.jpg or IMG_0001.png)."""
     split = [os.path.splitext(n) for n in names]
     rendered = {stem.lower() for stem, ext in split if ext.lower() in RENDERING_EXTENSIONS}
     return {stem + ext for stem, ext in split if ext.lower() in RAW_EXTENSIONS and stem.lower() in rendered}
 
 
 def has_rendering_beside(path: str) -> bool:
-    """`path` is a camera RAW file with a JPEG or HEIF of the same stem in its folder."""
+    """`path` is a camera RAW file with a JPEG, HEIF or other export of the same stem in its folder."""
     folder, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
     if ext.lower() not in RAW_EXTENSIONS:
@@ -91,8 +92,8 @@ class DirectoryWalker:
     links, such symlinks and image files of a format nanodb cannot read are reported in `problems` and
     the walk goes on. A root itself, named by the user, is always followed.
 
-    A camera RAW file beside its camera's JPEG (or HEIF) of the same shot is left out (counted in
-    `raw_left_out`) unless `index_paired_raw`: the pair is one item, the camera's own rendering.
+    A camera RAW file beside its JPEG, HEIF or export (PNG, TIFF...) of the same shot is left out (counted in
+    `raw_left_out`) unless `index_paired_raw`: the pair is one item, the camera's or the user's rendering.
     """
 
     roots: list[str]

@@ -70,7 +70,7 @@ class FolderWatcher:
     def __init__(self, sink: IndexSink, roots, feed: asyncio.Queue, *, settle_seconds: float, excludes=None,
                  follow_symlinks: bool = False, index_paired_raw: bool = False):
         """`follow_symlinks`: also index files reached through symlinks that lead outside `roots`.
-        `index_paired_raw`: also index a camera RAW file that has its camera's JPEG (or HEIF) beside it when
+        `index_paired_raw`: also index a camera RAW file that has a JPEG, HEIF or export beside it when
         it settles (by default the walk's rule: the pair is one item, the JPEG). Items already indexed stay:
         a JPEG that arrives after its RAW settled and was indexed (an export, later) is indexed too."""
         self.sink = sink

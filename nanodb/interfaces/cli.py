@@ -90,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --scan/--watch: decode again the files that failed before (by default one is "
                         "retried only once it changes)")
     p.add_argument("--raw-pairs", choices=RAW_PAIRS, default=None,
-                   help="a camera RAW file beside a JPEG of the same name: index the JPEG alone (default: jpeg) "
-                        "or both")
+                   help="a camera RAW file beside a JPEG or export (PNG, TIFF, HEIF, WebP, AVIF) of the same "
+                        "name: index the JPEG/export alone (default: jpeg) or both")
     p.add_argument("--autosave", action="store_true",
                    help="save after each scan and after every `autosave_every` (1000) new images")
     p.add_argument("--read-only", action="store_true",

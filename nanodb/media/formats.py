@@ -15,9 +15,12 @@ RAW_EXTENSIONS = frozenset({
     ".dng", ".arw", ".cr2", ".cr3", ".nef", ".raf", ".orf", ".rw2",
     ".nrw", ".pef", ".srw", ".rwl", ".3fr", ".iiq", ".crw", ".erf", ".mos", ".raw",
 })
-# What a camera writes beside a RAW file as its own rendering of the same shot (IMG_0001.CR2 beside
-# IMG_0001.JPG, or a HEIF): a scan indexes the rendering alone unless told to index both (setting raw_pairs).
-RENDERING_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".heic", ".heif"})
+# A rendering of the same shot beside a RAW file: the camera's own (IMG_0001.CR2 beside IMG_0001.JPG, or a
+# HEIF), or an export of it under the same name (a PNG, TIFF, WebP or AVIF a raw developer wrote): a scan
+# indexes the rendering alone unless told to index both (setting raw_pairs). Only formats a scan indexes.
+RENDERING_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".heic", ".heif", ".png", ".tif", ".tiff", ".webp", ".avif",
+})
 # The files a scan indexes: what Pillow reads (with pillow-heif for HEIF/HEIC), and camera RAW (rawpy).
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".tiff", ".tif", ".bmp", ".gif", ".webp",

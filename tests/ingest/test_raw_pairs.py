@@ -26,7 +26,7 @@ def walked(*roots, **options) -> set[str]:
 def test_the_walk_leaves_out_a_raw_file_beside_its_jpeg_or_heif(tmp_path):
     names = ["IMG_0001.CR2", "img_0001.JPG",  # stems compared in any letter case
              "IMG_0002.NEF", "IMG_0002.HEIC",  # a camera that writes HEIF beside its RAW
-             "IMG_0003.DNG", "IMG_0003.png",  # a PNG is no camera's rendering
+             "IMG_0003.DNG", "IMG_0003.gif",  # a GIF is no export of a photo
              "IMG_0004.arw", "IMG_0001.jpg.txt"]
     for name in names:
         (tmp_path / name).write_bytes(b"x")
@@ -34,12 +34,23 @@ def test_the_walk_leaves_out_a_raw_file_beside_its_jpeg_or_heif(tmp_path):
     (tmp_path / "other" / "IMG_0001.dng").write_bytes(b"x")  # the same stem in another folder: no pair
     walker = DirectoryWalker([str(tmp_path)])
     assert {Path(f.path).name for f in walker} == {
-        "img_0001.JPG", "IMG_0002.HEIC", "IMG_0003.DNG", "IMG_0003.png", "IMG_0004.arw", "IMG_0001.dng"}
+        "img_0001.JPG", "IMG_0002.HEIC", "IMG_0003.DNG", "IMG_0003.gif", "IMG_0004.arw", "IMG_0001.dng"}
     assert walker.raw_left_out == 2
     assert "IMG_0001.CR2" in walked(tmp_path, index_paired_raw=True)
     # a JPEG that is not indexed (excluded) pairs with nothing; a RAW named as a root is indexed
     assert "IMG_0001.CR2" in walked(tmp_path, excludes=("*.JPG",))
     assert walked(tmp_path / "IMG_0001.CR2") == {"IMG_0001.CR2"}
+
+
+@pytest.mark.parametrize("export", ["png", "PNG", "tif", "tiff", "webp", "avif", "heif", "jpeg"])
+def test_a_raw_beside_an_export_of_its_name_is_one_item_the_export(tmp_path, export):
+    """Raw developers export to PNG, TIFF, WebP, AVIF... under the RAW's name: one shot, one item."""
+    (tmp_path / "IMG_0007.NEF").write_bytes(b"x")
+    (tmp_path / f"IMG_0007.{export}").write_bytes(b"x")
+    walker = DirectoryWalker([str(tmp_path)])
+    assert {Path(f.path).name for f in walker} == {f"IMG_0007.{export}"}
+    assert walker.raw_left_out == 1
+    assert walked(tmp_path, index_paired_raw=True) == {"IMG_0007.NEF", f"IMG_0007.{export}"}
 
 
 def camera_card(root: Path) -> Path:
@@ -59,7 +70,7 @@ def test_a_scan_indexes_the_jpeg_of_a_pair_and_both_when_asked(tmp_path):
         assert sorted(item.path for item in db) == [
             str(card / "IMG_0001.JPG"), str(card / "IMG_0002.DNG"), str(card / "other" / "IMG_0001.dng")]
         assert (report.added, report.failed, report.raw_left_out) == (3, 0, 1)
-        assert "1 RAW+JPEG pair: JPEG only" in report.summary()
+        assert "1 RAW pair: JPEG/export only" in report.summary()
         both = db.scan(card, raw_pairs="both")
         assert (both.added, both.unchanged, both.failed) == (1, 3, 0)
         assert db.index_of(card / "IMG_0001.CR2") is not None

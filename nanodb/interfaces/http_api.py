@@ -20,7 +20,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -355,7 +355,7 @@ def add_item_routes(router: APIRouter, service: SearchService, thumbnails: Thumb
                 summary="An item's JPEG thumbnail")
     def thumbnail(index: int):
         return FileResponse(thumbnails.get(index), media_type="image/jpeg",
-                            headers={"Cache-Control": "private, max-age=86400"})
+                            headers={"Cache-Control": "private, max-age=86400"})  # HEAD: its headers alone
 
     @router.get("/items/{index}/original", response_class=StreamingResponse, summary="An item's original file",
                 responses={200: {"content": {"image/*": {}, "video/*": {}}, "description": "the file as indexed"},
@@ -376,9 +376,16 @@ def add_item_routes(router: APIRouter, service: SearchService, thumbnails: Thumb
         if asked is not None:
             headers["Content-Range"] = f"bytes {first}-{last}/{size}"
         headers["Content-Length"] = str(last - first + 1)
-        return StreamingResponse(_chunks(f, first, last - first + 1), status_code=200 if asked is None else 206,
-                                 media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+        status, media_type = 200 if asked is None else 206, mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if request.method == "HEAD":  # what GET would answer, without reading the file
+            f.close()
+            return Response(status_code=status, media_type=media_type, headers=headers)
+        return StreamingResponse(_chunks(f, first, last - first + 1), status_code=status, media_type=media_type,
                                  headers=headers)
+
+    # HEAD answers as GET does (headers, no body); left out of the schema, which lists each route once
+    router.add_api_route("/items/{index}/thumbnail", thumbnail, methods=["HEAD"], include_in_schema=False)
+    router.add_api_route("/items/{index}/original", original, methods=["HEAD"], include_in_schema=False)
 
 
 def unknown_api_route(app: FastAPI) -> None:

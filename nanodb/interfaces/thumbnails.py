@@ -3,9 +3,10 @@
 A file is only ever found by item index, never from a path in a request, and only while it is still
 the file that was indexed: same size, modification time and content hash, checked on the very file
 descriptor that is then sent (for a video's frame, the hash derived from the video's: media.video). A
-check is remembered for the file's identity (device, inode, size, mtime and ctime, which no writer can
-set back): the many range requests a browser makes while playing a video hash the file once. So a path
-swapped for a symlink to another file, or for another file with the same size and mtime, is refused.
+file's hash is remembered for its identity (path, device, inode, size, mtime and ctime, which no writer
+can set back), and requests for one file at once wait for one hashing: the many range requests a
+browser makes while playing a video, to any of its frames, hash the file once. So a path swapped for a
+symlink to another file, or for another file with the same size and mtime, is refused.
 It is opened by the media layer's one opener (never blocks, a regular file checked before a byte is read).
 And a file reached through a symlink out of the folders the database was scanned from is refused (403),
 unless those were scanned following symlinks.
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from nanodb.media.opener import MAX_FILE_BYTES, ImageRejected, open_image, open_regular_file
 from nanodb.media.paths import servable_path
+from nanodb.media.record import content_hash
 from nanodb.media.remote import is_remote_item
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
 from nanodb.media.video import (
@@ -36,7 +38,7 @@ from nanodb.media.video import (
 THUMBNAIL_SIZE = 256  # longest side, in pixels: sharp in a gallery tile, ~10-20 KB as JPEG
 THUMBNAIL_DECODERS = 2  # worker processes making thumbnails, each decode limited (media.sandbox)
 VIDEO_DECODERS = 1  # worker processes making thumbnails of video frames (PyAV loaded before the limits)
-VERIFIED_FILES = 1024  # file identities whose content hash was checked, remembered
+HASHED_FILES = 1024  # file identities whose content hash is remembered
 
 
 class NotServable(LookupError):
@@ -88,28 +90,46 @@ def check_original(db, index: int) -> None:
         raise NotServable(f"the file of item {index} is gone") from None
 
 
-_verified: OrderedDict[tuple, None] = OrderedDict()  # (item hash, path, file identity) checked, latest last
-_verified_lock = threading.Lock()
+_file_hashes: OrderedDict[tuple, bytes] = OrderedDict()  # file identity -> its bytes' hash, latest last
+_hashing: dict[tuple, threading.Lock] = {}  # file identity -> held while one request hashes it
+_hashes_lock = threading.Lock()
 
 
-def _identity(item, st: os.stat_result) -> tuple:
-    return (item.hash, item.path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+def _remembered_hash(key: tuple) -> bytes | None:
+    with _hashes_lock:
+        digest = _file_hashes.get(key)
+        if digest is not None:
+            _file_hashes.move_to_end(key)
+        return digest
+
+
+def _file_hash(f, st: os.stat_result, path: str) -> bytes:
+    """The content hash of the open file's bytes, read once per file identity (a video's frames and
+    range requests share it); a request that comes while another hashes the same file waits for it."""
+    key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if (digest := _remembered_hash(key)) is not None:
+        return digest
+    with _hashes_lock:
+        hashing = _hashing.setdefault(key, threading.Lock())
+    try:
+        with hashing:
+            if (digest := _remembered_hash(key)) is not None:
+                return digest
+            digest = content_hash(_hashed(f, st.st_size + 1))
+            with _hashes_lock:
+                _file_hashes[key] = digest
+                while len(_file_hashes) > HASHED_FILES:
+                    _file_hashes.popitem(last=False)
+            return digest
+    finally:
+        with _hashes_lock:
+            _hashing.pop(key, None)
 
 
 def _check_content(f, st: os.stat_result, item, index: int) -> None:
-    """The open file's bytes hash to the item's stored hash (media.video.indexed_content_hash); a file
-    already checked with the same identity is not read again."""
-    key = _identity(item, st)
-    with _verified_lock:
-        if key in _verified:
-            _verified.move_to_end(key)
-            return
-    if indexed_content_hash(item.path, item.metadata, _hashed(f, item.size + 1)).hex() != item.hash:
+    """The open file's bytes hash to the item's stored hash (media.video.indexed_content_hash)."""
+    if indexed_content_hash(item.path, item.metadata, _file_hash(f, st, item.path)).hex() != item.hash:
         raise NotServable(f"the file of item {index} changed since it was indexed; scan it again")
-    with _verified_lock:
-        _verified[key] = None
-        while len(_verified) > VERIFIED_FILES:
-            _verified.popitem(last=False)
 
 
 def open_original(db, index: int):

@@ -208,13 +208,13 @@ def is_video_frame(path: str | None, metadata: dict[str, Any] | None) -> bool:
     return bool(path) and is_video_name(path) and frame_time(metadata) is not None
 
 
-def indexed_content_hash(path: str | None, metadata: dict[str, Any] | None, chunks) -> bytes:
+def indexed_content_hash(path: str | None, metadata: dict[str, Any] | None, file_hash: bytes) -> bytes:
     """The content hash that an item with this path and metadata was indexed with, if its file's bytes
-    are `chunks` (read by the caller through the opener): the file's own hash for a photo, the hash
-    derived from the video's and the frame's time (frame_hash) for a video's frame. What the server
-    compares with an item's stored hash to tell that its file is still the one indexed."""
-    digest = content_hash(chunks)
-    return frame_hash(digest, frame_time(metadata)) if is_video_frame(path, metadata) else digest
+    hash to `file_hash` (content_hash, of the bytes the caller read through the opener): that hash for a
+    photo, the hash derived from it and the frame's time (frame_hash) for a video's frame. What the server
+    compares with an item's stored hash to tell that its file is still the one indexed (the file hashed
+    once for all the frames of a video)."""
+    return frame_hash(file_hash, frame_time(metadata)) if is_video_frame(path, metadata) else file_hash
 
 
 def frame_thumbnail(path: str, identity: tuple[int, int, int, int], time: float, size: int, max_pixels: int):

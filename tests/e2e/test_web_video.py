@@ -4,10 +4,13 @@ changed since its scan is refused as a changed photo is."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -16,6 +19,7 @@ from helpers import coco_photos
 from helpers.videos import SCENE_S, make_clip
 from PIL import Image
 
+import nanodb.media.record
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import start_server
 from nanodb.media.video import frame_time
@@ -127,3 +131,60 @@ def test_a_changed_video_is_refused_as_a_changed_photo_is(tmp_path):
                                       for i in (video_index, photo_index)]
         finally:
             server.stop()
+
+
+def test_head_answers_as_get_without_a_body(served):
+    db, client, clip, photo, _ = served
+    size = clip.stat().st_size
+    for index in (indexes_of(db, clip)[1], indexes_of(db, photo)[0]):
+        get, head = (client.request(m, f"/api/items/{index}/original") for m in ("GET", "HEAD"))
+        assert (head.status_code, head.content) == (200, b""), head.text
+        for header in ("content-type", "content-length", "accept-ranges", "content-disposition"):
+            assert head.headers[header] == get.headers[header]
+    part = client.head(f"/api/items/{indexes_of(db, clip)[0]}/original", headers={"Range": "bytes=10-19"})
+    assert (part.status_code, part.content) == (206, b"")
+    assert part.headers["content-range"] == f"bytes 10-19/{size}" and part.headers["content-length"] == "10"
+    thumb = client.head(f"/api/items/{indexes_of(db, clip)[0]}/thumbnail")
+    assert (thumb.status_code, thumb.headers["content-type"], thumb.content) == (200, "image/jpeg", b"")
+    gone = client.head(f"/api/items/{10**6}/original")
+    assert gone.status_code == 404
+
+
+class CountingBlake2b:
+    """hashlib's blake2b that adds the bytes it hashes to `hashed` (the content hash is blake2b)."""
+
+    hashed = 0
+
+    def __init__(self, **options):
+        self.digest_ = hashlib.blake2b(**options)
+
+    def update(self, data) -> None:
+        CountingBlake2b.hashed += len(data)
+        self.digest_.update(data)
+
+    def digest(self) -> bytes:
+        return self.digest_.digest()
+
+
+def test_range_requests_to_every_frame_of_a_video_hash_it_once(tmp_path, monkeypatch):
+    """A browser plays a video with many range requests, to any of its frames' originals, several at once:
+    the server checks the file's content hash (media.record.content_hash) once for all of them."""
+    photos = coco_photos(4)
+    folder = tmp_path / "media"
+    folder.mkdir()
+    clip = make_clip(folder / "four scenes.mp4", photos)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.scan(folder)
+        frames = indexes_of(db, clip)
+        assert len(frames) == 4
+        server = start_server(db, "127.0.0.1", 0)
+        try:
+            monkeypatch.setattr(nanodb.media.record, "hashlib", SimpleNamespace(blake2b=CountingBlake2b))
+            with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda i: client.get(f"/api/items/{i}/original",
+                                                             headers={"Range": "bytes=0-0"}), frames * 4))
+        finally:
+            server.stop()
+    assert [a.status_code for a in answers] == [206] * 16
+    assert CountingBlake2b.hashed < 2 * clip.stat().st_size, "the video was hashed more than once"
+    assert CountingBlake2b.hashed >= clip.stat().st_size

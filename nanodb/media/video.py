@@ -182,7 +182,7 @@ def _scene_frames(container, stream, start: float, began: float) -> list[tuple[f
 
     last_key: float | None = None  # the time of the last keyframe handed to the decoder
     decoded = 0
-    t = 0.0
+    sent = 0.0  # the time of the last packet handed to the decoder (a frame without a pts is given it)
     for packet in container.demux(stream):
         if packet.pts is None or packet.size == 0:
             continue  # (demux's last, empty packet among them: the decoder is drained below)
@@ -191,13 +191,14 @@ def _scene_frames(container, stream, start: float, began: float) -> list[tuple[f
             continue
         if packet.is_keyframe:
             last_key, decoded = t, decoded + 1
+        sent = t
         for frame in stream.decode(packet):
-            arrive(frame, t)
+            arrive(frame, sent)
         if (last_key is not None or arrived) and (
                 max(decoded, arrived) >= MAX_CANDIDATES or clock.monotonic() - began > SAMPLE_SECONDS):
             break
     for frame in stream.decode(None):  # the frames the decoder still holds
-        arrive(frame, t)
+        arrive(frame, sent)
     while waiting:
         decide(heapq.heappop(waiting))
     return frames

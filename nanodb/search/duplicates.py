@@ -13,8 +13,9 @@ How: the live rows are queried in blocks against the index. Each query asks for 
 rows from its block's first row on (a pair of rows is found once, by the earlier row's block); while a
 query's k-th best still reaches the threshold, it asks again with twice k, so every row at or above
 the threshold is seen. The index's scores are exact float64 scores rounded to float32: every pair
-within SLACK of the threshold is scored again in float64, which decides. Memory: one block's queries
-and results at a time, the union-find parents (8 bytes a row), and the pairs found.
+within SLACK of the threshold is scored again in float64, which decides. The pairs are joined as each
+search answers. Memory: one search's results at a time (RESULTS_BUDGET), the union-find parents (8
+bytes a row), whatever the threshold; a threshold that joins every live row stops at that point.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nanodb.storage.store import ItemStore
 BLOCK_ROWS = 256  # queries per self-join step
 FIRST_K = 8  # neighbours asked for first; doubled for the queries whose k-th best still qualifies
 RESULTS_BUDGET = 1 << 22  # (queries x k) of one search: bounds its results when k grows
+RESCORE_PAIRS = 1 << 12  # candidate pairs near the threshold rescored in float64 at a time
 SLACK = 1e-5  # float32 rounding of the index's float64 scores is ~6e-8 near 1: pairs this close are rescored
 
 
@@ -139,18 +141,17 @@ def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, 
     joined by pairs scoring >= threshold in float64 or with identical vectors, except pairs of rows with
     the same `videos` number (>= 0: frames of one video; None: no video). `search(queries, k,
     allowed=mask)` is the exact top k of VectorIndex.search, which skips the deleted rows itself.
-    `queried` (benchmarks): query only the first that many live rows, the join's costliest part."""
+    `queried` (benchmarks): query only the first that many live rows, the join's costliest part.
+
+    The pairs found are joined as each search answers, never gathered: memory stays that of one
+    search's results whatever the threshold. Once every live row is in one component (a threshold that
+    nearly every pair reaches), no later pair can change it: the join stops there."""
     parent = np.arange(len(vectors), dtype=np.int64)
     for lo in range(0, len(live) if queried is None else min(queried, len(live)), block):
-        rows = live[lo : lo + block]
-        for a, b in _similar_pairs(vectors, rows, threshold, search, videos):
-            _union(parent, a, b)
-    while True:  # every parent is a lower row (see _union): jump to the roots
-        jumped = parent[parent]
-        if np.array_equal(jumped, parent):
-            break
-        parent = jumped
-    roots = parent[live]
+        _join_block(parent, vectors, live[lo : lo + block], threshold, search, videos)
+        if len(live) > 1 and (_roots(parent, live) == _roots(parent, live[:1])[0]).all():
+            break  # one component of every live row (and videos' frames can only join through others)
+    roots = _roots(parent, live)
     shared = np.bincount(roots, minlength=len(vectors))[roots] > 1  # rows in a component of two or more
     roots, members = roots[shared], live[shared]
     order = np.argsort(roots, kind="stable")
@@ -158,17 +159,17 @@ def similar_components(vectors: np.ndarray, live: np.ndarray, threshold: float, 
     return np.split(members, np.flatnonzero(np.diff(roots)) + 1) if len(members) else []
 
 
-def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, search,
-                   videos: np.ndarray | None = None) -> list[tuple[int, int]]:
-    """The pairs (row of `rows`, other row from rows[0] on) that join: float64 score >= threshold, or
-    identical vectors (which score the row's own score, its squared norm, possibly under the threshold);
-    never two frames of one video (the same `videos` number >= 0)."""
+def _join_block(parent: np.ndarray, vectors: np.ndarray, rows: np.ndarray, threshold: float, search,
+                videos: np.ndarray | None = None) -> None:
+    """Join the pairs (row of `rows`, other row from rows[0] on) that qualify: float64 score >= threshold,
+    or identical vectors (which score the row's own score, its squared norm, possibly under the
+    threshold); never two frames of one video (the same `videos` number >= 0). A query whose k-th best
+    still qualifies asks again with twice k (what it found is joined again, harmlessly)."""
     queries = vectors[rows].astype(np.float32)
     own = np.einsum("ij,ij->i", queries.astype(np.float64), queries.astype(np.float64))
     reach = np.minimum(threshold, own) - SLACK  # fast scores at or above this are rescored in float64
     allowed = np.zeros(len(vectors), bool)
     allowed[rows[0] :] = True
-    found_q, found_r = [], []
     pending, k = np.arange(len(rows)), FIRST_K
     while len(pending):
         again = []
@@ -180,42 +181,51 @@ def _similar_pairs(vectors: np.ndarray, rows: np.ndarray, threshold: float, sear
                 continue
             hit = scores >= reach[part, None]
             qi, col = np.nonzero(hit)
-            found_q.append(part[qi])
-            found_r.append(top[qi, col])
+            _join_pairs(parent, vectors, rows, part[qi], top[qi, col], scores[qi, col], threshold, own, videos)
             if top.shape[1] == k:  # fewer than k: every allowed row was returned
                 again.append(part[hit[:, -1]])
         pending, k = (np.concatenate(again) if again else np.zeros(0, np.int64)), k * 2
-        if len(pending):  # asked again with twice k: drop what this round found for them, it comes back
-            keep = [~np.isin(q, pending) for q in found_q]
-            found_q = [q[m] for q, m in zip(found_q, keep)]
-            found_r = [r[m] for r, m in zip(found_r, keep)]
-    if not found_q:
-        return []
-    qi, other = np.concatenate(found_q), np.concatenate(found_r)
+
+
+def _join_pairs(parent: np.ndarray, vectors: np.ndarray, rows: np.ndarray, qi: np.ndarray, other: np.ndarray,
+                scores: np.ndarray, threshold: float, own: np.ndarray, videos: np.ndarray | None) -> None:
+    """Join the candidate pairs (rows[qi], other) that qualify. A fast score (exact, rounded to float32)
+    SLACK above the threshold qualifies as it is; the others are rescored in float64, RESCORE_PAIRS at a
+    time (a pair's two vectors in float64: never every candidate's at once)."""
     mine = rows[qi]
     keep = other != mine
     if videos is not None:
         keep &= (videos[mine] < 0) | (videos[mine] != videos[other])
-    qi, mine, other = qi[keep], mine[keep], other[keep]
-    exact = np.einsum("ij,ij->i", vectors[mine].astype(np.float64), vectors[other].astype(np.float64))
-    joins = exact >= threshold
-    maybe_copies = np.flatnonzero(~joins & (exact >= own[qi] - SLACK))
-    for j in maybe_copies:
-        joins[j] = np.array_equal(vectors[mine[j]], vectors[other[j]])
-    return list(zip(mine[joins].tolist(), other[joins].tolist()))
+    qi, mine, other, scores = qi[keep], mine[keep], other[keep], scores[keep]
+    joins = scores >= threshold + SLACK
+    close = np.flatnonzero(~joins)
+    for lo in range(0, len(close), RESCORE_PAIRS):
+        part = close[lo : lo + RESCORE_PAIRS]
+        a, b = vectors[mine[part]].astype(np.float64), vectors[other[part]].astype(np.float64)
+        exact = np.einsum("ij,ij->i", a, b)
+        joins[part] = (exact >= threshold) | ((exact >= own[qi[part]] - SLACK) & (a == b).all(axis=1))
+    _union(parent, mine[joins], other[joins])
 
 
-def _find(parent: np.ndarray, x: int) -> int:
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = int(parent[x])
-    return x
+def _roots(parent: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The root of each row (every parent is a lower row: following parents ends at the root)."""
+    roots = parent[rows]
+    while not np.array_equal(up := parent[roots], roots):
+        roots = up
+    parent[rows] = roots  # path compression: a root is an ancestor, so parents stay lower rows
+    return roots
 
 
-def _union(parent: np.ndarray, a: int, b: int) -> None:
-    ra, rb = _find(parent, a), _find(parent, b)
-    if ra != rb:
-        parent[max(ra, rb)] = min(ra, rb)
+def _union(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Join the components of each pair (a[i], b[i]): the higher root points to the lower, repeated until
+    every pair shares its root (a root that several pairs lower keeps the lowest; the rest join next round)."""
+    while len(a):
+        ra, rb = _roots(parent, a), _roots(parent, b)
+        apart = ra != rb
+        if not apart.any():
+            return
+        ra, rb, a, b = ra[apart], rb[apart], a[apart], b[apart]
+        np.minimum.at(parent, np.maximum(ra, rb), np.minimum(ra, rb))
 
 
 def _group(store: ItemStore, rows: np.ndarray) -> DuplicateGroup:

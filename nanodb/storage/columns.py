@@ -121,13 +121,19 @@ class FilterColumns:
         extensions of up to EXTENSION_BYTES are interned as one integer each, the rest (a name starting
         with a dot, a long extension, no path) by path_keys."""
         lo, hi = int(starts[0]), int(ends[-1])
+        if hi == lo:  # no row has a path (vectors added bare): nothing to split
+            nothing = _interned([None], self._folder_ids, self.folders, _folder_name)[0]
+            none_ext = _interned([None], self._extension_ids, self.extensions, _extension_name)[0]
+            self._put(np.full(len(starts), nothing, np.int32), np.full(len(starts), none_ext, np.int32), mtimes)
+            return
         data = np.frombuffer(paths, np.uint8)
         window = data[lo:hi]
         slash = _last_before(np.flatnonzero(window == SEP[0]) + lo, ends)
         has_folder = slash >= starts  # a path-less row (start == end) has none
-        folders = [paths[a:b] for a, b in zip(starts.tolist(), slash.tolist())]
-        for i in np.flatnonzero(~has_folder).tolist():
-            folders[i] = None
+        # sliced only where a row has a folder: a bare name's slash is before its start (or -1), and
+        # paths[start:-1] would copy the rest of the table once per such row
+        folders = [paths[a:b] if has else None
+                   for a, b, has in zip(starts.tolist(), slash.tolist(), has_folder.tolist())]
         name = np.where(has_folder, slash + 1, starts)
         dot = _last_before(np.flatnonzero(window == ord(".")) + lo, ends)
         length = np.where(dot > name, ends - dot - 1, 0)  # a dot after the name's first character

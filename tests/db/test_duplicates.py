@@ -295,3 +295,28 @@ def test_unlocked_groups_equal_the_locked_ones_and_leave_out_rows_deleted_meanwh
     after = db.near_duplicates(0.8, unlocked=True)
     assert all(biggest.indices[-1] not in g.indices for g in after)
     assert found_groups(after) == found_groups(db.near_duplicates(0.8))
+
+
+def test_a_threshold_nearly_every_pair_reaches_is_one_group_in_bounded_memory(tmp_path):
+    """threshold=1e-300 on 20K items took over 5 GB: every candidate pair's vectors were copied to float64
+    at once. Memory is now one search's results, and the join stops once every row is one group."""
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        db.add(np.abs(rng.standard_normal((600, db.dim))), paths=[f"/v/{i}" for i in range(600)])
+        tracemalloc.start()
+        try:
+            groups = db.near_duplicates(1e-300)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [sorted(g.indices) for g in groups] == [list(range(600))]
+        assert peak < 64 << 20, f"{peak >> 20} MiB traced"
+        vectors = rng.standard_normal((300, db.dim))  # half the pairs reach 0.01: many groups' worth of pairs
+        db.add(vectors, paths=[f"/w/{i}" for i in range(300)])
+        db.delete(list(range(600)))
+        live = np.arange(600, 900)
+        for threshold in (1e-300, 0.01, 0.1):
+            assert found_groups(near_duplicates(db.store, threshold, block=64)) == \
+                brute_force_groups(db.vectors, live, threshold), threshold

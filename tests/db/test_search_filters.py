@@ -219,3 +219,18 @@ def test_a_format_1_database_filters_exactly(tmp_path):
     with NanoDB(tmp_path / "db", config="test") as db:
         assert db.store.manifest.version == 2
         assert_filters_exact(db, rng)
+
+
+def test_vectors_added_bare_answer_filtered_searches_and_near_duplicates(tmp_path):
+    """Items added as bare vectors have no path: a filter allows none of them (it raised IndexError, a 500
+    over HTTP), and the near-duplicates still pair them."""
+    rng = np.random.default_rng(3)
+    with NanoDB(tmp_path / "db", config="test") as db:
+        vectors = rng.standard_normal((6, db.dim)).astype(np.float32)
+        vectors[5] = vectors[0]
+        db.add(vectors)
+        assert db.search(vectors[0], 3, types=["jpg"]) == []
+        assert db.search(vectors[0], 3, folder="photos") == []
+        assert [r.index for r in db.search(vectors[0], 2)] in ([0, 5], [5, 0])
+        groups = db.near_duplicates(0.99)
+        assert [sorted(g.indices) for g in groups] == [[0, 5]]

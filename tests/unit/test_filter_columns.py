@@ -29,3 +29,29 @@ def test_folders_and_extensions_are_those_os_path_finds():
                            "/a/b", "/a/b", "/a/.b"]
         assert extensions == [None if p is None else os.path.splitext(p)[1][1:].lower() for p in PATHS]
         np.testing.assert_array_equal(columns.mtime[: columns.count], np.arange(len(PATHS)))
+
+
+def test_labels_without_a_folder_cost_memory_linear_in_their_bytes():
+    """Tar members, S3 keys and bare names hold no separator: deriving their columns once sliced the rest of
+    the path bytes for every such row (1.8 GB at 20K items)."""
+    import tracemalloc
+
+    paths = [f"member-{i:06d}.jpg" for i in range(5000)]
+    tracemalloc.start()
+    try:
+        columns = derived(paths, range(len(paths)))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    size = sum(len(p) for p in paths)
+    assert peak < 50 * size, f"{peak} bytes traced for {size} bytes of paths"
+    assert {columns.folders[i] for i in columns.folder[: columns.count]} == {None}
+    assert {columns.extensions[i] for i in columns.extension[: columns.count]} == {"jpg"}
+
+
+def test_rows_without_paths_have_no_folder_and_no_extension():
+    columns = derived([None] * 4, range(4))
+    assert columns.count == 4
+    assert [columns.folders[i] for i in columns.folder[:4]] == [None] * 4
+    assert not columns.extension_rows(frozenset({"jpg"})).any()
+    assert not columns.folder_rows("x", lambda f: True).any()

@@ -236,6 +236,22 @@ class ImageDecodePool:
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path, file, metadata)
 
+    def decode_now(self, paths: list[str]) -> list[list[DecodedImage | DecodeFailure] | DecodeFailure]:
+        """Decode files from synchronous code (NanoDB.add), in the workers and within the limits a scan's
+        decodes have, the results in the order of `paths`; a worker's death is pinned on its file as a
+        scan's is (the files in flight with it are decoded again alone)."""
+        executor = self._executor or self._ready_executor("_executor", self.workers)
+        with sandbox.interrupt_blocked_in_children():
+            futures = [executor.submit(_decode_in_worker, path) for path in paths]
+        results = []
+        for path, future in zip(paths, futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                self._replace(executor)
+                results.append(self._decode_alone(path))
+        return results
+
     def _decode_alone(self, path: str, file: FileBytes | None = None,
                       metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:
         with self._alone:

@@ -241,7 +241,9 @@ class NanoDB:
 
         `items`: a vector (dim,), a batch of vectors (n, dim), a PIL image, an image or video file path,
         or a list of images/paths. A video adds its frames, sampled as a scan samples them: one item each,
-        with the video's path and metadata {"time": seconds}. `metadata`: one dict for all, or one per
+        with the video's path and metadata {"time": seconds}. A path is decoded as a scan decodes it, in the
+        decode workers within their time and memory limits: a file they refuse raises ValueError with the
+        reason. `metadata`: one dict for all, or one per
         given item (a video's applies to each of its frames). `paths`: optional labels, likewise.
         """
         self.store.check_writable()

@@ -139,10 +139,13 @@ class UploadQuota:
                 return DISCONNECT
             getting = asyncio.ensure_future(receive())
             dropping = asyncio.ensure_future(upload.dropped.wait())
-            await asyncio.wait({getting, dropping}, return_when=asyncio.FIRST_COMPLETED)
-            dropping.cancel()
-            if not getting.done():
-                getting.cancel()
+            try:
+                await asyncio.wait({getting, dropping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # neither outlives this call (nor a cancelled request)
+                dropping.cancel()
+                if not getting.done():
+                    getting.cancel()
+            if getting.cancelled():
                 return DISCONNECT
             message = getting.result()
             if message["type"] == "http.request" and upload in self.uploads:

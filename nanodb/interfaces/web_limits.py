@@ -75,9 +75,6 @@ class UploadInProgress:
         return self.received / max(now - self.started, 1e-3)
 
 
-DISCONNECT = {"type": "http.disconnect"}
-
-
 class UploadQuota:
     """Inside the web UI's Gradio app: the uploads kept and in progress stay within UPLOAD_QUOTA_BYTES and
     UPLOAD_QUOTA_FILES. An upload is refused (503) before its body is read when the files kept leave no
@@ -86,10 +83,9 @@ class UploadQuota:
     slowest upload in progress (bytes a second since it began) is dropped with a 503, so a few clients
     that declare large uploads and send them slowly cannot hold the quota against everyone else."""
 
-    def __init__(self, app, blocks: gr.Blocks, max_request_bytes: int):
+    def __init__(self, app, blocks: gr.Blocks):
         self.app = app
         self.blocks = blocks
-        self.max_request_bytes = max_request_bytes
         self.uploads: set[UploadInProgress] = set()
         self.receiving = 0  # bytes received of the uploads in progress
         self.kept = 0  # bytes of the uploads kept, as of the last upload's start or end
@@ -136,7 +132,7 @@ class UploadQuota:
 
         async def counted():
             if upload.dropped.is_set():
-                return DISCONNECT
+                return {"type": "http.disconnect"}
             getting = asyncio.ensure_future(receive())
             dropping = asyncio.ensure_future(upload.dropped.wait())
             try:
@@ -146,14 +142,14 @@ class UploadQuota:
                 if not getting.done():
                     getting.cancel()
             if getting.cancelled():
-                return DISCONNECT
+                return {"type": "http.disconnect"}
             message = getting.result()
             if message["type"] == "http.request" and upload in self.uploads:
                 upload.received += len(message.get("body", b""))
                 self.receiving += len(message.get("body", b""))
                 upload.whole = not message.get("more_body", False)
                 self._make_room()
-            return DISCONNECT if upload.dropped.is_set() else message
+            return {"type": "http.disconnect"} if upload.dropped.is_set() else message
 
         return counted
 

@@ -3,6 +3,7 @@ took a scan to 8 GB resident), and every member a scan does not index says so, i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -134,3 +135,24 @@ def test_many_empty_members_are_counted_each_and_logged_in_a_few_lines(tmp_path,
     assert len(lines) == MEMBER_LINES + 1, lines[:20]
     assert lines[-1] == (f"skipped {1000 - MEMBER_LINES} more members of {shard}, not logged one by one: "
                          f"{1000 - MEMBER_LINES} empty file")
+
+
+def test_members_read_and_not_decoded_are_bounded_in_bytes():
+    """The shard's reader takes a member only once it fits beside those held; one alone always fits."""
+    from nanodb.pipeline.decode import HeldBytes
+
+    async def run() -> list[str]:
+        held, steps = HeldBytes(100), []
+        await held.take(60)
+        second = asyncio.create_task(held.take(60))
+        await asyncio.sleep(0.05)
+        steps.append(f"waiting {not second.done()}, held {held.held}")
+        held.give(60)
+        await second
+        steps.append(f"taken, held {held.held}")
+        held.give(60)
+        await held.take(500)  # larger than the limit, alone
+        steps.append(f"alone, held {held.held}")
+        return steps
+
+    assert asyncio.run(run()) == ["waiting True, held 60", "taken, held 60", "alone, held 500"]

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.model.text_export import ExportedTextTower, text_encoder
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
-from nanodb.pipeline.decode import DecodeFailure, ImageDecodePool, decode_media
+from nanodb.pipeline.decode import DecodedImage, DecodeFailure, ImageDecodePool
 from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.batcher import QueryBatcher
@@ -241,7 +241,9 @@ class NanoDB:
 
         `items`: a vector (dim,), a batch of vectors (n, dim), a PIL image, an image or video file path,
         or a list of images/paths. A video adds its frames, sampled as a scan samples them: one item each,
-        with the video's path and metadata {"time": seconds}. `metadata`: one dict for all, or one per
+        with the video's path and metadata {"time": seconds}. A path is decoded as a scan decodes it, in the
+        decode workers within their time and memory limits: a file they refuse raises ValueError with the
+        reason. `metadata`: one dict for all, or one per
         given item (a video's applies to each of its frames). `paths`: optional labels, likewise.
         """
         self.store.check_writable()
@@ -260,9 +262,10 @@ class NanoDB:
             images = items if isinstance(items, (list, tuple)) else [items]
             given = len(images)
             decoded = []
+            files = self._decode([absolute_path(im) for im in images if isinstance(im, (str, os.PathLike))])
             for j, im in enumerate(images):
                 if isinstance(im, (str, os.PathLike)):
-                    result = self._decode(absolute_path(im))
+                    result = next(files)
                     if isinstance(result, DecodeFailure):
                         raise ValueError(f"cannot add {result.path}: {result.reason}")
                     for one in result:
@@ -289,9 +292,10 @@ class NanoDB:
             self.save()
         return indices
 
-    def _decode(self, path: str):
-        """Decode one file's items in this process (a video's frames), exactly as a decode worker would."""
-        return decode_media(path, self.model.pixel_transform, self.settings.max_image_pixels)
+    def _decode(self, paths: list[str]) -> Iterator[list[DecodedImage | DecodeFailure] | DecodeFailure]:
+        """Each file's items (a video's frames), decoded by the scan's decode workers within the same time
+        and memory limits: a decoder bomb added by name is refused as a scan refuses it."""
+        return iter(self.decode_pool.decode_now(paths) if paths else [])
 
     def delete(self, indices: Iterable[int]) -> None:
         """Remove items from search results and from the database at the next save."""

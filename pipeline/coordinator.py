@@ -8,12 +8,13 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
 from nanodb.pipeline.append import IndexAppender
-from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, ImageDecodePool
+from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, HeldBytes, ImageDecodePool
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
 from nanodb.pipeline.sources import SourceLister, is_source
@@ -26,6 +27,8 @@ from nanodb.media.remote import TarBroken, is_tar_name, member_path, open_tar, s
 from nanodb.media.video import is_video_frame, is_video_name
 
 log = logging.getLogger(__name__)
+
+MEMBER_LINES = 10  # skipped members of one tar shard logged one by one; the others in one line at the scan's end
 
 
 @dataclass
@@ -54,6 +57,8 @@ class ScanReport:
     finished: float | None = None
     on_change: Callable[[ScanReport], None] | None = field(default=None, repr=False)
     queues: dict[str, asyncio.Queue] = field(default_factory=dict, repr=False)  # for the status line
+    _member_lines: dict[str, int] = field(default_factory=dict, repr=False)  # tar -> its failed members logged
+    _unlogged: dict[str, Counter] = field(default_factory=dict, repr=False)  # tar -> reasons of those not logged
 
     @property
     def failed(self) -> int:
@@ -68,9 +73,26 @@ class ScanReport:
         return (self.finished or time.monotonic()) - self.started
 
     def fail(self, path: str, reason: str) -> None:
-        log.warning("skipped %s: %s", printable(path), reason)
+        """Count a skipped file, with one log line; past MEMBER_LINES members of one tar shard, the rest of
+        its members are counted only, and logged in one line at the scan's end (log_unlogged)."""
+        shard = split_member(path)
+        if shard is not None and self._member_lines.get(shard[0], 0) >= MEMBER_LINES:
+            self._unlogged.setdefault(shard[0], Counter())[reason] += 1
+        else:
+            if shard is not None:
+                self._member_lines[shard[0]] = self._member_lines.get(shard[0], 0) + 1
+            log.warning("skipped %s: %s", printable(path), reason)
         self.failures.append((path, reason))
         self.changed()
+
+    def log_unlogged(self) -> None:
+        """One line for each tar shard with members skipped past its first MEMBER_LINES: how many, and why."""
+        for tar, reasons in self._unlogged.items():
+            why = "; ".join(f"{n} {reason}" for reason, n in reasons.most_common(3))
+            others = sum(reasons.values()) - sum(n for _, n in reasons.most_common(3))
+            log.warning("skipped %d more members of %s, not logged one by one: %s%s", sum(reasons.values()),
+                        printable(tar), why, f"; {others} for other reasons" if others else "")
+        self._unlogged.clear()
 
     def count_found(self, path: str) -> None:
         """Count a file the walker found (or could not read)."""
@@ -214,6 +236,7 @@ class ScanPipeline:
             raise group.exceptions[0] from None
         finally:
             self.report.finished = time.monotonic()
+            self.report.log_unlogged()
         self.report.dropped += self._drop_missing_members()
         return self.report
 
@@ -394,15 +417,17 @@ class ScanPipeline:
                         self.sink.remember_failure(item.path, file.size, file.mtime, item.reason)
                     await outbox.put(item)
             finally:
+                held.give(len(file.data))
                 slots.release()
 
+        held = HeldBytes(2 * self.pool.max_member_bytes)  # members read and not decoded yet: bounded in bytes too
         try:
             f, size, mtime = await asyncio.to_thread(open_tar, tar.path)
         except ImageRejected as e:
             self.report.count_found(tar.path)
             await fail(tar.path, tar.size, tar.mtime, str(e))
             return
-        members = tar_members(tar.path, f, is_indexed_name)
+        members = tar_members(tar.path, f, is_indexed_name, self.pool.max_member_bytes)
         try:
             self.report.tar_members.setdefault(tar.path, set())
             while (m := await asyncio.to_thread(next, members, None)) is not None:
@@ -414,6 +439,7 @@ class ScanPipeline:
                     await fail(path, size, mtime, m.reason or REMOTE_VIDEO)
                 else:
                     await self.running.wait()
+                    await held.take(len(m.data))
                     await slots.acquire()
                     start(asyncio.create_task(decode_member(path, FileBytes(m.data, size, mtime), m.metadata)))
                 self.report.changed()

@@ -36,7 +36,15 @@ from nanodb.media.opener import (
 )
 from nanodb.media.paths import is_indexed_name, is_url
 from nanodb.media.record import FileRecord, content_hash
-from nanodb.media.remote import TarBroken, is_tar_name, member_path, open_tar, read_remote_bytes, tar_members
+from nanodb.media.remote import (
+    MAX_MEMBER_BYTES,
+    TarBroken,
+    is_tar_name,
+    member_path,
+    open_tar,
+    read_remote_bytes,
+    tar_members,
+)
 from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits
 from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, preload_video_libraries, read_video_frames
 
@@ -173,6 +181,27 @@ def _ready() -> bool:
     return True
 
 
+class HeldBytes:
+    """The bytes of tar members a scan holds at once (read from the shard, not decoded yet): a member is
+    taken only once it fits under `limit` beside those held (one alone always fits). One taker waits at a
+    time (the shard's reader); the decodes give back."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+        self._given = asyncio.Event()
+
+    async def take(self, size: int) -> None:
+        while self.held and self.held + size > self.limit:
+            self._given.clear()
+            await self._given.wait()
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+        self._given.set()
+
+
 class ImageDecodePool:
     """A pool of decode processes (spawned fresh, so no CUDA or thread state is forked), started on
     the first decode. `transform` may be given as `get_transform`, called only then: a scan that
@@ -206,6 +235,12 @@ class ImageDecodePool:
             raise DecodeWorkersFailed(f"the image decode worker processes could not start ({why})") from e
         return executor
 
+    @property
+    def max_member_bytes(self) -> int:
+        """The largest tar member a scan reads for these workers: MAX_MEMBER_BYTES, or a quarter of their
+        memory limit if less (a worker holds a member's bytes twice as it receives them, and decodes them)."""
+        return MAX_MEMBER_BYTES if self._limits is None else min(MAX_MEMBER_BYTES, self._limits.memory_mb << 18)
+
     def _ready_executor(self, name: str, workers: int) -> Executor:
         with self._starting:
             if self._closed:
@@ -235,6 +270,22 @@ class ImageDecodePool:
         except BrokenProcessPool:  # some worker died: every file in flight lands here
             self._replace(executor)
         return await loop.run_in_executor(None, self._decode_alone, path, file, metadata)
+
+    def decode_now(self, paths: list[str]) -> list[list[DecodedImage | DecodeFailure] | DecodeFailure]:
+        """Decode files from synchronous code (NanoDB.add), in the workers and within the limits a scan's
+        decodes have, the results in the order of `paths`; a worker's death is pinned on its file as a
+        scan's is (the files in flight with it are decoded again alone)."""
+        executor = self._executor or self._ready_executor("_executor", self.workers)
+        with sandbox.interrupt_blocked_in_children():
+            futures = [executor.submit(_decode_in_worker, path) for path in paths]
+        results = []
+        for path, future in zip(paths, futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                self._replace(executor)
+                results.append(self._decode_alone(path))
+        return results
 
     def _decode_alone(self, path: str, file: FileBytes | None = None,
                       metadata: dict | None = None) -> list[DecodedImage | DecodeFailure] | DecodeFailure:

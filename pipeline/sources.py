@@ -124,6 +124,9 @@ class SourceLister:
                 continue
             path = fs.unstrip_protocol(key)
             parts = key[len(base):].strip("/").split("/") if key.startswith(base) else key.split("/")
+            if (odd := odd_image_key(parts)) is not None:
+                self._problem(path, odd)
+                continue
             if is_excluded(parts, path, self.excludes):
                 continue
             name = parts[-1]
@@ -165,6 +168,20 @@ class SourceLister:
         except Exception as e:
             raise SourceError(f"cannot read {url}: {one_line(e)}") from None
         yield FoundFile(fs.unstrip_protocol(path), size, mtime)
+
+
+def odd_image_key(parts: list[str]) -> str | None:
+    """Why an object named like an image is not indexed though no exclusion names it, in a few words (its
+    segments `parts`): a `.` or `..` segment (`a/../../etc/passwd.jpg`: as a path it names another file),
+    or a name of only dots before its extension (`..jpg`: no name, and hidden). None for any other key."""
+    name = parts[-1]
+    stem, dot, ext = name.rpartition(".")
+    dots_only = bool(dot) and not stem.strip(".") and is_indexed_name(f"x.{ext}")
+    if not (dots_only or is_indexed_name(name)):
+        return None
+    if any(part in (".", "..") for part in parts):
+        return "its key has a '.' or '..' segment: not indexed (as a path it would name another file)"
+    return "its name is only dots before the extension: not indexed" if dots_only else None
 
 
 def _check_bucket(fs, root: str) -> None:

@@ -151,6 +151,15 @@ class FolderWatcher:
                 await self._mark_folder(src)  # a folder moved in from outside arrives whole
         elif self._wanted_file(src):
             self._mark(src)
+        elif kind == "created":
+            self._note_folder_link(src)
+
+    def _note_folder_link(self, path: str) -> None:
+        """A symlink to a folder out of the watched folders (its event is a file's): not followed, one
+        line, as a walk reports it (a link to a file gets its line once it settles)."""
+        if not self.follow_symlinks and self._watched(path) and os.path.islink(path) and os.path.isdir(path) \
+                and not leads_inside(path, resolved_roots(self.roots)):
+            log.warning("skipped %s: %s", printable(path), OUTSIDE_ROOTS)
 
     def _forget(self, path: str) -> None:
         """Drop the items of a file, or of the files under a folder, gone from the watched folders."""
@@ -176,6 +185,7 @@ class FolderWatcher:
         self.pending.pop(src, None)
         if not self._wanted_file(dest):
             self._forget(src)  # moved out of the watched folders, or renamed away
+            self._note_folder_link(dest)
         elif self.sink.move_paths([(src, dest)]):
             self.changes += 1
             log.info("watch: moved %s -> %s", printable(src), printable(dest))

@@ -45,7 +45,7 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
     web_app = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp))
     web_app.add_middleware(MalformedCalls)
-    web_app.add_middleware(UploadQuota, blocks=ui, max_request_bytes=service.max_upload_bytes + (1 << 20))
+    web_app.add_middleware(UploadQuota, blocks=ui)
     web_app.add_middleware(WebRoutes)  # outermost in the web UI's app
     # A mounted app is never marked launched, and Gradio checks the files an event names only for a
     # launched one: without this, any server path named in an event was copied into its cache.

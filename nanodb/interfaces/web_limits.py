@@ -3,11 +3,16 @@ overload instead of dying of it, and a quota on the uploads kept on disk."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import time
+from dataclasses import dataclass, field
 
 import gradio as gr
 from fastapi.responses import JSONResponse
+
+from nanodb.interfaces.connections import FloodLog
 
 QUEUE_MAX_EVENTS = 64  # events waiting at once; more are refused (503) until some have run
 QUEUE_CONCURRENCY = 8  # events running at once
@@ -57,33 +62,116 @@ class WebRoutes:
         return await self.app(scope, receive, send)
 
 
-class UploadQuota:
-    """Inside the web UI's Gradio app: an upload that could take the uploads kept past
-    UPLOAD_QUOTA_BYTES or UPLOAD_QUOTA_FILES is refused (503) before its body is read. Uploads in progress
-    count at their declared length (at most `max_request_bytes` when not declared)."""
+@dataclass(eq=False)
+class UploadInProgress:
+    """An upload to /gradio_api/upload being received: the bytes it has sent, not what it declares."""
 
-    def __init__(self, app, blocks: gr.Blocks, max_request_bytes: int):
+    started: float
+    received: int = 0
+    whole: bool = False  # its body has arrived: its bytes are about to be kept, it is not dropped
+    dropped: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def rate(self, now: float) -> float:
+        return self.received / max(now - self.started, 1e-3)
+
+
+class UploadQuota:
+    """Inside the web UI's Gradio app: the uploads kept and in progress stay within UPLOAD_QUOTA_BYTES and
+    UPLOAD_QUOTA_FILES. An upload is refused (503) before its body is read when the files kept leave no
+    room for its declared length, or are UPLOAD_QUOTA_FILES already. Uploads in progress count the bytes
+    they have sent, not what they declare: when those and the files kept would pass the quota, the
+    slowest upload in progress (bytes a second since it began) is dropped with a 503, so a few clients
+    that declare large uploads and send them slowly cannot hold the quota against everyone else."""
+
+    def __init__(self, app, blocks: gr.Blocks):
         self.app = app
         self.blocks = blocks
-        self.max_request_bytes = max_request_bytes
-        self.receiving = 0  # bytes of the uploads in progress
+        self.uploads: set[UploadInProgress] = set()
+        self.receiving = 0  # bytes received of the uploads in progress
+        self.kept = 0  # bytes of the uploads kept, as of the last upload's start or end
+        self.drops = FloodLog()
+
+    def _kept_now(self) -> int:
+        self.kept = sum(map(file_size, list(self.blocks.upload_file_set)))
+        return self.kept
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/gradio_api/upload" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        size = int(declared) if declared.isdigit() else self.max_request_bytes
-        kept = self.blocks.upload_file_set
-        if self.receiving + size + sum(map(file_size, list(kept))) > UPLOAD_QUOTA_BYTES or \
-                len(kept) >= UPLOAD_QUOTA_FILES:
-            message = (f"the server keeps at most {UPLOAD_QUOTA_BYTES >> 20} MB of uploads at once and deletes each "
-                       f"{UPLOAD_MAX_AGE_S // 60} minutes after it came; try again later")
-            return await _refuse(503, message, {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
-        self.receiving += size
+        size = int(declared) if declared.isdigit() else 0
+        if self._kept_now() + size > UPLOAD_QUOTA_BYTES or len(self.blocks.upload_file_set) >= UPLOAD_QUOTA_FILES:
+            return await _refuse(503, self._full(), {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
+        upload = UploadInProgress(time.monotonic())
+        self.uploads.add(upload)
+        answered = False
+
+        async def sending(message):
+            nonlocal answered
+            if not upload.dropped.is_set():
+                answered = True
+                await send(message)
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, self._counted(upload, receive), sending)
+        except Exception:
+            if not upload.dropped.is_set():
+                raise
         finally:
-            self.receiving -= size
+            self.uploads.discard(upload)
+            self.receiving -= upload.received
+            self._kept_now()
+        if upload.dropped.is_set() and not answered:
+            message = f"{self._full()} (this upload was the slowest in progress when the room was needed)"
+            headers = {"Retry-After": str(UPLOAD_SWEEP_S), "Connection": "close"}
+            await _refuse(503, message, headers)(scope, receive, send)
+
+    def _counted(self, upload: UploadInProgress, receive):
+        """receive() for an upload: counts what arrives, makes room past the quota, and answers a
+        disconnect at once once the upload is dropped (however slowly its client sends)."""
+
+        async def counted():
+            if upload.dropped.is_set():
+                return {"type": "http.disconnect"}
+            getting = asyncio.ensure_future(receive())
+            dropping = asyncio.ensure_future(upload.dropped.wait())
+            try:
+                await asyncio.wait({getting, dropping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # neither outlives this call (nor a cancelled request)
+                dropping.cancel()
+                if not getting.done():
+                    getting.cancel()
+            if getting.cancelled():
+                return {"type": "http.disconnect"}
+            message = getting.result()
+            if message["type"] == "http.request" and upload in self.uploads:
+                upload.received += len(message.get("body", b""))
+                self.receiving += len(message.get("body", b""))
+                upload.whole = not message.get("more_body", False)
+                self._make_room()
+            return {"type": "http.disconnect"} if upload.dropped.is_set() else message
+
+        return counted
+
+    def _make_room(self) -> None:
+        """Drop the slowest uploads in progress while they and the kept files pass the quota."""
+        now = time.monotonic()
+        while self.kept + self.receiving > UPLOAD_QUOTA_BYTES:
+            droppable = [u for u in self.uploads if not u.whole]
+            if not droppable:
+                return
+            slowest = min(droppable, key=lambda u: u.rate(now))
+            slowest.dropped.set()
+            self.uploads.discard(slowest)
+            self.receiving -= slowest.received
+            slowest.received = 0
+            self.drops.note(f"dropped the slowest uploads in progress: the upload quota "
+                            f"({UPLOAD_QUOTA_BYTES >> 20} MB) was needed")
+
+    @staticmethod
+    def _full() -> str:
+        return (f"the server keeps at most {UPLOAD_QUOTA_BYTES >> 20} MB of uploads at once and deletes each "
+                f"{UPLOAD_MAX_AGE_S // 60} minutes after it came; try again later")
 
 
 def file_size(path: str) -> int:

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 TAR_SUFFIXES = (".tar", ".tgz", ".tar.gz")
 _MEMBER = re.compile(r"^(.*?\.(?:tar|tgz|tar\.gz))#(.+)$", re.IGNORECASE | re.DOTALL)
 MEMBER_SEPARATOR = "#"
-MAX_TAR_BYTES = 1 << 40  # a shard is read as a stream, never held: only its members are bounded by MAX_FILE_BYTES
+MAX_TAR_BYTES = 1 << 40  # a shard is read as a stream, never held: only its members are bounded
+# A member is read whole by the scanning process (a shard is one stream) and held until a decode worker has
+# it: its bound is far below a file's (which a limited worker reads itself). No real image member is larger.
+MAX_MEMBER_BYTES = 256 << 20
 MAX_METADATA_BYTES = 1 << 16  # a sample's caption (.txt) or .json beside its image; a larger one is ignored
 CAPTION_KEY = "caption"
 
@@ -203,12 +206,21 @@ def _metadata(tar: str, name: str, data: bytes, ext: str) -> dict[str, Any]:
     return value
 
 
-def tar_members(tar: str, f, is_image, max_bytes: int = MAX_FILE_BYTES) -> Iterator[TarMember]:
+def member_kind(info: tarfile.TarInfo) -> str:
+    """What a tar member that is not a regular file is, in a few words."""
+    kinds = (("symbolic link", info.issym), ("hard link", info.islnk), ("character device", info.ischr),
+             ("block device", info.isblk), ("FIFO", info.isfifo))
+    return next((name for name, test in kinds if test()), f"special member (type {info.type!r})")
+
+
+def tar_members(tar: str, f, is_image, max_bytes: int = MAX_MEMBER_BYTES) -> Iterator[TarMember]:
     """The image members of a tar shard in one sequential pass over `f` (streaming: nothing is sought
     back, the shard is never held whole), each with its sample's caption and JSON. A member larger than
-    `max_bytes` is refused from its header, before its bytes are read. Members of one sample (one key)
-    follow each other in a webdataset shard; a sample's images are yielded once the next key begins.
-    A shard damaged partway raises TarBroken after the members before the damage."""
+    `max_bytes` is refused from its header, before its bytes are read, and no read takes more than
+    `max_bytes` of it. A link or special member with an image's name is refused (never followed).
+    Members of one sample (one key) follow each other in a webdataset shard; a sample's images are
+    yielded once the next key begins. A shard damaged partway raises TarBroken after the members before
+    the damage."""
     images: list[TarMember] = []
     meta: dict[str, Any] = {}
     caption: dict[str, Any] = {}
@@ -222,22 +234,28 @@ def tar_members(tar: str, f, is_image, max_bytes: int = MAX_FILE_BYTES) -> Itera
     try:
         with tarfile.open(fileobj=f, mode="r|*") as archive:
             for info in archive:
-                if not info.isfile():
+                if info.isdir():
                     continue
                 k, ext = sample_key(info.name)
                 if k != key:
                     yield from flush()
                     images, meta, caption, key = [], {}, {}, k
-                if is_image(info.name):
+                if not info.isfile():
+                    if is_image(info.name):
+                        images.append(TarMember(info.name, None, f"a {member_kind(info)} in the tar, not a file"))
+                    elif ext in ("txt", "json"):
+                        log.warning("ignored %s: a %s, not a file", member_path(tar, info.name), member_kind(info))
+                elif is_image(info.name):
                     if info.size == 0:
                         images.append(TarMember(info.name, None, "empty file"))
                     elif info.size > max_bytes:
-                        images.append(TarMember(info.name, None, f"file too large ({info.size >> 20} MiB)"))
+                        images.append(TarMember(info.name, None, f"tar member too large ({info.size >> 20} MiB; "
+                                                                 f"at most {max_bytes >> 20} MiB are read)"))
                     else:
-                        images.append(TarMember(info.name, _read_member(archive, info)))
+                        images.append(TarMember(info.name, _read_member(archive, info, max_bytes)))
                 elif ext in ("txt", "json") and info.size <= MAX_METADATA_BYTES:
                     (caption if ext == "txt" else meta).update(
-                        _metadata(tar, info.name, _read_member(archive, info), ext))
+                        _metadata(tar, info.name, _read_member(archive, info, MAX_METADATA_BYTES), ext))
                 elif ext in ("txt", "json"):
                     log.warning("ignored %s: metadata over %d KiB", member_path(tar, info.name),
                                 MAX_METADATA_BYTES >> 10)
@@ -247,9 +265,13 @@ def tar_members(tar: str, f, is_image, max_bytes: int = MAX_FILE_BYTES) -> Itera
     yield from flush()
 
 
-def _read_member(archive: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+def _read_member(archive: tarfile.TarFile, info: tarfile.TarInfo, max_bytes: int) -> bytes:
+    """A regular member's bytes: one read of at most `max_bytes` + 1 (the header's size was checked
+    against `max_bytes`; this read holds whatever the stream gives to that bound), exactly its size."""
     member = archive.extractfile(info)
-    data = member.read(info.size + 1) if member is not None else b""
+    data = member.read(min(info.size, max_bytes) + 1) if member is not None else b""
+    if len(data) > max_bytes:
+        raise ImageRejected(f"member {info.name} is larger than its header says")
     if len(data) != info.size:
         raise EOFError(f"member {info.name} is truncated")
     return data

@@ -137,3 +137,22 @@ def test_searching_by_a_time_bomb_file_is_refused_within_the_limit(served, tmp_p
     with pytest.raises(QueryError, match="took too long to decode"):
         db.search(image=str(bomb))
     assert time.monotonic() - start < LIMITS["decode_seconds"] + SLACK_S
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("bomb, reason", [
+    (hostile_corpus.jpeg_time_bomb, "took too long to decode (over 2 s)"),
+    (hostile_corpus.png16_memory_bomb, "needs too much memory to decode (over 100 MiB)"),
+], ids=["time", "memory"])
+def test_adding_a_bomb_by_its_path_is_refused_by_the_decode_limits(tmp_path, bomb, reason):
+    """NanoDB.add(path) decodes in the scan's limited workers: a bomb is refused with the limit's reason,
+    in one line, and nothing of it is added (it used to be decoded, for a minute, in the caller's process)."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb())
+    photo = coco_photos(1)[0]
+    with NanoDB(tmp_path / "db", config="test", **LIMITS) as db:
+        with pytest.raises(ValueError) as refused:
+            db.add([str(photo), str(path)])
+        assert str(refused.value) == f"cannot add {path}: {reason}"
+        assert len(db) == 0
+        assert db.add(str(photo)) == [0]  # the workers go on after a bomb

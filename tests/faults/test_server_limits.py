@@ -131,6 +131,58 @@ def test_uploads_past_the_quota_are_refused_and_each_is_deleted_soon(tmp_path, m
         db.close()
 
 
+def start_upload(url: str, declared: int, first: bytes) -> socket.socket:
+    """A raw upload to /gradio_api/upload declaring `declared` bytes, of which only its form's head and
+    `first` are sent; the rest never comes (a slow client's)."""
+    head = (b'--x\r\nContent-Disposition: form-data; name="files"; filename="slow.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    sock = connect(url)
+    sock.sendall(b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+                 b"Content-Length: %d\r\n\r\n%s%s" % (declared, head, first))
+    return sock
+
+
+def answer_of(sock: socket.socket, seconds: float) -> bytes:
+    """What the server has answered on `sock` within `seconds` (b"" if nothing)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(4096)
+    except (TimeoutError, OSError):
+        return b""
+
+
+def test_slow_uploads_that_declare_much_do_not_hold_the_quota_and_the_slowest_give_way(tmp_path, monkeypatch):
+    """Eight uploads declaring 900 KB each (a 1 MB quota) that send little: another upload is received (they
+    held the quota by their declared length: a 503 for as long as they stayed). Once what they have sent
+    and a new upload pass the quota, the slowest of them is dropped with a 503 and the new upload is kept."""
+    monkeypatch.setattr(web_limits, "UPLOAD_QUOTA_BYTES", 1_000_000)
+    db, server = serve(tmp_path)
+    slow = []
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            def upload(size: int) -> httpx.Response:
+                return client.post("/gradio_api/upload", files={"files": (f"{uuid.uuid4().hex}.png", os.urandom(size))})
+            slow = [start_upload(server.url, 900_000, os.urandom(1000)) for _ in range(8)]
+            time.sleep(1)  # all of them received as far as they go
+            r = upload(300_000)
+            assert r.status_code == 200, r.text
+            for sock in slow:  # 8 x 61 KB sent, then nothing: with 300 KB kept, under 1 MB; 300 KB more pass it
+                sock.sendall(os.urandom(60_000))
+            time.sleep(1)
+            assert all(answer_of(sock, 0.1) == b"" for sock in slow)  # under the quota: all go on
+            r = upload(300_000)
+            assert r.status_code == 200, r.text
+            answers = [answer_of(sock, 5) for sock in slow]
+            dropped = [a for a in answers if a]
+            assert 1 <= len(dropped) < len(slow), answers
+            assert all(a.startswith(b"HTTP/1.1 503") and b"the slowest in progress" in a for a in dropped), dropped
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+        db.close()
+
+
 # ------------------------------------------------------------------ 5: slow clients
 def connect(url: str, timeout: float = 10) -> socket.socket:
     host, port = url.split("//")[1].strip("/").split(":")

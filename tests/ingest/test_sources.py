@@ -149,6 +149,22 @@ def test_an_s3_prefix_scan_equals_a_folder_scan_and_rescans_like_one(s3, photos,
         assert len(db) == PHOTOS - 1 and db.index_of(f"s3://{BUCKET}/coco/{photos[0].name}") is None
 
 
+def test_objects_with_dot_segments_or_dot_names_are_each_one_skipped_line(s3, photos, tmp_path, caplog):
+    """`a/../../etc/passwd.jpg` and `..jpg` were passed over without a word: each is one skipped line."""
+    odd = {f"s3://{BUCKET}/odd/a/../../etc/passwd.jpg": "its key has a '.' or '..' segment: not indexed (as a "
+                                                         "path it would name another file)",
+           f"s3://{BUCKET}/odd/..jpg": "its name is only dots before the extension: not indexed"}
+    for url in [*odd, f"s3://{BUCKET}/odd/ok.jpg"]:
+        s3.pipe(url.removeprefix("s3://"), photos[0].read_bytes())
+    assert len(s3.find(f"{BUCKET}/odd")) == 3  # stored under those very keys
+    with caplog.at_level("WARNING"), NanoDB(tmp_path / "db", config="test") as db:
+        report = db.scan(f"s3://{BUCKET}/odd/")
+        assert report.added == 1 and db[0].path == f"s3://{BUCKET}/odd/ok.jpg"
+    assert dict(report.failures) == odd
+    for url, reason in odd.items():
+        assert [r.getMessage() for r in caplog.records if url in r.getMessage()] == [f"skipped {url}: {reason}"]
+
+
 def test_a_missing_bucket_is_one_clear_line(s3, tmp_path, empty_db_path):
     shutil.copytree(empty_db_path, tmp_path / "db")
     with NanoDB(tmp_path / "db") as db, pytest.raises(ValueError) as e:

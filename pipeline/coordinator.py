@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from nanodb.pipeline.append import IndexAppender
-from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, ImageDecodePool
+from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, ImageDecodePool, stored_image
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
 from nanodb.pipeline.sources import SourceLister, is_source
@@ -350,6 +350,13 @@ class ScanPipeline:
 
         async def decode_one(f: FoundFile) -> None:
             try:
+                # until the workers run (they need the model), a file whose bytes are stored is not decoded:
+                # a rescan that finds a file renamed or copied loads no model
+                known = None if self.pool.started else await asyncio.to_thread(
+                    stored_image, f.path, self.sink.metadata_of_content)
+                if known is not None:
+                    await outbox.put(known)
+                    return
                 decoded = await self.pool.decode(f.path)
                 if isinstance(decoded, DecodeFailure):  # with the size and mtime it was found with
                     self.sink.remember_failure(f.path, f.size, f.mtime, decoded.reason)

@@ -113,6 +113,11 @@ class IngestService:
         await asyncio.gather(*(task for _, _, task in running), return_exceptions=True)
         return [(path, report) for path, report, _ in running]
 
+    @property
+    def scanning(self) -> bool:
+        """Whether a scan runs now (a watch's first scans included; not the watch itself)."""
+        return any(not task.done() for _, _, task in self.scans)
+
     async def wait_scans(self) -> None:
         await asyncio.gather(*(task for _, _, task in self.scans), return_exceptions=True)
 

@@ -252,6 +252,8 @@ def run_command(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         handlers=[CurrentStderrHandler()],
     )
+    # what a first query or scan waits for (the model's load, a tower's export) and how long it took
+    logging.getLogger("nanodb.loading").setLevel(logging.INFO)
     if getattr(args, "watch", None):  # one line per change the watch indexes (pipeline/watch.py)
         logging.getLogger("nanodb.pipeline.watch").setLevel(logging.INFO)
     try:

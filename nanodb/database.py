@@ -357,6 +357,7 @@ class NanoDB:
             self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
             follow_symlinks=follow, retry_failed=retry_failed, index_paired_raw=index_paired_raw,
+            model_name=self.spec.name,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:

@@ -217,6 +217,10 @@ class ImageDecodePool:
         """Whether the workers run (the model's pixel transform, which they need, is loaded then)."""
         return self._executor is not None
 
+    def start(self) -> None:
+        """Start the workers now (else the first decode does): the model's pixel transform is needed."""
+        self._ready_executor("_executor", self.workers)
+
     def _start(self, workers: int) -> Executor:
         """Start `workers` processes and wait until one answers: one that cannot start is an error."""
         from loky import ProcessPoolExecutor

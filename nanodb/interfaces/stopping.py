@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -52,6 +53,9 @@ class StopOnSignals:
         wait for a thread still inside a batch's inference or the model's load, whose result nothing
         would keep."""
         if self.received:
+            # the worker pools' semaphores, stopped but not yet collected, are released (unregistered from
+            # loky's resource tracker, which would report them leaked): os._exit runs no finalizer itself
+            gc.collect()
             logging.shutdown()
             for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
                 with contextlib.suppress(Exception):

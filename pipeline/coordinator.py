@@ -409,7 +409,6 @@ class ScanPipeline:
                 task.cancel()
         await outbox.put(None)
 
-
     async def _decode_file(self, path: str, file: FileBytes | None = None, metadata: dict | None = None):
         """pool.decode, the model and the workers started first, the status saying which it waits for."""
         if not self.pool.started:

@@ -3,8 +3,13 @@
 the plain open_clip text-encoding script a user would otherwise write, and beside today's torch path
 (backend torch, from a --config file: the text tower in torch, as before the export).
 
+`--cold-paths` times only the one-shot cold paths of issue 36: the first text query after install (no text
+export cached yet), a search by an image file that is not indexed, and the rescan after one file was
+renamed (its vector reused by content hash).
+
     python benchmarks/bench_cold_query.py                     # ViT-B-32, random weights, 40 COCO photos
     python benchmarks/bench_cold_query.py --model ViT-S-32 --runs 3
+    python benchmarks/bench_cold_query.py --cold-paths --runs 3
 
 The database and the caches (the image tower's conversion, the text tower's export) lie in a temporary
 folder (NANODB_CACHE), so the first query pays the one-time export, shown on its own line.
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--photos", type=int, default=40)
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per cold timing (median)")
+    ap.add_argument("--cold-paths", action="store_true",
+                    help="only the first text query, a query by an image file not indexed, a rescan after a rename")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-cold-"))
     env = {**os.environ, "NANODB_CACHE": str(work / "cache")}
@@ -122,21 +129,10 @@ def main() -> None:
         torch_config = work / "torch.yaml"
         torch_config.write_text("backend: torch\n")
         first = timed(search, env, 1)  # loads the torch model and exports the text tower
-        rows = [
-            ("first text query ever (torch model + one-time export)", first, None),
-            ("nanodb search --path DB 'a red car'", timed(search, env, args.runs), warm(db, env, "auto", "a red car")),
-            ("  the same, text tower in torch (backend: torch, as before)",
-             timed([*search, "--config", str(torch_config)], env, args.runs), warm(db, env, "torch", "a red car")),
-            ("console: first text query (typed at once) -> first result", console_first_query(db, env, args.runs),
-             None),
-            ("nanodb similar --path DB 3", timed([*nanodb, "similar", "--path", str(db), "3"], env, args.runs),
-             warm(db, env, "auto", "3")),
-            ("plain open_clip script: build the model, encode one text",
-             timed([sys.executable, "-c", PLAIN_OPEN_CLIP.format(model=args.model), "1"], env, args.runs),
-             plain_warm(args.model, env)),
-            ("python -c 'import nanodb.interfaces.cli' (the floor)",
-             timed([sys.executable, "-c", "import nanodb.interfaces.cli"], env, args.runs), None),
-        ]
+        if args.cold_paths:
+            rows = cold_paths(nanodb, db, photos, first, env, args.runs)
+        else:
+            rows = all_rows(nanodb, db, search, first, torch_config, env, args)
         with open("/proc/loadavg") as f:
             load = " ".join(f.read().split()[:3])
         print(f"# {args.model} random weights, {args.photos} photos, {os.cpu_count()} CPUs, load average {load}")
@@ -145,6 +141,62 @@ def main() -> None:
             print(f"{name:<66} {cold:>9.2f} {cpu:>13.2f} {'' if hot is None else f'{hot * 1000:.1f}':>10}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cold_paths(nanodb: list[str], db: Path, photos: Path, first: tuple[float, float], env: dict, runs: int) -> list:
+    """The one-shot cold paths of issue 36, each a fresh process."""
+    query_image = next(p for p in coco_photos(10 * runs + 200)[::-1] if not (photos / p.name).exists())
+    renamed = []
+    for n in range(runs):  # a new name each run: the rescan finds one file gone, one new with a known content
+        rename = [sys.executable, "-c", RENAME, str(photos), str(n)]
+        scan = [*nanodb, "--path", str(db), "--scan", str(photos), "--autosave"]
+        renamed.append((rename, scan))
+    return [
+        ("first text query after install (no text export yet)", first, None),
+        ("nanodb similar --path DB PHOTO.jpg (a file not indexed)",
+         timed([*nanodb, "similar", "--path", str(db), str(query_image)], env, runs), None),
+        ("nanodb --path DB --scan PHOTOS --autosave, one file renamed", timed_pairs(renamed, env), None),
+    ]
+
+
+RENAME = """
+import os, sys
+folder = sys.argv[1]
+name = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[0]
+os.rename(os.path.join(folder, name), os.path.join(folder, f"renamed-{sys.argv[2]}-{name}"))
+"""
+
+
+def timed_pairs(pairs: list[tuple[list[str], list[str]]], env: dict) -> tuple[float, float]:
+    """Median wall and CPU seconds of each pair's second command, its first run (untimed) just before."""
+    times, cpu = [], []
+    for prepare, command in pairs:
+        subprocess.run(prepare, env=env, check=True)
+        t, c = time.perf_counter(), children_cpu()
+        subprocess.run(command, env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - t)
+        cpu.append(children_cpu() - c)
+    return statistics.median(times), statistics.median(cpu)
+
+
+def all_rows(nanodb: list[str], db: Path, search: list[str], first, torch_config: Path, env: dict, args) -> list:
+    """Every first query of the cold-query benchmark (issue 21)."""
+    return [
+        ("first text query ever (torch model + one-time export)", first, None),
+        ("nanodb search --path DB 'a red car'", timed(search, env, args.runs), warm(db, env, "auto", "a red car")),
+        ("  the same, text tower in torch (backend: torch, as before)",
+         timed([*search, "--config", str(torch_config)], env, args.runs), warm(db, env, "torch", "a red car")),
+        ("console: first text query (typed at once) -> first result", console_first_query(db, env, args.runs),
+         None),
+        ("nanodb similar --path DB 3", timed([*nanodb, "similar", "--path", str(db), "3"], env, args.runs),
+         warm(db, env, "auto", "3")),
+        ("plain open_clip script: build the model, encode one text",
+         timed([sys.executable, "-c", PLAIN_OPEN_CLIP.format(model=args.model), "1"], env, args.runs),
+         plain_warm(args.model, env)),
+        ("python -c 'import nanodb.interfaces.cli' (the floor)",
+         timed([sys.executable, "-c", "import nanodb.interfaces.cli"], env, args.runs), None),
+    ]
 
 
 def warm(db: Path, env: dict, backend: str, query: str) -> float:

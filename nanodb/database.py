@@ -18,7 +18,9 @@ from nanodb.config import Settings, load_settings
 from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import DecodeLimits
+from nanodb.model.announce import announced
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.model.image_export import ExportedImageTower, exported_image_tower
 from nanodb.model.text_export import ExportedTextTower, text_encoder
 from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
 from nanodb.pipeline.decode import DecodedImage, DecodeFailure, ImageDecodePool
@@ -78,6 +80,7 @@ class NanoDB:
         self.timings = SearchTimings()
         self._model: ClipModel | None = None
         self._text_model: ExportedTextTower | ClipModel | None = None
+        self._image_model: ExportedImageTower | bool | None = None  # False: none to be had
         self._model_lock = threading.RLock()
         self._loading_since: float | None = None  # monotonic time the model's load began
         self._decode_pool: ImageDecodePool | None = None
@@ -118,7 +121,8 @@ class NanoDB:
             self.store = ItemStore(self.path, manifest, read_only=read_only,
                                    compact_dead_fraction=self.settings.compact_dead_fraction)
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
-                                    DecodeLimits.of(self.settings), text_model=lambda: self.text_model)
+                                    DecodeLimits.of(self.settings), text_model=lambda: self.text_model,
+                                    image_model=lambda: self.image_model)
         # single queries from concurrent callers share encode and search passes (search.batcher)
         self.batcher = QueryBatcher(self.queries, self._searcher, self.timings)
         if self.spec.pretrained != manifest.pretrained and not read_only:
@@ -153,7 +157,8 @@ class NanoDB:
                 )
             self._loading_since = time.monotonic()
             try:
-                self._model = load_model(self.model_config)
+                with announced(f"loading the model {self.spec.name}"):
+                    self._model = load_model(self.model_config)
             finally:
                 self._loading_since = None
         return self._model
@@ -167,6 +172,18 @@ class NanoDB:
             if self._text_model is None:
                 self._text_model = text_encoder(self.model_config, self.store.manifest.weights_id, self._load_model)
             return self._text_model
+
+    @property
+    def image_model(self) -> ExportedImageTower | ClipModel:
+        """What turns a query image's bytes into its vector (`pixel_transform`, `encode_pixels`): the model
+        once loaded; before, the image tower a scan converted, where it gives the vectors the model would
+        (model.image_export: no torch, a fraction of the model's load time); else the model."""
+        with self._model_lock:
+            if self._model is None and self._image_model is None:
+                manifest = self.store.manifest
+                self._image_model = exported_image_tower(self.model_config, manifest.precision,
+                                                         manifest.weights_id) or False
+            return self._model or self._image_model or self._load_model()
 
     @property
     def model_loaded(self) -> bool:
@@ -345,6 +362,7 @@ class NanoDB:
             self.store, lambda: self.model, paths, self.decode_pool, self.settings.batch_size, excludes=excludes,
             autosave_every=self.autosave_every, report=report, running=running, feed=feed, remote=remote,
             follow_symlinks=follow, retry_failed=retry_failed, index_paired_raw=index_paired_raw,
+            model_name=self.spec.name,
         )
         shown = feed is None  # a watch's endless pipeline is not a scan in progress
         if shown:

@@ -113,6 +113,11 @@ class IngestService:
         await asyncio.gather(*(task for _, _, task in running), return_exceptions=True)
         return [(path, report) for path, report, _ in running]
 
+    @property
+    def scanning(self) -> bool:
+        """Whether a scan runs now (a watch's first scans included; not the watch itself)."""
+        return any(not task.done() for _, _, task in self.scans)
+
     async def wait_scans(self) -> None:
         await asyncio.gather(*(task for _, _, task in self.scans), return_exceptions=True)
 
@@ -133,8 +138,9 @@ class IngestService:
     def status(self) -> str:
         """One line: what runs, files done/total, images/s, errors, ETA, queue depths."""
         parts = []
-        if (loading := self.db.model_loading_for) is not None:  # the first query or scan waits for it
-            parts.append(f"loading the model {self.db.spec.name} ({loading:.0f}s)")
+        waiting = any(report.waiting for _, report, task in self.scans if not task.done())
+        if (loading := self.db.model_loading_for) is not None and not waiting:  # a first query waits for it
+            parts.append(f"loading the model {self.db.spec.name} ({loading:.0f}s)")  # (a scan's line says so)
         for path, report, task in self.scans:
             if not task.done():
                 parts.append(f"scan {path}: {report.status()}")

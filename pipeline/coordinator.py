@@ -5,6 +5,7 @@ while the others wait."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from nanodb.pipeline.append import IndexAppender
-from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, HeldBytes, ImageDecodePool
+from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, HeldBytes, ImageDecodePool, stored_image
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
 from nanodb.pipeline.sources import SourceLister, is_source
@@ -53,6 +54,8 @@ class ScanReport:
     # dropped, unless the tar is among the failures: damaged partway)
     tar_members: dict[str, set[str]] = field(default_factory=dict, repr=False)
     walking: bool = True
+    waiting: str | None = None  # what the scan waits for before its first decode (the model's load...)
+    waiting_since: float = 0.0
     started: float = field(default_factory=time.monotonic)  # the scan's wall time counts from here
     finished: float | None = None
     on_change: Callable[[ScanReport], None] | None = field(default=None, repr=False)
@@ -120,6 +123,22 @@ class ScanReport:
         if self.on_change:
             self.on_change(self)
 
+    @contextlib.contextmanager
+    def waiting_for(self, what: str) -> Iterator[None]:
+        """While the block runs, the status says that the scan waits for `what`, and for how long."""
+        self.waiting, self.waiting_since = what, time.monotonic()
+        self.changed()
+        try:
+            yield
+        finally:
+            self.waiting = None
+            self.changed()
+
+    @property
+    def waiting_line(self) -> str | None:
+        """`WHAT (Ns)` while the scan waits for something, else None."""
+        return None if self.waiting is None else f"{self.waiting} ({time.monotonic() - self.waiting_since:.0f}s)"
+
     @property
     def rate(self) -> float:
         """Images (video frames included) embedded per second of the scan's wall time."""
@@ -131,8 +150,9 @@ class ScanReport:
         left = self.found - self.done
         eta = f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else ""
         queues = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
+        doing = self.waiting_line or f"{self.rate:.1f} images/s"
         return (
-            f"{self.done}/{total} files, {self.rate:.1f} images/s, {self.failed} errors{eta}"
+            f"{self.done}/{total} files, {doing}, {self.failed} errors{eta}"
             + (f", queued: {queues}" if queues and self.finished is None else "")
         )
 
@@ -186,12 +206,14 @@ class ScanPipeline:
                  decode_pool: ImageDecodePool, batch_size: int, *, excludes=None,
                  autosave_every: int | None = None, report: ScanReport | None = None,
                  feed: asyncio.Queue | None = None, running: asyncio.Event | None = None, remote=None,
-                 follow_symlinks: bool = False, retry_failed: bool = False, index_paired_raw: bool = False):
+                 follow_symlinks: bool = False, retry_failed: bool = False, index_paired_raw: bool = False,
+                 model_name: str = ""):
         """`model`: the model, or a function that returns it, called only once an image needs embedding
         (the decode pool, likewise, starts its workers on the first file to decode). `remote`: a stage
         that decodes and embeds elsewhere (a Ray cluster) instead of the pool and the CLIP stage.
         `retry_failed`: decode again the files that failed before, changed or not. `index_paired_raw`:
-        index a camera RAW file beside its JPEG too (by default the pair is one item, the JPEG)."""
+        index a camera RAW file beside its JPEG too (by default the pair is one item, the JPEG). `model_name`:
+        the model's, in the status line while it loads."""
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         roots = [os.fspath(r) for r in roots]
         # URL prefixes and tar shards (pipeline.sources) beside the local folders (the walker's)
@@ -210,6 +232,8 @@ class ScanPipeline:
         self.running = running
         get_model = (lambda: model) if hasattr(model, "encode_pixels") else model
         self.clip = ClipStage(get_model, batch_size, self.report, running, is_known=sink.has_content)
+        self.model_name = model_name
+        self._starting = asyncio.Lock()
         self.appender = IndexAppender(sink, self.report, autosave_every)
         # A stage that decodes and embeds elsewhere (pipeline.ray_ingest.RayEmbedStage) instead of the
         # local decode pool and CLIP stage: `run(found, embedded, report, running, remember_failure)`.
@@ -373,7 +397,14 @@ class ScanPipeline:
 
         async def decode_one(f: FoundFile) -> None:
             try:
-                decoded = await self.pool.decode(f.path)
+                # until the workers run (they need the model), a file whose bytes are stored is not decoded:
+                # a rescan that finds a file renamed or copied loads no model
+                known = None if self.pool.started else await asyncio.to_thread(
+                    stored_image, f.path, self.sink.metadata_of_content)
+                if known is not None:
+                    await outbox.put(known)
+                    return
+                decoded = await self._decode_file(f.path)
                 if isinstance(decoded, DecodeFailure):  # with the size and mtime it was found with
                     self.sink.remember_failure(f.path, f.size, f.mtime, decoded.reason)
                     await outbox.put(decoded)
@@ -401,6 +432,16 @@ class ScanPipeline:
                 task.cancel()
         await outbox.put(None)
 
+    async def _decode_file(self, path: str, file: FileBytes | None = None, metadata: dict | None = None):
+        """pool.decode, the model and the workers started first, the status saying which it waits for."""
+        if not self.pool.started:
+            async with self._starting:
+                if not self.pool.started:
+                    with self.report.waiting_for(f"loading the model {self.model_name}".rstrip()):
+                        await asyncio.to_thread(self.clip.get_model)  # the workers need its pixel transform
+                    with self.report.waiting_for("starting the decode workers"):
+                        await asyncio.to_thread(self.pool.start)
+        return await self.pool.decode(path, file, metadata)
 
     async def _read_tar(self, tar: FoundFile, slots: asyncio.Semaphore, start, outbox: asyncio.Queue) -> None:
         """A tar shard read in one pass here, its image members' bytes handed to the decode pool one by
@@ -411,7 +452,7 @@ class ScanPipeline:
 
         async def decode_member(path: str, file: FileBytes, metadata: dict) -> None:
             try:
-                decoded = await self.pool.decode(path, file, metadata)
+                decoded = await self._decode_file(path, file, metadata)
                 for item in [decoded] if isinstance(decoded, DecodeFailure) else decoded:
                     if isinstance(item, DecodeFailure):
                         self.sink.remember_failure(item.path, file.size, file.mtime, item.reason)
@@ -457,6 +498,7 @@ def progress_bar(report: ScanReport):
     bar = tqdm(total=0, unit="img", desc="scanning", dynamic_ncols=True, disable=None)
 
     def show(r: ScanReport) -> None:
+        bar.set_description(r.waiting or "scanning", refresh=False)
         bar.total = r.found
         bar.n = r.done
         bar.set_postfix(added=r.added, skipped=r.failed, refresh=False)

@@ -34,7 +34,7 @@ from nanodb.media.opener import (
     open_image,
     read_image_file,
 )
-from nanodb.media.paths import is_indexed_name, is_url
+from nanodb.media.paths import is_image_name, is_indexed_name, is_url
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.remote import (
     MAX_MEMBER_BYTES,
@@ -52,7 +52,7 @@ from nanodb.media.video import TIME_KEY, frame_hash, is_video_name, preload_vide
 @dataclass
 class DecodedImage:
     record: FileRecord  # what the sink stores of the file, passed on once the pixels are embedded
-    pixels: np.ndarray  # (H, W, 3) uint8, the model's input size
+    pixels: np.ndarray | None  # (H, W, 3) uint8, the model's input size; None: its bytes are stored already
 
 
 @dataclass
@@ -104,6 +104,28 @@ def decode_video(path: str, transform, max_pixels: int) -> list[DecodedImage] | 
         return DecodeFailure(path, f"cannot decode ({type(e).__name__}: {e})")
     return [DecodedImage(FileRecord(path=path, size=video.size, mtime=video.mtime, hash=frame_hash(video.hash, t),
                                     metadata={TIME_KEY: round(t, 3)}), pixels) for t, pixels in frames]
+
+
+STORED_IMAGE_MAX_BYTES = 64 << 20  # a larger file is not read in the scan's process by stored_image
+
+
+def stored_image(path: str, metadata_of_content: Callable[[bytes], dict | None]) -> DecodedImage | None:
+    """A local image file whose exact bytes are stored, as a DecodedImage without pixels, with the stored
+    item's metadata (`metadata_of_content(hash)`: the same bytes have the same EXIF date); None for any
+    other file. Its bytes are read and hashed, never decoded (here, in the scan's own process): a rescan
+    that finds a file renamed or copied needs no decode worker and no model."""
+    if is_url(path) or not is_image_name(path):
+        return None
+    try:
+        file = read_image_file(path, STORED_IMAGE_MAX_BYTES)
+    except ImageRejected:  # a decode worker reads it again, and says why
+        return None
+    digest = content_hash(file.data)
+    metadata = metadata_of_content(digest)
+    if metadata is None:
+        return None
+    return DecodedImage(FileRecord(path=path, size=file.size, mtime=file.mtime, hash=digest,
+                                   metadata=metadata or None), None)
 
 
 REMOTE_VIDEO = "videos are read from local folders only (not from URLs or tar shards)"
@@ -218,6 +240,15 @@ class ImageDecodePool:
         self._alone = threading.Lock()
         self._starting = threading.Lock()
         self._closed = False
+
+    @property
+    def started(self) -> bool:
+        """Whether the workers run (the model's pixel transform, which they need, is loaded then)."""
+        return self._executor is not None
+
+    def start(self) -> None:
+        """Start the workers now (else the first decode does): the model's pixel transform is needed."""
+        self._ready_executor("_executor", self.workers)
 
     def _start(self, workers: int) -> Executor:
         """Start `workers` processes and wait until one answers: one that cannot start is an error."""

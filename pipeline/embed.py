@@ -55,7 +55,7 @@ class ClipStage:
                 done = True
             elif isinstance(item, DecodeFailure):
                 self.report.fail(item.path, item.reason)
-            elif isinstance(item, DecodedImage) and self.is_known(item.record.hash):
+            elif isinstance(item, DecodedImage) and (item.pixels is None or self.is_known(item.record.hash)):
                 await outbox.put(([item.record], None))
             elif isinstance(item, DecodedImage):
                 batch.append(item)

@@ -39,6 +39,10 @@ class IndexSink(Protocol):
     def has_content(self, content_hash: bytes) -> bool:
         """A file with these exact bytes has a stored vector: it need not be embedded."""
 
+    def metadata_of_content(self, content_hash: bytes) -> dict | None:
+        """The metadata of the stored item with these exact bytes (its EXIF date: a copy's too), None
+        when no item has them."""
+
     def add_known_file(self, file: FileRecord) -> int | None:
         """Index a file whose exact bytes are known with their stored vector; None if they are not."""
 

@@ -252,6 +252,8 @@ def run_command(argv: list[str] | None) -> int:
         format="%(levelname)s %(name)s: %(message)s" if args.verbose else "%(message)s",
         handlers=[CurrentStderrHandler()],
     )
+    # what a first query or scan waits for (the model's load, a tower's export) and how long it took
+    logging.getLogger("nanodb.loading").setLevel(logging.INFO)
     if getattr(args, "watch", None):  # one line per change the watch indexes (pipeline/watch.py)
         logging.getLogger("nanodb.pipeline.watch").setLevel(logging.INFO)
     try:
@@ -263,10 +265,8 @@ def run_command(argv: list[str] | None) -> int:
     except (DatabaseError, ModelLoadError, ValueError, OSError) as e:
         print(f"nanodb: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
-    except asyncio.CancelledError:  # SIGTERM: stopped and saved
-        return 0
+    except KeyboardInterrupt:  # a Ctrl-C before the stop signals' handlers were set
+        return 128 + signal.SIGINT
 
 
 def one_shot(args: argparse.Namespace) -> int:
@@ -364,14 +364,17 @@ async def run(args: argparse.Namespace) -> int:
     )
     # Ctrl-C, SIGTERM (a service manager) and SIGHUP (a closed terminal) stop cleanly: ingestion is
     # cancelled (in-flight batches dropped) and what was indexed is saved below. Set before the database
-    # opens (a new one loads the model): a signal meanwhile stops the program at its first wait.
-    stop = StopOnSignals(asyncio.current_task())
+    # opens (a new one loads the model): a signal meanwhile stops the program at its first wait. The
+    # exit status is 128 + the signal's number if it stopped a scan or the start, 0 if nothing was running.
+    server = service = None
+    stop = StopOnSignals(asyncio.current_task(), busy=lambda: service is None or service.scanning)
     try:
         db = await open_database(args, settings)
     except BaseException:
         stop.restore()
+        if stop.received:  # stopped while it opened: nothing to save
+            return stop.exit_status
         raise
-    server = service = None
     uploads = contextlib.ExitStack()
     try:
         print(f"nanodb: {db}", file=sys.stderr)

@@ -33,12 +33,14 @@ log = logging.getLogger(__name__)
 
 
 def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
-    """The FastAPI app: /api/... JSON endpoints, /docs and /openapi.json, and the web UI at /."""
-    service = SearchService(db)
+    """The FastAPI app: /api/... JSON endpoints, /docs and /openapi.json, and the web UI at /. Its
+    `state.close()` stops the worker processes its requests started (upload and thumbnail decoders)."""
+    service, thumbnails = SearchService(db), ThumbnailCache(db)
     app = FastAPIOffline(title="nanodb", version=__version__,
                   description="Search a nanodb image database by text, by image or by item.")
+    app.state.close = lambda: (service.close(), thumbnails.close())
     install_error_handlers(app)
-    app.include_router(api_router(service, ThumbnailCache(db), auth))
+    app.include_router(api_router(service, thumbnails, auth))
     unknown_api_route(app)
     ui = bound_queue(build_ui(service))
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
@@ -100,10 +102,14 @@ class ServerHandle:
     url: str
     server: uvicorn.Server
     thread: threading.Thread
+    app: FastAPI
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving, then the decoders' worker processes (left running, their semaphores would be
+        reported leaked by loky's resource tracker at exit)."""
         self.server.should_exit = True
         self.thread.join(timeout)
+        self.app.state.close()
 
 
 def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, str] | None = None,
@@ -115,7 +121,8 @@ def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, s
     _ = db.model  # load the model now, not during the first visitor's search
     limits = ConnectionLimits(connection_cap(), trusted_proxies=frozenset(trusted_proxies))
     quiet_accept_errors()
-    config = uvicorn.Config(build_app(db, auth), host=host, port=port, log_level="warning",
+    app = build_app(db, auth)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
                             timeout_graceful_shutdown=2, http=functools.partial(GuardedH11Protocol, limits=limits),
                             proxy_headers=bool(trusted_proxies), forwarded_allow_ips=list(trusted_proxies) or None,
                             timeout_keep_alive=5, backlog=256)
@@ -128,4 +135,4 @@ def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, s
         thread.join(0.05)
     bound = server.servers[0].sockets[0].getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return ServerHandle(f"http://{shown}:{bound}/", server, thread)
+    return ServerHandle(f"http://{shown}:{bound}/", server, thread, app)

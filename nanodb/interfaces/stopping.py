@@ -1,13 +1,18 @@
 """Stopping the program cleanly, whenever it is asked to: signals, and a `wait` that Ctrl-C ends.
 
 SIGINT (Ctrl-C), SIGTERM (a service manager, `kill`) and SIGHUP (a closed terminal) all mean: stop
-ingestion, save what was indexed, exit. Installed only by the command line's entry point (cli.run):
-a library call never touches a program's signal handlers."""
+ingestion, save what was indexed, exit. The exit status says whether the signal cut work short, as a
+shell tells a stopped command from a finished one: 128 + the signal's number (130 SIGINT, 143 SIGTERM,
+129 SIGHUP) when it stopped a scan or the start (the database opening, the model loading), 0 when it
+ended a server, a watch or a console that had nothing in progress (a clean shutdown: a service manager
+stops a server so). Installed only by the command line's entry point (cli.run): a library call never
+touches a program's signal handlers."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -23,12 +28,15 @@ CLEAR_TO_END = "\x1b[K"  # erase from the cursor to the end of the line
 class StopOnSignals:
     """The first stop signal cancels `task` (the program, whose cleanup saves); a signal that comes
     while it is stopping says so, and a third quits at once: the database keeps its last save (each
-    save is atomic), only what was indexed since is lost."""
+    save is atomic), only what was indexed since is lost. `busy()`, asked when the first signal comes,
+    says whether work is in progress then (a scan): the exit status is 128 + the signal's number if so."""
 
-    def __init__(self, task: asyncio.Task):
+    def __init__(self, task: asyncio.Task, busy: Callable[[], bool]):
         self.task = task
+        self.busy = busy
         self.stopping = False  # set by the program once its cleanup began: a signal then cancels nothing
         self.received = 0
+        self.exit_status = 0  # once stopped by a signal: 128 + its number if it cut work short, else 0
         self._loop = asyncio.get_running_loop()
         # signal.signal, not loop.add_signal_handler: prompt_toolkit's prompt saves and restores a handler
         # set so, but removes the loop's SIGINT handler after each prompt (SIGINT then did nothing). And it
@@ -45,15 +53,19 @@ class StopOnSignals:
         wait for a thread still inside a batch's inference or the model's load, whose result nothing
         would keep."""
         if self.received:
+            # the worker pools' semaphores, stopped but not yet collected, are released (unregistered from
+            # loky's resource tracker, which would report them leaked): os._exit runs no finalizer itself
+            gc.collect()
             logging.shutdown()
             for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
                 with contextlib.suppress(Exception):
                     stream.flush()
-            os._exit(0)
+            os._exit(self.exit_status)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.received += 1
         if not self.stopping:
+            self.exit_status = 128 + signum if self.busy() else 0
             self.stopping = True
             self._loop.call_soon_threadsafe(self.task.cancel)
             _say("\nnanodb: stopping: saving what was indexed")

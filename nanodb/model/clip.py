@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from nanodb.media.opener import model_pixels, to_rgb
+from nanodb.model.image_export import record_image_tower
 from nanodb.model.preprocess import Preprocessing
 from nanodb.model.runtimes import (
     BACKENDS,
@@ -150,6 +151,7 @@ class ClipModel:
         self.pixel_transform = self.preprocessing.pixel_transform(self.preprocess)
         self.image_size = self.preprocessing.size
         self.image_tower, self.backend = self._start_tower(runtimes)
+        record_image_tower(self)  # a query image in a later process runs this tower without the model
         self._cut_text = cuttable(self.model)
         # int8: the tower's calibration and fidelity controls, which a scan drives (pipeline/fidelity.py)
         self.quantization = self.image_tower if self.precision == "int8" else None

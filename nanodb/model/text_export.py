@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import nanodb
+from nanodb.model.announce import announced
 from nanodb.model.runtimes.openvino_float import cache_dir
 from nanodb.model.spec import ModelConfig, ModelSpec
 from nanodb.model.text_length import cuttable, encode_text_cut, needed_length
@@ -55,17 +56,25 @@ PROBES = (
 )
 
 
+def weights_key(spec: ModelSpec) -> str | None:
+    """The weights of `spec` as an export's key names them: the tag, the random seed, or a checkpoint
+    file's path, size and modification time (not its digest: hashing the file would cost the time an
+    export saves); None for a checkpoint file that is not there (loading the model then says so)."""
+    if not spec.is_file:
+        return spec.weights_id
+    try:
+        st = os.stat(spec.pretrained)
+    except OSError:
+        return None
+    return f"file:{spec.pretrained}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def export_folder(spec: ModelSpec, openvino_version: str) -> Path | None:
     """Where the text-tower export of `spec` for this nanodb and OpenVINO version lies (or would); None
-    for a checkpoint file that is not there (loading the model then says so)."""
-    if spec.is_file:  # not its digest: hashing the file would cost the time saved
-        try:
-            st = os.stat(spec.pretrained)
-        except OSError:
-            return None
-        weights = f"file:{spec.pretrained}:{st.st_size}:{st.st_mtime_ns}"
-    else:
-        weights = spec.weights_id
+    for a checkpoint file that is not there."""
+    weights = weights_key(spec)
+    if weights is None:
+        return None
     parts = (spec.name, weights, nanodb.__version__, str(EXPORT_FORMAT), openvino_version)
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     return cache_dir() / "text" / f"{spec.name}-{key}"
@@ -243,12 +252,12 @@ def export_text_tower(clip: ClipModel) -> Path | None:
     failed = folder.with_name(folder.name + ".failed")  # why it could not be made: not tried again
     if folder in _failed or failed.is_file():
         return None
-    log.info("exporting the text tower of %s for fast text queries (once)", clip.spec.describe())
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, ignore_cleanup_errors=True) as tmp:
         try:
-            _write_export(clip, Path(tmp), ov)
-            _check_export(clip, Path(tmp))
+            with announced(f"exporting the text tower of {clip.spec.name} for fast text queries (once)"):
+                _write_export(clip, Path(tmp), ov)
+                _check_export(clip, Path(tmp))
         except Exception as e:  # the converter may raise anything; the torch model still encodes text
             log.warning("the text tower of %s cannot be exported (%s); text queries load the torch model",
                         clip.spec.describe(), e)

@@ -81,13 +81,17 @@ class QueryEncoder:
     `limits`: a query image's bytes (a file, a URL) are decoded in a worker process within these
     limits (media.sandbox), started on the first such query; None decodes them in this process.
     `text_model`: what encodes words (anything with ClipModel's `encode_text` and `encode_each`, such as
-    the text tower's export that runs without torch); the model by default."""
+    the text tower's export that runs without torch); `image_model`: what encodes an image file's or URL's
+    bytes (ClipModel's `pixel_transform` and `encode_pixels`, such as a converted image tower run without
+    torch); the model by default."""
 
     def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
-                 limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None):
+                 limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None,
+                 image_model: Callable[[], Any] | None = None):
         self.store = store
         self.model = model
         self.text_model = text_model or model
+        self.image_model = image_model or model
         self.max_image_pixels = max_image_pixels
         self.decoder = DecodeSandbox(1, limits) if limits is not None else None
 
@@ -172,7 +176,7 @@ class QueryEncoder:
         known = self.store.row_with_hash(content_hash(data))
         if known is not None:
             return self.store.vector(known).astype(np.float32)
-        model = self.model()
+        model = self.image_model()
         try:
             if self.decoder is None:
                 pixels = model_input(data, self.max_image_pixels, model.pixel_transform)

@@ -348,6 +348,10 @@ class ShardedStore:
     def has_content(self, content_hash: bytes) -> bool:
         return self.row_with_hash(content_hash) is not None
 
+    def metadata_of_content(self, content_hash: bytes) -> dict[str, Any] | None:
+        row = self.row_with_hash(content_hash)
+        return None if row is None else self.metadata_of(row)
+
     def indexed_paths(self) -> list[str]:
         return [p for paths in self.each_shard("indexed_paths") for p in paths]
 

@@ -400,6 +400,12 @@ class ItemStore:
         """A file with exactly these bytes has a stored vector (it need not be embedded again)."""
         return self.row_with_hash(content_hash) is not None
 
+    def metadata_of_content(self, content_hash: bytes) -> dict[str, Any] | None:
+        """The metadata of the row with these exact bytes (its EXIF date: a copy's too); None if none has them."""
+        with self.lock:
+            i = self.row_with_hash(content_hash)
+            return None if i is None else self.table.metadata_of(i)
+
     def row_with_hash(self, content_hash: bytes) -> int | None:
         """A row (deleted rows too: their vectors stay until compaction) whose content has this hash."""
         with self.lock:

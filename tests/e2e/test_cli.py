@@ -74,7 +74,8 @@ def test_missing_weights_without_network_is_a_clear_error(tmp_path):
     err = run.stderr.decode()
     assert run.returncode == 2
     assert "cannot get the weights ViT-B-32/laion2b_s34b_b79k" in err and "--pretrained /path/to/file" in err
-    assert len(err.strip().splitlines()) == 1
+    assert err.strip().splitlines() == ["nanodb: loading the model ViT-B-32…", err.strip().splitlines()[-1]]
+    assert err.strip().splitlines()[-1].startswith("nanodb: error: ")  # the load said it began, then why it failed
 
 
 def test_a_watch_prints_a_line_for_each_change_it_indexes(tmp_path):

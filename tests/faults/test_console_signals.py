@@ -181,7 +181,10 @@ def run_and_stop(args: list[str], log: Path, stop: str, delay: float, at_prompt:
     text = console.log()
     if not text and console.returncode == -signal.SIGTERM:
         return text, seconds  # SIGTERM's default action, before the program began (while Python imported it)
-    assert console.returncode in (0, 130), f"{stop}: exit status {console.returncode}: {text[-3000:]}"
+    # a signal that stopped a scan (or the start): 128 + its number; one that met no work, or `exit`: 0
+    codes = {"ctrl-c": (0, 128 + signal.SIGINT), "sigint": (0, 128 + signal.SIGINT),
+             "sigterm": (0, 128 + signal.SIGTERM)}.get(stop.split()[0], (0,))
+    assert console.returncode in codes, f"{stop}: exit status {console.returncode}: {text[-3000:]}"
     assert "Traceback" not in text and "exception was never retrieved" not in text, f"{stop}: {text[-4000:]}"
     assert not alive, f"{stop}: {len(alive)} decode worker(s) outlived the console"
     return text, seconds

@@ -4,7 +4,6 @@ CPU's bfloat16 units; torch's bfloat16 autocast gains less, see benchmarks/RESUL
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import tempfile
 import threading
@@ -14,12 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nanodb.model.announce import announced
 from nanodb.model.runtimes import runtime
 
 if TYPE_CHECKING:
     from nanodb.model.clip import ClipModel
-
-log = logging.getLogger(__name__)
 
 INFERENCE_HINTS = {"bfloat16": "bf16", "float32": "f32"}
 
@@ -40,11 +38,25 @@ class OpenVinoImageTower:
     def __init__(self, clip: ClipModel):
         import openvino as ov
 
+        self.setup(converted_tower(clip, ov), clip.preprocessing.mean, clip.preprocessing.std, clip.float_precision)
+
+    @classmethod
+    def converted(cls, float_xml: Path, mean, std, float_precision: str) -> OpenVinoImageTower:
+        """The tower a process that loaded the model converted (`float_xml`), run without the model:
+        the same vectors as the tower made from the model, with these pixel statistics and precision."""
+        tower = cls.__new__(cls)
+        tower.setup(float_xml, mean, std, float_precision)
+        return tower
+
+    def setup(self, float_xml: Path, mean, std, float_precision: str) -> None:
+        """Run the converted tower `float_xml` on pixels of these statistics, in this precision."""
+        import openvino as ov
+
         self._ov = ov
-        self.mean, self.std = clip.preprocessing.mean, clip.preprocessing.std
+        self.mean, self.std = mean, std
         self._lock = threading.Lock()  # one infer request, used by one thread at a time
-        self._float_hint = INFERENCE_HINTS[clip.float_precision]
-        self.float_xml = converted_tower(clip, ov)
+        self._float_hint = INFERENCE_HINTS[float_precision]
+        self.float_xml = float_xml
         self._request = self.compile(self.model_xml())
 
     def model_xml(self) -> Path:
@@ -82,9 +94,9 @@ def converted_tower(clip: ClipModel, ov) -> Path:
     key = hashlib.sha256(f"{spec.name}|{weights}|{ov.__version__}|{torch.__version__}".encode()).hexdigest()[:16]
     folder = cache_dir() / "openvino" / f"{spec.name}-{key}"
     if not (folder / "model.xml").is_file():
-        log.info("converting the image tower of %s to OpenVINO (once)", spec.describe())
         h, w = clip.preprocessing.size
-        with torch.no_grad(), warnings.catch_warnings():
+        with announced(f"converting the image tower of {spec.name} to OpenVINO (once)"), torch.no_grad(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.jit tracing's deprecation notices, for this call only
             converted = ov.convert_model(
                 clip.model.visual, example_input=torch.zeros(1, 3, h, w), input=[ov.PartialShape([-1, 3, h, w])]

@@ -92,11 +92,6 @@ class Selection:
     skips: list[np.ndarray | None]
     skip_of: np.ndarray  # (Q,) int64
 
-    @classmethod
-    def alike(cls, nq: int, k: int, skip: np.ndarray | None) -> Selection:
-        """Every query the same k and skip mask."""
-        return cls(np.full(nq, k, np.int64), [skip], np.zeros(nq, np.int64))
-
     def groups(self) -> Iterator[tuple[np.ndarray | None, np.ndarray]]:
         """(skip mask, the queries that use it), for each mask some query uses."""
         for g, skip in enumerate(self.skips):

@@ -229,7 +229,7 @@ class LocalSearcher:
         if any(isinstance(w, RowFilter) and w for w in wheres):
             store_columns(store)  # derived on first use, not under the lock: writers go on meanwhile
         with store.lock:  # a compaction renumbers rows: indices and paths must come from one state
-            masks = {w: allowed_rows(store, w) for w in wheres if isinstance(w, RowFilter)}  # one per filter
+            masks = {w: allowed_rows(store, w) for w in set(wheres) if isinstance(w, RowFilter)}  # one per filter
             asked = [(r, masks[w]) for r, w in zip(requests, wheres) if isinstance(w, RowFilter)]
             answers = iter(answer_each(store, asked))
         return [w if isinstance(w, QueryError) else next(answers) for w in wheres]

@@ -2,9 +2,11 @@
 
     python benchmarks/bench_server.py                        # 1M x 512, 1/8/32/128 clients, 10 s each
     python benchmarks/bench_server.py --rows 100000 --seconds 4   # a quick run
+    python benchmarks/bench_server.py --reuse DIR --mixed --servers nanodb --parts api --clients 1,32
+                                    # each query its own k and filters (nanodb only: faiss has no filters)
 
 The database holds `--rows` random unit vectors (added through the Python API) of a ViT-B-32 with random
-weights. Both servers run in their own process on 127.0.0.1 and answer text queries (k=10), timed from an
+weights, labelled /photos/YEAR/N.jpg or .png (8 years, one item in 5 a PNG) for the filters. Both servers run in their own process on 127.0.0.1 and answer text queries (k=10), timed from an
 asyncio client (httpx) keeping N requests in flight, one server at a time:
 
 * nanodb: `start_server` (the HTTP API): queries arriving together share one text-tower pass and one
@@ -13,7 +15,8 @@ asyncio client (httpx) keeping N requests in flight, one server at a time:
   tower, one query per request (as clip-retrieval's back end works).
 
 Then vector queries through the Python API from N threads: NanoDB.search against faiss `index.search`
-with one query a call. Reports queries/s, p50 and p99 latency for each.
+with one query a call. Reports queries/s, p50 and p99 latency for each. With `--mixed`, query i asks for
+its own k and filters (`mixed`): one pass answers them all (VectorIndex.search_each).
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ MODEL = "ViT-B-32"
 K = 10
 HEADER = "| server | clients | queries/s | p50 ms | p99 ms |\n|---|---:|---:|---:|---:|"
 TIMEOUT_S = 120  # an HTTP request unanswered this long is given up
+YEARS = 8  # the folders /photos/2016 .. /photos/2023
+MIXED_K = (1, 5, 10, 20, 50, 100)
+MIXED_FILTERS = ({}, {"folder": "/photos/2019"}, {"types": ["png"]}, {"folder": "photos"}, {"folder": "2021"})
 WORDS = ("dog", "beach", "red car", "snow", "city at night", "a cat on a sofa", "mountains", "birthday cake",
          "old bridge", "children playing", "sunset", "a bowl of fruit", "train station", "forest path")
 
@@ -101,8 +107,16 @@ def summary(spans: list[tuple[float, float]], start: float, stop: float) -> tupl
     return qps, float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
 
 
-async def http_load(url: str, clients: int, seconds: float, warmup: float = 1.0) -> tuple[float, float, float]:
-    """`clients` requests always in flight for warmup + seconds; the latencies of those sent after warmup."""
+def mixed(i: int) -> tuple[int, dict]:
+    """Query i's k and filters with --mixed: six k from 1 to 100, five filters (none, a folder, a type,
+    broad and selective folder names), in turn, so queries arriving together differ."""
+    return MIXED_K[i % len(MIXED_K)], MIXED_FILTERS[i % len(MIXED_FILTERS)]
+
+
+async def http_load(url: str, clients: int, seconds: float, warmup: float = 1.0,
+                    vary: bool = False) -> tuple[float, float, float]:
+    """`clients` requests always in flight for warmup + seconds; the latencies of those sent after warmup.
+    `vary`: each request its own k and filters (`mixed`)."""
     import httpx
 
     spans: list[tuple[float, float]] = []
@@ -113,7 +127,10 @@ async def http_load(url: str, clients: int, seconds: float, warmup: float = 1.0)
         i = n
         while (t0 := time.perf_counter()) < stop:
             try:
-                r = await http.get(url, params={"q": f"{WORDS[i % len(WORDS)]} {i}", "k": K})
+                k, filters = mixed(i) if vary else (K, {})
+                params = {"q": f"{WORDS[i % len(WORDS)]} {i}", "k": k, "folder": filters.get("folder"),
+                          "type": filters.get("types")}
+                r = await http.get(url, params={n: v for n, v in params.items() if v is not None})
                 r.raise_for_status()
             except httpx.TimeoutException:  # counted with its time so far: the p99 shows it
                 print(f"  a request timed out after {TIMEOUT_S} s", flush=True)
@@ -127,7 +144,7 @@ async def http_load(url: str, clients: int, seconds: float, warmup: float = 1.0)
 
 
 def thread_load(search, clients: int, seconds: float, dim: int) -> tuple[float, float, float]:
-    """`clients` threads each calling search(query vector) for `seconds`."""
+    """`clients` threads each calling search(query vector, i) for `seconds` (i: the query's number)."""
     rng = np.random.default_rng(1)
     queries = rng.standard_normal((256, dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
@@ -138,7 +155,7 @@ def thread_load(search, clients: int, seconds: float, dim: int) -> tuple[float, 
     def client(n: int) -> None:
         i = n
         while (t0 := time.perf_counter()) < stop:
-            search(queries[i % len(queries)])
+            search(queries[i % len(queries)], i)
             spans.append((t0, time.perf_counter()))
             i += clients
 
@@ -162,7 +179,8 @@ def build(work: Path, rows: int) -> tuple[Path, Path]:
             chunk = rng.standard_normal((min(100_000, rows - lo), 512)).astype(np.float32)
             chunk /= np.linalg.norm(chunk, axis=1, keepdims=True)
             vectors[lo : lo + len(chunk)] = chunk
-            db.add(chunk)
+            db.add(chunk, paths=[f"/photos/{2016 + i % YEARS}/{i}.{'png' if i % 5 == 0 else 'jpg'}"
+                                 for i in range(lo, lo + len(chunk))])
         db.save()
     vectors.flush()
     return db_path, npy
@@ -180,6 +198,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,8,32,128")
     ap.add_argument("--parts", default="http,api", help="http (text queries to the servers), api (vector queries)")
     ap.add_argument("--reuse", metavar="DIR", help="the folder of an earlier run: its database and vectors, not rebuilt")
+    ap.add_argument("--mixed", action="store_true", help="each query its own k and filters (see `mixed`)")
+    ap.add_argument("--servers", default="nanodb,reference",
+                    help="nanodb, reference (the FastAPI + faiss server; faiss in the api part)")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     if args.reuse:
@@ -190,19 +211,21 @@ def main() -> None:
         db_path, npy = build(work, args.rows)
         print(f"built {args.rows:,} rows in {work} in {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"load average {os.getloadavg()}", flush=True)
+    servers = args.servers.split(",")
     if "http" in args.parts:
-        http_part(db_path, npy, levels, args.seconds)
+        http_part(db_path, npy, levels, args.seconds, servers, args.mixed)
     if "api" in args.parts:
-        api_part(db_path, npy, levels, args.seconds)
+        api_part(db_path, npy, levels, args.seconds, servers, args.mixed)
     print(f"\nload average at the end {os.getloadavg()}")
 
 
-def http_part(db_path: Path, npy: Path, levels: list[int], seconds: float) -> None:
+def http_part(db_path: Path, npy: Path, levels: list[int], seconds: float, which: list[str], vary: bool) -> None:
     rows = len(np.load(npy, mmap_mode="r"))
-    print(f"\nText queries over HTTP, k={K}, {rows:,} x 512\n{HEADER}", flush=True)
-    servers = [("nanodb (batched)", NANODB_SERVER, (str(db_path),), "/api/search/text"),
-               ("FastAPI + faiss IndexFlatIP + open_clip", REFERENCE_SERVER.format(model=MODEL), (str(npy),),
-                "/search")]
+    asked = "k and filters mixed" if vary else f"k={K}"
+    print(f"\nText queries over HTTP, {asked}, {rows:,} x 512\n{HEADER}", flush=True)
+    servers = [("nanodb (batched)", NANODB_SERVER, (str(db_path),), "/api/search/text")] * ("nanodb" in which)
+    servers += [("FastAPI + faiss IndexFlatIP + open_clip", REFERENCE_SERVER.format(model=MODEL), (str(npy),),
+                 "/search")] * ("reference" in which)
     running = []
     try:
         for name, code, server_args, route in servers:
@@ -210,28 +233,37 @@ def http_part(db_path: Path, npy: Path, levels: list[int], seconds: float) -> No
             running.append((name, proc, url + route))
         for clients in levels:
             for name, _, url in running:  # one server loaded at a time, the other idle
-                print(row(name, clients, asyncio.run(http_load(url, clients, seconds))), flush=True)
+                print(row(name, clients, asyncio.run(http_load(url, clients, seconds, vary=vary))), flush=True)
     finally:
         for _, proc, _ in running:
             proc.terminate()
             proc.wait()
 
 
-def api_part(db_path: Path, npy: Path, levels: list[int], seconds: float) -> None:
-    print(f"\nVector queries through the Python API from N threads, k={K}\n{HEADER}", flush=True)
-    import faiss
-
+def api_part(db_path: Path, npy: Path, levels: list[int], seconds: float, which: list[str], vary: bool) -> None:
+    asked = "k and filters mixed" if vary else f"k={K}"
+    print(f"\nVector queries through the Python API from N threads, {asked}\n{HEADER}", flush=True)
     from nanodb import NanoDB
 
-    with NanoDB(db_path, read_only=True) as db:
-        for clients in levels:
-            print(row("NanoDB.search", clients, thread_load(lambda q: db.search(q, K), clients, seconds, 512)),
-                  flush=True)
+    def search(db, q, i):
+        k, filters = mixed(i) if vary else (K, {})
+        return db.search(q, k, **filters)
+
+    if "nanodb" in which:
+        with NanoDB(db_path, read_only=True) as db:
+            search(db, np.ones(512, np.float32), 1)  # the filter columns, derived once
+            for clients in levels:
+                print(row("NanoDB.search", clients, thread_load(lambda q, i: search(db, q, i), clients, seconds, 512)),
+                      flush=True)
+    if "reference" not in which:
+        return
+    import faiss
+
     index = faiss.IndexFlatIP(512)
     index.add(np.load(npy, mmap_mode="r"))
     for clients in levels:
         print(row("faiss IndexFlatIP.search", clients,
-                  thread_load(lambda q: index.search(q[None], K), clients, seconds, 512)), flush=True)
+                  thread_load(lambda q, i: index.search(q[None], K), clients, seconds, 512)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Queries that arrive together answered together: one pass of the index for all their vectors (each
-text's vector the one it gets alone, bit for bit, on every CPU: `encode_each`; a text asked by several
-queries encoded once).
+"""Queries that arrive together answered together: one pass of the index for all their vectors, whatever
+each asks (its own k, filters, minimum similarity, collapse: Searcher.search_each), each text's vector the
+one it gets alone, bit for bit, on every CPU (`encode_each`; a text asked by several queries encoded once).
 
 A query on 1M rows costs about as much alone as in a batch of dozens (the kernel reads the rows once for
 all the queries of a pass), so concurrent users (a server's clients, a program's threads) share passes.
@@ -132,32 +132,29 @@ class QueryBatcher:
                 self.hand_on()
 
     def answer(self, batch: list[Pending]) -> None:
-        """Embed the batch (all plain words in one text-tower pass), then search each group of queries
-        that share k, filters and options in one pass; an error belongs to the queries it concerns."""
+        """Embed the batch (all plain words in one text-tower pass), then search all its queries in one
+        pass, each with its own k, filters and options; an error belongs to the queries it concerns."""
         self.embed(batch)
-        groups: list[list[Pending]] = []
-        for job in batch:
-            if job.error is None:
-                same = next((g for g in groups if searched_alike(g[0].request, job.request)), None)
-                if same is None:
-                    groups.append([job])
-                else:
-                    same.append(job)
-        for group in groups:
-            t0 = time.perf_counter()
-            try:
-                vectors = np.stack([job.vector for job in group])
-                answers = self.searcher().search(dataclasses.replace(group[0].request, vectors=vectors))
-            except Exception as e:
-                for job in group:
-                    job.error = e
+        jobs = [job for job in batch if job.error is None]
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        try:
+            answers = self.searcher().search_each([dataclasses.replace(job.request, vectors=job.vector[None])
+                                                   for job in jobs])
+        except Exception as e:
+            for job in jobs:
+                job.error = e
+            return
+        search_ms = (time.perf_counter() - t0) * 1000
+        for job, answer in zip(jobs, answers):
+            if isinstance(answer, Exception):
+                job.error = answer
                 continue
-            search_ms = (time.perf_counter() - t0) * 1000
-            for job, results in zip(group, answers):
-                results = SearchResults(results)
-                results.encode_ms, results.search_ms = job.encode_ms, search_ms
-                self.timings.record(job.kind, job.encode_ms, search_ms)
-                job.results = results
+            results = SearchResults(answer[0])
+            results.encode_ms, results.search_ms = job.encode_ms, search_ms
+            self.timings.record(job.kind, job.encode_ms, search_ms)
+            job.results = results
 
     def embed(self, batch: list[Pending]) -> None:
         """Each query's vector, computed exactly as for the query alone; the same text asked by several
@@ -191,7 +188,3 @@ class QueryBatcher:
             text, finish = words[id(job)]
             job.vector, job.encode_ms = finish(rows[text]), encode_ms
 
-
-def searched_alike(a: SearchRequest, b: SearchRequest) -> bool:
-    """Whether two requests can share a search pass: the same k, filters and options."""
-    return (a.k, a.min_similarity, a.collapse, a.filters) == (b.k, b.min_similarity, b.collapse, b.filters)

@@ -1,7 +1,9 @@
 """The local searcher: the exact top k of one ItemStore's rows, with the filters and collapsed duplicates,
 and the check that every stored vector finds itself.
 
-The sharded searcher reuses these pieces: `allowed_top` on each shard's rows, `answer` on the merge.
+Requests searched together (`LocalSearcher.search_each`: the query batcher's pass) share each pass over
+the rows, each query with its own k, filters, minimum similarity and collapse (VectorIndex.search_each),
+and each gets exactly its lone results. The sharded searcher runs the same on each shard's rows.
 """
 
 from __future__ import annotations
@@ -19,14 +21,11 @@ from nanodb.media.video import is_video_name
 from nanodb.search.query import QueryError
 from nanodb.search.request import DATE_RANGE, Filters, SearchRequest, SearchResult, SearchResults
 from nanodb.storage.columns import store_columns
-from nanodb.storage.index import VectorIndex
 from nanodb.storage.store import ItemStore
 
 # Similarities closer than this are a tie: float16 storage rounds each value by up to ~5e-4 relative.
 SCORE_TIE = 1e-4
 
-# (queries (Q, dim), n) -> the exact top n allowed rows of each query: (indices, scores), each (Q, n')
-TopRows = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 Chosen = list[tuple[int, float, list[int]]]  # (row, similarity, rows of the same content)
 
 
@@ -128,68 +127,81 @@ def allowed_rows(store: ItemStore, where: RowFilter) -> np.ndarray | None:
     return mask
 
 
-def allowed_top(index: VectorIndex, queries: np.ndarray, n: int,
-                allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top n of the rows `allowed` allows (all: None) for each query: the index's fast pass
-    skips the others (VectorIndex.search)."""
-    return index.search(queries, n, allowed=allowed)
-
-
-def best_per_key(top: Callable[[int], tuple[np.ndarray, np.ndarray]], k: int, key_of: Callable[[int], Any]) -> Chosen:
-    """The k best rows of distinct keys (a file content's hash; a video's path for its frames), each with
-    the other rows of its key that are copies (not the other frames of a video: those keys are tuples).
-    `top(n)` gives one query's exact top n allowed rows; it is asked for more, doubling, until every copy
-    of the k-th kept row was seen (they all score within SCORE_TIE of it) or no row is left."""
-    fetch = int(k * 1.5) + 16
-    while True:
-        rows, scores = top(fetch)
-        groups: dict[Any, tuple[int, float, list[int]]] = {}
-        for i, s in zip(rows, scores):
-            key = key_of(int(i))
-            if key in groups:
-                if not isinstance(key, tuple):
-                    groups[key][2].append(int(i))
-            elif len(groups) < k:
-                groups[key] = (int(i), float(s), [])
-        chosen = list(groups.values())
-        if len(rows) < fetch or (len(chosen) >= k and scores[-1] < chosen[-1][1] - SCORE_TIE):
-            return chosen
-        fetch *= 2
-
-
 def video_key(store: ItemStore, row: int) -> tuple[str, str] | None:
     """The key that collapses a video's frames into one result (its path); None for other items."""
     path = store.path_of(row)
     return ("video", path) if path is not None and is_video_name(path) else None
 
 
-def answer(request: SearchRequest, store: ItemStore, top_rows: TopRows) -> list[SearchResults]:
-    """An embedded request answered from `top_rows` (the exact top n allowed rows of each query), with
-    the paths and metadata of the rows as they are now: the caller holds the store's lock. A video's
-    frames are always one result, its best frame; with `request.collapse`, identical files are too."""
-    vectors = np.asarray(request.vectors, np.float32).reshape(-1, store.dim)
-    chosen = None
-    if not request.collapse:
-        indices, scores = top_rows(vectors, request.k)
-        chosen = [[(int(i), float(s), []) for i, s in zip(ri, rs)] for ri, rs in zip(indices, scores)]
-        if any(video_key(store, i) for row in chosen for i, _, _ in row):
-            chosen = None  # frames of a video among them: collapsed below
+class Choice:
+    """One query's results, chosen from its exact top rows, fetched in rounds until they decide: its top k;
+    or, when a video's frames are among them (always one result, the best frame) or with collapse (one
+    result per file content, with the rows of its copies), the k best rows of distinct keys. Those ask
+    for more, doubling, until every copy of the k-th kept row was seen (they all score within SCORE_TIE
+    of it) or no row is left. The rounds depend on the query alone, so its results do too."""
 
-        def key_of(i: int):
-            return video_key(store, i) or i
-    else:
-        hashes = store.column("hash")
+    def __init__(self, store: ItemStore, k: int, collapse: bool):
+        self.store, self.k = store, k
+        self.key_of: Callable[[int], Any] | None = None
+        if collapse:
+            hashes = store.column("hash")
+            self.keyed(lambda i: video_key(store, i) or bytes(hashes[i]))
+        else:
+            self.fetch = k
+        self.chosen: Chosen = []
 
-        def key_of(i: int):
-            return video_key(store, i) or bytes(hashes[i])
-    if chosen is None:
-        chosen = [best_per_key(lambda n, q=q: tuple(a[0] for a in top_rows(q[None], n)), request.k, key_of)
-                  for q in vectors]
-    return [
-        SearchResults(SearchResult(i, store.path_of(i), min(max(s, -1.0), 1.0), store.metadata_of(i), copies)
-                      for i, s, copies in row if request.keeps(s))
-        for row in chosen
-    ]
+    def keyed(self, key_of: Callable[[int], Any]) -> None:
+        self.key_of, self.fetch = key_of, int(self.k * 1.5) + 16
+
+    def take(self, rows: np.ndarray, scores: np.ndarray) -> bool:
+        """Whether the query's exact top `fetch` rows decide its results (then in `chosen`); else `fetch`
+        grows for the next round."""
+        store = self.store
+        if self.key_of is None:
+            if not any(video_key(store, int(i)) for i in rows):
+                self.chosen = [(int(i), float(s), []) for i, s in zip(rows, scores)]
+                return True
+            self.keyed(lambda i: video_key(store, i) or i)  # frames of a video among them: collapsed
+            return False
+        groups: dict[Any, tuple[int, float, list[int]]] = {}
+        for i, s in zip(rows, scores):
+            key = self.key_of(int(i))
+            if key in groups:
+                if not isinstance(key, tuple):  # a copy of the file (not another frame of the video)
+                    groups[key][2].append(int(i))
+            elif len(groups) < self.k:
+                groups[key] = (int(i), float(s), [])
+        chosen = list(groups.values())
+        if len(rows) < self.fetch or (len(chosen) >= self.k and scores[-1] < chosen[-1][1] - SCORE_TIE):
+            self.chosen = chosen
+            return True
+        self.fetch *= 2
+        return False
+
+
+def answer_each(store: ItemStore, asked: list[tuple[SearchRequest, np.ndarray | None]]) -> list[list[SearchResults]]:
+    """Embedded requests, each with its allowed rows (`allowed_rows`), answered from shared passes over
+    the index (each query's rounds, see Choice, in the pass of that round), with the paths and metadata
+    of the rows as they are now: the caller holds the store's lock."""
+    vectors, masks, choices, owners = [], [], [], []
+    for n, (request, allowed) in enumerate(asked):
+        for q in np.asarray(request.vectors, np.float32).reshape(-1, store.dim):
+            vectors.append(q)
+            masks.append(allowed)
+            choices.append(Choice(store, request.k, request.collapse))
+            owners.append(n)
+    waiting = list(range(len(choices)))
+    while waiting:
+        found = store.index.search_each(np.stack([vectors[j] for j in waiting]),
+                                        [choices[j].fetch for j in waiting], [masks[j] for j in waiting])
+        waiting = [j for j, (rows, scores) in zip(waiting, found) if not choices[j].take(rows, scores)]
+    answers: list[list[SearchResults]] = [[] for _ in asked]
+    for choice, n in zip(choices, owners):
+        request = asked[n][0]
+        answers[n].append(SearchResults(
+            SearchResult(i, store.path_of(i), min(max(s, -1.0), 1.0), store.metadata_of(i), copies)
+            for i, s, copies in choice.chosen if request.keeps(s)))
+    return answers
 
 
 class LocalSearcher:
@@ -199,14 +211,28 @@ class LocalSearcher:
         self.store = store
 
     def search(self, request: SearchRequest) -> list[SearchResults]:
+        answer = self.search_each([request])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def search_each(self, requests: list[SearchRequest]) -> list[list[SearchResults] | QueryError]:
+        """Each request's results (or its own error: a bad filter) from shared passes over the rows."""
         store = self.store
         store.checks.raise_if_failed()
-        where = RowFilter.of(request.filters)
-        if where:
+        wheres: list[RowFilter | QueryError] = []
+        for request in requests:
+            try:
+                wheres.append(RowFilter.of(request.filters))
+            except QueryError as e:
+                wheres.append(e)
+        if any(isinstance(w, RowFilter) and w for w in wheres):
             store_columns(store)  # derived on first use, not under the lock: writers go on meanwhile
         with store.lock:  # a compaction renumbers rows: indices and paths must come from one state
-            allowed = allowed_rows(store, where)
-            return answer(request, store, lambda queries, n: allowed_top(store.index, queries, n, allowed))
+            masks = {w: allowed_rows(store, w) for w in set(wheres) if isinstance(w, RowFilter)}  # one per filter
+            asked = [(r, masks[w]) for r, w in zip(requests, wheres) if isinstance(w, RowFilter)]
+            answers = iter(answer_each(store, asked))
+        return [w if isinstance(w, QueryError) else next(answers) for w in wheres]
 
     def validate(self, batch: int = 256) -> ValidationReport:
         return validate(self.store, batch)

@@ -142,6 +142,10 @@ class SearchRequest:
 
 class Searcher(Protocol):
     """Answers an embedded SearchRequest exactly, one list of results per query vector: the local store
-    (search.local.LocalSearcher) or shards on a Ray cluster (search.sharded.ShardedSearch)."""
+    (search.local.LocalSearcher) or shards on a Ray cluster (search.sharded.ShardedSearcher).
+    `search_each` answers several requests in shared passes over the rows, each exactly as `search`
+    would, or with its own error (a QueryError: a bad filter)."""
 
     def search(self, request: SearchRequest) -> list[SearchResults]: ...
+
+    def search_each(self, requests: list[SearchRequest]) -> list[list[SearchResults] | QueryError]: ...

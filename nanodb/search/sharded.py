@@ -183,6 +183,12 @@ class Shard:
         return [[(r.index, r.similarity, r.path, r.metadata, r.duplicates) for r in results]
                 for results in self.searcher.search(request)]
 
+    def search_each(self, requests: list[SearchRequest]) -> list:
+        """`search` of each request (or its QueryError) in shared passes over this shard's rows."""
+        return [answer if isinstance(answer, Exception) else
+                [[(r.index, r.similarity, r.path, r.metadata, r.duplicates) for r in results] for results in answer]
+                for answer in self.searcher.search_each(requests)]
+
     def validate(self, batch: int) -> ValidationReport:
         return validate(self.store, batch)
 
@@ -522,6 +528,13 @@ class ShardedSearcher:
     def search(self, request: SearchRequest) -> list[SearchResults]:
         parts = self.store.each_shard("search", request)
         return merge_results(parts, request.k, self.store.shards)
+
+    def search_each(self, requests: list[SearchRequest]) -> list[list[SearchResults] | Exception]:
+        """Every shard answers all the requests in shared passes; each request's answers merged (a bad
+        filter is the same error on every shard: the first shard's)."""
+        answers = self.store.each_shard("search_each", requests)
+        return [by_shard[0] if isinstance(by_shard[0], Exception) else merge_results(by_shard, r.k, self.store.shards)
+                for r, by_shard in zip(requests, zip(*answers))]
 
     def validate(self, batch: int = 256) -> ValidationReport:
         return self.store.validate(batch)

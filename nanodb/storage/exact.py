@@ -25,8 +25,9 @@ def select_top_k(scores: np.ndarray, indices: np.ndarray, k: int) -> tuple[np.nd
     return np.take_along_axis(indices, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
-def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
-    """From every part's candidates: the top k per query by float64 score, ties to the lower index.
+def exact_top_k(buf, queries, ks, margins, parts, kernel, stats=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """From every part's candidates: each query's top ks[j] by float64 score, ties to the lower index, as
+    (rows, float32 scores); fewer where fewer rows are left to it.
 
     `margins` is twice the fast pass's error bound. A row of the true top k scores (fast pass) at
     least the k-th best fast score minus the margin, in its segment and overall; so the candidates
@@ -36,13 +37,12 @@ def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
     rows = np.concatenate([p[1] for p in parts]).astype(np.int64)
     s32 = np.concatenate([p[2] for p in parts])
     nq = len(queries)
-    kk = min(k, int(np.bincount(qi, minlength=nq).min()))  # fewer than k live rows: all are candidates
-    if kk == 0:
-        return np.zeros((nq, 0), np.int64), np.zeros((nq, 0), np.float32)
+    kk = np.minimum(ks, np.bincount(qi, minlength=nq))  # fewer than k rows left: all are candidates
     order = np.argsort(qi, kind="stable")  # grouped by query (a radix sort of small integers)
     qi, rows, s32 = qi[order], rows[order], s32[order]
     bounds = np.searchsorted(qi, np.arange(nq + 1))
-    kth = np.array([np.partition(s32[a:b], b - a - kk)[b - a - kk] for a, b in zip(bounds[:-1], bounds[1:])])
+    kth = np.array([np.partition(s32[a:b], b - a - k)[b - a - k] if k else np.inf
+                    for a, b, k in zip(bounds[:-1], bounds[1:], kk)])
     keep = s32 >= kth[qi] - margins[qi]
     qi, rows = qi[keep], rows[keep]
     if stats is not None:
@@ -54,14 +54,13 @@ def exact_top_k(buf, queries, k, margins, parts, kernel, stats=None):
     damaged = ~(np.abs(exact) <= reachable[qi])  # NaN too
     if damaged.any():
         raise DamagedRows(rows[damaged])
-    best_i = np.empty((nq, kk), np.int64)
-    best_s = np.empty((nq, kk), np.float32)
     bounds = np.searchsorted(qi, np.arange(nq + 1))
+    best = []
     for j in range(nq):
         a, b = bounds[j], bounds[j + 1]
-        ti, ts = select_top_k(exact[None, a:b], rows[None, a:b], kk)
-        best_i[j], best_s[j] = ti[0], ts[0]
-    return best_i, best_s
+        ti, ts = select_top_k(exact[None, a:b], rows[None, a:b], int(kk[j])) if kk[j] else (rows[None, :0],) * 2
+        best.append((ti[0], ts[0].astype(np.float32)))
+    return best
 
 
 def float64_dots(buf: np.ndarray, rows: np.ndarray, queries: np.ndarray, qi: np.ndarray, kernel) -> np.ndarray:

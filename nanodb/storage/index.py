@@ -30,7 +30,13 @@ from nanodb.storage.exact import exact_top_k
 from nanodb.storage.format import REPAIR_HINT, DatabaseError
 from nanodb.storage.kernel import built_kernel
 from nanodb.storage.mapped_rows import HeldFile, file_backed_rows
-from nanodb.storage.scan import DamagedRows, candidates_compact, candidates_float16, float32_error_bound
+from nanodb.storage.scan import (
+    DamagedRows,
+    Selection,
+    candidates_compact,
+    candidates_float16,
+    float32_error_bound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +275,19 @@ class VectorIndex:
 
         `stats`, if given, receives how the passes went (for benchmarks): "fast_pass" (its kind),
         "fast_s" and "exact_s" (seconds), "rescored" (candidate rows scored exactly, all queries)."""
+        queries = np.asarray(queries, np.float32).reshape(-1, self.dim)
+        found = self.search_each(queries, [k] * len(queries), [allowed] * len(queries), stats)
+        if not found:
+            return np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32)
+        # the same k and rows for all: as many results each (all the rows left when fewer than k)
+        return np.stack([i for i, _ in found]), np.stack([s for _, s in found])
+
+    def search_each(self, queries: np.ndarray, ks, allowed: list[np.ndarray | None],
+                    stats: dict | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each unit query (Q, dim), its own top ks[j] rows among those allowed[j] allows (a boolean
+        mask as in `search`; None: all), in one pass over the rows for all of them: [(indices, scores)].
+        Each query gets exactly what it gets searched alone. Queries sharing a mask should share the
+        object: the mask is applied once per segment for all of them."""
         start = time.perf_counter()
         queries = np.ascontiguousarray(np.asarray(queries, np.float32).reshape(-1, self.dim))
         with self._lock:  # a consistent snapshot; appends after it are not seen by this search
@@ -276,32 +295,51 @@ class VectorIndex:
             compact = self._codes, self._steps, self._error_max, self._norm_max
             gpu = None if self._gpu is None else (self._gpu, self._gpu_dead)
             self.check_files()
-        k = max(0, min(int(k), n))
-        if k == 0 or len(queries) == 0:
-            return np.zeros((len(queries), 0), np.int64), np.zeros((len(queries), 0), np.float32)
+        ks = np.clip(np.asarray(ks, np.int64).reshape(-1), 0, n)
+        found = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * len(queries)
+        asked = np.flatnonzero(ks > 0)  # a query asking for no row (or of an empty index) gets none
+        if len(asked) == 0:
+            return found
+        queries, ks = queries[asked], ks[asked]
         skip = dead[:n] if any_dead else None
-        if allowed is not None:
-            kept = np.zeros(n, bool)
-            kept[: min(n, len(allowed))] = allowed[:n]
-            skip = ~kept if skip is None else skip | ~kept
+        selection = self._selection(ks, [allowed[j] for j in asked], n, skip)
         try:
             if gpu is not None:
                 margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-                gskip = None if skip is None else gpu[1] if allowed is None else self._cp.asarray(skip)
-                parts = self._candidates_cupy(gpu[0], gskip, n, queries, k, margins)
+                parts = self._candidates_cupy(gpu[0], (skip, gpu[1]), selection, n, queries, margins)
             elif KERNEL is not None:
-                margins, parts = candidates_compact(KERNEL, *compact, skip, n, queries, k)
+                margins, parts = candidates_compact(KERNEL, *compact, selection, n, queries)
             else:
                 margins = 2 * float32_error_bound(self.dim) * np.linalg.norm(queries.astype(np.float64), axis=1)
-                parts = candidates_float16(buf, skip, n, queries, k, margins)
+                parts = candidates_float16(buf, selection, n, queries, margins)
             middle = time.perf_counter()
-            result = exact_top_k(buf, queries, k, margins, parts, KERNEL, stats)
+            for j, got in zip(asked, exact_top_k(buf, queries, ks, margins, parts, KERNEL, stats)):
+                found[j] = got
         except DamagedRows as e:
             raise self._damaged(e.rows) from None
         if stats is not None:
             kind = "float32 cupy" if gpu is not None else fast_pass(self.dim)
             stats.update(fast_pass=kind, fast_s=middle - start, exact_s=time.perf_counter() - middle)
-        return result
+        return found
+
+    @staticmethod
+    def _selection(ks: np.ndarray, allowed: list[np.ndarray | None], n: int, dead: np.ndarray | None) -> Selection:
+        """Each query's k and skip mask (its deleted rows and those its mask does not allow), one mask per
+        distinct `allowed` object."""
+        skips: list[np.ndarray | None] = []
+        slot: dict[int, int] = {}
+        skip_of = np.empty(len(ks), np.int64)
+        for j, mask in enumerate(allowed):
+            if id(mask) not in slot:
+                slot[id(mask)] = len(skips)
+                skip = dead
+                if mask is not None:
+                    kept = np.zeros(n, bool)
+                    kept[: min(n, len(mask))] = mask[:n]
+                    skip = ~kept if dead is None else dead | ~kept
+                skips.append(skip)
+            skip_of[j] = slot[id(mask)]
+        return Selection(ks, skips, skip_of)
 
     def _damaged(self, rows: np.ndarray) -> DatabaseError:
         """The error for rows whose values no stored unit vector has: their file changed after its check."""
@@ -312,8 +350,9 @@ class VectorIndex:
         return DatabaseError(f"{where}: rows {shown} are not unit vectors (changed after the database was opened); "
                              f"{REPAIR_HINT}")
 
-    def _candidates_cupy(self, gbuf, gdead, n, queries, k, margins):
-        """Float32 scores on the GPU in chunks; per chunk, the rows within `margins` of its k-th best.
+    def _candidates_cupy(self, gbuf, dead, selection, n, queries, margins):
+        """Float32 scores on the GPU in chunks; per chunk and query, the rows within its margin of its k-th
+        best among the rows its skip mask leaves. `dead` is (the host's mask of deleted rows, the device's).
 
         The k-th best comes from torch.topk (a radix select): cupy's argpartition sorts whole rows."""
         import torch
@@ -321,15 +360,19 @@ class VectorIndex:
         cp = self._cp
         q = cp.asarray(queries)
         gmargins = cp.asarray(margins)
-        floor = float(np.finfo(np.float32).min)  # deleted rows (-inf) never qualify
+        gks = cp.asarray(selection.ks)
+        floor = float(np.finfo(np.float32).min)  # skipped rows (-inf) never qualify
+        masks = [(None if skip is None else dead[1] if skip is dead[0] else cp.asarray(skip), cp.asarray(members))
+                 for skip, members in selection.groups()]
         parts = []
         for lo in range(0, n, GPU_CHUNK_ROWS):
             hi = min(n, lo + GPU_CHUNK_ROWS)
             scores = q @ gbuf[lo:hi].astype(cp.float32).T  # (Q, rows)
-            if gdead is not None:
-                scores = cp.where(gdead[lo:hi], -cp.inf, scores)
-            top = torch.topk(torch.from_dlpack(scores), min(k, hi - lo), dim=1, sorted=False).values
-            kth = cp.from_dlpack(top.min(dim=1).values)
+            for gskip, members in masks:
+                if gskip is not None:
+                    scores[members] = cp.where(gskip[lo:hi][None, :], -cp.inf, scores[members])
+            top = torch.topk(torch.from_dlpack(scores), min(int(selection.ks.max()), hi - lo), dim=1).values
+            kth = cp.from_dlpack(top)[cp.arange(len(q)), cp.minimum(gks, hi - lo) - 1]
             qi, ri = cp.nonzero(scores >= cp.maximum(kth - gmargins, floor)[:, None])
             parts.append((qi.get(), ri.get() + lo, scores[qi, ri].get()))
         return parts

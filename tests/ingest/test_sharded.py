@@ -19,7 +19,9 @@ from helpers.ray_cluster import STORE_MB, assert_same_scan, options
 
 from nanodb import NanoDB
 from nanodb.media.record import content_hash
-from nanodb.search.sharded import ShardedStore
+from nanodb.search.local import LocalSearcher
+from nanodb.search.request import Filters, SearchRequest
+from nanodb.search.sharded import ShardedSearcher, ShardedStore
 from nanodb.storage.format import DatabaseError
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -134,6 +136,33 @@ def test_sharded_search_collapses_a_videos_frames_like_the_local_searcher(cluste
             for row in results:
                 videos = [r.path for r in row if r.path.endswith(".mp4")]
                 assert len(videos) == len(set(videos)) and len(row) == (4 if named.get("folder") else 8), named
+
+
+def test_requests_searched_together_on_shards_get_their_lone_results(cluster, tmp_path):
+    """The query batcher's pass on a sharded database (search_each): every shard answers all the requests in
+    one call, each with its own k, filters, minimum similarity and collapse, merged as each alone; a bad
+    filter fails its own request only."""
+    c, _ = cluster
+    rng = np.random.default_rng(9)
+    vectors = rng.standard_normal((900, 384)).astype(np.float32)
+    vectors[300:320] = vectors[7]  # copies: one shard
+    paths = [f"/photos/{'2023' if i % 2 else '2024'}/img{i}.{('jpg', 'png')[i % 2]}" for i in range(900)]
+    queries = np.concatenate([rng.standard_normal((11, 384)), vectors[[7]]]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    filters = [Filters(folder="2023"), Filters(since="not a date"), Filters(types=["jpg"]), Filters(folder="/photos")]
+    requests = [SearchRequest(q, k=1 + 3 * j, filters=filters[j % 4], collapse=j % 3 == 2,
+                              min_similarity=0.1 if j % 5 == 2 else None, vectors=q[None])
+                for j, q in enumerate(queries)]  # the last: item 7's copies, collapsed
+    sharded, local = twin_databases(tmp_path, c, vectors, paths)
+    with sharded, local:
+        together = ShardedSearcher(sharded.store).search_each(requests)
+        for request, answer in zip(requests, together):
+            if request.filters.since is not None:
+                assert "not a date" in str(answer)
+                continue
+            same_results(answer, LocalSearcher(local.store).search(request), sharded, local)
+            same_results(answer, ShardedSearcher(sharded.store).search(request), sharded, sharded)
+        assert len(together[-1][0][0].duplicates) == 20
 
 
 def test_deletes_moves_and_forgets_reach_the_shards_that_hold_the_items(cluster, tmp_path):

@@ -22,7 +22,8 @@ class StandInEncoder:
 
 
 class StandInSearcher:
-    """Answers each query vector with one result naming its first value; records each pass."""
+    """Answers each query vector with one result naming its first value; records each pass (search_each: all
+    the requests of a pass in one call)."""
 
     def __init__(self):
         self.passes: list[tuple[int, str]] = []  # (queries, the thread that ran the pass)
@@ -35,6 +36,11 @@ class StandInSearcher:
         self.entered.set()
         assert self.release.wait(STALLED_S)
         return [SearchResults([SearchResult(int(v[0]), None, 1.0)]) for v in request.vectors]
+
+    def search_each(self, requests: list[SearchRequest]) -> list[list[SearchResults]]:
+        vectors = np.concatenate([r.vectors for r in requests])
+        answers = iter(self.search(SearchRequest(k=1, vectors=vectors)))
+        return [[next(answers) for _ in r.vectors] for r in requests]
 
 
 def batcher_of(searcher: StandInSearcher) -> QueryBatcher:

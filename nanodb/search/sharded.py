@@ -13,8 +13,11 @@ one result) and merged best first, ties to the lower index; as a content group a
 two shards, the merge equals one store's answer.
 
 Losing a node: a shard's actor is restarted by Ray (on another node where its folder is on shared
-storage) and reopens its folder, losing what it had not saved. Calls wait up to `timeout` seconds for
-it, then fail with ShardUnavailable naming the shard.
+storage) and reopens its folder, losing what it had not saved. The coordinator keeps each shard's
+writes since its last save (a journal: the vectors of its unsaved items), and every call carries the
+actor instance it is meant for: a restarted actor refuses calls meant for its predecessor until the
+coordinator has replayed the journal to it, so nothing a scan counted as added is lost. Calls wait up
+to `timeout` seconds for it, then fail with ShardUnavailable naming the shard.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,10 @@ log = logging.getLogger(__name__)
 
 SHARD_TIMEOUT_S = 60.0  # how long a call waits for a restarting shard before ShardUnavailable
 ITEMS_PER_CALL = 4096  # items fetched at a time when iterating over a sharded database
+# the shard calls that change what it holds: kept in the coordinator's journal until the shard saves
+WRITES = frozenset({"append", "add_files", "drop_files", "add_known_file", "delete", "forget", "move_paths",
+                    "move_folder", "remember_failure"})
+RESTARTED = "restarted"  # a shard's answer to a call meant for the actor instance before its restart
 
 
 class ShardUnavailable(DatabaseError):
@@ -73,6 +82,7 @@ class Shard:
         call answers its error. Only `create` makes a new store, once, when the database is made."""
         self._store: ItemStore | None = None
         self._error: DatabaseError | None = None
+        self.instance = uuid.uuid4().hex  # a new one at each (re)start: the coordinator then replays
         self.folder, self.model = Path(folder), model
         self.options = {"read_only": read_only, "compact_dead_fraction": compact_dead_fraction}
         try:
@@ -106,6 +116,18 @@ class Shard:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def call(self, instance: str | None, method: str, *args) -> tuple[str, Any]:
+        """(this instance, method(*args)); (RESTARTED, None) when the call was meant for `instance`, an
+        earlier one (before a restart): the coordinator replays its journal first. None: any instance."""
+        if instance is not None and instance != self.instance:
+            return RESTARTED, self.instance
+        return self.instance, getattr(self, method)(*args)
+
+    def saved_mark(self) -> tuple | None:
+        """What was last committed to the folder (None: no store)."""
+        m = None if self._store is None else self._store.manifest
+        return None if m is None else (m.generation, m.count, m.deleted, m.paths_bytes, m.meta_bytes)
 
     def info(self) -> dict[str, Any]:
         s = self.store
@@ -204,6 +226,15 @@ class ShardedStore:
         self.manifest = dataclasses.replace(manifest.model, roots=manifest.roots)
         self.timeout = timeout
         self.actors = []
+        # per shard: its actor instance, its writes since its last save [(sequence, method, args)], what its
+        # folder held then, and the saves sent and not answered yet [(sequence, that save's mark)]
+        self._instances: list[str | None] = [None] * len(manifest.shards)
+        self._journal: list[list[tuple[int, str, tuple]]] = [[] for _ in manifest.shards]
+        self._marks: list[tuple | None] = [None] * len(manifest.shards)
+        self._saving: list[list[int]] = [[] for _ in manifest.shards]
+        self._saved_upto = [0] * len(manifest.shards)  # the sequence number of each shard's last save
+        self._sequence = 0
+        self._lock = threading.RLock()
         for where in manifest.shards:
             pinned = {} if where.node is None else {"resources": {f"node:{where.node}": 0.001}}
             actor = ray.remote(Shard).options(
@@ -213,7 +244,9 @@ class ShardedStore:
         try:
             if create:
                 self.each_shard("create")
-            self.each_shard("info")
+            self._instances = [i for i, _ in self._get([a.call.remote(None, "info") for a in self.actors],
+                                                     range(self.shards))]
+            self._marks = self.each_shard("saved_mark")
         except BaseException:
             self.close()
             raise
@@ -258,13 +291,72 @@ class ShardedStore:
 
     def each_shard(self, method: str, *args) -> list:
         """Call `method` on every shard at once; their answers in shard order."""
-        return self._get([getattr(a, method).remote(*args) for a in self.actors], range(self.shards))
+        answers = self._on({s: (method, *args) for s in range(self.shards)})
+        return [answers[s] for s in range(self.shards)]
 
     def _on(self, calls: dict[int, tuple]) -> dict[int, Any]:
-        """{shard: (method, *args)} -> {shard: answer}, the calls made at once."""
-        shards = list(calls)
-        refs = [getattr(self.actors[s], calls[s][0]).remote(*calls[s][1:]) for s in shards]
-        return dict(zip(shards, self._get(refs, shards)))
+        """{shard: (method, *args)} -> {shard: answer}, the calls made at once, each to the shard's actor
+        instance the journal is in step with; a shard restarted meanwhile gets its journal replayed,
+        then the call again. A write is journaled once answered; a save empties the journal of what it
+        committed (the calls sent before it: a shard runs its calls in the order they were sent)."""
+        answers: dict[int, Any] = {}
+        while calls:
+            shards = list(calls)
+            with self._lock:  # numbered in the order sent
+                self._sequence += 1
+                sequence = self._sequence
+                instances = {s: self._instances[s] for s in shards}
+                for s in shards:
+                    if calls[s][0] == "save":
+                        self._saving[s].append(sequence)
+                refs = [self.actors[s].call.remote(instances[s], *calls[s]) for s in shards]
+            try:
+                got = self._get(refs, shards)
+            finally:
+                with self._lock:
+                    for s in shards:
+                        if calls[s][0] == "save":
+                            self._saving[s].remove(sequence)
+            again = {}
+            for s, (instance, answer) in zip(shards, got):
+                if instance == RESTARTED:
+                    self._replay(s, instances[s], answer)
+                    again[s] = calls[s]
+                    continue
+                answers[s] = answer
+                if calls[s][0] == "save":
+                    mark = self._get([self.actors[s].saved_mark.remote()], [s])[0]
+                with self._lock:
+                    if calls[s][0] in WRITES and sequence > self._saved_upto[s]:
+                        self._journal[s].append((sequence, calls[s][0], calls[s][1:]))
+                    elif calls[s][0] == "save" and self._instances[s] == instance:
+                        self._journal[s] = [e for e in self._journal[s] if e[0] > sequence]
+                        self._marks[s], self._saved_upto[s] = mark, max(self._saved_upto[s], sequence)
+            calls = again
+        return answers
+
+    def _replay(self, s: int, lost: str | None, instance: str) -> None:
+        """Shard `s` restarted (its actor instance `lost` is gone, `instance` runs now): send it the
+        writes it lost, the ones since its last save, in order; once per restart, however many calls
+        found it. Where a save that no one answered reached the folder, what it saved is not sent."""
+        with self._lock:
+            if self._instances[s] != lost:
+                return  # replayed already by another call
+            journal = self._journal[s]
+            while True:
+                mark = self._get([self.actors[s].saved_mark.remote()], [s])[0]
+                if mark != self._marks[s] and self._saving[s]:  # a save in flight committed before the restart
+                    journal = [e for e in journal if e[0] > self._saving[s][0]]
+                log.warning("shard %d (%s) restarted: sending it again the %d changes it had not saved", s,
+                            self.cluster_manifest.shards[s].folder, len(journal))
+                for _, method, args in journal:
+                    answer = self._get([self.actors[s].call.remote(instance, method, *args)], [s])[0]
+                    if answer[0] == RESTARTED:  # restarted again meanwhile: from the start
+                        instance = answer[1]
+                        break
+                else:
+                    break
+            self._instances[s], self._journal[s], self._marks[s] = instance, journal, mark
 
     def _split(self, index: int) -> tuple[int, int]:
         """Global item index -> (shard, row)."""

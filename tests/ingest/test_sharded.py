@@ -334,3 +334,30 @@ def test_a_watch_keeps_a_sharded_database_in_step_with_its_folder(cluster, tmp_p
         bg.stop()
         db.save()
         db.close()
+
+
+def test_a_shard_actor_killed_mid_scan_loses_nothing_the_scan_counted(cluster, scanned_db, photo_tree, tmp_path):
+    """The shard's appends it had not saved die with it; the coordinator sends them again to the restarted
+    actor, so every item the scan reports as added is in the database when it ends, with no rescan."""
+    import ray
+
+    c, _ = cluster
+    path, _ = scanned_db
+
+    async def scan_and_kill(db: NanoDB):
+        task = asyncio.create_task(db.scan_async(photo_tree))
+        while not db.active_scans or db.active_scans[0].added < 8:
+            await asyncio.sleep(0.02)
+        assert db.active_scans[0].added < 30  # killed mid-scan
+        ray.kill(db.store.actors[0], no_restart=False)  # as kill -9 of its process: Ray restarts it
+        return await task
+
+    with NanoDB(path, read_only=True) as reference, \
+            NanoDB(tmp_path / "db", config="test", batch_size=2, ray=options(c, shards=3)) as db:
+        report = asyncio.run(scan_and_kill(db))
+        assert report.added == len(reference)
+        assert_same_scan(db, reference)
+        db.save()
+        expected = sorted(i.path for i in reference)
+    with NanoDB(tmp_path / "db", ray=options(c)) as reopened:  # and saved
+        assert sorted(i.path for i in reopened) == expected

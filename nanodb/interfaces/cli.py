@@ -330,8 +330,9 @@ def print_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
-async def open_database(args: argparse.Namespace, settings) -> NanoDB:
-    """The database of `--path`, repaired first with `--repair`."""
+async def open_database(args: argparse.Namespace, settings, stop: StopOnSignals | None = None) -> NanoDB:
+    """The database of `--path`, repaired first with `--repair`. A stop signal gives up joining a Ray
+    cluster (Ray's own connection loop would retry for minutes)."""
     if args.repair:
         report = await asyncio.to_thread(
             NanoDB.repair, args.path, args.model, args.pretrained, seed=args.seed, settings=settings
@@ -339,8 +340,11 @@ async def open_database(args: argparse.Namespace, settings) -> NanoDB:
         print(f"nanodb: {report.summary()}", file=sys.stderr)
     if args.read_only and (args.scan or args.watch or args.autosave):
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
+    ray = ray_options(args)
+    if ray is not None and stop is not None:
+        ray.stop_joining = lambda: stop.received > 0
     return NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=ray_options(args))
+                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=ray)
 
 
 def ray_options(args: argparse.Namespace):
@@ -367,7 +371,7 @@ async def run(args: argparse.Namespace) -> int:
     # opens (a new one loads the model): a signal meanwhile stops the program at its first wait.
     stop = StopOnSignals(asyncio.current_task())
     try:
-        db = await open_database(args, settings)
+        db = await open_database(args, settings, stop)
     except BaseException:
         stop.restore()
         raise

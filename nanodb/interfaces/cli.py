@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import shtab
 
@@ -29,6 +30,7 @@ from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.search.duplicates import check_threshold
 from nanodb.search.request import Filters, SearchRequest
 from nanodb.service import IngestService
+from nanodb.storage.cluster_manifest import is_sharded
 from nanodb.storage.format import DatabaseError
 
 EPILOG = """\
@@ -307,6 +309,9 @@ def print_results(db: NanoDB, results, args: argparse.Namespace, filtered: bool)
 def print_duplicates(args: argparse.Namespace) -> int:
     """`nanodb duplicates`: each group's items as result lines (a header line before each group, a blank
     line between groups) or, with --json, one JSON object per group; a summary on stderr."""
+    if is_sharded(Path(args.path).expanduser()):  # not a missing --ray: there is no cross-shard join yet
+        raise DatabaseError(f"{args.path} is a sharded database: near-duplicates of a sharded database are not "
+                            f"available yet (they need a join across the shards)")
     with NanoDB(args.path, read_only=True) as db:
         groups = db.near_duplicates(args.threshold, min_size=args.min_size)
         for number, group in enumerate(groups, 1):

@@ -220,3 +220,36 @@ except ValueError as e:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=ray_env())
     assert done.stdout.strip() == f"the Ray cluster at {silent_address} did not answer within 3 s"
+
+
+def test_duplicates_of_a_sharded_database_say_they_are_not_available_not_to_pass_ray(empty_db_path, tmp_path,
+                                                                                      capsys):
+    """`duplicates` takes no --ray (near-duplicates need a join across shards): its error must not ask for it."""
+    from nanodb.interfaces.cli import main
+    from nanodb.storage.cluster_manifest import ClusterManifest, ShardLocation, write_cluster_manifest
+    from nanodb.storage.format import read_manifest
+
+    root = tmp_path / "sharded"
+    write_cluster_manifest(root, ClusterManifest(read_manifest(empty_db_path), [ShardLocation(str(root / "s0"))]))
+    assert main(["duplicates", "--path", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "not available" in err and "--ray" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_concurrent_scans_get_one_ray_stage(monkeypatch):
+    """Two scans starting at once (two --scan folders) share one stage: a stage each held the CPUs of two
+    sets of CLIP actors, and the decode tasks waited for a CPU for ever."""
+    import threading
+
+    pytest.importorskip("ray")
+    from nanodb.cluster import RayCluster, RayOptions
+
+    cluster = RayCluster(RayOptions(address="local"))
+    monkeypatch.setattr(cluster, "resources", lambda: time.sleep(0.2) or {"CPU": 2.0})  # as slow as asking Ray
+    stages = []
+    threads = [threading.Thread(target=lambda: stages.append(cluster.embed_stage(None, None, 1, 4))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert stages[0] is stages[1]

@@ -419,10 +419,12 @@ async def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         uploads.close()
-        if db.unsaved:
-            db.save()
-            print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
-        db.close()
+        try:
+            if db.unsaved:
+                db.save()
+                print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
+        finally:  # a failed save (a removed shard folder) still ends the Ray cluster, here in the main thread
+            db.close()
         stop.exit_if_stopped()
         stop.restore()
     return 0

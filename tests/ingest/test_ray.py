@@ -253,3 +253,56 @@ def test_concurrent_scans_get_one_ray_stage(monkeypatch):
     for t in threads:
         t.join()
     assert stages[0] is stages[1]
+
+
+def serve_then_sigterm(db, address: str, folder, before_signal=lambda: None) -> tuple[int, str]:
+    """`nanodb --ray ADDRESS --server --scan FOLDER` until its scan is done, then SIGTERM: (exit status, stderr)."""
+    command = nanodb_command("--path", str(db), "--ray", address, "--shards", "2", "--server", "--port",
+                             str(free_port()), "--scan", str(folder))
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=ray_env())
+    lines = []
+    try:
+        while (line := proc.stderr.readline()) and "input ended" not in line:  # served, scanned
+            lines.append(line)
+        assert line, "".join(lines)
+        before_signal()
+        proc.send_signal(signal.SIGTERM)
+        lines.append(proc.communicate(timeout=120)[1])
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigterm_to_a_ray_server_saves_and_exits_0(cluster, tmp_path):
+    """Ray's driver turns SIGTERM into a stack dump and an abort (exit 134) unless nanodb keeps its own
+    handler: the server stops cleanly, saves, ends Ray, exits 0."""
+    c, _ = cluster
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in coco_photos(3):
+        shutil.copy(p, folder)
+    status, stderr = serve_then_sigterm(tmp_path / "db", c.address, folder)
+    assert status == 0, stderr
+    assert "saved 3 items" in stderr and "SIGTERM received" not in stderr and "Traceback" not in stderr
+    with NanoDB(tmp_path / "db", ray=options(c)) as db:
+        assert len(db) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_shard_folder_removed_under_a_ray_server_is_one_line_at_shutdown_never_an_abort(cluster, tmp_path):
+    c, _ = cluster
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in coco_photos(3):
+        shutil.copy(p, folder)
+    status, stderr = serve_then_sigterm(tmp_path / "db", c.address, folder,
+                                        lambda: shutil.rmtree(tmp_path / "db" / "shard-001"))
+    assert status not in (0, 134, -signal.SIGABRT), stderr
+    assert "Traceback" not in stderr and "SIGTERM received" not in stderr
+    errors = [line for line in stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "shard-001" in errors[0], stderr

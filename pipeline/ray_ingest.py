@@ -183,18 +183,21 @@ class RayEmbedStage:
         nothing = object()
         waiting: Any = nothing  # a file taken from the inbox that starts the next batch (a tar shard, or None)
         # a TaskGroup: a batch that fails stops the scan with its error, never silently (its files unsaved)
-        async with asyncio.TaskGroup() as batches:
-            while (f := await inbox.get() if waiting is nothing else waiting) is not None:
-                waiting = nothing
-                await running.wait()
-                await slots.acquire()
-                batch = [f]  # and whatever else arrived while this waited for a slot; a tar shard alone
-                while not is_tar_name(f.path) and len(batch) < self.options.batch_size and not inbox.empty():
-                    if (g := inbox.get_nowait()) is None or is_tar_name(g.path):
-                        waiting = g
-                        break
-                    batch.append(g)
-                batches.create_task(one(batch))
+        try:
+            async with asyncio.TaskGroup() as batches:
+                while (f := await inbox.get() if waiting is nothing else waiting) is not None:
+                    waiting = nothing
+                    await running.wait()
+                    await slots.acquire()
+                    batch = [f]  # and whatever else arrived while this waited for a slot; a tar shard alone
+                    while not is_tar_name(f.path) and len(batch) < self.options.batch_size and not inbox.empty():
+                        if (g := inbox.get_nowait()) is None or is_tar_name(g.path):
+                            waiting = g
+                            break
+                        batch.append(g)
+                    batches.create_task(one(batch))
+        except ExceptionGroup as group:  # the first failure as itself
+            raise group.exceptions[0] from None
         await outbox.put(None)
 
     async def _embed(self, paths: list[str], load: list[int]):

@@ -102,11 +102,15 @@ class RayCluster:
         outcome: list[BaseException | None] = []
 
         def join() -> None:
+            ray_worker = logging.getLogger("ray._private.worker")
+            ray_worker.addFilter(not_setting_sigterm)  # as meant: the program keeps its own handler
             try:
                 self.ray.init(address=address, logging_level=logging.WARNING)
                 outcome.append(None)
             except BaseException as e:  # handed to the waiting thread
                 outcome.append(e)
+            finally:
+                ray_worker.removeFilter(not_setting_sigterm)
 
         named = address if target is None or target == address else f"{address} ({target})"
         joining = threading.Thread(target=join, name="nanodb-ray-join", daemon=True)
@@ -183,6 +187,11 @@ def actor_model(model: ModelConfig, threads: int):
 
     torch.set_num_threads(max(1, threads))
     return load_model(model)
+
+
+def not_setting_sigterm(record: logging.LogRecord) -> bool:
+    """A log filter: drops Ray's warning that a join outside the main thread leaves SIGTERM's handler alone."""
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 def _signal_handlers() -> dict[int, Any]:

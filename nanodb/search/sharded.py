@@ -1,6 +1,6 @@
 """A sharded database on a Ray cluster: the items live in N shards, each an ordinary nanodb store folder
-owned by one Ray actor (`Shard`, search.shard); the coordinator (`ShardedStore`, in the NanoDB process) holds no
-vectors and no per-item table, only the actors.
+owned by one Ray actor (`Shard`, search.shard); the coordinator (`ShardedStore`, in the NanoDB process)
+holds no per-item table and no saved vectors, only the actors (and each shard's writes until it saves).
 
 Routing: a file goes to the shard its content hash names, so byte-identical files meet in one shard and
 share one vector there; a video's frames go by the video's path, so they stay together. A changed file

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 SHARD_TIMEOUT_S = 60.0  # how long a call waits for a restarting shard before ShardUnavailable
 ITEMS_PER_CALL = 4096  # items fetched at a time when iterating over a sharded database
+# the unsaved items kept per shard to send again after a restart: past it, a restart is an error instead
+JOURNAL_MAX_ITEMS = 20_000
 
 
 class ShardUnavailable(DatabaseError):
@@ -80,6 +82,8 @@ class ShardedStore:
         self._marks: list[tuple | None] = [None] * len(manifest.shards)
         self._saving: list[list[int]] = [[] for _ in manifest.shards]
         self._saved_upto = [0] * len(manifest.shards)  # the sequence number of each shard's last save
+        self._overflow: list[int | None] = [None] * len(manifest.shards)  # the write that overflowed the journal
+        self._journaled = [0] * len(manifest.shards)  # the items in each shard's journal
         self._sequence = 0
         self._lock = threading.RLock()
         for where in manifest.shards:
@@ -176,9 +180,15 @@ class ShardedStore:
                 with self._lock:
                     if calls[s][0] in WRITES and sequence > self._saved_upto[s]:
                         self._journal[s].append((sequence, calls[s][0], calls[s][1:]))
+                        self._journaled[s] += _items(calls[s][0], calls[s][1:])
+                        if self._journaled[s] > JOURNAL_MAX_ITEMS:  # too many to keep: dropped
+                            self._journal[s], self._journaled[s], self._overflow[s] = [], 0, sequence
                     elif calls[s][0] == "save" and self._instances[s] == instance:
                         self._journal[s] = [e for e in self._journal[s] if e[0] > sequence]
+                        self._journaled[s] = sum(_items(m, a) for _, m, a in self._journal[s])
                         self._marks[s], self._saved_upto[s] = mark, max(self._saved_upto[s], sequence)
+                        if self._overflow[s] is not None and self._overflow[s] < sequence:
+                            self._overflow[s] = None
             calls = again
         return answers
 
@@ -190,6 +200,11 @@ class ShardedStore:
             if self._instances[s] != lost:
                 return  # replayed already by another call
             journal = self._journal[s]
+            if self._overflow[s] is not None:
+                self._instances[s], self._journal[s], self._journaled[s], self._overflow[s] = instance, [], 0, None
+                raise DatabaseError(f"shard {s} ({self.cluster_manifest.shards[s].folder}) restarted and lost what it "
+                                    f"had not saved (over {JOURNAL_MAX_ITEMS} items, too many to keep to send "
+                                    f"again): save more often (--autosave) and scan again to add them")
             while True:
                 mark = self._get([self.actors[s].saved_mark.remote()], [s])[0]
                 if mark != self._marks[s] and self._saving[s]:  # a save in flight committed before the restart
@@ -204,6 +219,7 @@ class ShardedStore:
                 else:
                     break
             self._instances[s], self._journal[s], self._marks[s] = instance, journal, mark
+            self._journaled[s] = sum(_items(m, a) for _, m, a in journal)
 
     def _split(self, index: int) -> tuple[int, int]:
         """Global item index -> (shard, row)."""
@@ -428,6 +444,11 @@ class ShardedStore:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _items(method: str, args: tuple) -> int:
+    """How many items a journaled write holds (the vectors kept to send again)."""
+    return len(args[1]) if method == "append" else len(args[0]) if method == "add_files" else 1
 
 
 def merge_results(parts: list[list[list[tuple]]], k: int, shards: int) -> list[SearchResults]:

@@ -361,3 +361,24 @@ def test_a_shard_actor_killed_mid_scan_loses_nothing_the_scan_counted(cluster, s
         expected = sorted(i.path for i in reference)
     with NanoDB(tmp_path / "db", ray=options(c)) as reopened:  # and saved
         assert sorted(i.path for i in reopened) == expected
+
+
+def test_a_restarted_shard_with_more_unsaved_items_than_kept_is_a_one_line_error(cluster, tmp_path, monkeypatch):
+    """Past JOURNAL_MAX_ITEMS the coordinator cannot send a restarted shard what it lost: it says so, once,
+    instead of carrying on without those items."""
+    import ray
+
+    from nanodb.search import sharded
+
+    c, _ = cluster
+    monkeypatch.setattr(sharded, "JOURNAL_MAX_ITEMS", 50)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=1)) as db:
+        db.add(random_vectors(40, 7), paths=[f"/k/{i}.jpg" for i in range(40)])
+        db.save()
+        db.add(random_vectors(60, 8), paths=[f"/u/{i}.jpg" for i in range(60)])  # more than it keeps
+        ray.kill(db.store.actors[0], no_restart=False)
+        with pytest.raises(DatabaseError, match="shard 0 .*restarted and lost") as lost:
+            db.add(random_vectors(1, 9), paths=["/after.jpg"])
+        assert "\n" not in str(lost.value)
+        db.add(random_vectors(1, 9), paths=["/after.jpg"])  # said once: the shard goes on with what it saved
+        assert len(db) == 41

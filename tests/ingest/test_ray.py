@@ -6,6 +6,7 @@ tens of seconds to start on a small machine)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -183,21 +184,29 @@ def test_joining_a_dead_address_fails_with_one_line_naming_it(tmp_path):
 
 
 @pytest.fixture
-def silent_address():
-    """An address that accepts connections and never answers: a join there hangs."""
+def silent_listener():
+    """A listening socket that never answers: a join to its address hangs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(64)
-        yield f"127.0.0.1:{s.getsockname()[1]}"
+        yield s
+
+
+@pytest.fixture
+def silent_address(silent_listener):
+    return f"127.0.0.1:{silent_listener.getsockname()[1]}"
 
 
 @pytest.mark.ray
-def test_a_stop_signal_ends_a_hung_join_within_10_s(tmp_path, silent_address):
+def test_a_stop_signal_ends_a_hung_join_within_10_s(tmp_path, silent_listener, silent_address):
     pytest.importorskip("ray")
     proc = subprocess.Popen(nanodb_command("--path", str(tmp_path / "db"), "--ray", silent_address),
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ray_env())
     try:
-        time.sleep(6)  # imported, and joining
+        silent_listener.settimeout(30)
+        with contextlib.suppress(TimeoutError):  # it connects: joining now (nothing is ever answered)
+            silent_listener.accept()[0].close()
+        time.sleep(1)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)

@@ -355,7 +355,7 @@ class NanoDB:
         if self.cluster is not None:
             remote = await asyncio.to_thread(
                 self.cluster.embed_stage, self.model_config, self.model.pixel_transform,
-                self.settings.max_image_pixels, self.settings.batch_size)
+                self.settings.max_image_pixels, self.settings.batch_size, DecodeLimits.of(self.settings))
         # the model and the decode workers start only once a file needs them: a rescan that finds
         # nothing new loads neither
         pipeline = ScanPipeline(

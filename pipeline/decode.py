@@ -144,11 +144,13 @@ def decode_media(path: str, transform, max_pixels: int, file: FileBytes | None =
     return decoded if isinstance(decoded, DecodeFailure) else [decoded]
 
 
-def decode_tar(tar: str, transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
-    """A tar shard's members, read in one pass and decoded in this process (a Ray task's whole shard):
-    each image member an item (`<tar>#<member>`, the tar's size and mtime, its sample's caption and
-    JSON as metadata), each refused member a failure; a shard damaged partway: the members before the
-    damage, then one failure for the tar."""
+def decode_tar(tar: str, transform, max_pixels: int,
+               decode: Callable | None = None) -> list[DecodedImage | DecodeFailure]:
+    """A tar shard's members, read in one pass here (a Ray task's whole shard) and each decoded by
+    `decode` (default decode_media; a Ray task's decodes under the limits): each image member an item
+    (`<tar>#<member>`, the tar's size and mtime, its sample's caption and JSON as metadata), each
+    refused member a failure; a shard damaged partway: the members before the damage, then one failure
+    for the tar."""
     out: list[DecodedImage | DecodeFailure] = []
     try:
         f, size, mtime = open_tar(tar)
@@ -161,7 +163,8 @@ def decode_tar(tar: str, transform, max_pixels: int) -> list[DecodedImage | Deco
                 if m.data is None:
                     out.append(DecodeFailure(path, m.reason or "unreadable"))
                 else:
-                    one = decode_media(path, transform, max_pixels, FileBytes(m.data, size, mtime), m.metadata)
+                    one = (decode or decode_media)(path, transform, max_pixels, FileBytes(m.data, size, mtime),
+                                                   m.metadata)
                     out.extend([one] if isinstance(one, DecodeFailure) else one)
         except TarBroken as e:
             out.append(DecodeFailure(tar, str(e)))

@@ -3,6 +3,10 @@ CLIP actors embeds them, and the (records, vectors) batches stream back to the o
 the database, whose walker, unchanged-file skip and appender stay as in a local scan. Files come back
 as their FileRecords: the pixels stay on the node that decoded them.
 
+Each file is decoded under the same time and memory limits as in the local decode workers: in a limited
+worker process (media.sandbox) that the Ray task keeps for its later tasks; a decoder bomb costs its own
+file, at most the time limit, and is skipped with the reason.
+
 Ray retries a task whose worker or node died (and rebuilds a lost decoded batch from its lineage);
 an actor is restarted elsewhere and its call retried. A batch still failing after that is sent again
 up to `attempts` times, then its files are reported as failed. A batch's records and vectors travel in
@@ -14,25 +18,51 @@ imports without it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_media
+from nanodb.pipeline.decode import DecodedImage, DecodeFailure, decode_media, decode_tar
 from nanodb.pipeline.sink import EmbeddingModel
 
+from nanodb.media.opener import ImageRejected
 from nanodb.media.remote import is_tar_name, split_member
+from nanodb.media.sandbox import TOO_MUCH_MEMORY, DecodeLimits, DecodeSandbox
+from nanodb.media.video import preload_video_libraries
 
 log = logging.getLogger(__name__)
 
 
-def decode_batch(paths: list[str], transform, max_pixels: int) -> list[DecodedImage | DecodeFailure]:
+# The limited decode worker of this Ray worker process (kept for its later tasks), and its limits.
+_sandbox: tuple[DecodeLimits, DecodeSandbox] | None = None
+
+
+def decode_limited(limits: DecodeLimits | None, path: str, transform, max_pixels: int, *file_and_metadata):
+    """One file's items, decoded in this Ray worker's limited decode process (without `limits`: here)."""
+    global _sandbox
+    if limits is None:
+        return decode_media(path, transform, max_pixels, *file_and_metadata)
+    if _sandbox is None or _sandbox[0] != limits:
+        _sandbox = (limits, DecodeSandbox(1, limits, preload_video_libraries))
+    try:
+        result = _sandbox[1].run(decode_media, path, transform, max_pixels, *file_and_metadata)
+    except ImageRejected as e:  # past the time limit (its worker was replaced), or the memory limit
+        return DecodeFailure(path, str(e))
+    if isinstance(result, DecodeFailure) and result.reason == TOO_MUCH_MEMORY:
+        return DecodeFailure(path, limits.too_big)
+    return result
+
+
+def decode_batch(paths: list[str], transform, max_pixels: int,
+                 limits: DecodeLimits | None = None) -> list[DecodedImage | DecodeFailure]:
     """A Ray task: read and decode files, where they are visible to every node (a shared folder), or
-    objects behind URLs (read on the node), or a tar shard (a batch of its own: read in one pass,
-    every member decoded)."""
-    decoded = [decode_media(p, transform, max_pixels) for p in paths]
+    objects behind URLs (read on the node), or a tar shard (a batch of its own: read in one pass here,
+    every member decoded under the limits)."""
+    decoded = [decode_tar(p, transform, max_pixels, functools.partial(decode_limited, limits)) if is_tar_name(p)
+               else decode_limited(limits, p, transform, max_pixels) for p in paths]
     return [d for one in decoded for d in ([one] if isinstance(one, DecodeFailure) else one)]  # a video's frames
 
 
@@ -80,6 +110,7 @@ class RayStageOptions:
     in_flight_per_actor: int = 2  # batches queued at each actor, so it never waits for the next one
     task_retries: int = 3  # Ray's own retries of a decode task or an actor call
     attempts: int = 3  # whole-batch resubmissions after Ray gave up
+    limits: DecodeLimits | None = None  # each decode's time and memory limit (None: none)
 
 
 class RayEmbedStage:
@@ -94,20 +125,20 @@ class RayEmbedStage:
         self.actors: list = []
         self._decode = None
 
-    def start(self) -> None:
-        """Start the CLIP actors (the cluster is already connected) and wait until their models load."""
+    async def start(self) -> None:
+        """Start the CLIP actors (the cluster is already connected), once however many scans share the
+        stage, and wait until their models load (without holding up the event loop)."""
         import ray
 
         o = self.options
-        if self.actors:
-            return
-        self._decode = ray.remote(num_cpus=o.decode_cpus, max_retries=o.task_retries)(decode_batch)
-        actor = ray.remote(ClipWorker).options(
-            max_restarts=-1, max_task_retries=o.task_retries, scheduling_strategy="SPREAD",
-            **(o.actor_resources or {"num_cpus": 1})
-        )
-        self.actors = [actor.remote(self.factory) for _ in range(o.actors)]
-        ray.get([a.ready.remote() for a in self.actors])
+        if not self.actors:
+            self._decode = ray.remote(num_cpus=o.decode_cpus, max_retries=o.task_retries)(decode_batch)
+            actor = ray.remote(ClipWorker).options(
+                max_restarts=-1, max_task_retries=o.task_retries, scheduling_strategy="SPREAD",
+                **(o.actor_resources or {"num_cpus": 1})
+            )
+            self.actors = [actor.remote(self.factory) for _ in range(o.actors)]
+        await asyncio.gather(*(a.ready.remote() for a in self.actors))
 
     def stop(self) -> None:
         import ray
@@ -121,10 +152,9 @@ class RayEmbedStage:
         """Consumes FoundFiles (None ends the stream); emits (records, vectors) batches, then None. A file
         that failed to decode is passed to `remember_failure` (path, size, mtime, reason), as the local
         decode stage does (a batch the cluster itself failed is not: it is tried again at the next scan)."""
-        self.start()
+        await self.start()
         load = [0] * len(self.actors)
         slots = asyncio.Semaphore(len(self.actors) * self.options.in_flight_per_actor)
-        tasks: set[asyncio.Task] = set()
 
         async def one(files: list) -> None:
             paths = [f.path for f in files]
@@ -152,24 +182,22 @@ class RayEmbedStage:
 
         nothing = object()
         waiting: Any = nothing  # a file taken from the inbox that starts the next batch (a tar shard, or None)
+        # a TaskGroup: a batch that fails stops the scan with its error, never silently (its files unsaved)
         try:
-            while (f := await inbox.get() if waiting is nothing else waiting) is not None:
-                waiting = nothing
-                await running.wait()
-                await slots.acquire()
-                batch = [f]  # and whatever else arrived while this waited for a slot; a tar shard alone
-                while not is_tar_name(f.path) and len(batch) < self.options.batch_size and not inbox.empty():
-                    if (g := inbox.get_nowait()) is None or is_tar_name(g.path):
-                        waiting = g
-                        break
-                    batch.append(g)
-                task = asyncio.create_task(one(batch))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*tasks)
-        finally:
-            for task in tasks:
-                task.cancel()
+            async with asyncio.TaskGroup() as batches:
+                while (f := await inbox.get() if waiting is nothing else waiting) is not None:
+                    waiting = nothing
+                    await running.wait()
+                    await slots.acquire()
+                    batch = [f]  # and whatever else arrived while this waited for a slot; a tar shard alone
+                    while not is_tar_name(f.path) and len(batch) < self.options.batch_size and not inbox.empty():
+                        if (g := inbox.get_nowait()) is None or is_tar_name(g.path):
+                            waiting = g
+                            break
+                        batch.append(g)
+                    batches.create_task(one(batch))
+        except ExceptionGroup as group:  # the first failure as itself
+            raise group.exceptions[0] from None
         await outbox.put(None)
 
     async def _embed(self, paths: list[str], load: list[int]):
@@ -182,7 +210,7 @@ class RayEmbedStage:
             i = min(range(len(load)), key=load.__getitem__)
             load[i] += 1
             try:
-                decoded = self._decode.remote(paths, self.transform, self.max_pixels)
+                decoded = self._decode.remote(paths, self.transform, self.max_pixels, self.options.limits)
                 return (*await self.actors[i].embed.remote(decoded), True)
             except ray.exceptions.RayError as e:
                 error = e

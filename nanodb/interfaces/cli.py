@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import shtab
 
@@ -29,6 +30,7 @@ from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.search.duplicates import check_threshold
 from nanodb.search.request import Filters, SearchRequest
 from nanodb.service import IngestService
+from nanodb.storage.cluster_manifest import is_sharded
 from nanodb.storage.format import DatabaseError
 
 EPILOG = """\
@@ -307,6 +309,9 @@ def print_results(db: NanoDB, results, args: argparse.Namespace, filtered: bool)
 def print_duplicates(args: argparse.Namespace) -> int:
     """`nanodb duplicates`: each group's items as result lines (a header line before each group, a blank
     line between groups) or, with --json, one JSON object per group; a summary on stderr."""
+    if is_sharded(Path(args.path).expanduser()):  # not a missing --ray: there is no cross-shard join yet
+        raise DatabaseError(f"{args.path} is a sharded database: near-duplicates of a sharded database are not "
+                            f"available yet (they need a join across the shards)")
     with NanoDB(args.path, read_only=True) as db:
         groups = db.near_duplicates(args.threshold, min_size=args.min_size)
         for number, group in enumerate(groups, 1):
@@ -330,8 +335,9 @@ def print_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
-async def open_database(args: argparse.Namespace, settings) -> NanoDB:
-    """The database of `--path`, repaired first with `--repair`."""
+async def open_database(args: argparse.Namespace, settings, stop: StopOnSignals | None = None) -> NanoDB:
+    """The database of `--path`, repaired first with `--repair`. A stop signal gives up joining a Ray
+    cluster (Ray's own connection loop would retry for minutes)."""
     if args.repair:
         report = await asyncio.to_thread(
             NanoDB.repair, args.path, args.model, args.pretrained, seed=args.seed, settings=settings
@@ -339,8 +345,11 @@ async def open_database(args: argparse.Namespace, settings) -> NanoDB:
         print(f"nanodb: {report.summary()}", file=sys.stderr)
     if args.read_only and (args.scan or args.watch or args.autosave):
         raise ValueError("--read-only cannot be combined with --scan, --watch or --autosave")
+    ray = ray_options(args)
+    if ray is not None and stop is not None:
+        ray.stop_joining = lambda: stop.received > 0
     return NanoDB(args.path, args.model, args.pretrained, seed=args.seed, settings=settings,
-                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=ray_options(args))
+                  autosave=args.autosave or bool(args.watch), read_only=args.read_only, ray=ray)
 
 
 def ray_options(args: argparse.Namespace):
@@ -369,7 +378,7 @@ async def run(args: argparse.Namespace) -> int:
     server = service = None
     stop = StopOnSignals(asyncio.current_task(), busy=lambda: service is None or service.scanning)
     try:
-        db = await open_database(args, settings)
+        db = await open_database(args, settings, stop)
     except BaseException:
         stop.restore()
         if stop.received:  # stopped while it opened: nothing to save
@@ -413,10 +422,12 @@ async def run(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
         uploads.close()
-        if db.unsaved:
-            db.save()
-            print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
-        db.close()
+        try:
+            if db.unsaved:
+                db.save()
+                print(f"nanodb: saved {counted(len(db), 'item')} to {db.path}", file=sys.stderr)
+        finally:  # a failed save (a removed shard folder) still ends the Ray cluster, here in the main thread
+            db.close()
         stop.exit_if_stopped()
         stop.restore()
     return 0

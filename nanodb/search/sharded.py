@@ -1,6 +1,6 @@
 """A sharded database on a Ray cluster: the items live in N shards, each an ordinary nanodb store folder
-owned by one Ray actor (`Shard`); the coordinator (`ShardedStore`, in the NanoDB process) holds no
-vectors and no per-item table, only the actors.
+owned by one Ray actor (`Shard`, search.shard); the coordinator (`ShardedStore`, in the NanoDB process)
+holds no per-item table and no saved vectors, only the actors (and each shard's writes until it saves).
 
 Routing: a file goes to the shard its content hash names, so byte-identical files meet in one shard and
 share one vector there; a video's frames go by the video's path, so they stay together. A changed file
@@ -13,8 +13,11 @@ one result) and merged best first, ties to the lower index; as a content group a
 two shards, the merge equals one store's answer.
 
 Losing a node: a shard's actor is restarted by Ray (on another node where its folder is on shared
-storage) and reopens its folder, losing what it had not saved. Calls wait up to `timeout` seconds for
-it, then fail with ShardUnavailable naming the shard.
+storage) and reopens its folder, losing what it had not saved. The coordinator keeps each shard's
+writes since its last save (a journal: the vectors of its unsaved items), and every call carries the
+actor instance it is meant for: a restarted actor refuses calls meant for its predecessor until the
+coordinator has replayed the journal to it, so nothing a scan counted as added is lost. Calls wait up
+to `timeout` seconds for it, then fail with ShardUnavailable naming the shard.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,170 +35,28 @@ import numpy as np
 
 from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord
-from nanodb.media.video import frame_time
-from nanodb.search.local import LocalSearcher, ValidationReport, validate
+from nanodb.search.local import ValidationReport
 from nanodb.search.request import SearchRequest, SearchResult, SearchResults
+from nanodb.search.shard import RESTARTED, WRITES, Shard, route_key, shard_of
 from nanodb.storage.cluster_manifest import (
     ClusterManifest,
     ShardLocation,
     read_cluster_manifest,
     write_cluster_manifest,
 )
-from nanodb.storage.format import DatabaseError, Manifest, read_manifest
-from nanodb.storage.store import Item, ItemStore
+from nanodb.storage.format import DatabaseError, Manifest
+from nanodb.storage.store import Item
 
 log = logging.getLogger(__name__)
 
 SHARD_TIMEOUT_S = 60.0  # how long a call waits for a restarting shard before ShardUnavailable
 ITEMS_PER_CALL = 4096  # items fetched at a time when iterating over a sharded database
+# the unsaved items kept per shard to send again after a restart: past it, a restart is an error instead
+JOURNAL_MAX_ITEMS = 20_000
 
 
 class ShardUnavailable(DatabaseError):
     """A shard did not answer (its node is down and its actor could not be restarted in time)."""
-
-
-def route_key(record: FileRecord) -> bytes:
-    """What decides a record's shard: its content hash; for a video's frame, the video's path."""
-    if frame_time(record.metadata) is not None and record.path is not None:
-        return hashlib.blake2b(os.fsencode(record.path), digest_size=16).digest()
-    return bytes(record.hash)
-
-
-def shard_of(key: bytes, shards: int) -> int:
-    return int.from_bytes(key[:8], "little") % shards
-
-
-class Shard:
-    """A Ray actor owning one shard's store folder: every read and write of its items happens here."""
-
-    def __init__(self, folder: str, model: Manifest, read_only: bool, compact_dead_fraction: float):
-        """Opens the folder (also when Ray restarts the actor after its node was lost). A folder that cannot
-        be opened (damaged: the --repair hint; missing: on a lost disk) is not an actor that dies: every
-        call answers its error. Only `create` makes a new store, once, when the database is made."""
-        self._store: ItemStore | None = None
-        self._error: DatabaseError | None = None
-        self.folder, self.model = Path(folder), model
-        self.options = {"read_only": read_only, "compact_dead_fraction": compact_dead_fraction}
-        try:
-            manifest = read_manifest(self.folder)
-            if manifest is None:
-                raise DatabaseError(f"the shard folder {folder} holds no database on this node: it is on "
-                                    f"another node's disk, or was removed")
-            self._store = ItemStore(self.folder, manifest, **self.options)
-        except DatabaseError as e:
-            self._error = e
-
-    def create(self) -> None:
-        """Make this shard's empty store (a new database's, before anything else is asked of it)."""
-        if self._store is None and read_manifest(self.folder) is None:
-            empty = dataclasses.replace(self.model, count=0, generation=0, paths_bytes=0, meta_bytes=0, deleted=0,
-                                        compact=0, roots={})
-            self._store, self._error = ItemStore(self.folder, empty, **self.options), None
-
-    @property
-    def store(self) -> ItemStore:
-        if self._error is not None:
-            raise self._error
-        return self._store
-
-    @property
-    def searcher(self) -> LocalSearcher:
-        return LocalSearcher(self.store)
-
-    def node(self) -> str:
-        """The id of the Ray node this shard runs on."""
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def info(self) -> dict[str, Any]:
-        s = self.store
-        return {"items": len(s), "rows": s.rows, "unsaved": 0 if s.read_only else s.unsaved, "state": s.state}
-
-    # --- writing
-    def append(self, vectors: np.ndarray, records: list[FileRecord]) -> list[int]:
-        return self.store.append(vectors, records)
-
-    def add_files(self, records: list[FileRecord], vectors: np.ndarray | None) -> tuple[int, int]:
-        return self.store.add_files(records, vectors)
-
-    def drop_files(self, paths: list[str]) -> list[str]:
-        """Delete the items of exactly these paths (not folders); returns the paths that had some."""
-        rows = {p: self.store.rows_of(p) for p in paths}
-        self.store.delete([i for r in rows.values() for i in r])
-        return [p for p, r in rows.items() if r]
-
-    def add_known_file(self, record: FileRecord) -> int | None:
-        return self.store.add_known_file(record)
-
-    def delete(self, rows: list[int]) -> None:
-        self.store.delete(rows)
-
-    def forget(self, paths: list[str]) -> int:
-        return self.store.forget(paths)
-
-    def move_paths(self, moves: list[tuple[str, str]]) -> int:
-        return self.store.move_paths(moves)
-
-    def move_folder(self, old: str, new: str) -> int:
-        return self.store.move_folder(old, new)
-
-    def remember_failure(self, path: str, size: int, mtime: float, reason: str) -> None:
-        self.store.remember_failure(path, size, mtime, reason)
-
-    def drop_stale(self, path: str, size: int, mtime: float) -> int:
-        return self.store.drop_stale(path, size, mtime)
-
-    def save(self) -> bool:
-        return self.store.save()
-
-    def save_failures(self) -> None:
-        self.store.save_failures()
-
-    # --- reading
-    def known_files(self, files: list[tuple[str, int, float]]) -> tuple[list[str], list[str]]:
-        """(the paths among `files` indexed here, those of them unchanged)."""
-        held = [p for p, _, _ in files if self.store.rows_of(p)]
-        return held, sorted(self.store.unchanged_files(files))
-
-    def failed_before(self, files: list[tuple[str, int, float]]) -> list[str]:
-        return sorted(self.store.failed_before(files))
-
-    def indexed_paths(self) -> list[str]:
-        return self.store.indexed_paths()
-
-    def rows_of(self, path: str) -> list[int]:
-        return self.store.rows_of(path)
-
-    def row_with_hash(self, content_hash: bytes) -> int | None:
-        return self.store.row_with_hash(content_hash)
-
-    def items(self, rows: list[int]) -> list[Item | None]:
-        """The items of these rows (None for a row that does not exist or is deleted)."""
-        return [self.store.item(r) if self.store.is_live(r) else None for r in rows]
-
-    def live_items(self, after: int, n: int) -> list[Item]:
-        """Up to n live items with rows above `after`, in row order."""
-        rows = self.store.live_rows()
-        rows = rows[np.searchsorted(rows, after, side="right"):][:n]
-        return [self.store.item(int(r)) for r in rows]
-
-    def search(self, request: SearchRequest) -> list[list[tuple[int, float, str | None, dict, list[int]]]]:
-        return [[(r.index, r.similarity, r.path, r.metadata, r.duplicates) for r in results]
-                for results in self.searcher.search(request)]
-
-    def search_each(self, requests: list[SearchRequest]) -> list:
-        """`search` of each request (or its QueryError) in shared passes over this shard's rows."""
-        return [answer if isinstance(answer, Exception) else
-                [[(r.index, r.similarity, r.path, r.metadata, r.duplicates) for r in results] for results in answer]
-                for answer in self.searcher.search_each(requests)]
-
-    def validate(self, batch: int) -> ValidationReport:
-        return validate(self.store, batch)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
 
 
 class ShardedStore:
@@ -213,6 +75,17 @@ class ShardedStore:
         self.manifest = dataclasses.replace(manifest.model, roots=manifest.roots)
         self.timeout = timeout
         self.actors = []
+        # per shard: its actor instance, its writes since its last save [(sequence, method, args)], what its
+        # folder held then, and the saves sent and not answered yet [(sequence, that save's mark)]
+        self._instances: list[str | None] = [None] * len(manifest.shards)
+        self._journal: list[list[tuple[int, str, tuple]]] = [[] for _ in manifest.shards]
+        self._marks: list[tuple | None] = [None] * len(manifest.shards)
+        self._saving: list[list[int]] = [[] for _ in manifest.shards]
+        self._saved_upto = [0] * len(manifest.shards)  # the sequence number of each shard's last save
+        self._overflow: list[int | None] = [None] * len(manifest.shards)  # the write that overflowed the journal
+        self._journaled = [0] * len(manifest.shards)  # the items in each shard's journal
+        self._sequence = 0
+        self._lock = threading.RLock()
         for where in manifest.shards:
             pinned = {} if where.node is None else {"resources": {f"node:{where.node}": 0.001}}
             actor = ray.remote(Shard).options(
@@ -222,7 +95,9 @@ class ShardedStore:
         try:
             if create:
                 self.each_shard("create")
-            self.each_shard("info")
+            self._instances = [i for i, _ in self._get([a.call.remote(None, "info") for a in self.actors],
+                                                     range(self.shards))]
+            self._marks = self.each_shard("saved_mark")
         except BaseException:
             self.close()
             raise
@@ -267,13 +142,84 @@ class ShardedStore:
 
     def each_shard(self, method: str, *args) -> list:
         """Call `method` on every shard at once; their answers in shard order."""
-        return self._get([getattr(a, method).remote(*args) for a in self.actors], range(self.shards))
+        answers = self._on({s: (method, *args) for s in range(self.shards)})
+        return [answers[s] for s in range(self.shards)]
 
     def _on(self, calls: dict[int, tuple]) -> dict[int, Any]:
-        """{shard: (method, *args)} -> {shard: answer}, the calls made at once."""
-        shards = list(calls)
-        refs = [getattr(self.actors[s], calls[s][0]).remote(*calls[s][1:]) for s in shards]
-        return dict(zip(shards, self._get(refs, shards)))
+        """{shard: (method, *args)} -> {shard: answer}, the calls made at once, each to the shard's actor
+        instance the journal is in step with; a shard restarted meanwhile gets its journal replayed,
+        then the call again. A write is journaled once answered; a save empties the journal of what it
+        committed (the calls sent before it: a shard runs its calls in the order they were sent)."""
+        answers: dict[int, Any] = {}
+        while calls:
+            shards = list(calls)
+            with self._lock:  # numbered in the order sent
+                self._sequence += 1
+                sequence = self._sequence
+                instances = {s: self._instances[s] for s in shards}
+                for s in shards:
+                    if calls[s][0] == "save":
+                        self._saving[s].append(sequence)
+                refs = [self.actors[s].call.remote(instances[s], *calls[s]) for s in shards]
+            try:
+                got = self._get(refs, shards)
+            finally:
+                with self._lock:
+                    for s in shards:
+                        if calls[s][0] == "save":
+                            self._saving[s].remove(sequence)
+            again = {}
+            for s, (instance, answer) in zip(shards, got):
+                if instance == RESTARTED:
+                    self._replay(s, instances[s], answer)
+                    again[s] = calls[s]
+                    continue
+                answers[s] = answer
+                if calls[s][0] == "save":
+                    mark = self._get([self.actors[s].saved_mark.remote()], [s])[0]
+                with self._lock:
+                    if calls[s][0] in WRITES and sequence > self._saved_upto[s]:
+                        self._journal[s].append((sequence, calls[s][0], calls[s][1:]))
+                        self._journaled[s] += _items(calls[s][0], calls[s][1:])
+                        if self._journaled[s] > JOURNAL_MAX_ITEMS:  # too many to keep: dropped
+                            self._journal[s], self._journaled[s], self._overflow[s] = [], 0, sequence
+                    elif calls[s][0] == "save" and self._instances[s] == instance:
+                        self._journal[s] = [e for e in self._journal[s] if e[0] > sequence]
+                        self._journaled[s] = sum(_items(m, a) for _, m, a in self._journal[s])
+                        self._marks[s], self._saved_upto[s] = mark, max(self._saved_upto[s], sequence)
+                        if self._overflow[s] is not None and self._overflow[s] < sequence:
+                            self._overflow[s] = None
+            calls = again
+        return answers
+
+    def _replay(self, s: int, lost: str | None, instance: str) -> None:
+        """Shard `s` restarted (its actor instance `lost` is gone, `instance` runs now): send it the
+        writes it lost, the ones since its last save, in order; once per restart, however many calls
+        found it. Where a save that no one answered reached the folder, what it saved is not sent."""
+        with self._lock:
+            if self._instances[s] != lost:
+                return  # replayed already by another call
+            journal = self._journal[s]
+            if self._overflow[s] is not None:
+                self._instances[s], self._journal[s], self._journaled[s], self._overflow[s] = instance, [], 0, None
+                raise DatabaseError(f"shard {s} ({self.cluster_manifest.shards[s].folder}) restarted and lost what it "
+                                    f"had not saved (over {JOURNAL_MAX_ITEMS} items, too many to keep to send "
+                                    f"again): save more often (--autosave) and scan again to add them")
+            while True:
+                mark = self._get([self.actors[s].saved_mark.remote()], [s])[0]
+                if mark != self._marks[s] and self._saving[s]:  # a save in flight committed before the restart
+                    journal = [e for e in journal if e[0] > self._saving[s][0]]
+                log.warning("shard %d (%s) restarted: sending it again the %d changes it had not saved", s,
+                            self.cluster_manifest.shards[s].folder, len(journal))
+                for _, method, args in journal:
+                    answer = self._get([self.actors[s].call.remote(instance, method, *args)], [s])[0]
+                    if answer[0] == RESTARTED:  # restarted again meanwhile: from the start
+                        instance = answer[1]
+                        break
+                else:
+                    break
+            self._instances[s], self._journal[s], self._marks[s] = instance, journal, mark
+            self._journaled[s] = sum(_items(m, a) for _, m, a in journal)
 
     def _split(self, index: int) -> tuple[int, int]:
         """Global item index -> (shard, row)."""
@@ -505,6 +451,11 @@ class ShardedStore:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
+
+
+def _items(method: str, args: tuple) -> int:
+    """How many items a journaled write holds (the vectors kept to send again)."""
+    return len(args[1]) if method == "append" else len(args[0]) if method == "add_files" else 1
 
 
 def merge_results(parts: list[list[list[tuple]]], k: int, shards: int) -> list[SearchResults]:

@@ -365,3 +365,51 @@ def test_a_watch_keeps_a_sharded_database_in_step_with_its_folder(cluster, tmp_p
         bg.stop()
         db.save()
         db.close()
+
+
+def test_a_shard_actor_killed_mid_scan_loses_nothing_the_scan_counted(cluster, scanned_db, photo_tree, tmp_path):
+    """The shard's appends it had not saved die with it; the coordinator sends them again to the restarted
+    actor, so every item the scan reports as added is in the database when it ends, with no rescan."""
+    import ray
+
+    c, _ = cluster
+    path, _ = scanned_db
+
+    async def scan_and_kill(db: NanoDB):
+        task = asyncio.create_task(db.scan_async(photo_tree))
+        while not db.active_scans or db.active_scans[0].added < 8:
+            await asyncio.sleep(0.02)
+        assert db.active_scans[0].added < 30  # killed mid-scan
+        ray.kill(db.store.actors[0], no_restart=False)  # as kill -9 of its process: Ray restarts it
+        return await task
+
+    with NanoDB(path, read_only=True) as reference, \
+            NanoDB(tmp_path / "db", config="test", batch_size=2, ray=options(c, shards=3)) as db:
+        report = asyncio.run(scan_and_kill(db))
+        assert report.added == len(reference)
+        assert_same_scan(db, reference)
+        db.save()
+        expected = sorted(i.path for i in reference)
+    with NanoDB(tmp_path / "db", ray=options(c)) as reopened:  # and saved
+        assert sorted(i.path for i in reopened) == expected
+
+
+def test_a_restarted_shard_with_more_unsaved_items_than_kept_is_a_one_line_error(cluster, tmp_path, monkeypatch):
+    """Past JOURNAL_MAX_ITEMS the coordinator cannot send a restarted shard what it lost: it says so, once,
+    instead of carrying on without those items."""
+    import ray
+
+    from nanodb.search import sharded
+
+    c, _ = cluster
+    monkeypatch.setattr(sharded, "JOURNAL_MAX_ITEMS", 50)
+    with NanoDB(tmp_path / "db", config="test", ray=options(c, shards=1)) as db:
+        db.add(random_vectors(40, 7), paths=[f"/k/{i}.jpg" for i in range(40)])
+        db.save()
+        db.add(random_vectors(60, 8), paths=[f"/u/{i}.jpg" for i in range(60)])  # more than it keeps
+        ray.kill(db.store.actors[0], no_restart=False)
+        with pytest.raises(DatabaseError, match="shard 0 .*restarted and lost") as lost:
+            db.add(random_vectors(1, 9), paths=["/after.jpg"])
+        assert "\n" not in str(lost.value)
+        db.add(random_vectors(1, 9), paths=["/after.jpg"])  # said once: the shard goes on with what it saved
+        assert len(db) == 41

@@ -103,15 +103,17 @@ class ScanReport:
         """Images (video frames included) embedded per second of the scan's wall time."""
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
-    def status(self) -> str:
-        """One line for a live display: files done/total, images/s, errors, ETA, queue depths."""
+    def status(self, queues: bool = True) -> str:
+        """One line for a live display: files done/total, images/s, errors, ETA, queue depths. Until the
+        walk ends the total is unknown (`650+`), so the ETA says it is counting rather than guess."""
         total = f"{self.found}{'+' if self.walking else ''}"
         left = self.found - self.done
-        eta = f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else ""
-        queues = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
+        eta = (", ETA: counting files" if self.walking else
+               f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else "")
+        depths = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
         return (
             f"{self.done}/{total} files, {self.rate:.1f} images/s, {self.failed} errors{eta}"
-            + (f", queued: {queues}" if queues and self.finished is None else "")
+            + (f", queued: {depths}" if queues and depths and self.finished is None else "")
         )
 
     def summary(self) -> str:

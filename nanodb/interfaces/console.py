@@ -94,8 +94,9 @@ def styled(line: str) -> FormattedText:
     return FormattedText([("ansicyan", m.group(1)), ("", m.group(2)), ("", m.group(3)), (colour, m.group(4))])
 
 
-def progress_line(db: NanoDB, status: str, width: int) -> str:
-    """The status line: a bar and percentage for the running scans, then the service's status, cut to `width`."""
+def progress_line(db: NanoDB, status: Callable[[int], str], width: int) -> str:
+    """The status line: a bar and percentage for the running scans, then the service's status made to
+    fit what is left of `width` (`status(room)`), cut to `width` if it still does not fit."""
     scans = list(db.active_scans)
     head = ""
     if scans:
@@ -104,7 +105,7 @@ def progress_line(db: NanoDB, status: str, width: int) -> str:
         bar = "█" * round(share * 20) + "░" * (20 - round(share * 20))
         walking = "+" if any(r.walking for r in scans) else ""
         head = f"{bar} {share:4.0%} {done:,}/{found:,}{walking} | "
-    line = head + status
+    line = head + status(width - len(head))
     return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
 
 
@@ -338,7 +339,7 @@ class Console:
             await self._search(line)
 
     def _progress(self, width: int) -> str:
-        return progress_line(self.db, self.service.status(), width)
+        return progress_line(self.db, self.service.status, width)
 
     async def _search(self, query=None, **named) -> None:
         search = asyncio.ensure_future(asyncio.to_thread(lambda: self.db.search(query, self.k, **named)))

@@ -163,9 +163,11 @@ class DirectoryWalker:
             return []
 
     def _leads_outside(self, entry: os.DirEntry, visited: _Visited) -> bool:
-        """A symlink out of the scanned folders, not to be followed: reported if it names an image or a folder."""
+        """A symlink out of the scanned folders, not to be followed: reported if it names an image or a folder.
+        A broken link leads nowhere: the file checks report it as the broken link it is."""
         try:
-            if self.follow_symlinks or not entry.is_symlink() or leads_inside(entry.path, visited.inside):
+            if (self.follow_symlinks or not entry.is_symlink() or not os.path.exists(entry.path)
+                    or leads_inside(entry.path, visited.inside)):
                 return False
         except OSError:
             return False  # unreadable: the checks that follow report it

@@ -21,7 +21,14 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
-from nanodb.interfaces.query_args import is_combined_query, similar_query, unquote
+from nanodb.interfaces.query_args import (
+    is_combined_query,
+    missing_path,
+    similar_query,
+    unquote,
+    utf8_words,
+    words_query,
+)
 from nanodb.interfaces.stopping import clear_line, wait_showing_progress
 from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
@@ -329,14 +336,14 @@ class Console:
         NanoDB.search reads by the one rule (words, an image URL, `#12`, or a combined query of those and
         image paths)."""
         if (words := unquoted(line)) is not None:
-            await self._search(text=words)  # quotes force text
+            await self._search(text=utf8_words(words))  # quotes force text
         elif _is_existing_path(line):
             await self._scan(os.path.expanduser(line))
         elif is_image_reference(line) and not is_url(line) and not is_combined_query(line):
             raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
-                             f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+                             missing_path(line, f'"{line}"'))
         else:
-            await self._search(line)
+            await self._search(**words_query(line))
 
     def _progress(self, width: int) -> str:
         return progress_line(self.db, self.service.status, width)

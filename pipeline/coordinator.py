@@ -16,7 +16,7 @@ from nanodb.pipeline.append import IndexAppender
 from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, ImageDecodePool
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
-from nanodb.pipeline.sources import SourceLister, is_source
+from nanodb.pipeline.sources import SourceLister, is_source, shard_pattern
 from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 
 from nanodb.media.opener import FileBytes, ImageRejected
@@ -42,6 +42,9 @@ class ScanReport:
     frames_embedded: int = 0  # of which video frames
     failed_before: int = 0  # failed to decode at an earlier scan and unchanged since: not tried again
     raw_left_out: int = 0  # camera RAW files beside their camera's JPEG (or HEIF): the pair is one item
+    tars_left_out: int = 0  # tar files in the scanned folders: read only when named (`tar_shards`)
+    tar_shards: str = ""  # a scan argument that names them
+    tars_removed: int = 0  # named tar shards gone since they were indexed: their items are dropped
     int8_checked: int = 0  # int8 vectors also computed in floating point to check them (pipeline/fidelity.py)
     int8_min_cosine: float | None = None  # the lowest cosine those checks saw (None: no check)
     int8_reembedded: int = 0  # images re-embedded in floating point after a check fell short
@@ -132,13 +135,17 @@ class ScanReport:
         embedded = " and ".join([_count(images, "image")] * bool(images or not frames)
                                 + [_count(frames, "video frame")] * bool(frames))
         rate = f" ({embedded} embedded, {self.rate:.1f}/s)" if self.embedded else ""
-        asides = [f"dropped {_count(self.dropped, 'gone file')}"] if self.dropped else []
+        removed = f" ({_count(self.tars_removed, 'removed tar shard')})" if self.tars_removed else ""
+        asides = [f"dropped {_count(self.dropped, 'gone file')}{removed}"] if self.dropped or removed else []
         if self.raw_left_out:
             asides.append(f"{_count(self.raw_left_out, 'RAW+JPEG pair')}: JPEG only")
         if self.int8_checked:
             asides.append(f"int8 checked on {_count(self.int8_checked, 'image')}: lowest cosine "
                           f"{self.int8_min_cosine:.4f} to floating point"
                           + (f", {self.int8_reembedded} re-embedded in it" if self.int8_reembedded else ""))
+        if self.tars_left_out:
+            asides.append(f"{_count(self.tars_left_out, 'tar file')} left out (a folder scan reads photos and "
+                          f"videos; name webdataset shards to read them: --scan '{self.tar_shards}')")
         found = (f"{_count(self.found - self.videos_found, 'photo')} and {_count(self.videos_found, 'video')}"
                  if self.videos_found else _count(self.found, "file"))
         return (f"scanned {found} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"
@@ -175,7 +182,8 @@ class ScanPipeline:
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         roots = [os.fspath(r) for r in roots]
         # URL prefixes and tar shards (pipeline.sources) beside the local folders (the walker's)
-        self.sources = SourceLister([r for r in roots if is_source(r)], **kwargs)
+        self.sources = SourceLister([r for r in roots if is_source(r)], **kwargs,
+                                    indexed=lambda tar: tar in self.indexed_members())
         self.walker = DirectoryWalker([r for r in roots if not is_source(r)], skip_dirs=(str(sink.path),),
                                       follow_symlinks=follow_symlinks, index_paired_raw=index_paired_raw,
                                       **kwargs)
@@ -273,6 +281,9 @@ class ScanPipeline:
                 problems.append(problem.path)
             walker.problems.clear()
         self.report.raw_left_out = self.walker.raw_left_out
+        self.report.tars_left_out = self.walker.tars_left_out
+        if self.walker.tar_ends:
+            self.report.tar_shards = shard_pattern(self.walker.tar_ends[0], self.walker.tar_ends[-1])
 
     def _vanished_roots(self) -> list[str]:
         """Scanned folders (or files) that were deleted and have indexed items: the rescan drops
@@ -335,7 +346,8 @@ class ScanPipeline:
                 if (p in whole or p.startswith(prefixes)) and p not in seen and split_member(p) is None]
         for tar in self.sources.gone_tars:
             gone.extend(self.indexed_members().get(tar, []))
-            log.info("%s gone: its items are dropped", printable(tar))
+            log.info("%s removed: its items are dropped", printable(tar))
+        self.report.tars_removed += len(self.sources.gone_tars)
         return self.sink.forget(gone) if gone else 0
 
     def _drop_missing_members(self) -> int:

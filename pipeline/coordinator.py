@@ -144,8 +144,9 @@ class ScanReport:
                           f"{self.int8_min_cosine:.4f} to floating point"
                           + (f", {self.int8_reembedded} re-embedded in it" if self.int8_reembedded else ""))
         if self.tars_left_out:
+            e_g = "e.g. " if self.tars_left_out > 1 and "{" not in self.tar_shards else ""
             asides.append(f"{_count(self.tars_left_out, 'tar file')} left out (a folder scan reads photos and "
-                          f"videos; name webdataset shards to read them: --scan '{self.tar_shards}')")
+                          f"videos; name webdataset shards to read them: {e_g}--scan '{self.tar_shards}')")
         found = (f"{_count(self.found - self.videos_found, 'photo')} and {_count(self.videos_found, 'video')}"
                  if self.videos_found else _count(self.found, "file"))
         return (f"scanned {found} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"

@@ -72,8 +72,7 @@ def shard_names(arg: str) -> list[str] | None:
 def shard_pattern(first: str, last: str) -> str:
     """A scan argument naming tar shards from `first` to `last` (`d/shard-{0000..0041}.tar` where their
     names differ in one zero-padded number), else `first` alone."""
-    ends = [re.fullmatch(r"(.*?)(\d+)(\.(?:tar|tgz|tar\.gz))", name, re.IGNORECASE) for name in (first, last)]
-    a, b = ends
+    a, b = (re.fullmatch(r"(.*?)(\d+)(\.(?:tar|tgz|tar\.gz))", name, re.IGNORECASE) for name in (first, last))
     if a and b and (a[1], a[3], len(a[2])) == (b[1], b[3], len(b[2])) and a[2] != b[2]:
         return f"{a[1]}{{{a[2]}..{b[2]}}}{a[3]}"
     return first

@@ -13,7 +13,7 @@ stamp="$venv/.nanodb-installed"
 want="$(cat "$here/pyproject.toml" "$here/constraints.txt" "$here/nanodb/storage/_scan.c" | sha256sum | cut -d' ' -f1)"
 
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "nanodb: setting up the environment in $venv (first run only, a few minutes)..." >&2
+    echo "nanodb: setting up the environment in $venv (first run only: about 6 minutes, 6.9 GB)..." >&2
     log="$(mktemp)"
     if ! { "$python" -m venv "$venv" &&
            "$venv/bin/python" -m pip install -c "$here/constraints.txt" -e "$here[test]"; } >"$log" 2>&1; then

@@ -135,15 +135,29 @@ class IngestService:
             self.watcher.stop()
 
     # ------------------------------------------------------------------ status
-    def status(self) -> str:
-        """One line: what runs, files done/total, images/s, errors, ETA, queue depths."""
+    def status(self, width: int | None = None) -> str:
+        """One line: what runs, files done/total, images/s, errors, ETA, queue depths. Given a `width`
+        it is too long for, the queue depths go first, then the middle of the scans' paths, so that the
+        counts, the ETA and the items stay readable."""
+        line = self._status(queues=True, path_width=None)
+        if width is None or len(line) <= width:
+            return line
+        line = self._status(queues=False, path_width=None)
+        longest = max((len(path) for path, _, task in self.scans if not task.done()), default=0)
+        for path_width in range(longest - 1, 15, -1):  # the longest paths first, to 16 characters at least
+            if len(line) <= width:
+                break
+            line = self._status(queues=False, path_width=path_width)
+        return line
+
+    def _status(self, queues: bool, path_width: int | None) -> str:
         parts = []
         waiting = any(report.waiting for _, report, task in self.scans if not task.done())
         if (loading := self.db.model_loading_for) is not None and not waiting:  # a first query waits for it
             parts.append(f"loading the model {self.db.spec.name} ({loading:.0f}s)")  # (a scan's line says so)
         for path, report, task in self.scans:
             if not task.done():
-                parts.append(f"scan {path}: {report.status()}")
+                parts.append(f"scan {_elided(path, path_width)}: {report.status(queues)}")
         if self.watcher is not None:
             w = self.watch_report
             done = f", {w.added + w.updated} embedded, {w.failed} errors" if w else ", first scan"
@@ -153,3 +167,12 @@ class IngestService:
             parts.append("PAUSED")
         parts.append(f"{len(self.db)} items, {self.db.unsaved} unsaved")
         return " | ".join(parts)
+
+
+def _elided(text: str, width: int | None) -> str:
+    """`text` cut to `width` characters in the middle (a path's start and its last folders both say
+    which it is)."""
+    if width is None or len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return text[: width - 1 - tail] + "…" + text[len(text) - tail:]

@@ -18,7 +18,7 @@ from nanodb.pipeline.append import IndexAppender
 from nanodb.pipeline.decode import REMOTE_VIDEO, DecodeFailure, HeldBytes, ImageDecodePool, stored_image
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.sink import EmbeddingModel, IndexSink
-from nanodb.pipeline.sources import SourceLister, is_source
+from nanodb.pipeline.sources import SourceLister, is_source, shard_pattern
 from nanodb.pipeline.walk import DirectoryWalker, FoundFile
 
 from nanodb.media.opener import FileBytes, ImageRejected
@@ -46,6 +46,9 @@ class ScanReport:
     frames_embedded: int = 0  # of which video frames
     failed_before: int = 0  # failed to decode at an earlier scan and unchanged since: not tried again
     raw_left_out: int = 0  # camera RAW files beside their JPEG, HEIF or export: the pair is one item
+    tars_left_out: int = 0  # tar files in the scanned folders: read only when named (`tar_shards`)
+    tar_shards: str = ""  # a scan argument that names them
+    tars_removed: int = 0  # named tar shards gone since they were indexed: their items are dropped
     int8_checked: int = 0  # int8 vectors also computed in floating point to check them (pipeline/fidelity.py)
     int8_min_cosine: float | None = None  # the lowest cosine those checks saw (None: no check)
     int8_reembedded: int = 0  # images re-embedded in floating point after a check fell short
@@ -144,16 +147,18 @@ class ScanReport:
         """Images (video frames included) embedded per second of the scan's wall time."""
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
-    def status(self) -> str:
-        """One line for a live display: files done/total, images/s, errors, ETA, queue depths."""
+    def status(self, queues: bool = True) -> str:
+        """One line for a live display: files done/total, images/s, errors, ETA, queue depths. Until the
+        walk ends the total is unknown (`650+`), so the ETA says it is counting rather than guess."""
         total = f"{self.found}{'+' if self.walking else ''}"
         left = self.found - self.done
-        eta = f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else ""
-        queues = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
+        eta = (", ETA: counting files" if self.walking else
+               f", ETA {_duration(left / self.rate)}" if left > 0 and self.rate > 0 else "")
+        depths = " ".join(f"{name} {q.qsize()}" for name, q in self.queues.items())
         doing = self.waiting_line or f"{self.rate:.1f} images/s"
         return (
             f"{self.done}/{total} files, {doing}, {self.failed} errors{eta}"
-            + (f", queued: {queues}" if queues and self.finished is None else "")
+            + (f", queued: {depths}" if queues and depths and self.finished is None else "")
         )
 
     def summary(self) -> str:
@@ -172,13 +177,18 @@ class ScanReport:
         embedded = " and ".join([_count(images, "image")] * bool(images or not frames)
                                 + [_count(frames, "video frame")] * bool(frames))
         rate = f" ({embedded} embedded, {self.rate:.1f}/s)" if self.embedded else ""
-        asides = [f"dropped {_count(self.dropped, 'gone file')}"] if self.dropped else []
+        removed = f" ({_count(self.tars_removed, 'removed tar shard')})" if self.tars_removed else ""
+        asides = [f"dropped {_count(self.dropped, 'gone file')}{removed}"] if self.dropped or removed else []
         if self.raw_left_out:
             asides.append(f"{_count(self.raw_left_out, 'RAW pair')}: JPEG/export only")
         if self.int8_checked:
             asides.append(f"int8 checked on {_count(self.int8_checked, 'image')}: lowest cosine "
                           f"{self.int8_min_cosine:.4f} to floating point"
                           + (f", {self.int8_reembedded} re-embedded in it" if self.int8_reembedded else ""))
+        if self.tars_left_out:
+            e_g = "e.g. " if self.tars_left_out > 1 and "{" not in self.tar_shards else ""
+            asides.append(f"{_count(self.tars_left_out, 'tar file')} left out (a folder scan reads photos and "
+                          f"videos; name webdataset shards to read them: {e_g}--scan '{self.tar_shards}')")
         found = (f"{_count(self.found - self.videos_found, 'photo')} and {_count(self.videos_found, 'video')}"
                  if self.videos_found else _count(self.found, "file"))
         return (f"scanned {found} in {self.seconds:.1f}s: {', '.join(counts)}{rate}"
@@ -217,7 +227,8 @@ class ScanPipeline:
         kwargs = {"excludes": tuple(excludes)} if excludes is not None else {}
         roots = [os.fspath(r) for r in roots]
         # URL prefixes and tar shards (pipeline.sources) beside the local folders (the walker's)
-        self.sources = SourceLister([r for r in roots if is_source(r)], **kwargs)
+        self.sources = SourceLister([r for r in roots if is_source(r)], **kwargs,
+                                    indexed=lambda tar: tar in self.indexed_members())
         self.walker = DirectoryWalker([r for r in roots if not is_source(r)], skip_dirs=(str(sink.path),),
                                       follow_symlinks=follow_symlinks, index_paired_raw=index_paired_raw,
                                       **kwargs)
@@ -318,6 +329,9 @@ class ScanPipeline:
                 problems.append(problem.path)
             walker.problems.clear()
         self.report.raw_left_out = self.walker.raw_left_out
+        self.report.tars_left_out = self.walker.tars_left_out
+        if self.walker.tar_ends:
+            self.report.tar_shards = shard_pattern(self.walker.tar_ends[0], self.walker.tar_ends[-1])
 
     def _vanished_roots(self) -> list[str]:
         """Scanned folders (or files) that were deleted and have indexed items: the rescan drops
@@ -380,7 +394,8 @@ class ScanPipeline:
                 if (p in whole or p.startswith(prefixes)) and p not in seen and split_member(p) is None]
         for tar in self.sources.gone_tars:
             gone.extend(self.indexed_members().get(tar, []))
-            log.info("%s gone: its items are dropped", printable(tar))
+            log.info("%s removed: its items are dropped", printable(tar))
+        self.report.tars_removed += len(self.sources.gone_tars)
         return self.sink.forget(gone) if gone else 0
 
     def _drop_missing_members(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from nanodb.pipeline.walk import FoundFile, WalkProblem
@@ -69,6 +69,15 @@ def shard_names(arg: str) -> list[str] | None:
     return names if all(is_tar_name(n) for n in names) else None
 
 
+def shard_pattern(first: str, last: str) -> str:
+    """A scan argument naming tar shards from `first` to `last` (`d/shard-{0000..0041}.tar` where their
+    names differ in one zero-padded number), else `first` alone."""
+    a, b = (re.fullmatch(r"(.*?)(\d+)(\.(?:tar|tgz|tar\.gz))", name, re.IGNORECASE) for name in (first, last))
+    if a and b and (a[1], a[3], len(a[2])) == (b[1], b[3], len(b[2])) and a[2] != b[2]:
+        return f"{a[1]}{{{a[2]}..{b[2]}}}{a[3]}"
+    return first
+
+
 def is_source(arg: str) -> bool:
     """A scan argument for this module (a URL, tar shards), not for the directory walker."""
     return is_url(arg) or shard_names(arg) is not None
@@ -79,7 +88,8 @@ class SourceLister:
     """Yields the FoundFiles of URL prefixes and tar shards (`args`, scan arguments for which is_source).
 
     After the listing: `prefixes` (the URL prefixes listed whole: an indexed object under one that was
-    not listed is gone), `gone_tars` (named shards that no longer exist: their members are dropped).
+    not listed is gone), `gone_tars` (named shards with items, `indexed(tar)`, that no longer exist: they
+    were removed, their members are dropped; a named shard that never was is a problem).
     """
 
     args: list[str]
@@ -87,6 +97,7 @@ class SourceLister:
     problems: list[WalkProblem] = field(default_factory=list)
     prefixes: list[str] = field(default_factory=list)
     gone_tars: list[str] = field(default_factory=list)
+    indexed: Callable[[str], bool] = lambda tar: False
 
     def _problem(self, path: str, reason: str) -> None:
         log.warning("skipped %s: %s", printable(path), reason)
@@ -146,10 +157,11 @@ class SourceLister:
             else:
                 try:
                     st = os.stat(tar)
-                except FileNotFoundError:
-                    if os.path.isdir(os.path.dirname(tar)):
+                except FileNotFoundError:  # removed (its folder is there), or never was, or unmounted
+                    if os.path.isdir(os.path.dirname(tar)) and self.indexed(tar):
                         self.gone_tars.append(tar)
-                    self._problem(tar, "no such tar shard")
+                    else:
+                        self._problem(tar, "no such tar shard")
                     continue
                 except OSError as e:
                     self._problem(tar, e.strerror or str(e))
@@ -162,8 +174,10 @@ class SourceLister:
         try:
             size, mtime = object_stat(fs.info(path))
         except FileNotFoundError:
-            self.gone_tars.append(url)
-            self._problem(url, "no such tar shard")
+            if self.indexed(url):
+                self.gone_tars.append(url)
+            else:
+                self._problem(url, "no such tar shard")
             return
         except Exception as e:
             raise SourceError(f"cannot read {url}: {one_line(e)}") from None

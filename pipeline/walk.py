@@ -20,6 +20,7 @@ from nanodb.media.paths import (
     printable,
     resolved_roots,
 )
+from nanodb.media.remote import is_tar_name
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ class DirectoryWalker:
     problems: list[WalkProblem] = field(default_factory=list)
     index_paired_raw: bool = False
     raw_left_out: int = 0  # RAW files left out for the rendering beside them
+    tars_left_out: int = 0  # tar files in the folders: read only when named (webdataset shards)
+    tar_ends: tuple[str, ...] = ()  # the first and the last of them, for the summary's hint
 
     def _problem(self, path: str, reason: str) -> None:
         log.warning("skipped %s: %s", printable(path), reason)
@@ -164,9 +167,11 @@ class DirectoryWalker:
             return []
 
     def _leads_outside(self, entry: os.DirEntry, visited: _Visited) -> bool:
-        """A symlink out of the scanned folders, not to be followed: reported if it names an image or a folder."""
+        """A symlink out of the scanned folders, not to be followed: reported if it names an image or a folder.
+        A broken link leads nowhere: the file checks report it as the broken link it is."""
         try:
-            if self.follow_symlinks or not entry.is_symlink() or leads_inside(entry.path, visited.inside):
+            if (self.follow_symlinks or not entry.is_symlink() or not os.path.exists(entry.path)
+                    or leads_inside(entry.path, visited.inside)):
                 return False
         except OSError:
             return False  # unreadable: the checks that follow report it
@@ -180,6 +185,9 @@ class DirectoryWalker:
             return self._file(entry.path, seen)
         if is_unsupported_image_name(entry.name):
             self._problem(entry.path, f"unsupported image format ({os.path.splitext(entry.name)[1]})")
+        elif is_tar_name(entry.name):
+            self.tars_left_out += 1
+            self.tar_ends = (*self.tar_ends[:1], entry.path)
         return None
 
     def _file(self, path: str, seen: set[str]) -> FoundFile | None:

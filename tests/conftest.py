@@ -1,4 +1,4 @@
-"""Shared fixtures: real photos from ../shared/data, a few bad files, and a scanned database."""
+"""Shared fixtures: the repository's real photos (tests/data/photos), a few bad files, and a scanned database."""
 
 from __future__ import annotations
 

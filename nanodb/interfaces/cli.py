@@ -22,7 +22,7 @@ from nanodb.config import load_settings
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import Console, counted, format_validation
 from nanodb.interfaces.preview import preview, preview_protocol
-from nanodb.interfaces.query_args import similar_query, words_query
+from nanodb.interfaces.query_args import command_query, similar_query
 from nanodb.interfaces.stopping import StopOnSignals
 from nanodb.media.paths import DEFAULT_EXCLUDES
 from nanodb.model.clip import BACKENDS, PRECISIONS, ModelLoadError
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="make a damaged database openable: keep its longest consistent part, then rescan")
     p.add_argument("--validate", action="store_true",
                    help="check that every stored vector finds itself first; list duplicate groups")
-    p.add_argument("--k", type=_positive, default=None, help="results per query (default 8)")
+    p.add_argument("-k", "--k", type=_positive, default=None, help="results per query (default 8)")
     p.add_argument("--model", help="open_clip model name (default from config: ViT-B-32)")
     p.add_argument("--pretrained", metavar="TAG|FILE|none",
                    help="open_clip pretrained tag, a local checkpoint file, or 'none' for random weights")
@@ -278,7 +278,8 @@ def one_shot(args: argparse.Namespace) -> int:
         return print_duplicates(args)
     settings = load_settings(args.config, k=args.k, device=args.device)
     with NanoDB(args.path, settings=settings, read_only=True, ray=ray_options(args)) as db:
-        query = words_query(" ".join(args.query), args.text) if args.command == "search" else similar_query(args.photo)
+        words = " ".join(args.query) if args.command == "search" else None
+        query = command_query(words, args.text) if words is not None else similar_query(args.photo)
         filters = Filters(**{f.name: getattr(args, f.name) for f in Filters.described()})
         results = db.find(SearchRequest(k=args.k, filters=filters, **query))
         print_results(db, results, args, filtered=bool(filters))

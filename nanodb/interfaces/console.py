@@ -21,7 +21,14 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 
 from nanodb.database import NanoDB
-from nanodb.interfaces.query_args import is_combined_query, similar_query, unquote
+from nanodb.interfaces.query_args import (
+    is_combined_query,
+    missing_path,
+    similar_query,
+    unquote,
+    utf8_words,
+    words_query,
+)
 from nanodb.interfaces.stopping import clear_line, wait_showing_progress
 from nanodb.media.formats import IMAGE_EXTENSIONS, RAW_EXTENSIONS
 from nanodb.media.paths import is_image_name, is_unsupported_image_name, printable
@@ -94,8 +101,9 @@ def styled(line: str) -> FormattedText:
     return FormattedText([("ansicyan", m.group(1)), ("", m.group(2)), ("", m.group(3)), (colour, m.group(4))])
 
 
-def progress_line(db: NanoDB, status: str, width: int) -> str:
-    """The status line: a bar and percentage for the running scans, then the service's status, cut to `width`."""
+def progress_line(db: NanoDB, status: Callable[[int], str], width: int) -> str:
+    """The status line: a bar and percentage for the running scans, then the service's status made to
+    fit what is left of `width` (`status(room)`), cut to `width` if it still does not fit."""
     scans = list(db.active_scans)
     head = ""
     if scans:
@@ -104,7 +112,7 @@ def progress_line(db: NanoDB, status: str, width: int) -> str:
         bar = "█" * round(share * 20) + "░" * (20 - round(share * 20))
         walking = "+" if any(r.walking for r in scans) else ""
         head = f"{bar} {share:4.0%} {done:,}/{found:,}{walking} | "
-    line = head + status
+    line = head + status(width - len(head))
     return line if len(line) <= width else line[: max(width - 1, 0)] + "…"
 
 
@@ -328,17 +336,17 @@ class Console:
         NanoDB.search reads by the one rule (words, an image URL, `#12`, or a combined query of those and
         image paths)."""
         if (words := unquoted(line)) is not None:
-            await self._search(text=words)  # quotes force text
+            await self._search(text=utf8_words(words))  # quotes force text
         elif _is_existing_path(line):
             await self._scan(os.path.expanduser(line))
         elif is_image_reference(line) and not is_url(line) and not is_combined_query(line):
             raise ValueError(_not_an_image(line) if os.path.isfile(os.path.expanduser(line)) else
-                             f'no such file or folder: {line} (to search for these words, quote them: "{line}")')
+                             missing_path(line, f'"{line}"'))
         else:
-            await self._search(line)
+            await self._search(**words_query(line))
 
     def _progress(self, width: int) -> str:
-        return progress_line(self.db, self.service.status(), width)
+        return progress_line(self.db, self.service.status, width)
 
     async def _search(self, query=None, **named) -> None:
         search = asyncio.ensure_future(asyncio.to_thread(lambda: self.db.search(query, self.k, **named)))

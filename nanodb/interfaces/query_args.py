@@ -7,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-from nanodb.search.query import QueryError, TypedQuery, is_combined, is_url, unquoted
+from nanodb.media.paths import printable
+from nanodb.search.query import QueryError, TypedQuery, is_combined, is_image_reference, is_url, unquoted
 
 
 def unquote(text: str) -> str:
@@ -30,8 +31,35 @@ def words_query(words: str, text: bool = False) -> dict:
     (search.query.TypedQuery): an image path or URL, `#12`, words, or a combined query of them."""
     quoted = unquoted(words)
     if text or quoted is not None:
-        return {"text": words if quoted is None else quoted}
+        return {"text": utf8_words(words if quoted is None else quoted)}
+    if not is_image_reference(words) and not is_combined_query(words):
+        utf8_words(words)
     return {"query": words}
+
+
+def command_query(words: str, text: bool) -> dict:
+    """`nanodb search`'s words (joined), as words_query reads them; a path that names no file is the
+    console's error, saying how to search the words instead."""
+    query = words_query(words, text)
+    typed = query.get("query", "")
+    if (is_image_reference(typed) and not is_url(typed) and not is_combined_query(typed)
+            and not os.path.lexists(os.path.expanduser(typed.strip()))):
+        raise ValueError(missing_path(typed, f"""'"{typed}"' or add --text"""))
+    return query
+
+
+def utf8_words(words: str) -> str:
+    """Words to search, refused when they hold bytes that are not UTF-8 (read from a terminal or shell in
+    another encoding, or a file name pasted as words): the model would search replacement characters."""
+    if any("\udc80" <= c <= "\udcff" for c in words):
+        raise ValueError(f"the query is not UTF-8 text: {printable(words)} (is the terminal set to UTF-8?)")
+    return words
+
+
+def missing_path(typed: str, quoted: str) -> str:
+    """The one message for a typed path that names no file, in the console and `nanodb search`:
+    `quoted` is how to type the words so that they are searched as words there."""
+    return f"no such file or folder: {typed} (to search for these words, quote them: {quoted})"
 
 
 def similar_query(arg: str) -> dict:

@@ -15,7 +15,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from nanodb.media.paths import printable
+from nanodb.media.paths import is_url, printable
+from nanodb.media.remote import split_member
 from nanodb.storage.commit import replace_file
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,17 @@ class FailedFiles:
         """Write the record if it changed, without the files that are gone since."""
         if not self.changed:
             return
-        for p in [p for p in self.entries if not os.path.lexists(p)]:
+        for p in [p for p in self.entries if _gone(p)]:
             del self.entries[p]
         files = {p: [size, mtime, reason] for p, (size, mtime, reason) in self.entries.items()}
         replace_file(self.file, json.dumps({"version": FAILED_VERSION, "files": files}).encode())
         self.changed = False
         log.info("remembered %d files that failed in %s", len(files), printable(str(self.file)))
+
+
+def _gone(path: str) -> bool:
+    """A local file, or the local tar shard of a member, that no longer exists. An object behind a URL is
+    kept (a video in a bucket fails the same at every rescan: it is retried only once it changes)."""
+    member = split_member(path)
+    local = member[0] if member else path
+    return not is_url(local) and not os.path.lexists(local)

@@ -109,3 +109,12 @@ def test_a_watch_prints_a_line_for_each_change_it_indexes(tmp_path):
         assert watch.wait(120) == 0, log.read_text()
     finally:
         watch.kill()
+
+
+def test_k_is_taken_as_dash_k_and_as_dash_dash_k(scanned_db):
+    """`nanodb --path DB -k 2`, as the one-shot commands take it (it was `invalid choice: '2'`)."""
+    path, _ = scanned_db
+    for flag in ("-k", "--k"):
+        run = nanodb("--path", str(path), flag, "2", "--read-only", stdin="a red car\n")
+        assert run.returncode == 0, run.stderr.decode()
+        assert len([m for m in map(RESULT_LINE.match, run.stdout.decode().splitlines()) if m]) == 2

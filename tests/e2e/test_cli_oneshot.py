@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.cli import main
+from nanodb.interfaces.console import Console
 
 RESULT_LINE = re.compile(r"^\* index=(\d+)  (.+)  similarity=(-?\d\.\d+)$")
 NO_TMUX = {"TMUX": ""}  # previews as drawn straight to the terminal, even when the tests run inside tmux
@@ -113,3 +115,31 @@ def test_output_cut_by_its_reader_ends_quietly(scanned_db, args):
         run.stdout.close()  # before it writes anything
         err = run.stderr.read().decode()
         assert run.wait(timeout=300) == 141 and err == "", err
+
+
+def test_a_missing_file_says_how_to_search_the_words_as_the_console_does(scanned_db, capsys, tmp_path, monkeypatch):
+    path, _ = scanned_db
+    monkeypatch.chdir(tmp_path)  # where no such file is
+    assert main(["search", "--path", str(path), "./missing.jpg"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == (
+        "nanodb: error: no such file or folder: ./missing.jpg (to search for these words, quote them: "
+        """'"./missing.jpg"' or add --text)\n""")
+    with NanoDB(path, read_only=True) as db:  # the console's message, its quotes typed as it reads them
+        out: list[str] = []
+        asyncio.run(Console(db, 3, out.append).execute("./missing.jpg"))
+    assert out == ['error: no such file or folder: ./missing.jpg (to search for these words, quote them: '
+                   '"./missing.jpg")']
+    for words in (['"./missing.jpg"'], ["--text", "./missing.jpg"]):  # either hint searches the words
+        assert main(["search", "--path", str(path), *words, "-k", "2"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_words_that_are_not_utf8_are_a_one_line_error(scanned_db, capsys):
+    """`nanodb search caf$'\\xe9'` from a Latin-1 shell: an error, not a search of replacement characters."""
+    path, _ = scanned_db
+    for words in (["caf\udce9", "au", "lait"], ["--text", "caf\udce9 au lait"]):
+        assert main(["search", "--path", str(path), *words]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == (
+            "nanodb: error: the query is not UTF-8 text: caf\\udce9 au lait (is the terminal set to UTF-8?)\n")

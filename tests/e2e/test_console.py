@@ -114,7 +114,7 @@ def test_the_status_line_fits_the_terminal_and_shows_progress(console):
     console.db.active_scans.append(Scan())
     try:
         for width in (40, 120, 300):
-            line = progress_line(console.db, "scan /a/very/long/folder/name: " + "x" * 300, width)
+            line = progress_line(console.db, lambda room: "scan /a/very/long/folder/name: " + "x" * 300, width)
             assert len(line) <= width and "25%" in line
     finally:
         console.db.active_scans.clear()

@@ -82,3 +82,12 @@ def test_help_and_the_readme_list_every_console_command():
     for command in set(Console.COMMANDS) - {"quit"}:  # `quit`: an alias of exit, not advertised
         assert re.search(rf"^  {command}\b", HELP, re.MULTILINE) or f" / {command} " in HELP, f"help lacks {command}"
         assert f"`{command}" in listed, f"the README's Console section does not list `{command}`"
+
+
+def test_the_setup_says_how_long_the_first_run_takes_and_how_much_disk_it_needs():
+    """`a few minutes` was 6 min 20 s and 6.9 GB: the README's set-up and run.sh's first-run line both say so."""
+    setup = readme_section("Set-up: two commands")
+    minutes, size = re.search(r"\(about (\d+) minutes, (\d+(?:\.\d+)?) GB\)", setup).groups()
+    assert f"takes about {minutes} minutes" in " ".join(setup.split()) and f"{size} GB of disk" in setup
+    first_run = next(line for line in (REPO / "run.sh").read_text().splitlines() if "first run only" in line)
+    assert f"about {minutes} minutes, {size} GB" in first_run

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 from gradio.utils import get_upload_folder
-from helpers import DATA, REPO
+from helpers import PHOTOS, REPO
 from PIL import Image
 
 from nanodb.database import NanoDB
@@ -28,12 +28,10 @@ from nanodb.search.query import MAX_TERMS
 from nanodb.storage.commit import commit_append, commit_generation
 from nanodb.storage.format import DatabaseError, Manifest, read_manifest
 
-COCO = DATA / "coco-val2017" / "images"
+COCO = PHOTOS
 SECRET = b"nanodb-secret-" + os.urandom(8).hex().encode() + b": never served"  # unique to this run
 # The web UI's search options after the query: k, min similarity, folder, since, until, types, collapse
 WEB_OPTIONS = [3, -1, "", "", "", [], True]
-
-pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
 
 
 @pytest.fixture(scope="module")

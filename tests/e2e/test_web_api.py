@@ -15,15 +15,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import DATA
+from helpers import PHOTOS
 from PIL import Image
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import parse_auth, start_server
 
-COCO = DATA / "coco-val2017" / "images"
-
-pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
+COCO = PHOTOS
 
 
 def copy_photos(folder: Path, count: int, skip: int = 0) -> list[Path]:
@@ -247,7 +245,7 @@ def test_auth_is_required_when_set(tmp_path):
 def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
     """Every answer is an exact top-k of the items indexed when it was computed; no request fails."""
     db, client, _ = served
-    incoming = copy_photos(tmp_path / "incoming", 40, skip=100)
+    incoming = copy_photos(tmp_path / "incoming", 40, skip=40)
     queries = [f"a photo of {w}" for w in ("a dog", "a street", "food", "people", "a room")]
     query_vectors = {q: db.embed_query(q) for q in queries}
     scan = threading.Thread(target=db.scan, args=(str(incoming[0].parent),))
@@ -297,7 +295,7 @@ def test_twenty_clients_query_while_a_scan_runs(served, tmp_path):
 
 def test_cli_serves_while_its_scan_runs_and_exits_on_command(tmp_path):
     """`nanodb --server --scan DIR`: the API answers during the scan; `exit` saves and stops the server."""
-    photos = copy_photos(tmp_path / "photos", 20, skip=200)
+    photos = copy_photos(tmp_path / "photos", 20)
     proc = subprocess.Popen(
         [sys.executable, "-m", "nanodb", "--path", str(tmp_path / "db"), "--config", "test", "--server",
          "--host", "127.0.0.1", "--port", "0", "--scan", str(photos[0].parent)],

@@ -7,13 +7,10 @@ import threading
 
 import httpx
 import pytest
-from helpers.browser import COCO, served_photos
+from helpers.browser import served_photos
 from PIL import Image
 
 from nanodb.interfaces.search_service import MAX_DUPLICATE_GROUPS, DuplicateFinder, DuplicatesBusy
-
-pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
-
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ from nanodb.database import NanoDB
 from nanodb.interfaces.server import start_server
 from nanodb.media.video import frame_time
 
-pytestmark = pytest.mark.skipif(len(coco_photos(3)) < 3, reason="the shared COCO photos are missing")
-
 
 def media_folder(root: Path) -> tuple[Path, Path, list[Path]]:
     """(the clip, the photo, the photos used): a two-scene clip and a photo of a third scene."""

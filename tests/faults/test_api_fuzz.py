@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the `test` extra")
-from helpers import DATA  # noqa: E402
+from helpers import PHOTOS  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402  (hypothesis comes with schemathesis)
 from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
@@ -19,13 +19,11 @@ from schemathesis import GenerationMode  # noqa: E402
 from nanodb.database import NanoDB  # noqa: E402
 from nanodb.interfaces.server import start_server  # noqa: E402
 
-COCO = DATA / "coco-val2017" / "images"
+COCO = PHOTOS
 DEFAULT_EXAMPLES = 40  # per operation: well under a minute in all on 2 cores
 UI_EXAMPLES = 40  # per Gradio route (about 15): ~15 s on 2 cores
 SLOW_EXAMPLES = int(os.environ.get("NANODB_FUZZ_EXAMPLES", "400"))
 TRACE_MARKERS = ("Traceback (most recent call last)", 'File "/', "site-packages")
-
-pytestmark = pytest.mark.skipif(not COCO.is_dir(), reason=f"the shared photos are missing: {COCO}")
 
 
 @pytest.fixture(scope="module")

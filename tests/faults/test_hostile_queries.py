@@ -45,6 +45,8 @@ def run(db, line: str) -> list[str]:
         ("similar", "error: similar needs an image path, an item index or an image URL"),
         ("scan /no/such/folder", "error: no such file or folder"),
         ("similar /no/caf\udce9\n.jpg", "error: no such image file: /no/caf\\udce9\\n.jpg"),
+        ("caf\udce9 au lait", "error: the query is not UTF-8 text: caf\\udce9 au lait"),  # as the README says
+        ('"caf\udce9 au lait"', "error: the query is not UTF-8 text"),
     ],
 )
 def test_a_bad_query_gets_one_clear_message(db, line, message):
@@ -54,7 +56,7 @@ def test_a_bad_query_gets_one_clear_message(db, line, message):
 
 @pytest.mark.parametrize(
     "line",
-    ["a" * 1000, "a red car " * 100, "\x00\x01\x07\x1b[31m red\x7f", "caf\udce9 au lait", "😀" * 1000, "🚗"],
+    ["a" * 1000, "a red car " * 100, "\x00\x01\x07\x1b[31m red\x7f", "café au lait", "😀" * 1000, "🚗"],
 )
 def test_odd_text_is_searched(db, line):
     out = run(db, line)
@@ -103,4 +105,5 @@ def test_console_over_stdin_survives_hostile_bytes(db, tmp_path):
     assert "caf\\udce9\\nnew line.jpg" in out
     assert "commands:" in out
     assert "error: the query is 100000 characters long; at most 1000 are searched" in out
-    assert out.count("* index=") == 2 * 4  # two results for each of the four searches
+    assert "error: the query is not UTF-8 text: caf\\udce9 \\udcff\\udcfe au lait" in out
+    assert out.count("* index=") == 2 * 3  # two results for each of the three searches

@@ -38,7 +38,7 @@ def restart_catches_up(args: list[str], log_path, churn: FolderChurn, rng: rando
 
 def kill_during_watch_churn(tmp_path, trials: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    churn = FolderChurn(tmp_path / "watched", source_photos(120), seed, initial=20)
+    churn = FolderChurn(tmp_path / "watched", source_photos(96), seed, initial=20)
     config = write_config(tmp_path / "watch.yaml", **WATCH_SETTINGS)
     db_path = tmp_path / "db"
     args = ["--path", str(db_path), "--config", str(config), "--watch", str(churn.folder)]

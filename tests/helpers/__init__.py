@@ -1,5 +1,6 @@
 """What the tests and benchmarks share: where the repository and the real photos are, and small
-builders of test files. The one place that names ../shared/data (benchmarks import it too)."""
+builders of test files. The default suite's photos are in the repository (tests/data/photos); this is the
+one place that names ../shared/data, the optional large data sets (benchmarks import it too)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
+PHOTOS = REPO / "tests" / "data" / "photos"  # 96 COCO photos with redistributable licences (see its README)
 
 
 def data_dir(name: str) -> Path:
+    """A folder of the optional large data sets; skips the test when it is absent. Call it inside a test
+    or fixture, never at import (pytest.skip there skips, or breaks, the whole module)."""
     path = DATA / name
     if not path.is_dir():
         import pytest
 
-        pytest.skip(f"test photos not found at {path} (clone the repo next to shared/)")
+        pytest.skip(f"test photos not found at {path} (the optional data sets sit in ../shared/data)")
     return path
 
 
 def coco_photos(n: int) -> list[Path]:
-    return sorted(data_dir("coco-val2017/images").glob("*.jpg"))[:n]
+    """The first n of the repository's real photos (JPEGs of 320-640 px), by name."""
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    if n > len(photos):
+        raise ValueError(f"asked for {n} photos; tests/data/photos holds {len(photos)} (use data_dir for more)")
+    return photos[:n]
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:

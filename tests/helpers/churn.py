@@ -1,6 +1,6 @@
 """A watched folder under continuous churn, and the checks that a database kept up with it.
 
-`FolderChurn` adds, deletes, renames and modifies real photos (copies: the shared data is read-only)
+`FolderChurn` adds, deletes, renames and modifies real photos (copies: the sources are read-only)
 and remembers every content each path ever had, so that a database killed at any moment can be
 checked against what the folder held at some point: `check_committed` after a kill, `check_caught_up`
 once the churn has stopped and the watcher or a rescan had time to see it.
@@ -15,19 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import DATA
+from helpers import PHOTOS, coco_photos, data_dir
 from helpers.killharness import KilledRun, live_paths
 
 ACTIONS = ("add", "delete", "rename", "modify")
 
 
 def source_photos(count: int) -> list[Path]:
-    import pytest
-
-    folder = DATA / "coco-val2017" / "images"
-    if not folder.is_dir():
-        pytest.skip(f"real photos not found at {folder} (the shared data folder sits next to the checkout)")
-    return sorted(folder.glob("*.jpg"))[:count]
+    """The repository's photos; more than it holds come from the optional shared COCO set (or skip)."""
+    if count <= len(list(PHOTOS.glob("*.jpg"))):
+        return coco_photos(count)
+    return sorted(data_dir("coco-val2017/images").glob("*.jpg"))[:count]
 
 
 class FolderChurn:

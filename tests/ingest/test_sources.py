@@ -228,6 +228,48 @@ def test_tar_shards_on_s3(s3, shards, folder_vectors, tmp_path):
         assert all(item.metadata["caption"].startswith("photo ") for item in db)
 
 
+def test_a_removed_tar_shard_is_counted_as_removed_not_skipped(shards, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(shards, folder)
+    pattern = str(folder / "shard-{0000..0002}.tar")
+    with NanoDB(tmp_path / "db", config="test") as db:
+        assert db.scan(pattern).added == PHOTOS
+        (folder / "shard-0001.tar").unlink()
+        report = db.scan(pattern)
+        assert (report.found, report.unchanged, report.failed, report.dropped) == (8, 8, 0, 4), report.failures
+        assert report.tars_removed == 1 and len(db) == 8
+        assert report.summary().endswith(", 0 skipped; dropped 4 gone files (1 removed tar shard)"), report.summary()
+        never = db.scan(str(folder / "shard-0009.tar"))  # a shard that never was: still an error
+        assert [(p, r) for p, r in never.failures] == [(str(folder / "shard-0009.tar"), "no such tar shard")]
+
+
+def test_a_folder_of_tar_shards_says_how_to_scan_them(shards, tmp_path, empty_db_path):
+    shutil.copytree(empty_db_path, tmp_path / "db")
+    with NanoDB(tmp_path / "db") as db:
+        report = db.scan(shards)
+    assert (report.found, report.added, report.tars_left_out) == (0, 0, 3)
+    hint = report.summary().split("--scan '")[1].rstrip("')")
+    assert "3 tar files left out" in report.summary() and hint == str(shards / "shard-{0000..0002}.tar")
+    assert expand_braces(hint) == [str(p) for p in sorted(shards.glob("*.tar"))]  # names exactly those
+
+
+def test_a_video_behind_a_url_is_remembered_as_failed_like_a_local_file(s3, photos, tmp_path):
+    """Videos are read from local folders only: one in a bucket fails, and an unchanged rescan (a new
+    process) does not try it again, as a local file that failed is not."""
+    s3.put(str(photos[0]), f"{BUCKET}/mixed/{photos[0].name}")
+    s3.pipe(f"{BUCKET}/mixed/clip.mp4", b"\x00\x00\x00\x18ftypmp42" + bytes(1000))
+    with NanoDB(tmp_path / "db", config="test") as db:
+        first = db.scan(f"s3://{BUCKET}/mixed/")
+        assert (first.added, [p for p, _ in first.failures]) == (1, [f"s3://{BUCKET}/mixed/clip.mp4"])
+        db.save()
+    with NanoDB(tmp_path / "db") as db:
+        again = db.scan(f"s3://{BUCKET}/mixed/")
+        assert (again.unchanged, again.failed_before, again.failed) == (1, 1, 0), again.failures
+    s3.pipe(f"{BUCKET}/mixed/clip.mp4", b"\x00\x00\x00\x18ftypmp42" + bytes(2000))  # changed: tried again
+    with NanoDB(tmp_path / "db") as db:
+        assert db.scan(f"s3://{BUCKET}/mixed/").failed == 1
+
+
 def test_remote_items_have_no_file_to_send(tmp_path, empty_db_path):
     from nanodb.interfaces.thumbnails import NotServable, check_original
 

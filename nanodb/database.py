@@ -22,8 +22,9 @@ from nanodb.model.announce import announced
 from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
 from nanodb.model.image_export import ExportedImageTower, exported_image_tower
 from nanodb.model.text_export import ExportedTextTower, text_encoder
-from nanodb.pipeline.coordinator import ScanPipeline, ScanReport, progress_bar
+from nanodb.pipeline.coordinator import ScanPipeline
 from nanodb.pipeline.decode import DecodedImage, DecodeFailure, ImageDecodePool
+from nanodb.pipeline.report import ScanReport, progress_bar
 from nanodb.pipeline.walk import RAW_PAIRS
 from nanodb.pipeline.watch import FolderWatcher
 from nanodb.search.batcher import QueryBatcher

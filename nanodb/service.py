@@ -9,7 +9,7 @@ import os
 import time
 
 from nanodb.database import NanoDB
-from nanodb.pipeline.coordinator import ScanReport
+from nanodb.pipeline.report import ScanReport
 from nanodb.pipeline.sources import is_source
 from nanodb.pipeline.watch import FolderWatcher
 

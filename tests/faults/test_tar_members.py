@@ -120,7 +120,7 @@ def test_link_and_special_members_are_each_one_skipped_line(tmp_path, caplog):
 def test_many_empty_members_are_counted_each_and_logged_in_a_few_lines(tmp_path, caplog):
     """1,000 empty image members (100,000 wrote 100,000 lines): each is counted as skipped; the first few
     are logged one by one, the rest in one line with their count and reason."""
-    from nanodb.pipeline.coordinator import MEMBER_LINES
+    from nanodb.pipeline.report import MEMBER_LINES
 
     shard = tmp_path / "empty.tar"
     with tarfile.open(shard, "w") as tar:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 from helpers import coco_photos
-from nanodb.pipeline.coordinator import ScanReport
+from nanodb.pipeline.report import ScanReport
 
 import nanodb.database as database
 from nanodb.database import NanoDB

@@ -8,7 +8,7 @@ import re
 import shutil
 import time
 
-from nanodb.pipeline.coordinator import ScanReport
+from nanodb.pipeline.report import ScanReport
 
 from nanodb.database import NanoDB
 from nanodb.interfaces.console import progress_line

@@ -94,7 +94,7 @@ def test_resized_copy_of_a_photo_finds_the_original_first(scanned_db, photo_tree
 def test_a_scan_holds_a_bounded_number_of_images_in_flight(tmp_path):
     """Memory stays flat however large the folder: files found but not yet indexed (decoding, decoded
     or embedding) never exceed what the bounded queues between the stages can hold."""
-    from nanodb.pipeline.coordinator import ScanReport
+    from nanodb.pipeline.report import ScanReport
 
     photos = coco_photos(20)
     tree = tmp_path / "many"

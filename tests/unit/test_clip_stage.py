@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from nanodb.pipeline.coordinator import ScanReport
 from nanodb.pipeline.decode import DecodedImage, DecodeFailure
 from nanodb.pipeline.embed import ClipStage
+from nanodb.pipeline.report import ScanReport
 
 from nanodb.media.record import FileRecord
 

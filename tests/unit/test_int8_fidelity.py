@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 from nanodb.pipeline import fidelity
-from nanodb.pipeline.coordinator import ScanReport
 from nanodb.pipeline.decode import DecodedImage
 from nanodb.pipeline.embed import ClipStage
 from nanodb.pipeline.fidelity import CalibrationSample, QuantizedEmbedding, unit
+from nanodb.pipeline.report import ScanReport
 
 from nanodb.media.record import FileRecord
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from gradio.routes import App as GradioApp
 from starlette.exceptions import HTTPException
@@ -21,6 +20,7 @@ from nanodb import __version__
 from nanodb.interfaces.connections import ConnectionLimits, GuardedH11Protocol, connection_cap, quiet_accept_errors
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
 from nanodb.interfaces.login import BasicAuth, parse_auth
+from nanodb.interfaces.refusals import refusal
 from nanodb.interfaces.request_guard import RequestGuard
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
@@ -58,9 +58,6 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     return app
 
 
-def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
 
 class MalformedCalls:
     """Inside the web UI's Gradio app: a call or an upload that Gradio fails to parse is the client's
@@ -94,7 +91,7 @@ class MalformedCalls:
                 raise
             log.info("malformed web UI request to %s: %r", scope["path"], e)
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-            await _refuse(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
+            await refusal(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
 
 
 @dataclass

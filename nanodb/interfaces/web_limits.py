@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 import gradio as gr
-from fastapi.responses import JSONResponse
 
 from nanodb.interfaces.connections import FloodLog
+from nanodb.interfaces.refusals import refusal
 
 QUEUE_MAX_EVENTS = 64  # events waiting at once; more are refused (503) until some have run
 QUEUE_CONCURRENCY = 8  # events running at once
@@ -44,9 +44,6 @@ def bound_queue(ui: gr.Blocks) -> gr.Blocks:
     return ui.queue(max_size=QUEUE_MAX_EVENTS, default_concurrency_limit=QUEUE_CONCURRENCY)
 
 
-def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
 
 class WebRoutes:
     """Inside the web UI's Gradio app (ASGI middleware): a route outside WEB_UI_ROUTES answers 404."""
@@ -58,7 +55,7 @@ class WebRoutes:
         if scope["type"] in ("http", "websocket") and not WEB_UI_ROUTES.fullmatch(scope["path"]):
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
-            return await _refuse(404, f"no such route: {scope['path'][:80]}")(scope, receive, send)
+            return await refusal(404, f"no such route: {scope['path'][:80]}")(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -101,7 +98,7 @@ class UploadQuota:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         size = int(declared) if declared.isdigit() else 0
         if self._kept_now() + size > UPLOAD_QUOTA_BYTES or len(self.blocks.upload_file_set) >= UPLOAD_QUOTA_FILES:
-            return await _refuse(503, self._full(), {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
+            return await refusal(503, self._full(), {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
         upload = UploadInProgress(time.monotonic())
         self.uploads.add(upload)
         answered = False
@@ -124,7 +121,7 @@ class UploadQuota:
         if upload.dropped.is_set() and not answered:
             message = f"{self._full()} (this upload was the slowest in progress when the room was needed)"
             headers = {"Retry-After": str(UPLOAD_SWEEP_S), "Connection": "close"}
-            await _refuse(503, message, headers)(scope, receive, send)
+            await refusal(503, message, headers)(scope, receive, send)
 
     def _counted(self, upload: UploadInProgress, receive):
         """receive() for an upload: counts what arrives, makes room past the quota, and answers a

@@ -34,7 +34,7 @@ from nanodb.interfaces.search_service import (
     SearchService,
     TooLarge,
 )
-from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
+from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, item_links, open_original
 from nanodb.media.video import frame_time
 from nanodb.search.batcher import SearchBusy
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
@@ -51,6 +51,8 @@ MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (c
                        json_schema_extra=SIMILARITY_BOUNDS)
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "a JPEG image"}}
 TIME_HELP = "a video's frame: its moment, seconds from the video's start (null for a photo)"
+LINK_HELP = ("its path on this server; null for an item without a file the server can send "
+             "(added as a vector, or read from a URL or a tar shard)")
 CHUNK = 1 << 16  # bytes read from an original at a time
 ONE_RANGE = re.compile(r"bytes=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
 
@@ -99,8 +101,8 @@ class Result(BaseModel):
     index: int
     path: str | None
     similarity: float
-    thumbnail: str
-    original: str
+    thumbnail: str | None = Field(description=LINK_HELP)
+    original: str | None = Field(description=LINK_HELP)
     duplicates: list[int] = Field(default_factory=list, description="items with the same file content (collapse)")
     time: float | None = Field(None, description=TIME_HELP)
 
@@ -162,8 +164,8 @@ class DuplicateItem(BaseModel):
     index: int
     path: str | None
     similarity: float = Field(description="cosine similarity to the group's first item")
-    thumbnail: str
-    original: str
+    thumbnail: str | None = Field(description=LINK_HELP)
+    original: str | None = Field(description=LINK_HELP)
     time: float | None = Field(None, description=TIME_HELP)
 
 
@@ -198,8 +200,7 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
                 index=r.index,
                 path=r.path,
                 similarity=round(r.similarity, 5),
-                thumbnail=f"/api/items/{r.index}/thumbnail",
-                original=f"/api/items/{r.index}/original",
+                **item_links(r.index, r.path),
                 duplicates=r.duplicates,
                 time=r.time,
             )

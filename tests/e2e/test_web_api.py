@@ -357,3 +357,14 @@ def test_an_item_added_as_a_bare_vector_has_null_links_and_the_web_ui_shows_no_b
     finally:
         server.stop()
         db.close()
+
+
+def test_k_defaults_to_8_over_http_as_in_the_console_and_the_python_api(served):
+    db, client, photos = served
+    assert len(db) > 8 and db.settings.k == 8
+    answers = [client.get("/api/search/text", params={"q": "a dog"}),
+               client.post("/api/search/text", json={"q": "a dog"}),
+               client.get("/api/search/item/3"),
+               client.post("/api/search/image", files={"file": (photos[0].name, photos[0].read_bytes())})]
+    assert [len(r.json()["results"]) for r in answers] == [8] * 4, [r.text[:200] for r in answers]
+    assert len(db.search("a dog")) == 8

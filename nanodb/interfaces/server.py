@@ -25,7 +25,7 @@ from nanodb.interfaces.request_guard import RequestGuard
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
 from nanodb.interfaces.web import CSS, JS, build_ui
-from nanodb.interfaces.web_limits import UploadQuota, WebRoutes, bound_queue
+from nanodb.interfaces.web_limits import OverloadAnswers, UploadQuota, WebRoutes, bound_queue
 
 __all__ = ["ServerHandle", "build_app", "parse_auth", "start_server"]
 
@@ -46,6 +46,7 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
     web_app = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp))
+    web_app.add_middleware(OverloadAnswers)  # innermost: Gradio's own 503s only
     web_app.add_middleware(MalformedCalls)
     web_app.add_middleware(UploadQuota, blocks=ui)
     web_app.add_middleware(WebRoutes)  # outermost in the web UI's app

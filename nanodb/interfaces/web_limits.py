@@ -13,9 +13,12 @@ import gradio as gr
 
 from nanodb.interfaces.connections import FloodLog
 from nanodb.interfaces.refusals import refusal
+from nanodb.interfaces.request_guard import gradio_error
 
 QUEUE_MAX_EVENTS = 64  # events waiting at once; more are refused (503) until some have run
 QUEUE_CONCURRENCY = 8  # events running at once
+QUEUE_RETRY_AFTER_S = 1  # told to a client refused for a full queue
+OVERLOAD_MESSAGE_BYTES = 1 << 12  # of Gradio's answer, read for its message
 UPLOAD_QUOTA_BYTES = 256 << 20  # the uploads kept at once, in all; past it an upload is refused (503)
 UPLOAD_QUOTA_FILES = 1000
 UPLOAD_MAX_AGE_S = 300  # an upload is deleted this long after it came (checked every UPLOAD_SWEEP_S), and at shutdown
@@ -43,6 +46,34 @@ def bound_queue(ui: gr.Blocks) -> gr.Blocks:
     ui.delete_cache = (UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)
     return ui.queue(max_size=QUEUE_MAX_EVENTS, default_concurrency_limit=QUEUE_CONCURRENCY)
 
+
+
+class OverloadAnswers:
+    """Inside the web UI's Gradio app, around its routes alone: an event past the queue's bound (or on a
+    stopped queue) is answered by Gradio with 503 and {"detail": ...}; the client gets the shape of every
+    other error, {"error": ...}, and a Retry-After."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: bytearray | None = None
+
+        async def sending(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] == 503 and held is None:
+                held = bytearray()
+            elif held is None:
+                await send(message)
+            else:
+                held += message.get("body", b"")[: OVERLOAD_MESSAGE_BYTES - len(held)]
+                if not message.get("more_body"):
+                    message = f"the web UI is busy ({gradio_error(bytes(held))}); try again shortly"
+                    await refusal(503, message, {"Retry-After": str(QUEUE_RETRY_AFTER_S)})(scope, receive, send)
+
+        await self.app(scope, receive, sending)
 
 
 class WebRoutes:

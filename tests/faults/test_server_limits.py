@@ -74,13 +74,17 @@ def test_a_flood_of_queue_joins_is_refused_and_the_web_ui_keeps_working(served, 
         async with httpx.AsyncClient(base_url=served.url, timeout=timeout, limits=limits) as client:
             async def join():
                 body = {"data": ["dog", *WEB_OPTIONS], "fn_index": fn_index, "session_hash": uuid.uuid4().hex}
-                return (await client.post("/gradio_api/queue/join", json=body)).status_code
+                return await client.post("/gradio_api/queue/join", json=body)
             return await asyncio.gather(*(join() for _ in range(joins)))
 
     started = time.monotonic()
-    statuses = asyncio.run(asyncio.wait_for(flood(), 480))  # about 30 s on an idle 2-core machine
+    answers = asyncio.run(asyncio.wait_for(flood(), 480))  # about 30 s on an idle 2-core machine
     assert time.monotonic() - started < 480
+    statuses = [r.status_code for r in answers]
     assert set(statuses) <= {200, 400, 503} and statuses.count(200) < joins, sorted(set(statuses))
+    for refused in (r for r in answers if r.status_code == 503):  # every error is {"error": ...} JSON
+        assert refused.headers["content-type"] == "application/json" and "Retry-After" in refused.headers
+        assert list(refused.json()) == ["error"] and "Queue is full" in refused.json()["error"], refused.text
     with httpx.Client(base_url=served.url, timeout=60) as client:
         assert search_works(client, wait_s=120)  # once the flood's accepted events have run
 

@@ -106,4 +106,3 @@ class BasicAuth:
                 self.budgets = {c: (n, t) for c, (n, t) in self.budgets.items()
                                 if n + (now - t) / LOGIN_REFILL_S < LOGIN_BURST}
             self.budgets[client] = (left, time.monotonic())
-

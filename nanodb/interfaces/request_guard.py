@@ -44,7 +44,6 @@ OWN_URL_PATH = re.compile(r"(?:/[\w.-]+)*/api/items/\d+/(?:thumbnail|original)")
 log = logging.getLogger(__name__)
 
 
-
 class RequestGuard:
     """ASGI middleware: every check above, in front of every route (see the module's docstring)."""
 

@@ -59,7 +59,6 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     return app
 
 
-
 class MalformedCalls:
     """Inside the web UI's Gradio app: a call or an upload that Gradio fails to parse is the client's
     error, answered 400 in one line, not a 500 that also drops the connection. (Gradio raises on a

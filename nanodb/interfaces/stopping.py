@@ -71,17 +71,17 @@ class StopOnSignals:
             self.exit_status = 128 + signum if self.busy() else 0
             self.stopping = True
             self._loop.call_soon_threadsafe(self.task.cancel)
-            _say(f"\nnanodb: {self._stopping()}")
+            _say(f"\nnanodb: {_stopping(self.saving())}")
         elif self.received < 3:
             saving = self.saving()
-            _say(f"nanodb: {self._stopping(saving)} ({signal.Signals(signum).name} once more to quit "
+            _say(f"nanodb: {_stopping(saving)} ({signal.Signals(signum).name} once more to quit "
                  f"{'without saving' if saving else 'at once'})")
         else:
             os._exit(128 + signum)
 
-    def _stopping(self, saving: bool | None = None) -> str:
-        saving = self.saving() if saving is None else saving
-        return "stopping: saving what was indexed" if saving else "stopping"
+
+def _stopping(saving: bool) -> str:
+    return "stopping: saving what was indexed" if saving else "stopping"
 
 
 def _say(line: str) -> None:

@@ -376,8 +376,16 @@ async def run(args: argparse.Namespace) -> int:
     # cancelled (in-flight batches dropped) and what was indexed is saved below. Set before the database
     # opens (a new one loads the model): a signal meanwhile stops the program at its first wait. The
     # exit status is 128 + the signal's number if it stopped a scan or the start, 0 if nothing was running.
-    server = service = None
-    stop = StopOnSignals(asyncio.current_task(), busy=lambda: service is None or service.scanning)
+    server = service = db = None
+
+    def anything_to_save() -> bool:
+        """Asked by the signal handler, so without a Ray call: a sharded database may always have some."""
+        if db is None:
+            return False
+        return db.cluster is not None or db.unsaved > 0 or (service is not None and service.scanning)
+
+    stop = StopOnSignals(asyncio.current_task(), busy=lambda: service is None or service.scanning,
+                         saving=anything_to_save)
     try:
         db = await open_database(args, settings, stop)
     except BaseException:

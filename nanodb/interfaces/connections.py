@@ -13,6 +13,8 @@ from collections import Counter
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanodb.interfaces.refusals import JSON_TYPE, raw_refusal, refusal_body
+
 MAX_CONNECTIONS = 1000  # open connections in all, fewer when the open-file limit is low (see connection_cap)
 MAX_CONNECTIONS_PER_CLIENT = 256  # from one address (a trusted proxy counts only in the total)
 FILES_RESERVED = 256  # file descriptors kept for the database, the decode workers and the thumbnails
@@ -22,9 +24,8 @@ BODY_MIN_RATE = 1024  # bytes a second
 CHECK_EVERY_S = 1.0
 REPORT_EVERY_S = 60.0
 
-REFUSED_BODY = b"too many connections; try again later\n"
-REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
-           b"content-length: %d\r\n\r\n%s" % (len(REFUSED_BODY), REFUSED_BODY))
+RETRY_AFTER_S = 5  # told to a client refused for too many connections
+REFUSED = raw_refusal(503, "too many connections; try again later", {"retry-after": str(RETRY_AFTER_S)})
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,15 @@ class GuardedH11Protocol(H11Protocol):
         self.host = host
         self.waiting_since = self.loop.time()
         self.check_timer = self.loop.call_later(CHECK_EVERY_S, self.check_progress)
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (uvicorn's answer is plain text, on a connection left open): 400 with
+        the JSON error body, and the connection closed as its header says."""
+        headers = [(b"content-type", JSON_TYPE), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                      h11.Data(data=refusal_body(msg)), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def connection_lost(self, exc) -> None:
         self.release()

@@ -34,7 +34,7 @@ from nanodb.interfaces.search_service import (
     SearchService,
     TooLarge,
 )
-from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, open_original
+from nanodb.interfaces.thumbnails import NotServable, ThumbnailCache, item_links, open_original
 from nanodb.media.video import frame_time
 from nanodb.search.batcher import SearchBusy
 from nanodb.search.request import COLLAPSE_HELP, FilterField, Filters
@@ -46,11 +46,16 @@ log = logging.getLogger(__name__)
 # Bounds are declared in the schema and checked by NanoDB.search, whose messages say what to send instead.
 K_BOUNDS = {"minimum": 1, "maximum": MAX_K}
 SIMILARITY_BOUNDS = {"minimum": -1.0, "maximum": 1.0}
-K = Query(64, description=f"number of results, 1..{MAX_K}", examples=[16], json_schema_extra=K_BOUNDS)
+# `k` defaults to the server's --k (setting `k`, 8 unless given), as in the console and NanoDB.search: the web
+# UI asks for what its grid shows (its Results slider), so the API needs no default of its own.
+K_HELP = f"number of results, 1..{MAX_K} (default: the server's --k, 8 unless it was given)"
+K = Query(None, description=K_HELP, examples=[16], json_schema_extra=K_BOUNDS)
 MIN_SIMILARITY = Query(-1.0, description="drop results less similar than this (cosine, -1..1)", examples=[0.2],
                        json_schema_extra=SIMILARITY_BOUNDS)
 JPEG = {200: {"content": {"image/jpeg": {}}, "description": "a JPEG image"}}
 TIME_HELP = "a video's frame: its moment, seconds from the video's start (null for a photo)"
+LINK_HELP = ("its path on this server; null for an item without a file the server can send "
+             "(added as a vector, or read from a URL or a tar shard)")
 CHUNK = 1 << 16  # bytes read from an original at a time
 ONE_RANGE = re.compile(r"bytes=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*")
 
@@ -99,8 +104,8 @@ class Result(BaseModel):
     index: int
     path: str | None
     similarity: float
-    thumbnail: str
-    original: str
+    thumbnail: str | None = Field(description=LINK_HELP)
+    original: str | None = Field(description=LINK_HELP)
     duplicates: list[int] = Field(default_factory=list, description="items with the same file content (collapse)")
     time: float | None = Field(None, description=TIME_HELP)
 
@@ -119,7 +124,7 @@ TERMS_HELP = "terms combined with the image, as in a text query: `- 3:cat + 2:be
 
 class TextQuery(BodyFilters):
     q: str = Field(description=TEXT_HELP, examples=["a red car", "dog + beach - snow", "#12 + night"])
-    k: int = Field(64, description=f"number of results, 1..{MAX_K}", json_schema_extra=K_BOUNDS)
+    k: int | None = Field(None, description=K_HELP, json_schema_extra=K_BOUNDS)
     min_similarity: float = Field(-1.0, description="drop results less similar than this (cosine, -1..1)",
                                   json_schema_extra=SIMILARITY_BOUNDS)
 
@@ -162,8 +167,8 @@ class DuplicateItem(BaseModel):
     index: int
     path: str | None
     similarity: float = Field(description="cosine similarity to the group's first item")
-    thumbnail: str
-    original: str
+    thumbnail: str | None = Field(description=LINK_HELP)
+    original: str | None = Field(description=LINK_HELP)
     time: float | None = Field(None, description=TIME_HELP)
 
 
@@ -198,8 +203,7 @@ def _response(outcome: SearchResults, items: int) -> SearchResponse:
                 index=r.index,
                 path=r.path,
                 similarity=round(r.similarity, 5),
-                thumbnail=f"/api/items/{r.index}/thumbnail",
-                original=f"/api/items/{r.index}/original",
+                **item_links(r.index, r.path),
                 duplicates=r.duplicates,
                 time=r.time,
             )
@@ -286,7 +290,7 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
     @router.get("/search/text", response_model=SearchResponse, summary="Search by text")
     def search_text(
         q: str = Query(..., description=TEXT_HELP, examples=["a red car"]),
-        k: int = K,
+        k: int | None = K,
         min_similarity: float = MIN_SIMILARITY,
         where: Where = Depends(query_filters),
     ):
@@ -299,7 +303,7 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
     @router.post("/search/image", response_model=SearchResponse, summary="Search by an uploaded image")
     async def search_image(
         file: UploadFile = File(..., description="an image file"),
-        k: int = K,
+        k: int | None = K,
         min_similarity: float = MIN_SIMILARITY,
         q: str = Query("", description=TERMS_HELP, examples=["- 3:cat + 2:bee"]),
         where: Where = Depends(query_filters),
@@ -310,7 +314,7 @@ def add_search_routes(router: APIRouter, service: SearchService) -> None:
         return _response(outcome, len(db))
 
     @router.get("/search/item/{index}", response_model=SearchResponse, summary="Items similar to a stored item")
-    def search_item(index: int, k: int = K, min_similarity: float = MIN_SIMILARITY,
+    def search_item(index: int, k: int | None = K, min_similarity: float = MIN_SIMILARITY,
                     where: Where = Depends(query_filters)):
         return _response(service.by_item(item_that_exists(db, index), k, min_similarity, **where.options()), len(db))
 

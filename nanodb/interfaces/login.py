@@ -11,8 +11,9 @@ import secrets
 import threading
 import time
 
-from fastapi.responses import JSONResponse
 from starlette.requests import HTTPConnection
+
+from nanodb.interfaces.refusals import refusal
 
 LOGIN_BURST = 10  # failed logins a client may make at once; then one more per LOGIN_REFILL_S
 LOGIN_REFILL_S = 1.0
@@ -57,12 +58,12 @@ class BasicAuth:
         except (binascii.Error, ValueError):
             given = b""
         if given is not None and self._budget(client) < 1:
-            refusal = _refuse(429, f"too many failed logins; try again in {LOGIN_REFILL_S:g} s",
+            refused = refusal(429, f"too many failed logins; try again in {LOGIN_REFILL_S:g} s",
                               {"Retry-After": str(max(1, round(LOGIN_REFILL_S)))})
         elif given is None or not secrets.compare_digest(given, self.expected):
             if given is not None:
                 self._spend(client)
-            refusal = _refuse(401, "log in with the user and password given to --auth",
+            refused = refusal(401, "log in with the user and password given to --auth",
                               {"WWW-Authenticate": 'Basic realm="nanodb"'})
         elif device or scope["type"] != "http":
             return await self.app(scope, receive, send)
@@ -70,7 +71,7 @@ class BasicAuth:
             return await self.app(scope, receive, self.with_device_cookie(send))
         if scope["type"] == "websocket":
             return await send({"type": "websocket.close", "code": 1008})
-        return await refusal(scope, receive, send)
+        return await refused(scope, receive, send)
 
     def device(self, cookie: str) -> str | None:
         """The device id in a cookie this process signed, else None."""
@@ -105,7 +106,3 @@ class BasicAuth:
                 self.budgets = {c: (n, t) for c, (n, t) in self.budgets.items()
                                 if n + (now - t) / LOGIN_REFILL_S < LOGIN_BURST}
             self.budgets[client] = (left, time.monotonic())
-
-
-def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)

@@ -30,6 +30,8 @@ from fastapi.responses import JSONResponse
 from gradio.utils import get_upload_folder, is_in_or_equal
 from starlette.datastructures import Headers
 
+from nanodb.interfaces.refusals import refusal
+
 MAX_JSON_BODY = 1 << 20  # a text query is at most 1,000 characters; the web UI's events are small too
 MULTIPART_SLACK = 1 << 20  # form fields and headers around an uploaded file
 UPLOAD_ROUTES = ("/api/search/image", "/gradio_api/upload")  # the only routes a large (multipart) body may go to
@@ -40,10 +42,6 @@ SINGLE_HEADERS = ("content-type", "content-length")  # the body's framing: one o
 OWN_URL_PATH = re.compile(r"(?:/[\w.-]+)*/api/items/\d+/(?:thumbnail|original)")  # nanodb's file routes
 
 log = logging.getLogger(__name__)
-
-
-def refusal(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
 
 
 class RequestGuard:

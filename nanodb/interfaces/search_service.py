@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from nanodb.database import NanoDB, SearchResults
+from nanodb.interfaces.thumbnails import item_links
 from nanodb.media.opener import ImageRejected, open_image
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox
 from nanodb.media.video import frame_time
@@ -83,8 +84,7 @@ class Duplicates:
 def _member(db: NanoDB, m) -> dict:
     time_ = frame_time(db[m.index].metadata) if db.has_item(m.index) else None
     return {"index": m.index, "path": m.path, "similarity": round(m.similarity, 5),
-            "thumbnail": f"/api/items/{m.index}/thumbnail", "original": f"/api/items/{m.index}/original",
-            "time": time_}
+            **item_links(m.index, m.path), "time": time_}
 
 
 class DuplicateFinder:

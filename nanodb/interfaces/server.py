@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from gradio.routes import App as GradioApp
 from starlette.exceptions import HTTPException
@@ -21,11 +20,12 @@ from nanodb import __version__
 from nanodb.interfaces.connections import ConnectionLimits, GuardedH11Protocol, connection_cap, quiet_accept_errors
 from nanodb.interfaces.http_api import api_router, install_error_handlers, unknown_api_route
 from nanodb.interfaces.login import BasicAuth, parse_auth
+from nanodb.interfaces.refusals import refusal
 from nanodb.interfaces.request_guard import RequestGuard
 from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.thumbnails import ThumbnailCache
 from nanodb.interfaces.web import CSS, JS, build_ui
-from nanodb.interfaces.web_limits import UploadQuota, WebRoutes, bound_queue
+from nanodb.interfaces.web_limits import OverloadAnswers, UploadQuota, WebRoutes, bound_queue
 
 __all__ = ["ServerHandle", "build_app", "parse_auth", "start_server"]
 
@@ -46,6 +46,7 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     gr.mount_gradio_app(app, ui, path="", max_file_size=service.max_upload_bytes, footer_links=["api"],
                         run_history=False, blocked_paths=[str(db.path)], css=CSS, js=JS)
     web_app = next(r.app for r in app.routes if isinstance(r, Mount) and isinstance(r.app, GradioApp))
+    web_app.add_middleware(OverloadAnswers)  # innermost: Gradio's own 503s only
     web_app.add_middleware(MalformedCalls)
     web_app.add_middleware(UploadQuota, blocks=ui)
     web_app.add_middleware(WebRoutes)  # outermost in the web UI's app
@@ -56,10 +57,6 @@ def build_app(db, auth: tuple[str, str] | None = None) -> FastAPI:
     if auth is not None:
         app.add_middleware(BasicAuth, user=auth[0], password=auth[1])  # outermost: checked first
     return app
-
-
-def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class MalformedCalls:
@@ -94,7 +91,7 @@ class MalformedCalls:
                 raise
             log.info("malformed web UI request to %s: %r", scope["path"], e)
             reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]
-            await _refuse(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
+            await refusal(400, f"malformed request for {scope['path'][:80]} ({reason})")(scope, receive, send)
 
 
 @dataclass

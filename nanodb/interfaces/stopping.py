@@ -29,11 +29,14 @@ class StopOnSignals:
     """The first stop signal cancels `task` (the program, whose cleanup saves); a signal that comes
     while it is stopping says so, and a third quits at once: the database keeps its last save (each
     save is atomic), only what was indexed since is lost. `busy()`, asked when the first signal comes,
-    says whether work is in progress then (a scan): the exit status is 128 + the signal's number if so."""
+    says whether work is in progress then (a scan): the exit status is 128 + the signal's number if so.
+    `saving()` says whether there is anything to save (unsaved items, or a scan that may add some): the
+    line on stderr says "saving what was indexed" only then."""
 
-    def __init__(self, task: asyncio.Task, busy: Callable[[], bool]):
+    def __init__(self, task: asyncio.Task, busy: Callable[[], bool], saving: Callable[[], bool]):
         self.task = task
         self.busy = busy
+        self.saving = saving
         self.stopping = False  # set by the program once its cleanup began: a signal then cancels nothing
         self.received = 0
         self.exit_status = 0  # once stopped by a signal: 128 + its number if it cut work short, else 0
@@ -68,12 +71,17 @@ class StopOnSignals:
             self.exit_status = 128 + signum if self.busy() else 0
             self.stopping = True
             self._loop.call_soon_threadsafe(self.task.cancel)
-            _say("\nnanodb: stopping: saving what was indexed")
+            _say(f"\nnanodb: {_stopping(self.saving())}")
         elif self.received < 3:
-            _say(f"nanodb: stopping: saving what was indexed ({signal.Signals(signum).name} once more to quit "
-                 f"without saving)")
+            saving = self.saving()
+            _say(f"nanodb: {_stopping(saving)} ({signal.Signals(signum).name} once more to quit "
+                 f"{'without saving' if saving else 'at once'})")
         else:
             os._exit(128 + signum)
+
+
+def _stopping(saving: bool) -> str:
+    return "stopping: saving what was indexed" if saving else "stopping"
 
 
 def _say(line: str) -> None:

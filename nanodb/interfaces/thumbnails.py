@@ -53,6 +53,15 @@ class OutsideRoots(NotServable):
     status_code = 403
 
 
+def item_links(index: int, path: str | None) -> dict[str, str | None]:
+    """The API paths of an item's thumbnail and original; None for both when it has no file this server
+    could send (added without one, or read from a URL or a tar shard), so that a client shows no link
+    that can only answer 404."""
+    if path is None or is_remote_item(path):
+        return {"thumbnail": None, "original": None}
+    return {"thumbnail": f"/api/items/{index}/thumbnail", "original": f"/api/items/{index}/original"}
+
+
 def _indexed_item(db, index: int):
     if not db.has_item(index):
         raise NotServable(f"no item with index {index}")

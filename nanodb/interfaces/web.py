@@ -18,6 +18,7 @@ import gradio as gr
 from nanodb.database import Item, SearchResults
 from nanodb.interfaces import web_assets as assets
 from nanodb.interfaces.search_service import BadRequest, SearchService
+from nanodb.interfaces.thumbnails import item_links
 from nanodb.media.opener import ImageRejected, read_image_file
 from nanodb.media.video import frame_time, is_video_frame, timestamp
 from nanodb.search.request import Filters
@@ -25,6 +26,7 @@ from nanodb.search.request import Filters
 CSS, JS = assets.CSS, assets.JS  # the server mounts the page with them
 
 DEFAULT_K = 64
+NO_FILE = "no file to show"  # for an item without one this server sends (a vector, a URL's)
 HINT = ("Type what you are looking for (`a red car`, `dog + beach - snow`), or drop a photo to find similar ones. "
         "Click a result to see it large.")
 
@@ -178,10 +180,11 @@ def duplicates_html(answer: dict, base: str) -> str:
             if m["time"] is not None:
                 name += f" @ {timestamp(m['time'])}"
             name = html.escape(name)
-            tiles.append(f'<a class="dup-tile" href="{base}{m["original"]}" target="_blank" rel="noopener" '
-                         f'title="{html.escape(m["path"] or name)}" data-index="{m["index"]}">'
-                         f'<img src="{base}{m["thumbnail"]}" alt="{name}" loading="lazy">'
-                         f'<span>{name}<br>{m["similarity"]:.3f}</span></a>')
+            link = f' href="{base}{m["original"]}" target="_blank" rel="noopener"' if m["original"] else ""
+            image = (f'<img src="{base}{m["thumbnail"]}" alt="{name}" loading="lazy">' if m["thumbnail"] else
+                     f'<div class="no-file">{NO_FILE}</div>')
+            tiles.append(f'<a class="dup-tile"{link} title="{html.escape(m["path"] or name)}" '
+                         f'data-index="{m["index"]}">{image}<span>{name}<br>{m["similarity"]:.3f}</span></a>')
         rows.append(f'<div class="dup-group"><div class="dup-head">Group {number} · {group["size"]} items</div>'
                     f'<div class="dup-row">{"".join(tiles)}</div></div>')
     return "".join(rows)
@@ -372,21 +375,24 @@ class SearchEvents:
         name = html.escape(os.path.basename(path)) if path else f"item {index}"
         folder_name = html.escape(os.path.dirname(path)) if path else "-"
         when, source = taken_date(item)
-        original = f"{base}/api/items/{index}/original"
-        thumb = f"{base}/api/items/{index}/thumbnail"
+        links = item_links(index, path)
+        original, thumb = f"{base}{links['original']}", f"{base}{links['thumbnail']}"
         copies_text = f" · {copies} identical files" if copies > 1 else ""
         moment = frame_time(item.metadata) if item is not None and is_video_frame(path, item.metadata) else None
-        if moment is not None:  # played from the frame's moment (a media fragment), muted so that it may start
+        if links["original"] is None:
+            view = f'<div class="no-file">{NO_FILE}</div>'
+        elif moment is not None:  # played from the frame's moment (a media fragment), muted so that it may start
             view = (f'<video src="{original}#t={moment:.3f}" poster="{thumb}" controls autoplay muted playsinline '
                     f'preload="auto" data-time="{moment:.3f}" title="{name}"></video>')
-            name += f" @ {timestamp(moment)}"
         else:
             view = f'<img src="{original}" alt="{name}" onerror="this.onerror=null;this.src=\'{thumb}\'">'
+        if moment is not None:
+            name += f" @ {timestamp(moment)}"
+        opener = (f' · <a href="{original}" target="_blank" rel="noopener" id="lightbox-original">open original</a>'
+                  if links["original"] else "")
         return (
             view +
             f'<div class="details"><b class="name">{name}</b> · {at + 1} of {len(tiles)}<br>'
             f'{folder_name}<br>{when} ({source}) · {human_size(item.size if item else -1)} · '
-            f'similarity {similarity:.3f}{copies_text} · '
-            f'<a href="{original}" target="_blank" rel="noopener" id="lightbox-original">open original</a>'
-            f"</div>"
+            f'similarity {similarity:.3f}{copies_text}{opener}</div>'
         )

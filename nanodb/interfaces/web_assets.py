@@ -40,6 +40,8 @@ CSS = """
 #dup-groups .dup-row { display: flex; flex-wrap: wrap; gap: 6px; }
 #dup-groups .dup-tile { width: 140px; max-width: calc(50% - 3px); text-decoration: none; color: inherit; }
 #dup-groups .dup-tile img { width: 100%; aspect-ratio: 1; object-fit: cover; border-radius: 4px; display: block; }
+#dup-groups .no-file, #lightbox-view .no-file { display: flex; align-items: center; justify-content: center;
+  text-align: center; aspect-ratio: 1; border-radius: 4px; background: #8883; font-size: 12px; }
 #dup-groups .dup-tile span { display: block; font-size: 12px; overflow-wrap: anywhere; line-height: 1.3; }
 #lightbox-buttons button { flex: 0 1 auto; min-width: 90px; }
 """

@@ -10,12 +10,15 @@ import time
 from dataclasses import dataclass, field
 
 import gradio as gr
-from fastapi.responses import JSONResponse
 
 from nanodb.interfaces.connections import FloodLog
+from nanodb.interfaces.refusals import refusal
+from nanodb.interfaces.request_guard import gradio_error
 
 QUEUE_MAX_EVENTS = 64  # events waiting at once; more are refused (503) until some have run
 QUEUE_CONCURRENCY = 8  # events running at once
+QUEUE_RETRY_AFTER_S = 1  # told to a client refused for a full queue
+OVERLOAD_MESSAGE_BYTES = 1 << 12  # of Gradio's answer, read for its message
 UPLOAD_QUOTA_BYTES = 256 << 20  # the uploads kept at once, in all; past it an upload is refused (503)
 UPLOAD_QUOTA_FILES = 1000
 UPLOAD_MAX_AGE_S = 300  # an upload is deleted this long after it came (checked every UPLOAD_SWEEP_S), and at shutdown
@@ -44,8 +47,33 @@ def bound_queue(ui: gr.Blocks) -> gr.Blocks:
     return ui.queue(max_size=QUEUE_MAX_EVENTS, default_concurrency_limit=QUEUE_CONCURRENCY)
 
 
-def _refuse(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+class OverloadAnswers:
+    """Inside the web UI's Gradio app, around its routes alone: an event past the queue's bound (or on a
+    stopped queue) is answered by Gradio with 503 and {"detail": ...}; the client gets the shape of every
+    other error, {"error": ...}, and a Retry-After."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: bytearray | None = None
+
+        async def sending(message):
+            nonlocal held
+            if message["type"] == "http.response.start" and message["status"] == 503 and held is None:
+                held = bytearray()
+            elif held is None:
+                await send(message)
+            else:
+                held += message.get("body", b"")[: OVERLOAD_MESSAGE_BYTES - len(held)]
+                if not message.get("more_body"):
+                    message = f"the web UI is busy ({gradio_error(bytes(held))}); try again shortly"
+                    await refusal(503, message, {"Retry-After": str(QUEUE_RETRY_AFTER_S)})(scope, receive, send)
+
+        await self.app(scope, receive, sending)
 
 
 class WebRoutes:
@@ -58,7 +86,7 @@ class WebRoutes:
         if scope["type"] in ("http", "websocket") and not WEB_UI_ROUTES.fullmatch(scope["path"]):
             if scope["type"] == "websocket":
                 return await send({"type": "websocket.close", "code": 1008})
-            return await _refuse(404, f"no such route: {scope['path'][:80]}")(scope, receive, send)
+            return await refusal(404, f"no such route: {scope['path'][:80]}")(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -101,7 +129,7 @@ class UploadQuota:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         size = int(declared) if declared.isdigit() else 0
         if self._kept_now() + size > UPLOAD_QUOTA_BYTES or len(self.blocks.upload_file_set) >= UPLOAD_QUOTA_FILES:
-            return await _refuse(503, self._full(), {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
+            return await refusal(503, self._full(), {"Retry-After": str(UPLOAD_SWEEP_S)})(scope, receive, send)
         upload = UploadInProgress(time.monotonic())
         self.uploads.add(upload)
         answered = False
@@ -124,7 +152,7 @@ class UploadQuota:
         if upload.dropped.is_set() and not answered:
             message = f"{self._full()} (this upload was the slowest in progress when the room was needed)"
             headers = {"Retry-After": str(UPLOAD_SWEEP_S), "Connection": "close"}
-            await _refuse(503, message, headers)(scope, receive, send)
+            await refusal(503, message, headers)(scope, receive, send)
 
     def _counted(self, upload: UploadInProgress, receive):
         """receive() for an upload: counts what arrives, makes room past the quota, and answers a

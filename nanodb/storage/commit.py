@@ -93,12 +93,15 @@ class WriteLock:
     """An exclusive flock on the database folder itself, so two writers never interleave their saves.
 
     The lock is taken on the folder's own file descriptor: deleting `.lock` (which only records the
-    holder's pid, for the error message) cannot let a second writer in."""
+    holder's pid, for the error message) cannot let a second writer in. On release, `.lock` is removed
+    if it is still the file this process wrote its pid into (same file, same pid), before the flock is
+    let go: so a lock file another process wrote, or one another process holds, is never removed."""
 
     def __init__(self, root: Path):
         self.root = root
         self.path = root / LOCK
         self.fd: int | None = None
+        self.written: tuple[int, int] | None = None  # (device, inode) of the `.lock` this process wrote
 
     def acquire(self) -> None:
         try:
@@ -138,11 +141,27 @@ class WriteLock:
             raise DatabaseError(f"cannot create {self.path}: {e.strerror}") from None
         try:
             os.write(fd, str(os.getpid()).encode())
+            st = os.fstat(fd)
+            self.written = (st.st_dev, st.st_ino)
         finally:
             os.close(fd)
 
+    def _remove_own_pid_file(self) -> None:
+        """Remove `.lock` if it is the file this process wrote and still holds its pid (the flock held)."""
+        written, self.written = self.written, None
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+            if written == (st.st_dev, st.st_ino) and self.path.read_bytes() == str(os.getpid()).encode():
+                self.path.unlink()
+        except FileNotFoundError:
+            pass  # removed by someone else: nothing of this process's is left
+        except OSError as e:
+            log.warning("could not remove %s: %s", self.path, e.strerror)
+
     def release(self) -> None:
         if self.fd is not None:
+            if self.written is not None:
+                self._remove_own_pid_file()
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -97,3 +98,24 @@ def test_truncated_vectors_file_is_an_error_naming_the_file(db_path):
         f.truncate(100)
     with pytest.raises(DatabaseError, match=r"vectors\.0\.f16 is truncated"):
         NanoDB(db_path)
+
+
+def test_closing_removes_the_lock_file_it_wrote_and_only_that(tmp_path):
+    root = tmp_path / "db"
+    with NanoDB(root, config="test") as db:
+        assert (root / ".lock").read_text() == str(os.getpid())
+        with pytest.raises(DatabaseError, match="open for writing by another process"):
+            NanoDB(root, config="test")  # refused: the holder's lock file stays
+        assert (root / ".lock").read_text() == str(os.getpid())
+        db.add(np.eye(db.dim, dtype=np.float32)[:1])
+        db.save()
+    assert not (root / ".lock").exists()
+    (root / ".lock").write_text("12345")  # left by a writer that was killed: rewritten, then removed
+    NanoDB(root, config="test").close()
+    assert not (root / ".lock").exists()
+    with NanoDB(root, config="test"):
+        (root / ".lock").unlink()
+        (root / ".lock").write_text("a file someone else wrote")  # not the one this process wrote: kept
+    assert (root / ".lock").read_text() == "a file someone else wrote"
+    with NanoDB(root, config="test", read_only=True) as db:
+        assert len(db) == 1

@@ -19,6 +19,8 @@ from helpers import PHOTOS
 from PIL import Image
 
 from nanodb.database import NanoDB
+from nanodb.interfaces import web
+from nanodb.interfaces.search_service import SearchService
 from nanodb.interfaces.server import parse_auth, start_server
 
 COCO = PHOTOS
@@ -322,3 +324,45 @@ def test_cli_serves_while_its_scan_runs_and_exits_on_command(tmp_path):
     assert out.count("* index=") == 8 and "saved 20 items" in err
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "api/stats")
+
+
+def test_an_item_added_as_a_bare_vector_has_null_links_and_the_web_ui_shows_no_broken_one(tmp_path):
+    """Its thumbnail and original would answer 404: the API says null, and the web UI's duplicate tiles and
+    lightbox show that there is no file instead of a link to None."""
+    photo = copy_photos(tmp_path / "photos", 1)[0]
+    db = NanoDB(tmp_path / "db", config="test")
+    db.add([str(photo)])
+    (bare,) = db.add(db[0].vector.astype(np.float32))  # the photo's vector: the two are near-duplicates
+    server = start_server(db, "127.0.0.1", 0)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            results = client.get(f"/api/search/item/{bare}", params={"k": 2}).json()["results"]
+            links = {r["index"]: (r["thumbnail"], r["original"]) for r in results}
+            assert links[bare] == (None, None), results
+            assert all(client.get(link).status_code == 200 for link in links[0]), results
+            groups = client.get("/api/duplicates", params={"threshold": 0.99}).json()["groups"]
+            members = {m["index"]: m for m in groups[0]["items"]}
+            assert (members[bare]["thumbnail"], members[bare]["original"]) == (None, None), groups
+            assert members[0]["thumbnail"] == links[0][0]
+        page = web.duplicates_html({"groups": groups}, "http://x")
+        assert "None" not in page and page.count("<img") == 1 and web.NO_FILE in page, page
+        service = SearchService(db)
+        try:
+            lightbox = web.SearchEvents(service).lightbox_html([(bare, 1.0, 1)], 0, None)
+        finally:
+            service.close()
+        assert "None" not in lightbox and "open original" not in lightbox and web.NO_FILE in lightbox, lightbox
+    finally:
+        server.stop()
+        db.close()
+
+
+def test_k_defaults_to_8_over_http_as_in_the_console_and_the_python_api(served):
+    db, client, photos = served
+    assert len(db) > 8 and db.settings.k == 8
+    answers = [client.get("/api/search/text", params={"q": "a dog"}),
+               client.post("/api/search/text", json={"q": "a dog"}),
+               client.get("/api/search/item/3"),
+               client.post("/api/search/image", files={"file": (photos[0].name, photos[0].read_bytes())})]
+    assert [len(r.json()["results"]) for r in answers] == [8] * 4, [r.text[:200] for r in answers]
+    assert len(db.search("a dog")) == 8

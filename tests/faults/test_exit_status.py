@@ -57,6 +57,8 @@ def test_a_scan_stopped_by_a_signal_saves_and_exits_128_plus_the_signal(scanned_
     assert proc.returncode == 128 + stop, f"exit status {proc.returncode}: {err[-3000:]}"
     assert "scanned " not in err, f"the scan ended before the signal: {err[-3000:]}"
     assert "Traceback" not in err and "leaked" not in err, err[-3000:]
+    assert "nanodb: stopping: saving what was indexed" in err, err[-3000:]  # a scan was adding items
+    assert not (tmp_path / "db" / ".lock").exists(), "the lock file it wrote is left behind"
     saved = [int(n) for n in re.findall(r"saved (\d+) items?", err)]
     with NanoDB(tmp_path / "db", read_only=True) as db:  # what it reported saved is there
         assert len(db) == (saved[-1] if saved else before), err[-3000:]
@@ -85,3 +87,25 @@ def test_a_server_stopped_by_ctrl_c_exits_0_and_leaks_no_worker_semaphores(tmp_p
     assert proc.returncode == 0, f"exit status {proc.returncode}: {err[-3000:]}"
     assert "saved 3 items" in err and "Traceback" not in err, err[-3000:]
     assert "leaked semlock" not in err and "resource_tracker" not in err, err[-3000:]
+
+
+def test_a_server_with_nothing_unsaved_stopped_by_sigterm_says_stopping_and_leaves_no_lock_file(scanned_db, tmp_path):
+    """It has nothing to save, so it does not say it saves; and the `.lock` it wrote is gone once it exits."""
+    path, _ = scanned_db
+    shutil.copytree(path, tmp_path / "db")
+    assert not (tmp_path / "db" / ".lock").exists()
+    proc = start(["--path", str(tmp_path / "db"), "--config", "test", "--server", "--host", "127.0.0.1",
+                  "--port", "0"])
+    try:
+        read_until(proc, r"web UI at (http://\S+)")
+        assert (tmp_path / "db" / ".lock").read_text() == str(proc.pid)  # held while it serves
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=STOP_BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {err[-3000:]}"
+    assert "nanodb: stopping\n" in err and "saving" not in err and "saved" not in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "db").iterdir()) == sorted(p.name for p in path.iterdir()), \
+        "the lock file it wrote is left behind"

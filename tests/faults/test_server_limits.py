@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import socket
@@ -73,13 +74,17 @@ def test_a_flood_of_queue_joins_is_refused_and_the_web_ui_keeps_working(served, 
         async with httpx.AsyncClient(base_url=served.url, timeout=timeout, limits=limits) as client:
             async def join():
                 body = {"data": ["dog", *WEB_OPTIONS], "fn_index": fn_index, "session_hash": uuid.uuid4().hex}
-                return (await client.post("/gradio_api/queue/join", json=body)).status_code
+                return await client.post("/gradio_api/queue/join", json=body)
             return await asyncio.gather(*(join() for _ in range(joins)))
 
     started = time.monotonic()
-    statuses = asyncio.run(asyncio.wait_for(flood(), 480))  # about 30 s on an idle 2-core machine
+    answers = asyncio.run(asyncio.wait_for(flood(), 480))  # about 30 s on an idle 2-core machine
     assert time.monotonic() - started < 480
+    statuses = [r.status_code for r in answers]
     assert set(statuses) <= {200, 400, 503} and statuses.count(200) < joins, sorted(set(statuses))
+    for refused in (r for r in answers if r.status_code == 503):  # every error is {"error": ...} JSON
+        assert refused.headers["content-type"] == "application/json" and "Retry-After" in refused.headers
+        assert list(refused.json()) == ["error"] and "Queue is full" in refused.json()["error"], refused.text
     with httpx.Client(base_url=served.url, timeout=60) as client:
         assert search_works(client, wait_s=120)  # once the flood's accepted events have run
 
@@ -228,8 +233,7 @@ def test_connections_past_the_per_address_cap_get_503_and_the_flood_is_logged_on
         time.sleep(0.5)  # all admitted
         extra = [connect(served.url) for _ in range(20)]
         for sock in extra:
-            answer = sock.recv(1024)
-            assert answer.startswith(b"HTTP/1.1 503"), answer
+            assert json_error(sock.recv(1024), 503), "every error is {\"error\": ...} JSON"
             sock.close()
         floods = [r for r in caplog.records if "refusing connections from" in r.getMessage()]
         assert len(floods) == 1, [r.getMessage() for r in floods]
@@ -239,6 +243,46 @@ def test_connections_past_the_per_address_cap_get_503_and_the_flood_is_logged_on
     time.sleep(0.5)
     with httpx.Client(base_url=served.url, timeout=10) as client:
         assert client.get("/api/stats").status_code == 200  # the cap frees up with the connections
+
+
+def json_error(answer: bytes, status: int) -> str:
+    """The message of a whole raw HTTP answer that must be `status` with a JSON {"error": ...} body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    assert lines[0].startswith(f"HTTP/1.1 {status} "), answer
+    assert headers["content-type"] == "application/json", answer
+    error = json.loads(body)
+    assert set(error) == {"error"} and isinstance(error["error"], str) and error["error"], answer
+    return error["error"]
+
+
+def test_connections_past_the_total_cap_get_503_with_a_json_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(connections, "MAX_CONNECTIONS", 16)
+    db, server = serve(tmp_path, trusted_proxies=("127.0.0.1",))  # a trusted proxy: only the total cap counts
+    held = [connect(server.url) for _ in range(16)]
+    try:
+        time.sleep(0.5)  # all admitted
+        extra = connect(server.url)
+        assert "too many connections" in json_error(extra.recv(1024), 503)
+        extra.close()
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+        db.close()
+
+
+def test_a_request_http_cannot_parse_gets_400_with_a_json_error(served):
+    sock = connect(served.url)
+    try:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        json_error(answer, 400)
+    finally:
+        sock.close()
 
 
 def test_accept_errors_are_logged_once_a_minute_not_once_each():

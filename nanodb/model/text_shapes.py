@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 32)  # a lone query runs 1 row: padded to 32 it would cost ~8x (benchmarks/RESULTS.md)
 LENGTHS = (8, 16, 32, 77)  # token positions, start and end tokens included; capped at the context length
+CALL_COST = 32  # token positions a call costs beyond its rows' (measured: benchmarks/bench_text_encode.py)
 MIN_PROBES = 8  # probe texts each row count runs (the larger ones: as many as their rows)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
@@ -69,14 +70,21 @@ class TextShapes:
         return next(length for length in sorted(self.rows) if length >= needed)
 
     def calls(self, texts: int, length: int) -> list[int]:
-        """The row counts of the calls that run `texts` texts of one bucket: the largest while they fill
-        it, then the smallest that holds the rest."""
-        rows, calls = self.rows[length], []
+        """The row counts of the calls that run `texts` texts of one bucket, the cheapest: a call costs
+        CALL_COST token positions beyond its rows' (reading the weights), so short texts share few
+        calls and long ones are padded little (17 texts: 16 + 1, not 32)."""
+        rows = self.rows[length]
+        cost, first = [0.0], [0]  # for k texts: the least cost, and the first call's rows
+        for k in range(1, texts + 1):
+            options = [(CALL_COST + n * length + cost[max(0, k - n)], n) for n in rows]
+            best = min(options)
+            cost.append(best[0])
+            first.append(best[1])
+        calls = []
         while texts > 0:
-            n = rows[-1] if texts >= rows[-1] else next(r for r in rows if r >= texts)
-            calls.append(n)
-            texts -= n
-        return calls
+            calls.append(first[texts])
+            texts -= first[texts]
+        return sorted(calls, reverse=True)
 
 
 def run_shaped(features: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, needed: np.ndarray,

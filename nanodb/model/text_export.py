@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 4  # raised when what an export holds, or how it is read, changes
+EXPORT_FORMAT = 5  # raised when what an export holds, or how it is read, changes
 MIN_COSINE = 0.9999  # an export's vectors against open_clip's own, on the probe texts, or it is not kept
 
 # texts whose token ids and vectors an export must reproduce before it is kept

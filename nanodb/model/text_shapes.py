@@ -23,7 +23,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 ROWS = (1, 2, 4, 8, 16, 32)  # a lone query runs 1 row: padded to 32 it would cost ~8x (benchmarks/RESULTS.md)
-LENGTHS = (8, 16, 32, 77)  # token positions, start and end tokens included; capped at the context length
+LENGTHS = (4, 8, 16, 32, 77)  # token positions, start and end included (4: a word or two); at most the context
 CALL_COST = 32  # token positions a call costs beyond its rows' (measured: benchmarks/bench_text_encode.py)
 MIN_PROBES = 8  # probe texts each row count runs (the larger ones: as many as their rows)
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")

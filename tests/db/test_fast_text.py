@@ -139,9 +139,9 @@ def test_each_text_runs_at_its_token_length_bucket_with_open_clips_vectors(expor
     for rows in (range(len(UNEVEN)), [0], [1, 4], [2, 3]):
         vectors = exported.encode_text([UNEVEN[i] for i in rows])
         assert (vectors * reference[rows]).sum(1).min() > 0.9999, rows
-    # all: the texts of 3, 5 and 2 positions in a call of 4 rows of 8, those of 16 and 15 in 2 rows of
-    # 16, those of 38 and 77 in 2 rows of 77; then "x" alone, two at 8, and one at 16 and one at 77
-    assert shapes == [(4, 8), (2, 16), (2, 77), (1, 8), (2, 8), (1, 16), (1, 77)]
+    # all: the texts of 3 and 2 positions in a call of 2 rows of 4, the one of 5 in 1 row of 8, those of
+    # 16 and 15 in 2 rows of 16, those of 38 and 77 in 2 rows of 77; then "x" alone, and the others
+    assert shapes == [(2, 4), (1, 8), (2, 16), (2, 77), (1, 4), (1, 4), (1, 8), (1, 16), (1, 77)]
 
 
 def test_the_torch_model_runs_a_batch_cut_to_its_longest_with_the_same_vectors(monkeypatch):
@@ -186,9 +186,9 @@ def test_a_text_gets_its_lone_bits_in_full_batches_of_every_shape(exported):
     at export) give it the same bits in every row count and at every place; here each bucket's text is
     encoded alone, then in full calls of every row count, at the first and the last row, among others."""
     tower = ExportedTextTower(exported.folder)
-    assert set(tower.shapes.rows) == {8, 16, 32, 77}
+    assert set(tower.shapes.rows) == {4, 8, 16, 32, 77}
     for length, rows_kept in tower.shapes.rows.items():
-        needed = {8: 6, 16: 13, 32: 30, 77: 60}[length]  # start, words, end
+        needed = {4: 4, 8: 6, 16: 13, 32: 30, 77: 60}[length]  # start, words, end
         texts = texts_of_length(tower.tokenizer, needed, max(rows_kept) + 1)
         assert len(texts) == max(rows_kept) + 1, length
         alone = tower.encode_text(texts[:1])[0]
@@ -204,7 +204,7 @@ def test_the_export_keeps_the_shapes_it_checked_and_a_lone_query_runs_in_one_row
     meta = json.loads((exported.folder / "meta.json").read_text())
     assert TextShapes.from_meta(meta["shapes"]) == exported.shapes
     assert meta["shapes"]["cpu"] == cpu_id()
-    assert exported.shapes.rows == {length: ROWS for length in (8, 16, 32, 77)}  # all alike on this CPU
+    assert exported.shapes.rows == {length: ROWS for length in (4, 8, 16, 32, 77)}  # all alike on this CPU
     shapes = record_token_shapes(monkeypatch)
     exported.encode_each(["a red car"])
     exported.encode_each([f"photo number {i}" for i in range(37)])  # 32, then 5 in a call of 8
@@ -244,7 +244,7 @@ def test_an_export_checked_on_another_cpu_is_checked_again_here(exported, tmp_pa
     moved = tmp_path / exported.folder.name
     shutil.copytree(exported.folder, moved, ignore=shutil.ignore_patterns("compiled"))
     meta = json.loads((moved / "meta.json").read_text())
-    meta["shapes"] = {"rows": {str(length): [1] for length in (8, 16, 32, 77)}, "cpu": "another CPU"}
+    meta["shapes"] = {"rows": {str(length): [1] for length in (4, 8, 16, 32, 77)}, "cpu": "another CPU"}
     (moved / "meta.json").write_text(json.dumps(meta))
     with caplog.at_level("INFO"):
         tower = ExportedTextTower(moved, keep_compiled=False)

@@ -3,6 +3,7 @@ one of the registered runtimes (nanodb.model.runtimes)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 from contextlib import contextmanager, nullcontext
@@ -153,6 +154,9 @@ class ClipModel:
         self.image_tower, self.backend = self._start_tower(runtimes)
         record_image_tower(self)  # a query image in a later process runs this tower without the model
         self._cut_text = cuttable(self.model)
+        # which model this is, for the cache of text vectors (search/text_cache.py): this object, for a
+        # checkpoint file may change on disk
+        self.text_model_id = ("torch", config, self.precision, self.device, next(_instances))
         # int8: the tower's calibration and fidelity controls, which a scan drives (pipeline/fidelity.py)
         self.quantization = self.image_tower if self.precision == "int8" else None
         self.dim = int(self.encode_text(["x"]).shape[1])
@@ -221,8 +225,15 @@ class ClipModel:
         matrix products may take other kernels, which change the last bits)."""
         return np.concatenate([self.encode_text([text]) for text in texts])
 
+    @staticmethod
+    def text_key(text: str) -> str:
+        """What a text's vector depends on, for the cache of text vectors: the text itself (a tokenizer
+        of any kind reads it)."""
+        return text
+
 
 _cache: dict[ModelConfig, ClipModel] = {}
+_instances = itertools.count()
 
 
 def load_model(config: ModelConfig) -> ClipModel:

@@ -14,9 +14,11 @@ The tokenizer is open_clip's SimpleTokenizer made of its own parts: its cleaning
 whitespace, lower case, as open_clip.tokenizer's "lower" clean function does), its word pattern (saved
 from the tokenizer) and its BPE vocabulary and merges, run by the `tokenizers` library.
 
-The tower of a CLIP model (ViT-B-32 and its kin) is exported with a dynamic sequence length and run on a
-batch's token ids cut to its longest text (model/text_length.py): a query of a few words costs a few
-positions' work, not the context length's; other models' towers run at the full length."""
+The tower of a CLIP model (ViT-B-32 and its kin) is exported with a dynamic sequence length and each
+text run at the smallest of a few token lengths that holds it (model/text_length.py): a query of a few
+words costs a few positions' work, not the context length's; other models' towers run at the full length.
+It runs only in a few fixed shapes, checked when it is exported to give each text the same bits alone or
+with others (model/text_shapes.py)."""
 
 from __future__ import annotations
 
@@ -39,13 +41,14 @@ from nanodb.model.announce import announced
 from nanodb.model.runtimes.openvino_float import cache_dir
 from nanodb.model.spec import ModelConfig, ModelSpec
 from nanodb.model.text_length import cuttable, encode_text_cut, needed_length
+from nanodb.model.text_shapes import TextShapes, bucket_lengths, check_shapes, cpu_id, run_shaped
 
 if TYPE_CHECKING:
     from nanodb.model.clip import ClipModel
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 3  # raised when what an export holds, or how it is read, changes
+EXPORT_FORMAT = 5  # raised when what an export holds, or how it is read, changes
 MIN_COSINE = 0.9999  # an export's vectors against open_clip's own, on the probe texts, or it is not kept
 
 # texts whose token ids and vectors an export must reproduce before it is kept
@@ -134,60 +137,45 @@ class ExportedTextTower:
         compiled = ov.Core().compile_model(str(folder / "text.xml"), "CPU", config)
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one infer request, used by one thread at a time
-        # (texts, token length) -> whether one call gives each text its lone bits (encode_each)
-        self.shared_shapes: dict[tuple[int, int], bool] = {}
+        # which model this is, for the cache of text vectors: its spec and weights, run by this export
+        self.text_model_id = ("openvino export", meta["model"], self.weights_id, folder.name)
+        self.filler = self.tokenizer([""])[0]  # what fills a call's rows beyond its texts
+        self.shapes = self._shapes(meta)
 
-    def token_ids(self, texts: list[str]) -> np.ndarray:
-        """The token ids the tower runs for `texts`: open_clip's, cut to the longest text where the export
-        allows (its `cut`), else at the full context length."""
-        tokens = self.tokenizer(list(texts))
-        return np.ascontiguousarray(tokens[:, :needed_length(tokens)]) if self.cut else tokens
+    def _shapes(self, meta: dict) -> TextShapes:
+        """The shapes checked when the tower was exported; checked again here if that was on another CPU;
+        one text a call before they are checked (while exporting)."""
+        lengths = bucket_lengths(self.cut, self.tokenizer.context_length)
+        if "shapes" not in meta:
+            return TextShapes.one_by_one(lengths)
+        shapes, here = TextShapes.from_meta(meta["shapes"]), cpu_id()
+        if shapes.cpu != here:
+            log.info("the text export %s was checked on another CPU (%s); checking its shapes on this one (%s)",
+                     self.folder.name, shapes.cpu, here)
+            shapes = check_shapes(self.features, lengths, self.tokenizer.sot, self.tokenizer.eot)
+        return shapes
 
     def encode_text(self, texts: list[str]) -> np.ndarray:
-        """Texts -> unit float32 vectors (N, dim), as ClipModel.encode_text."""
-        return unit_rows(self.features(self.token_ids(texts)))
+        """Texts -> unit float32 vectors (N, dim), as ClipModel.encode_text; each text's vector the same
+        bits alone or with any others: it runs at its token-length bucket in a call of checked rows
+        (model/text_shapes.py)."""
+        tokens = self.tokenizer(list(texts))
+        needed = tokens.argmax(axis=1) + 1 if self.cut else np.full(len(tokens), tokens.shape[1])
+        return unit_rows(run_shaped(self.features, tokens, needed, self.shapes, self.filler, self.dim))
 
     def encode_each(self, texts: list[str]) -> np.ndarray:
-        """Each text's vector bit for bit as `encode_text([text])` gives it (what the query batcher needs).
+        """Each text's vector bit for bit as `encode_text([text])` gives it (what the query batcher needs):
+        encode_text's, which runs every text in shapes that give it the same bits alone or together."""
+        return self.encode_text(texts)
 
-        A call's matrix products may take other kernels than one text's, chosen by the rows (seen on an
-        AVX2 CPU from ~100 rows: 22 texts of 5 tokens), which changes the last bits. Texts of one token
-        length share a call of SHARED_CALL_SIZES texts where that shape was seen to give each text its lone
-        bits: the kernels depend on the shape alone, so the first call of a shape also encodes its texts
-        one by one (the vectors it returns) and remembers whether they were equal."""
-        tokens = self.tokenizer(list(texts))
-        by_length: dict[int, list[int]] = {}
-        for i, row in enumerate(tokens):
-            by_length.setdefault(needed_length(row[None]) if self.cut else len(row), []).append(i)
-        out = np.empty((len(texts), self.dim), np.float32)
-        for length, rows in by_length.items():
-            while rows:
-                n = next((n for n in SHARED_CALL_SIZES
-                          if n <= len(rows) and self.shared_shapes.get((n, length), True)), 1)
-                chunk, rows = rows[:n], rows[n:]
-                out[chunk] = self._features_alike(np.ascontiguousarray(tokens[chunk, :length]))
-        return unit_rows(out)
-
-    def _features_alike(self, tokens: np.ndarray) -> np.ndarray:
-        """The features of token rows of one length, each as it has them alone; see encode_each."""
-        shape, seen_alike = tokens.shape, self.shared_shapes.get(tokens.shape)
-        shared = shape[0] > 1 and seen_alike is not False
-        if shared:
-            together = self.features(tokens)
-            if seen_alike:
-                return together
-        alone = np.concatenate([self.features(row[None]) for row in tokens])
-        if shared:  # a shape's first call: remember whether it gave each row its lone bits
-            self.shared_shapes[shape] = bool(np.array_equal(together, alone))
-        return alone
+    def text_key(self, text: str) -> str:
+        """What a text's vector depends on: its cleaned form (the tokenizer reads nothing else)."""
+        return clean(text)
 
     def features(self, tokens: np.ndarray) -> np.ndarray:
         """The tower's float32 features (not normalized) of token ids (N, L)."""
         with self._lock:
             return self._request.infer({0: tokens})[0].astype(np.float32)
-
-
-SHARED_CALL_SIZES = (16, 8, 4, 2)  # texts of one length encoded together, where checked alike (encode_each)
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
@@ -313,7 +301,8 @@ def _write_export(clip: ClipModel, folder: Path, ov) -> None:
 
 def _check_export(clip: ClipModel, folder: Path) -> None:
     """The export's token ids equal open_clip's and its vectors are within MIN_COSINE of the torch model's
-    float32 ones, on the probe texts; raises ValueError saying what differs."""
+    float32 ones, on the probe texts (raises ValueError saying what differs); then the shapes it runs in
+    are checked, and kept in its meta.json."""
     import torch
 
     exported = ExportedTextTower(folder, keep_compiled=False)  # the folder is renamed after: kept for nothing
@@ -324,12 +313,16 @@ def _check_export(clip: ClipModel, folder: Path) -> None:
             raise ValueError(f"its tokenizer reads {text[:40]!r} otherwise than open_clip's")
     with torch.no_grad():  # open_clip's own encode_text, at the full context length
         reference = torch.nn.functional.normalize(clip.model.encode_text(torch.from_numpy(theirs)), dim=-1).numpy()
-    # all the probes in one batch (run at the full length: the last is cut at it), then all but the last
-    # (2 to 15 token positions each, run cut to 15), then the first alone (5 positions)
-    for n in (len(texts), len(texts) - 1, 1):
-        cosine = (exported.encode_text(texts[:n]) * reference[:n]).sum(axis=1)
+    # the shapes it will run in, checked once here (model/text_shapes.py) and kept beside it; then the
+    # probes (texts of every token-length bucket) together and each alone, in those shapes
+    lengths = bucket_lengths(exported.cut, exported.tokenizer.context_length)
+    exported.shapes = check_shapes(exported.features, lengths, exported.tokenizer.sot, exported.tokenizer.eot)
+    for vectors in (exported.encode_text(texts), np.concatenate([exported.encode_text([t]) for t in texts])):
+        cosine = (vectors * reference).sum(axis=1)
         if cosine.min() < MIN_COSINE:
             raise ValueError(f"its vectors differ from open_clip's (cosine {cosine.min():.5f})")
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "shapes": exported.shapes.to_meta()}))
 
 
 def _traceable_text_tower(model, cut: bool):

@@ -1,6 +1,7 @@
 """Queries that arrive together answered together: one pass of the index for all their vectors, whatever
 each asks (its own k, filters, minimum similarity, collapse: Searcher.search_each), each text's vector the
-one it gets alone, bit for bit, on every CPU (`encode_each`; a text asked by several queries encoded once).
+one it gets alone, bit for bit, on every CPU (`QueryEncoder.encode_texts`; a text asked by several queries
+encoded once).
 
 A query on 1M rows costs about as much alone as in a batch of dozens (the kernel reads the rows once for
 all the queries of a pass), so concurrent users (a server's clients, a program's threads) share passes.
@@ -174,11 +175,10 @@ class QueryBatcher:
             return
         t0 = time.perf_counter()
         try:
-            # each distinct text's vector as a lone query gets it (encode_each): a batch's matrix products
-            # can take other kernels than one text's, which would change the last bits and could reorder
-            # close results
+            # each distinct text's vector, the bits it gets as a lone query (encode_texts: the text tower
+            # runs in shapes that give each text its own bits; texts asked before come from the cache)
             distinct = list(dict.fromkeys(words[id(job)][0] for job in texted))
-            rows = dict(zip(distinct, self.encoder.text_model().encode_each(distinct)))
+            rows = dict(zip(distinct, self.encoder.encode_texts(distinct)))
         except Exception as e:
             for job in texted:
                 job.error = e

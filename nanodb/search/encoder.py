@@ -31,6 +31,7 @@ from nanodb.search.query import (
     is_url,
     weighted_sum,
 )
+from nanodb.search.text_cache import encode_cached
 from nanodb.storage.store import ItemStore
 
 
@@ -80,10 +81,10 @@ class QueryEncoder:
 
     `limits`: a query image's bytes (a file, a URL) are decoded in a worker process within these
     limits (media.sandbox), started on the first such query; None decodes them in this process.
-    `text_model`: what encodes words (anything with ClipModel's `encode_text` and `encode_each`, such as
-    the text tower's export that runs without torch); `image_model`: what encodes an image file's or URL's
-    bytes (ClipModel's `pixel_transform` and `encode_pixels`, such as a converted image tower run without
-    torch); the model by default."""
+    `text_model`: what encodes words (anything with ClipModel's `encode_each`, such as the text tower's
+    export that runs without torch; cached where it has a `text_model_id` and a `text_key`);
+    `image_model`: what encodes an image file's or URL's bytes (ClipModel's `pixel_transform` and
+    `encode_pixels`, such as a converted image tower run without torch); the model by default."""
 
     def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
                  limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None,
@@ -143,7 +144,7 @@ class QueryEncoder:
         terms = query.terms
         others = {i: unit(self.embed_term(term)) for i, term in enumerate(terms) if term.kind != "text"}  # errors first
         words = [term.value for term in terms if term.kind == "text"]
-        encoded = iter(self.text_model().encode_text(words) if words else ())
+        encoded = iter(self.encode_texts(words) if words else ())
         vectors = [others[i] if i in others else next(encoded) for i in range(len(terms))]
         if query.single is not None:
             return vectors[0]
@@ -188,10 +189,14 @@ class QueryEncoder:
 
     def embed_text(self, text: str) -> np.ndarray:
         text = check_text(text)
-        model = self.text_model()
         if is_combined(text):
-            return combined_vector(text, model.encode_text)
-        return model.encode_text([text])[0]
+            return combined_vector(text, self.encode_texts)
+        return self.encode_texts([text])[0]
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Each text's unit vector, the same bits alone or with others, from the process's cache of text
+        vectors where it holds them (search/text_cache.py)."""
+        return encode_cached(self.text_model(), texts)
 
     def close(self) -> None:
         """Stop the query image decoder's worker process, if one was started."""

@@ -26,7 +26,9 @@ from nanodb.model.text_export import (
     load_text_tower,
     text_encoder,
 )
-from nanodb.model.text_length import cuttable, needed_length
+from nanodb.model.text_length import cuttable
+from nanodb.model.text_shapes import ROWS, TextShapes, check_shapes, cpu_id
+from nanodb.search.text_cache import TEXT_VECTORS
 
 FLOAT32_TORCH = ModelConfig(ModelSpec("ViT-S-32", "none"), "auto", "float32", "torch")  # a NanoDB's with these
 QUERIES = ["a red car", "a dog on the beach", "people at a table", "2:dog + beach - snow", "café ☕ at night"]
@@ -118,28 +120,28 @@ def full_length_vectors(texts: list[str]) -> np.ndarray:
 def record_token_shapes(monkeypatch) -> list[tuple[int, int]]:
     """The shapes of the token ids every ExportedTextTower runs from now on, in order."""
     shapes = []
-    token_ids = ExportedTextTower.token_ids
+    features = ExportedTextTower.features
 
-    def recorded(self, texts):
-        tokens = token_ids(self, texts)
+    def recorded(self, tokens):
         shapes.append(tokens.shape)
-        return tokens
+        return features(self, tokens)
 
-    monkeypatch.setattr(ExportedTextTower, "token_ids", recorded)
+    monkeypatch.setattr(ExportedTextTower, "features", recorded)
     return shapes
 
 
-def test_a_batch_of_uneven_texts_runs_cut_to_its_longest_with_open_clips_vectors(exported, monkeypatch):
+def test_each_text_runs_at_its_token_length_bucket_with_open_clips_vectors(exported, monkeypatch):
     assert exported.cut
     shapes = record_token_shapes(monkeypatch)
     reference = full_length_vectors(UNEVEN)
-    short = [i for i, t in enumerate(UNEVEN) if t != "a photo of " * 40]
-    lengths = needed_length(open_clip.get_tokenizer("ViT-S-32")([UNEVEN[i] for i in short]).numpy())
-    for rows in (range(len(UNEVEN)), short, [0], [1, 4]):
+    needed = open_clip.get_tokenizer("ViT-S-32")(UNEVEN).numpy().argmax(axis=1) + 1
+    assert list(needed) == [3, 5, 16, 38, 2, 77, 15]
+    for rows in (range(len(UNEVEN)), [0], [1, 4], [2, 3]):
         vectors = exported.encode_text([UNEVEN[i] for i in rows])
         assert (vectors * reference[rows]).sum(1).min() > 0.9999, rows
-    assert [shape[1] for shape in shapes] == [77, lengths, 3, 5]  # "x" is 3 tokens, "a red car" 5
-    assert 20 < lengths < 77
+    # all: the texts of 3 and 2 positions in a call of 2 rows of 4, the one of 5 in 1 row of 8, those of
+    # 16 and 15 in 2 rows of 16, those of 38 and 77 in 2 rows of 77; then "x" alone, and the others
+    assert shapes == [(2, 4), (1, 8), (2, 16), (2, 77), (1, 4), (1, 4), (1, 8), (1, 16), (1, 77)]
 
 
 def test_the_torch_model_runs_a_batch_cut_to_its_longest_with_the_same_vectors(monkeypatch):
@@ -160,46 +162,100 @@ def lone_vectors(tower, texts: list[str]) -> np.ndarray:
 
 
 def test_texts_encoded_together_get_their_lone_vectors_bit_for_bit(exported):
-    """What the query batcher relies on: encode_each gives each text the bits encode_text([text]) gives,
-    the first time a shape is met (checked then) and after (its calls shared where checked alike)."""
+    """What the query batcher relies on: each text gets the bits encode_text([text]) gives it, with any
+    others, in any number (encode_each is encode_text)."""
     tower = ExportedTextTower(exported.folder)
     texts = varied_texts(40, seed=3) + [f"photo number {i}" for i in range(48)] + ["a red car"] * 3
     want = lone_vectors(tower, texts)
     for _ in range(2):
         np.testing.assert_array_equal(tower.encode_each(texts), want)
-    np.testing.assert_array_equal(tower.encode_each(texts[5:6]), want[5:6])
+    np.testing.assert_array_equal(tower.encode_text(texts[5:6]), want[5:6])
+    np.testing.assert_array_equal(tower.encode_text(texts[::-1][3:40]), want[::-1][3:40])
+
+
+def texts_of_length(tokenizer, length: int, count: int) -> list[str]:
+    """`count` distinct texts of `length` token positions (start and end included)."""
+    words = ("dog", "beach", "car", "red", "snow", "city", "night", "cat", "sofa", "tree")
+    texts = [" ".join([words[i // 10], words[i % 10], *(words[(i + j) % 10] for j in range(length - 4))])
+             for i in range(count * 2)]  # one token a word
+    return [t for t in texts if tokenizer([t]).argmax() + 1 == length][:count]
+
+
+def test_a_text_gets_its_lone_bits_in_full_batches_of_every_shape(exported):
+    """By construction: a text runs in the same shape alone or with others, and the shapes kept (checked
+    at export) give it the same bits in every row count and at every place; here each bucket's text is
+    encoded alone, then in full calls of every row count, at the first and the last row, among others."""
+    tower = ExportedTextTower(exported.folder)
+    assert set(tower.shapes.rows) == {4, 8, 16, 32, 77}
+    for length, rows_kept in tower.shapes.rows.items():
+        needed = {4: 4, 8: 6, 16: 13, 32: 30, 77: 60}[length]  # start, words, end
+        texts = texts_of_length(tower.tokenizer, needed, max(rows_kept) + 1)
+        assert len(texts) == max(rows_kept) + 1, length
+        alone = tower.encode_text(texts[:1])[0]
+        for rows in rows_kept:
+            for batch in ([texts[0], *texts[1:rows]], [*texts[1:rows], texts[0]]):
+                assert tower.shapes.calls(len(batch), length) == [rows]
+                got = tower.encode_text(batch)[batch.index(texts[0])]
+                np.testing.assert_array_equal(got, alone, err_msg=f"{rows} x {length}")
+        assert (alone * full_length_vectors(texts[:1])[0]).sum() > 0.9999  # the lone torch model's, or close
+
+
+def test_the_export_keeps_the_shapes_it_checked_and_a_lone_query_runs_in_one_row(exported, monkeypatch):
+    meta = json.loads((exported.folder / "meta.json").read_text())
+    assert TextShapes.from_meta(meta["shapes"]) == exported.shapes
+    assert meta["shapes"]["cpu"] == cpu_id()
+    assert exported.shapes.rows == {length: ROWS for length in (4, 8, 16, 32, 77)}  # all alike on this CPU
+    shapes = record_token_shapes(monkeypatch)
+    exported.encode_each(["a red car"])
+    exported.encode_each([f"photo number {i}" for i in range(37)])  # 32, then 5 in a call of 8
+    assert shapes == [(1, 8), (32, 8), (8, 8)]
+
+
+def shifted_where(condition):
+    """Stand-in tower features that get other bits where `condition(tokens)` holds, by the call's other
+    rows (a CPU whose kernels mix rows)."""
+
+    def features(tokens):
+        base = tokens[:, :8].astype(np.float32) * np.linspace(0.5, 1.5, 8, dtype=np.float32)
+        return base + (np.float32(1e-3) * tokens.sum(0)[:8] if condition(tokens) else np.float32(0))
+
+    return features
+
+
+def test_row_counts_that_give_other_bits_are_not_used(caplog):
+    """A row count whose rows' bits depend on their neighbours, or differ from the largest's, is dropped
+    for that token length, and said; where one row a call is left, texts run one by one."""
+    lengths = (8, 16)
+    shapes = check_shapes(shifted_where(lambda t: len(t) == 16), lengths, 49406, 49407)
+    assert shapes.rows == {8: (1, 2, 4, 8, 32), 16: (1, 2, 4, 8, 32)}
+    assert "texts of up to 8 tokens run in calls of 1/2/4/8/32 rows only (16 give other bits)" in caplog.text
+    assert shapes.calls(20, 8) == [8, 8, 4] and shapes.calls(40, 16) == [32, 8]  # no call of 16
+    shapes = check_shapes(shifted_where(lambda t: len(t) > 1 and t.shape[1] == 16), lengths, 49406, 49407)
+    assert shapes.rows == {8: ROWS, 16: (1,)}  # every larger call at 16 mixes rows: one by one
+    assert shapes.calls(3, 16) == [1, 1, 1]
+
+    def features(tokens):  # calls of 2 and 4 rows a shade off: neither mixes rows, but their bits differ
+        return shifted_where(lambda t: False)(tokens) * np.float32(1.001 if len(tokens) in (2, 4) else 1)
+
+    assert check_shapes(features, lengths, 49406, 49407).rows == {8: (1, 8, 16, 32), 16: (1, 8, 16, 32)}
+
+
+def test_an_export_checked_on_another_cpu_is_checked_again_here(exported, tmp_path, caplog):
+    moved = tmp_path / exported.folder.name
+    shutil.copytree(exported.folder, moved, ignore=shutil.ignore_patterns("compiled"))
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["shapes"] = {"rows": {str(length): [1] for length in (4, 8, 16, 32, 77)}, "cpu": "another CPU"}
+    (moved / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("INFO"):
+        tower = ExportedTextTower(moved, keep_compiled=False)
+    assert "was checked on another CPU (another CPU); checking its shapes on this one" in caplog.text
+    assert tower.shapes == exported.shapes
 
 
 def test_the_torch_model_encodes_each_text_as_alone():
     model = load_model(FLOAT32_TORCH)
     texts = UNEVEN + ["a red car"]
     np.testing.assert_array_equal(model.encode_each(texts), lone_vectors(model, texts))
-
-
-def test_a_shape_seen_to_change_the_bits_is_never_shared_again(exported, monkeypatch):
-    """A call of 8 texts that gives other bits than the texts alone (a CPU whose kernels differ by the
-    rows, stood in for by a tower that shifts them) is answered with the lone vectors, remembered, and
-    later such texts share calls of a size seen alike."""
-    tower = ExportedTextTower(exported.folder)
-    texts = [f"photo number {i}" for i in range(100, 200)]
-    lengths = [needed_length(tower.tokenizer([t])) for t in texts]
-    length = max(set(lengths), key=lengths.count)
-    texts = [t for t, n in zip(texts, lengths) if n == length][:12]
-    assert len(texts) == 12
-    want = lone_vectors(tower, texts)
-    features, calls = tower.features, []
-
-    def eights_differ(tokens):
-        calls.append(len(tokens))
-        return features(tokens) + (1e-3 if len(tokens) == 8 else 0)
-
-    monkeypatch.setattr(tower, "features", eights_differ)
-    np.testing.assert_array_equal(tower.encode_each(texts), want)
-    assert calls == [8] + [1] * 8 + [4] + [1] * 4  # each new shape checked against the texts alone
-    assert tower.shared_shapes == {(8, length): False, (4, length): True}
-    calls.clear()
-    np.testing.assert_array_equal(tower.encode_each(texts), want)
-    assert calls == [4, 4, 4]
 
 
 def test_a_text_tower_without_a_causal_mask_or_an_end_token_feature_runs_at_full_length():
@@ -272,3 +328,31 @@ def test_a_model_that_cannot_be_exported_is_not_tried_again(tmp_path, monkeypatc
     monkeypatch.setattr("nanodb.model.text_export._failed", set())  # as in a new process
     assert export_text_tower(model) is None and len(tries) == 1
     assert [p.suffix for p in (tmp_path / "text").iterdir()] == [".failed"]  # no export, the note why
+
+
+def test_a_text_asked_again_is_served_from_the_cache_with_the_same_bits(scanned_db, exported, monkeypatch):
+    path, _ = scanned_db
+    calls = record_token_shapes(monkeypatch)
+    with NanoDB(path, read_only=True) as db:
+        TEXT_VECTORS.clear()
+        first = db.search("A red car", k=5)
+        assert calls == [(1, 8)]
+        for text in ("a red car", "  a RED   car "):  # read alike by the tokenizer: one vector
+            again = db.search(text, k=5)
+            assert [(r.index, r.similarity) for r in again] == [(r.index, r.similarity) for r in first]
+        assert calls == [(1, 8)]
+        np.testing.assert_array_equal(db.queries.encode_texts(["a red car"]), exported.encode_text(["a red car"]))
+
+
+def test_two_models_in_one_process_never_get_each_others_cached_vectors(scanned_db, exported):
+    """The same database opened with the export and with the torch model (the same weights, vectors a
+    little apart): each gets its own model's vector for a text the other asked first."""
+    path, _ = scanned_db
+    TEXT_VECTORS.clear()
+    with NanoDB(path, read_only=True) as fast, NanoDB(path, read_only=True, backend="torch",
+                                                     precision="float32") as slow:
+        got = {name: db.queries.encode_texts(["a dog on the beach"]) for name, db in (("fast", fast), ("slow", slow))}
+        np.testing.assert_array_equal(got["fast"], exported.encode_text(["a dog on the beach"]))
+        np.testing.assert_array_equal(got["slow"], slow.text_model.encode_each(["a dog on the beach"]))
+        assert not np.array_equal(got["fast"], got["slow"])
+        assert len(TEXT_VECTORS) == 2

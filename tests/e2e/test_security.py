@@ -25,6 +25,7 @@ from PIL import Image
 from nanodb.database import NanoDB
 from nanodb.interfaces.server import start_server
 from nanodb.search.query import MAX_TERMS
+from nanodb.search.text_cache import TEXT_VECTORS
 from nanodb.storage.commit import commit_append, commit_generation
 from nanodb.storage.format import DatabaseError, Manifest, read_manifest
 
@@ -258,17 +259,18 @@ def test_combined_queries_are_bounded_and_encoded_in_one_batch(served):
     assert r.status_code == 400 and f"at most {MAX_TERMS}" in r.json()["error"]
     calls = []
     model = db.text_model  # what encodes words: the text tower's export, or the model
-    encode = model.encode_text
+    encode = model.encode_each
 
     def counting(texts):
         calls.append(list(texts))
         return encode(texts)
 
-    model.encode_text = counting
+    TEXT_VECTORS.clear()  # none of the words kept from an earlier query
+    model.encode_each = counting
     try:
         db.search(text="2:dog + beach - snow + a cat", k=2)
     finally:
-        del model.encode_text
+        del model.encode_each
     assert calls == [["dog", "beach", "snow", "a cat"]]
 
 

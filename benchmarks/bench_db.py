@@ -68,7 +68,7 @@ def open_and_search(path: str) -> dict:
     rss_search = process.memory_info().rss - before
     db.store.checks.wait()  # the big files' checksums, verified in the background from opening on
     checked_s = time.perf_counter() - t1
-    while not db.store.index.codes_in_memory:  # the compact copy, read into memory in the background
+    while not db.store.index.codes_read:  # the compact copy, read ahead in the background
         time.sleep(0.01)
     in_memory_s = time.perf_counter() - t1
     times = []

@@ -3,7 +3,6 @@ one of the registered runtimes (nanodb.model.runtimes)."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import socket
 from contextlib import contextmanager, nullcontext
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from nanodb.media.opener import model_pixels, to_rgb
+from nanodb.model.idle import return_freed_memory
 from nanodb.model.image_export import record_image_tower
 from nanodb.model.preprocess import Preprocessing
 from nanodb.model.runtimes import (
@@ -239,5 +239,5 @@ def unload_model(config: ModelConfig) -> None:
     """Forget the model `config` describes: its memory is freed once its users drop it (a server that
     encodes with the towers' exports holds no torch model)."""
     if _cache.pop(config, None) is not None:
-        gc.collect()  # torch modules may hold reference cycles
+        return_freed_memory()
         log.info("freed the model %s", config.spec.describe())

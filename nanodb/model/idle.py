@@ -4,8 +4,11 @@ tower holds hundreds of MB that text queries never touch."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -14,6 +17,16 @@ from typing import Generic, TypeVar
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def return_freed_memory() -> None:
+    """Collect what was dropped, then hand the C heap's free pages back to the system (glibc keeps the
+    memory of freed model weights for reuse otherwise: ~260 MB of a ViT-B-32 loaded, exported and freed)."""
+    gc.collect()  # a model's modules may hold reference cycles
+    if sys.platform == "linux" and (libc := ctypes.util.find_library("c")):
+        trim = getattr(ctypes.CDLL(libc), "malloc_trim", None)  # glibc's; none in musl
+        if trim is not None:
+            trim(0)
 
 
 class IdleFreed(Generic[T]):
@@ -52,7 +65,7 @@ class IdleFreed(Generic[T]):
                     break
         else:
             return
-        gc.collect()  # a model's modules may hold reference cycles: free its memory now
+        return_freed_memory()
         log.info("freed %s after %.0f s unused (loaded again on next use)", self.what, unused)
 
     def close(self) -> None:

@@ -195,7 +195,7 @@ def main(argv=None) -> None:
                 db.store.append(random_units(rng, 1000, db.dim), records(rng, n, 1000))
                 print("\n".join(measure(db, "built", n, rng, args.exact_up_to)), flush=True)
             with NanoDB(root / "db", config="test", model="ViT-B-32", read_only=True) as db:
-                while not db.store.index.codes_in_memory and db.store.rows * db.dim > (64 << 20):
+                while not db.store.index.codes_read:
                     time.sleep(0.2)
                 peer = faiss_peer(db) if args.peers and n <= 1_000_000 else None
                 print("\n".join(measure(db, "reopened", n, rng, args.exact_up_to, peer)), flush=True)

@@ -29,6 +29,7 @@ class Settings:
     precision: str
     backend: str
     settle_seconds: float
+    image_tower_idle_seconds: float
     autosave_seconds: float
     compact_dead_fraction: float
     follow_symlinks: bool

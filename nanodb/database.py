@@ -19,7 +19,8 @@ from nanodb.media.paths import absolute_path
 from nanodb.media.record import FileRecord, content_hash
 from nanodb.media.sandbox import DecodeLimits
 from nanodb.model.announce import announced
-from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model
+from nanodb.model.clip import ClipModel, ModelConfig, ModelLoadError, ModelSpec, as_pretrained, load_model, unload_model
+from nanodb.model.idle import IdleFreed
 from nanodb.model.image_export import ExportedImageTower, exported_image_tower
 from nanodb.model.text_export import ExportedTextTower, text_encoder
 from nanodb.pipeline.coordinator import ScanPipeline
@@ -81,8 +82,8 @@ class NanoDB:
         self.timings = SearchTimings()
         self._model: ClipModel | None = None
         self._text_model: ExportedTextTower | ClipModel | None = None
-        self._image_model: ExportedImageTower | bool | None = None  # False: none to be had
         self._model_lock = threading.RLock()
+        self._image_size: tuple[int, int] | None = None
         self._loading_since: float | None = None  # monotonic time the model's load began
         self._decode_pool: ImageDecodePool | None = None
         self.active_scans: list[ScanReport] = []  # the scans running now, for live progress displays
@@ -121,6 +122,9 @@ class NanoDB:
                 manifest = _new_manifest(self.model)
             self.store = ItemStore(self.path, manifest, read_only=read_only,
                                    compact_dead_fraction=self.settings.compact_dead_fraction)
+        # a query image's tower, run without torch where it can be, held while image queries come
+        self._image_towers = IdleFreed(self._load_image_tower, self.settings.image_tower_idle_seconds,
+                                       f"the image tower of {self.spec.name}")
         self.queries = QueryEncoder(self.store, lambda: self.model, self.settings.max_image_pixels,
                                     DecodeLimits.of(self.settings), text_model=lambda: self.text_model,
                                     image_model=lambda: self.image_model)
@@ -171,20 +175,51 @@ class NanoDB:
         first text query); the model itself where no export can be made."""
         with self._model_lock:
             if self._text_model is None:
+                loaded = self._model is not None
                 self._text_model = text_encoder(self.model_config, self.store.manifest.weights_id, self._load_model)
+                if not loaded and self._text_model is not self._model:
+                    self._release_model()  # loaded only to make the export: never hold both
             return self._text_model
+
+    def _release_model(self) -> None:
+        """Drop the torch model (loaded again when needed)."""
+        self._model = None
+        unload_model(self.model_config)
 
     @property
     def image_model(self) -> ExportedImageTower | ClipModel:
-        """What turns a query image's bytes into its vector (`pixel_transform`, `encode_pixels`): the model
-        once loaded; before, the image tower a scan converted, where it gives the vectors the model would
-        (model.image_export: no torch, a fraction of the model's load time); else the model."""
+        """What turns a query image into its vector (`pixel_transform`, `encode_pixels`, `image_size`): the
+        model while it is loaded (for a scan); else the image tower a scan converted, where it gives the
+        vectors the model would (model.image_export: no torch, a fraction of the model's memory and load
+        time), loaded on the first image query and freed after `image_tower_idle_seconds` unused; else the
+        model."""
         with self._model_lock:
-            if self._model is None and self._image_model is None:
-                manifest = self.store.manifest
-                self._image_model = exported_image_tower(self.model_config, manifest.precision,
-                                                         manifest.weights_id) or False
-            return self._model or self._image_model or self._load_model()
+            if self._model is not None:
+                return self._model
+        return self._image_towers.get()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The image tower's input size (what a query image is decoded for), remembered once known."""
+        if self._image_size is None:
+            self._image_size = tuple(self.image_model.image_size)
+        return self._image_size
+
+    @property
+    def image_tower_loaded(self) -> bool:
+        """A query image's tower is held (loaded by an image query, not yet freed as idle)."""
+        return self._image_towers.held
+
+    def _load_image_tower(self) -> ExportedImageTower | ClipModel:
+        manifest = self.store.manifest
+        with self._model_lock:
+            tower = exported_image_tower(self.model_config, manifest.precision, manifest.weights_id)
+            if tower is None and self._model is None:
+                self._load_model()  # converts the tower and records it where it runs without the model
+                tower = exported_image_tower(self.model_config, manifest.precision, manifest.weights_id)
+                if tower is not None:
+                    self._release_model()
+            return tower or self._load_model()
 
     @property
     def model_loaded(self) -> bool:
@@ -542,6 +577,7 @@ class NanoDB:
             self._decode_pool = None
         if getattr(self, "queries", None) is not None:
             self.queries.close()
+            self._image_towers.close()
         if getattr(self, "store", None) is not None:
             self.store.close()  # a sharded database's shards, before the cluster they run on
         if self.cluster is not None:

@@ -149,7 +149,7 @@ class SearchService:
         if not jpeg:  # a JPEG decodes at reduced scale; other formats decode whole
             max_pixels = min(MAX_UPLOAD_PIXELS, max_pixels)
         try:
-            return self.decoder.run(open_image, data, max_pixels, max(self.db.model.image_size))
+            return self.decoder.run(open_image, data, max_pixels, max(self.db.image_size))
         except ImageRejected as e:
             reason = str(e)
             if reason.startswith("not an image"):

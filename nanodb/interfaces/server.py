@@ -115,7 +115,8 @@ def start_server(db, host: str = "0.0.0.0", port: int = 7860, auth: tuple[str, s
 
     A client's address is its socket's peer; only a peer in `trusted_proxies` may name another in
     X-Forwarded-For (whom the login backoff then counts), and its connections count only in the total cap."""
-    _ = db.model  # load the model now, not during the first visitor's search
+    _ = db.text_model  # load the text tower now, not during the first visitor's search (the image tower
+    # is loaded on the first image query: NanoDB.image_model)
     limits = ConnectionLimits(connection_cap(), trusted_proxies=frozenset(trusted_proxies))
     quiet_accept_errors()
     app = build_app(db, auth)

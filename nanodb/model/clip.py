@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from nanodb.media.opener import model_pixels, to_rgb
+from nanodb.model.idle import return_freed_memory
 from nanodb.model.image_export import record_image_tower
 from nanodb.model.preprocess import Preprocessing
 from nanodb.model.runtimes import (
@@ -26,7 +27,8 @@ from nanodb.model.runtimes import (
 from nanodb.model.spec import ModelConfig, ModelLoadError, ModelSpec, as_pretrained, looks_like_checkpoint
 from nanodb.model.text_length import cuttable, encode_text_cut, needed_length
 
-__all__ = ["ClipModel", "ModelConfig", "ModelLoadError", "ModelSpec", "load_model", "as_pretrained", "PRECISIONS",
+__all__ = ["ClipModel", "ModelConfig", "ModelLoadError", "ModelSpec", "load_model", "unload_model", "as_pretrained",
+           "PRECISIONS",
            "BACKENDS", "hub_reachable"]
 
 log = logging.getLogger(__name__)
@@ -237,8 +239,16 @@ _instances = itertools.count()
 
 
 def load_model(config: ModelConfig) -> ClipModel:
-    """Build (once per process) the model `config` describes."""
+    """Build (once per process, until `unload_model`) the model `config` describes."""
     if config not in _cache:
         log.info("loading %s", config.spec.describe())
         _cache[config] = ClipModel(config)
     return _cache[config]
+
+
+def unload_model(config: ModelConfig) -> None:
+    """Forget the model `config` describes: its memory is freed once its users drop it (a server that
+    encodes with the towers' exports holds no torch model)."""
+    if _cache.pop(config, None) is not None:
+        return_freed_memory()
+        log.info("freed the model %s", config.spec.describe())

@@ -77,7 +77,7 @@ def record_image_tower(clip: ClipModel) -> None:
 
 
 class ExportedImageTower:
-    """The image half of a ClipModel for a query image (`pixel_transform`, `encode_pixels`), from a
+    """The image half of a ClipModel for a query image (`pixel_transform`, `encode_pixels`, `image_size`), from a
     recorded conversion of its tower: OpenVINO and Pillow, no torch."""
 
     def __init__(self, record: dict, precision: str):
@@ -85,6 +85,7 @@ class ExportedImageTower:
                                          **{k: tuple(v) for k, v in record["preprocessing"].items()
                                             if isinstance(v, list)}})
         self.pixel_transform = preprocessing.pixel_transform(None)  # a ResizeCenterCrop: no open_clip
+        self.image_size = preprocessing.size
         self.tower = OpenVinoImageTower.converted(Path(record["model_xml"]), preprocessing.mean,
                                                   preprocessing.std, precision)
         self.precision_id = f"{precision}/openvino"

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from nanodb.media.opener import ImageRejected, read_image_file
+from nanodb.media.opener import ImageRejected, model_pixels, read_image_file, to_rgb
 from nanodb.media.paths import absolute_path, printable
 from nanodb.media.record import content_hash
 from nanodb.media.sandbox import DecodeLimits, DecodeSandbox, model_input
@@ -83,8 +83,9 @@ class QueryEncoder:
     limits (media.sandbox), started on the first such query; None decodes them in this process.
     `text_model`: what encodes words (anything with ClipModel's `encode_each`, such as the text tower's
     export that runs without torch; cached where it has a `text_model_id` and a `text_key`);
-    `image_model`: what encodes an image file's or URL's bytes (ClipModel's `pixel_transform` and
-    `encode_pixels`, such as a converted image tower run without torch); the model by default."""
+    `image_model`: what encodes an image file's or URL's bytes or an image object (ClipModel's
+    `pixel_transform` and `encode_pixels`, such as a converted image tower run without torch); the model
+    by default."""
 
     def __init__(self, store: ItemStore, model: Callable[[], ClipModel], max_image_pixels: int,
                  limits: DecodeLimits | None = None, text_model: Callable[[], Any] | None = None,
@@ -133,7 +134,8 @@ class QueryEncoder:
         elif isinstance(query, os.PathLike):
             v = self.embed_file(query)
         elif is_image_object(query):
-            v = self.model().encode_images([query])[0]
+            model = self.image_model()
+            v = model.encode_pixels(model_pixels(to_rgb(query), model.pixel_transform)[None])[0]
         else:
             raise TypeError(f"cannot search by a {type(query).__name__}")
         return unit(v)

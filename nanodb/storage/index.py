@@ -18,7 +18,6 @@ block by block into a small float32 scratch and scored by BLAS; on a GPU, float3
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from nanodb.storage.compact import quantize_rows
 from nanodb.storage.exact import exact_top_k
 from nanodb.storage.format import REPAIR_HINT, DatabaseError
 from nanodb.storage.kernel import built_kernel
-from nanodb.storage.mapped_rows import HeldFile, file_backed_rows
+from nanodb.storage.mapped_rows import HeldFile, file_backed_rows, read_ahead
 from nanodb.storage.scan import (
     DamagedRows,
     Selection,
@@ -67,11 +66,12 @@ def fast_pass(dim: int) -> str:
     return KERNEL_LOOPS[KERNEL.nanodb_level(dim)]
 
 
-# A mapped compact copy larger than this is copied into anonymous memory by a background thread after
-# opening: the fast pass scans it ~2.5x faster there (huge pages) than through a file's 4 KB pages
-# (measured at 10M x 512; benchmarks/RESULTS.md). Searches use the mapping until the copy is done.
-COMPACT_TO_MEMORY_BYTES = 64 << 20
-COPY_CHUNK = 16 << 20
+# A mapped compact copy larger than this is read ahead by a background thread after opening (the first
+# searches then scan memory), in 2 MB pages where the file system makes them: scanned through 4 KB pages
+# the codes took ~2.4x longer (benchmarks/RESULTS.md). They are never copied: a server's own memory does
+# not grow with its database.
+READ_AHEAD_BYTES = 64 << 20
+READ_AHEAD_CHUNK = 16 << 20
 class VectorIndex:
     """The vectors of a database and exact top-k search over them."""
 
@@ -87,6 +87,8 @@ class VectorIndex:
         self.mapped = 0  # rows 0..mapped-1 are the data files' (see load_files), read on demand
         self._files: dict[str, HeldFile] = {}  # the data files mapped, held open (see check_files)
         self._stop = threading.Event()
+        self._codes_read = threading.Event()  # cleared while the mapped codes are read ahead
+        self._codes_read.set()
         self._dead = np.zeros(0, bool)
         self._any_dead = False
         self._lock = threading.Lock()
@@ -186,44 +188,27 @@ class VectorIndex:
             self._gpu = cp.empty((cap, self.dim), cp.float16)
             self._gpu[:count] = cp.asarray(self._buf[:count])
             self._gpu_dead = cp.zeros(cap, bool)
-        elif compact is not None and count * self.dim > COMPACT_TO_MEMORY_BYTES:
-            threading.Thread(target=self._copy_codes_to_memory, name="nanodb-codes", daemon=True).start()
+        elif compact is not None and count * self.dim > READ_AHEAD_BYTES:
+            self._codes_read.clear()
+            threading.Thread(target=self._read_codes_ahead, name="nanodb-codes", daemon=True).start()
 
-    def _copy_codes_to_memory(self) -> None:
-        """Read the mapped codes into anonymous memory, then search that: read from the file, not the
-        mapping, so the process never holds both copies."""
+    def _read_codes_ahead(self) -> None:
+        """Read the mapped codes into the page cache (2 MB pages where the file system makes them), so
+        that the first searches scan memory, not the disk. They stay the file's pages: shared, never
+        copied into this process's own memory."""
         with self._lock:
-            held, n, cap = self._files.get("codes"), self.mapped, len(self._codes)
-            fd = None if held is None or held.fd is None else os.dup(held.fd)
-        if fd is None:
-            return
-        fresh = np.empty((cap, self.dim), np.uint8)
-        view = memoryview(fresh[:n]).cast("B")
+            codes, n = self._codes, self.mapped * self.dim
         try:
-            for lo in range(0, len(view), COPY_CHUNK):
-                chunk = view[lo : lo + COPY_CHUNK]
-                if self._stop.is_set() or os.preadv(fd, [chunk], lo) != len(chunk):
+            for lo in range(0, n, READ_AHEAD_CHUNK):
+                if self._stop.is_set() or not read_ahead(codes, lo, min(READ_AHEAD_CHUNK, n - lo)):
                     return
-        except OSError as e:
-            log.warning("cannot read %s into memory (%s): searching the mapped file", held.path, e)
-            return
         finally:
-            os.close(fd)
-        with self._lock:
-            if self._files.get("codes") is not held or self._stop.is_set():
-                return
-            if len(self._codes) != cap:  # grown meanwhile
-                grown = np.empty((len(self._codes), self.dim), np.uint8)
-                grown[:n] = fresh[:n]
-                fresh = grown
-            fresh[n : self.count] = self._codes[n : self.count]
-            self._codes = fresh
-            del self._files["codes"]  # its descriptor closes with the last reference (a search may check it)
+            self._codes_read.set()
 
     @property
-    def codes_in_memory(self) -> bool:
-        """The compact copy's codes are in anonymous memory, not (or no longer) read through a mapping."""
-        return "codes" not in self._files
+    def codes_read(self) -> bool:
+        """The mapped codes were read ahead (or needed no read ahead): searches scan memory."""
+        return self._codes_read.is_set()
 
     def close(self) -> None:
         """Drop the rows, so the data files are unmapped now rather than when garbage collected (the

@@ -4,6 +4,7 @@ searched exactly, grows, saves, compacts and still catches a corrupted file (big
 from __future__ import annotations
 
 import mmap
+import os
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ import nanodb.storage.index
 import nanodb.storage.store
 from nanodb import DatabaseError, NanoDB
 from nanodb.storage.compact import quantize_rows
+from nanodb.storage.mapped_rows import HUGE_PAGE, HeldFile, file_backed_rows, read_ahead
 
 ROWS = 2000
 
@@ -121,17 +123,33 @@ def test_a_big_intact_database_passes_the_check_after_opening(saved, monkeypatch
         assert db.save()
 
 
-def test_a_big_compact_copy_moves_to_memory_after_opening(saved, monkeypatch):
-    """Above COMPACT_TO_MEMORY_BYTES the codes are read into memory by a background thread (faster to
-    scan than the mapping); rows appended meanwhile are kept, and searches stay exact throughout."""
-    monkeypatch.setattr(nanodb.storage.index, "COMPACT_TO_MEMORY_BYTES", 0)
+def test_a_big_compact_copy_is_read_ahead_not_copied_after_opening(saved, monkeypatch):
+    """Above READ_AHEAD_BYTES the mapped codes are read ahead by a background thread, and stay the file's
+    pages: a server's own memory does not grow with its database. Rows appended meanwhile are kept,
+    and searches stay exact throughout."""
+    monkeypatch.setattr(nanodb.storage.index, "READ_AHEAD_BYTES", 0)
     with NanoDB(saved) as db:
         index = db.store.index
-        db.add(unit_vectors(ROWS, db.dim, seed=4))  # grows the index, maybe while the copy runs
+        db.add(unit_vectors(ROWS, db.dim, seed=4))  # grows the index, maybe while the read ahead runs
         assert_exact_search(db, unit_vectors(2, db.dim, seed=12))
         deadline = time.monotonic() + 60
-        while not index.codes_in_memory and time.monotonic() < deadline:
+        while not index.codes_read and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert index.codes_in_memory and not isinstance(memory_behind(index.codes), mmap.mmap)
+        assert index.codes_read and isinstance(memory_behind(index.codes), mmap.mmap)
         np.testing.assert_array_equal(index.codes, quantize_rows(db.vectors)[0])
         assert_exact_search(db, unit_vectors(4, db.dim, seed=13))
+
+
+def test_a_mapped_file_is_read_ahead_on_a_2mb_boundary_and_a_shortened_one_fails_softly(tmp_path):
+    """The mapping starts where the kernel can use 2 MB pages; reading ahead a file shortened under its
+    mapping is refused (False), never a SIGBUS that would kill the process."""
+    path = tmp_path / "codes.0.u8"
+    path.write_bytes(np.arange(4 << 20, dtype=np.uint8).tobytes())
+    held = HeldFile(path, 4 << 20)
+    rows = file_backed_rows(held, (4 << 20) // 256, (256,), np.uint8, (4 << 20) // 256)
+    assert rows.ctypes.data % HUGE_PAGE == 0
+    assert read_ahead(rows, 0, 4 << 20)
+    assert rows[-1, -1] == 255
+    os.truncate(path, 4096)
+    assert not read_ahead(rows, 0, 4 << 20)
+    held.close()

@@ -35,16 +35,16 @@ def test_a_compaction_waits_for_a_running_web_search(tmp_path):
         db.save()
         query = db.embed_query("a red car")
         index = db.store.index
-        real_search = index.search
+        real_search = index.search_each  # the one pass every search runs (search() included)
         compaction = threading.Thread(target=lambda: (db.forget(paths[::2]), db.save()))
 
-        def search_then_compact(queries, k, **options):
-            found = real_search(queries, k, **options)
+        def search_then_compact(queries, ks, allowed, **options):
+            found = real_search(queries, ks, allowed, **options)
             compaction.start()
             compaction.join(1.0)  # a compaction that can run now renumbers the rows under this search
             return found
 
-        index.search = search_then_compact
+        index.search_each = search_then_compact
         results = SearchService(db).by_text("a red car", k=90)
         compaction.join()
         assert len(results) == 90

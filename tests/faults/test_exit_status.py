@@ -42,7 +42,7 @@ def test_a_scan_stopped_by_a_signal_saves_and_exits_128_plus_the_signal(scanned_
     shutil.copytree(path, tmp_path / "db")
     photos = tmp_path / "photos"
     photos.mkdir()
-    for p in coco_photos(120)[60:]:  # new files: the scan loads the model, then embeds them
+    for p in coco_photos(96)[40:]:  # new files (the scanned database holds the first 40): the scan embeds them
         shutil.copy(p, photos)
     with NanoDB(tmp_path / "db", read_only=True) as db:
         before = len(db)

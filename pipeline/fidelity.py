@@ -32,7 +32,7 @@ SPREAD_FOLDERS = 4
 SPREAD_IMAGES = 256
 SAMPLE_IMAGES = 128  # kept for calibration: a recalibration's wider sample
 CHECK_EVERY = 8
-CHECKED_PER_BATCH = 2  # images of each held batch compared with floating point, spread over the batch
+CHECKED_PER_BATCH = 2  # images of each held batch compared with floating point, spread over it (0: none)
 MIN_COSINE = 0.99  # what the README promises of an int8 vector, against float32
 
 Batch = list[DecodedImage]
@@ -138,6 +138,8 @@ class QuantizedEmbedding:
         batches, re-embedded in floating point if one of those images fell short."""
         picks = [(held, row) for held, (batch, _) in enumerate(self.held)
                  for row in spread(len(batch), CHECKED_PER_BATCH)]
+        if not picks:
+            return self._release()
         checked = [self.held[held][0][row] for held, row in picks]
         reference = unit(self.quantization.floating(np.stack([d.pixels for d in checked])))
         cosines = np.sum(np.stack([self.held[held][1][row] for held, row in picks]) * reference, axis=1)

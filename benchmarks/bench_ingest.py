@@ -198,7 +198,7 @@ def variant(db: NanoDB, config: str):
     from nanodb.model.runtimes.openvino_int8 import Int8ImageTower
 
     model = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
-    checked, tower = fidelity.CHECKED_PER_BATCH, model.image_tower
+    checked, tower, quantization = fidelity.CHECKED_PER_BATCH, model.image_tower, model.quantization
     if config.endswith("-unchecked"):
         fidelity.CHECKED_PER_BATCH = 0
     if config.endswith("-onestream"):
@@ -211,7 +211,7 @@ def variant(db: NanoDB, config: str):
         yield
     finally:
         fidelity.CHECKED_PER_BATCH = checked
-        model.image_tower = model.quantization = tower
+        model.image_tower, model.quantization = tower, quantization
 
 
 def peak_rss_of_scan(tree: Path, db_path: Path, model_args: list[str]) -> tuple[float, float, float]:

@@ -9,8 +9,8 @@ it, run in floating point too, in one pass. If one of them falls below MIN_COSIN
 re-embedded in floating point, and the model is calibrated once more on the wider sample, or, at a
 second miss, runs in floating point for the rest. The lowest cosine seen is in the scan's report.
 Sampling every batch rather than running one batch in eight whole compares the same photos' variety
-for half the floating-point work (one ViT-B-32 batch in floating point costs about two in int8:
-benchmarks/RESULTS.md)."""
+for half the floating-point work (a ViT-B-32 image in bfloat16 costs about two in int8 on a quiet
+machine, five on a loaded one: benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 

@@ -4,8 +4,11 @@
    batches of 32) against NanoDB.scan through the Python API with the model loaded, for each
    precision/backend, interleaved over --rounds in one run; images/s, ratio to the loop of the same
    round, and the cosine of each scan's vectors to the loop's float32 vectors for the same files.
-   The N photos are half COCO, half ImageNet; the int8 rows' warm-up scan is a folder of face photos,
-   so their tower is calibrated on faces only (in a model cache of this run's own).
+   The N photos are half COCO, half ImageNet; the int8 tower is calibrated first, outside the clock, by
+   a scan of face photos (256 from one folder; --calibrate-folders 4: 16 from each of four caltech101
+   folders), so on none of the photos timed (in a model cache of this run's own). The row
+   "int8-unchecked" is int8 with its fidelity checks patched out, to show what they cost;
+   "int8-onestream" runs the int8 tower in one OpenVINO stream (its threads in lockstep), as before issue 37.
 
 1. model-only: the CLIP stage alone on pre-decoded pixels at the production batch size;
 2. pipeline:   NanoDB.scan (walk -> decode pool -> CLIP stage -> appender), pool and model warm;
@@ -15,6 +18,8 @@ Then, optionally, a rescan of an unchanged folder vs its first scan (--rescan), 
 `nanodb --scan` over synthetic trees of hard links to small real JPEGs (--rss-trees).
 
     python benchmarks/bench_ingest.py --limit 0 --compare 320          # precisions vs the float32 loop
+    python benchmarks/bench_ingest.py --limit 0 --compare 128 --rounds 3 --calibrate-folders 4 \
+        --scans bfloat16/openvino int8/openvino int8-unchecked/openvino       # int8 against the default
     python benchmarks/bench_ingest.py --limit 640                      # throughput table
     python benchmarks/bench_ingest.py --limit 0 --rescan --rescan-model ViT-S-32
     python benchmarks/bench_ingest.py --limit 0 --rss-trees 2000 20000
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +58,8 @@ FACES = SHARED / "caltech101" / "Faces"
 # (precision, backend, decode workers or 0 for one per core) of each NanoDB.scan row of --compare
 SCAN_CONFIGS = [
     ("float32", "torch", 0), ("bfloat16", "torch", 0), ("float32", "openvino", 0),
-    ("bfloat16", "openvino", 0), ("int8", "openvino", 0), ("int8", "openvino", 1),
+    ("bfloat16", "openvino", 0), ("int8", "openvino", 0), ("int8", "openvino", 1), ("int8-unchecked", "openvino", 0),
+    ("int8-onestream", "openvino", 0),
 ]
 
 
@@ -127,7 +134,19 @@ def compare(args, tmp: Path) -> None:
     coco, imagenet = sorted(map(str, COCO.glob("*.jpg"))), sorted(map(str, IMAGENET.glob("*")))
     chosen = coco[: args.compare // 2] + imagenet[: args.compare - args.compare // 2]
     folder, warmup = link_tree(chosen, tmp / "compare", prefix=False), link_tree(coco[-16:], tmp / "compare-warmup")
-    faces = link_tree(sorted(map(str, FACES.glob("*.jpg")))[:SPREAD_IMAGES], tmp / "faces")  # calibrate int8 here
+    if args.calibrate_folders > 1:  # 16 photos of each of the first caltech101 folders, from Faces on
+        folders = sorted(p for p in DATA.iterdir() if p.is_dir() and p.name >= "Faces")[: args.calibrate_folders]
+        calibration = tmp / "calibration"
+        for f in folders:
+            link_tree(sorted(map(str, f.glob("*.jpg")))[:16], calibration / f.name)
+    else:
+        calibration = link_tree(sorted(map(str, FACES.glob("*.jpg")))[:SPREAD_IMAGES], tmp / "faces")
+    configs = [c for c in SCAN_CONFIGS if not args.scans or f"{c[0]}/{c[1]}" in args.scans]
+    if any(c[0].startswith("int8") for c in configs):  # calibrated once, before the clock starts
+        with NanoDB(tmp / "db-calibration", args.model, pretrained="none", device="cpu", precision="int8",
+                    backend="openvino", follow_symlinks=True) as db:
+            db.scan(calibration)
+            assert db.model.quantization.quantized, "the int8 tower was not calibrated"
     int8_summaries = []
     by_name = {Path(f).name: i for i, f in enumerate(chosen)}
     folder_paths = {str(p) for p in folder.iterdir()}
@@ -138,18 +157,19 @@ def compare(args, tmp: Path) -> None:
     for r in range(args.rounds):
         rate, ref_vectors = openclip_loop(reference.model, reference.preprocess, chosen)
         rates.setdefault("open_clip float32 loop (preprocess + encode_image, batch 32)", []).append(rate)
-        for precision, backend, workers in [c for c in SCAN_CONFIGS if not args.scans or f"{c[0]}/{c[1]}" in args.scans]:
+        for config, backend, workers in configs:
+            precision = config.split("-")[0]
             opts = dict(pretrained="none", device="cpu", precision=precision, backend=backend, workers=workers,
                         follow_symlinks=True)  # trees of links to the data
-            with NanoDB(tmp / f"db-{precision}-{backend}-{workers}-{r}", args.model, **opts) as db:
-                _ = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
-                db.scan(faces if precision == "int8" else warmup)  # starts the decode workers
+            with NanoDB(tmp / f"db-{config}-{backend}-{workers}-{r}", args.model, **opts) as db, variant(db, config):
+                db.scan(warmup)  # starts the decode workers
                 start = time.perf_counter()
                 report = db.scan(folder)
                 rate = (report.added + report.updated) / (time.perf_counter() - start)
-                name = f"NanoDB.scan {db.model.precision_id}, {db.settings.decode_workers} decode workers"
-                if precision == "int8":
-                    int8_summaries.append(report.summary())
+                name = f"NanoDB.scan {db.model.precision_id}{config.removeprefix(precision)}, " \
+                       f"{db.settings.decode_workers} decode workers"
+                if config == "int8":
+                    int8_summaries.append(f"{workers or 'one per core'} decode worker(s): {report.summary()}")
                 rates.setdefault(name, []).append(rate)
                 rows = {by_name[Path(p).name]: i for i in range(len(db.vectors)) if (p := db.path_of(i)) in folder_paths}
                 order = sorted(rows)
@@ -158,13 +178,40 @@ def compare(args, tmp: Path) -> None:
         print(f"  round {r + 1}/{args.rounds} done, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
     loop = np.median(next(iter(rates.values())))
     print(f"\n{args.model}, random weights, cpu, {len(chosen)} COCO and ImageNet photos (int8: calibrated on "
-          f"{len(list(faces.iterdir()))} face photos), median of {args.rounds} interleaved rounds")
+          f"{len(list(calibration.rglob('*.jpg')))} caltech101 photos of {max(1, args.calibrate_folders)} folder(s)), "
+          f"median of {args.rounds} interleaved rounds")
     print("| run | images/s (each round) | vs float32 loop | cosine to loop, min / mean |\n|---|---:|---:|---:|")
     for name, values in rates.items():
         cos = f"{cosines[name].min():.4f} / {cosines[name].mean():.5f}" if name in cosines else "(reference)"
         each = ", ".join(f"{v:.1f}" for v in values)
         print(f"| {name} | {np.median(values):.1f} ({each}) | {np.median(values) / loop:.2f}x | {cos} |")
     print("\n".join(f"int8 scan: {line}" for line in int8_summaries))
+
+
+@contextmanager
+def variant(db: NanoDB, config: str):
+    """The model of `db` as the row `config` runs it: int8 "-unchecked" without its fidelity checks (no
+    image of a batch checked), to measure what they cost; "-onestream" with a tower in one stream, as
+    before issue 37."""
+    from nanodb.pipeline import fidelity
+
+    from nanodb.model.runtimes.openvino_int8 import Int8ImageTower
+
+    model = db.model  # loaded (and OpenVINO's conversion cached) before the clock starts
+    checked, tower, quantization = fidelity.CHECKED_PER_BATCH, model.image_tower, model.quantization
+    if config.endswith("-unchecked"):
+        fidelity.CHECKED_PER_BATCH = 0
+    if config.endswith("-onestream"):
+        Int8ImageTower.STREAMS = False
+        try:
+            model.image_tower = model.quantization = Int8ImageTower(model)
+        finally:
+            Int8ImageTower.STREAMS = True
+    try:
+        yield
+    finally:
+        fidelity.CHECKED_PER_BATCH = checked
+        model.image_tower, model.quantization = tower, quantization
 
 
 def peak_rss_of_scan(tree: Path, db_path: Path, model_args: list[str]) -> tuple[float, float, float]:
@@ -201,6 +248,8 @@ def main() -> None:
     p.add_argument("--compare", type=int, default=0, metavar="N",
                    help="the float32 open_clip loop vs NanoDB.scan per precision on N COCO photos (0 = skip)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of --compare")
+    p.add_argument("--calibrate-folders", type=int, default=1,
+                   help="calibrate int8 on 256 face photos (1), or 16 photos of each of N caltech101 folders")
     p.add_argument("--scans", nargs="*", default=[], metavar="PRECISION/BACKEND",
                    help="the NanoDB.scan rows of --compare, e.g. int8/openvino (default: all)")
     p.add_argument("--rescan", action="store_true", help="time a first scan of --data, then a rescan")

@@ -2,10 +2,11 @@
 
     python benchmarks/bench_tower.py                       # ViT-B-32, 32-photo batches, the default set
     python benchmarks/bench_tower.py --only openvino       # rows whose name contains "openvino"
+    python benchmarks/bench_tower.py --rounds 5 --only "torch float32" "bfloat16 hint" "on 64 photos"
 
-Prints images/s (median of --repeats batches after a warm-up; the cores are shared by nothing else in
-a quiet run) and the cosine of each path's vectors to torch float32 on photos no calibration saw. The
-int8 rows calibrate on other photos first (NNCF post-training quantization, as `--precision int8` does)
+Prints images/s (median of --repeats batches per row after a warm-up, over --rounds rounds that take the
+rows in turn, so a shared machine's load falls on each alike) and the cosine of each path's vectors to the
+first row's (torch float32: keep it in --only) on photos no calibration saw. The int8 rows calibrate on other photos first (NNCF post-training quantization, as `--precision int8` does)
 or, for comparison, on synthetic images. Needs the `bench` extra plus onnxruntime for its rows.
 """
 
@@ -51,22 +52,13 @@ def synthetic(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-def rate(fn, batch: np.ndarray, repeats: int) -> tuple[float, np.ndarray]:
-    out = fn(batch)  # warm-up (and the vectors)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(batch)
-        times.append(time.perf_counter() - start)
-    return len(batch) / float(np.median(times)), np.asarray(out, np.float64)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=4)
-    ap.add_argument("--only", default="", help="run only the rows whose name contains this")
+    ap.add_argument("--repeats", type=int, default=4, help="batches timed per row and round")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds over the rows, interleaved (a shared machine)")
+    ap.add_argument("--only", nargs="*", default=[], help="run only the rows whose name contains one of these")
     args = ap.parse_args(argv)
     logging.getLogger("nncf").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
@@ -97,16 +89,24 @@ def main(argv=None) -> None:
         return ov.Core().read_model(path)
 
     def openvino_run(ov_model, hint, extra=None):
+        """One infer request (latency: its threads in lockstep), or with the THROUGHPUT hint a batch split
+        among the streams as --precision int8 runs it (openvino_float.Requests)."""
         import openvino as ov
 
-        request = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint, **(extra or {})})
-        infer = request.create_infer_request()
-        return lambda x: infer.infer({0: x})[0].copy()
+        from nanodb.model.runtimes.openvino_float import Requests
+
+        compiled = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": hint, **(extra or {})})
+        return Requests(compiled).infer
+
+    quantized_models = {}
 
     def nncf_static(data):
         from nanodb.model.quantize import quantized
 
-        return quantized(openvino_model(), data)  # as --precision int8 quantizes
+        key = data.tobytes()  # one calibration per data set, whatever rows use it
+        if key not in quantized_models:
+            quantized_models[key] = quantized(openvino_model(), data)  # as --precision int8 quantizes
+        return quantized_models[key]
 
     def nncf_weights():
         import nncf
@@ -149,29 +149,43 @@ def main(argv=None) -> None:
         ("openvino bfloat16 hint", lambda: openvino_run(openvino_model(), "bf16")),
         ("openvino int8 weights + dynamic int8 activations (nncf.compress_weights)",
          lambda: openvino_run(nncf_weights(), "bf16", {"DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"})),
-        ("openvino int8 static, calibrated on 64 photos (nncf.quantize; --precision int8)",
+        ("openvino int8 static, calibrated on 64 photos (nncf.quantize), one request",
          lambda: openvino_run(nncf_static(calibration), "bf16")),
+        ("openvino int8 static, calibrated on 64 photos, in streams (THROUGHPUT hint; --precision int8)",
+         lambda: openvino_run(nncf_static(calibration), "bf16", {"PERFORMANCE_HINT": "THROUGHPUT"})),
+        ("openvino bfloat16 hint, in streams (THROUGHPUT hint)",
+         lambda: openvino_run(openvino_model(), "bf16", {"PERFORMANCE_HINT": "THROUGHPUT"})),
         ("openvino int8 static, calibrated on 64 synthetic images",
          lambda: openvino_run(nncf_static(synthetic(64, batch.shape[-1])), "bf16")),
         ("onnxruntime float32", lambda: onnxruntime_run(onnx_path())),
         ("onnxruntime int8 dynamic (quantize_dynamic)", onnx_int8_dynamic),
     ]
-    reference = None
     print(f"# {args.model}, random weights, batch {args.batch} COCO photos, {os.cpu_count()} cores, "
-          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+          f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, median of {args.repeats} batches "
+          f"x {args.rounds} interleaved round(s)")
     print("| path | images/s | cosine to torch float32, min / mean |\n|---|---:|---:|")
+    runs, reference = [], None
     for name, make in rows:
-        if args.only not in name:
+        if args.only and not any(part in name for part in args.only):
             continue
         try:
-            images_per_s, vectors = rate(make(), batch, args.repeats)
+            run = make()
+            vectors = np.asarray(run(batch), np.float64)  # warm-up (and the vectors)
         except Exception as e:  # a runtime not installed, or one that cannot run this model
             print(f"| {name} | - | {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''} |", flush=True)
             continue
-        if reference is None:
-            reference = vectors
+        reference = vectors if reference is None else reference
+        runs.append((name, run, vectors))
+    seconds = {name: [] for name, _, _ in runs}
+    for _ in range(args.rounds):
+        for name, run, _ in runs:
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                run(batch)
+                seconds[name].append(time.perf_counter() - start)
+    for name, _, vectors in runs:
         cos = np.sum(vectors * reference, 1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
-        print(f"| {name} | {images_per_s:.1f} | {cos.min():.4f} / {cos.mean():.5f} |", flush=True)
+        print(f"| {name} | {len(batch) / float(np.median(seconds[name])):.1f} | {cos.min():.4f} / {cos.mean():.5f} |")
     print(f"# load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -3,11 +3,14 @@
 A quantized tower is only as good as its calibration photos: calibrated on one folder of faces, a
 tower can drift on the street photos that follow. So the CLIP stage (embed.py) runs floating point
 until it has a sample of CALIBRATION_IMAGES images from SPREAD_FOLDERS folders (or SPREAD_IMAGES
-images of fewer), calibrates on it, and then runs every CHECK_EVERY-th int8 batch in floating point too.
-The int8 batches in between are held back until a check after them passes; if one falls below
-MIN_COSINE, the held batches are re-embedded in floating point, and the model is calibrated once more
-on the wider sample, or, at a second miss, runs in floating point for the rest. The lowest cosine seen
-is in the scan's report."""
+images of fewer), calibrates on it, and then holds its int8 batches back CHECK_EVERY at a time: once
+CHECK_EVERY are held (or no image follows soon), CHECKED_PER_BATCH images of each held batch, spread over
+it, run in floating point too, in one pass. If one of them falls below MIN_COSINE, the held batches are
+re-embedded in floating point, and the model is calibrated once more on the wider sample, or, at a
+second miss, runs in floating point for the rest. The lowest cosine seen is in the scan's report.
+Sampling every batch rather than running one batch in eight whole compares the same photos' variety
+for half the floating-point work (a ViT-B-32 image in bfloat16 costs about two in int8 on a quiet
+machine, five on a loaded one: benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ SPREAD_FOLDERS = 4
 SPREAD_IMAGES = 256
 SAMPLE_IMAGES = 128  # kept for calibration: a recalibration's wider sample
 CHECK_EVERY = 8
+CHECKED_PER_BATCH = 2  # images of each held batch compared with floating point, spread over it (0: none)
 MIN_COSINE = 0.99  # what the README promises of an int8 vector, against float32
 
 Batch = list[DecodedImage]
@@ -83,6 +87,12 @@ class CalibrationSample:
         return np.stack([p for kept in self.kept.values() for p in kept])
 
 
+def spread(n: int, k: int) -> np.ndarray:
+    """`k` row numbers spread evenly over `n` rows, each the middle of its share (all rows when `k` >= `n`)."""
+    k = min(k, n)
+    return ((np.arange(k) + 0.5) * n / k).astype(int)
+
+
 def unit(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, np.float32)
     return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
@@ -124,30 +134,32 @@ class QuantizedEmbedding:
         return self._check() if self.held else []
 
     def _check(self) -> list[tuple[Batch, np.ndarray]]:
-        """Run the last held batch in floating point too; returns the held batches, re-embedded in
-        floating point if it fell short."""
-        batch, vectors = self.held[-1]
-        pixels = np.stack([b.pixels for b in batch])
-        reference = unit(self.quantization.floating(pixels))
-        cosines = np.sum(vectors * reference, axis=1)
+        """Run CHECKED_PER_BATCH images of each held batch in floating point too; returns the held
+        batches, re-embedded in floating point if one of those images fell short."""
+        picks = [(held, row) for held, (batch, _) in enumerate(self.held)
+                 for row in spread(len(batch), CHECKED_PER_BATCH)]
+        if not picks:
+            return self._release()
+        checked = [self.held[held][0][row] for held, row in picks]
+        reference = unit(self.quantization.floating(np.stack([d.pixels for d in checked])))
+        cosines = np.sum(np.stack([self.held[held][1][row] for held, row in picks]) * reference, axis=1)
         worst = int(np.argmin(cosines))
         if cosines[worst] >= MIN_COSINE:
-            self.report.int8_check(len(batch), float(cosines[worst]), 0)
+            self.report.int8_check(len(checked), float(cosines[worst]), 0)
             return self._release()
-        redone = self._reembed(reference)
-        self.report.int8_check(len(batch), float(cosines[worst]), redone)
-        self._after_a_miss(printable(batch[worst].record.path), float(cosines[worst]), redone, pixels)
+        missed = np.stack([d.pixels for d in self.held[picks[worst][0]][0]])  # the batch of the worst image
+        redone = self._reembed()
+        self.report.int8_check(len(checked), float(cosines[worst]), redone)
+        self._after_a_miss(printable(checked[worst].record.path), float(cosines[worst]), redone, missed)
         return self._release()
 
     def _release(self) -> list[tuple[Batch, np.ndarray]]:
         released, self.held = self.held, []
         return released
 
-    def _reembed(self, last_reference: np.ndarray) -> int:
-        """Replace every held int8 vector with floating point's (the checked batch's is `last_reference`)."""
-        *earlier, (batch, _) = self.held
-        self.held = [(b, unit(self.quantization.floating(np.stack([d.pixels for d in b])))) for b, _ in earlier]
-        self.held.append((batch, last_reference))
+    def _reembed(self) -> int:
+        """Replace every held int8 vector with floating point's."""
+        self.held = [(b, unit(self.quantization.floating(np.stack([d.pixels for d in b])))) for b, _ in self.held]
         return sum(len(b) for b, _ in self.held)
 
     def _after_a_miss(self, path: str, cosine: float, redone: int, missed: np.ndarray) -> None:

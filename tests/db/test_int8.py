@@ -92,6 +92,9 @@ def test_int8_calibrated_on_faces_stays_within_cosine_099_of_float32_on_coco(in_
     assert np.sum(vectors * reference, axis=1).min() >= fidelity.MIN_COSINE
     again = clip("int8").encode_images(images)
     np.testing.assert_array_equal(again, vectors)  # the same tower, from disk
+    # a batch is split among the tower's streams: each image keeps its own vector, in its place
+    alone = np.vstack([int8.encode_images([image]) for image in images[:5]])
+    np.testing.assert_allclose(int8.encode_images(images[:5]), alone, atol=1e-5)
 
 
 @needs_int8_units

@@ -172,3 +172,32 @@ def test_held_int8_batches_are_passed_on_when_the_images_stop_coming():
 
     got = asyncio.run(watch())
     assert [len(records) for records, _ in got] == [16, 16, 16]
+
+
+def test_a_drifting_batch_between_checks_is_caught_and_reembedded():
+    tower = StandInTower()
+    tower.kinds = {1}  # calibrated on faces before
+    images = photos(1, "faces", 16 * 3) + photos(2, "coco", 16, start=1000) + photos(1, "faces", 16 * 4, start=2000)
+    report, final = scan(tower, images)  # eight batches, one check: the drifting batch is not the last
+    assert_every_vector_faithful(final, images)
+    assert report.int8_reembedded == len(images) and report.int8_min_cosine < fidelity.MIN_COSINE
+    assert len(tower.calibrations) == 1  # calibrated again once, with the drifting batch
+
+
+class CountingTower(StandInTower):
+    floating_rows = 0
+
+    def floating(self, pixels: np.ndarray) -> np.ndarray:
+        self.floating_rows += len(pixels)
+        return super().floating(pixels)
+
+
+def test_the_checks_run_a_few_images_of_each_batch_in_floating_point():
+    tower = CountingTower()
+    tower.kinds = {1}
+    images = photos(1, "faces", 32 * 16)
+    report = ScanReport()
+    embedding = QuantizedEmbedding(StandInModel(tower), tower, report)
+    for i in range(0, len(images), 32):
+        embedding.embed(images[i : i + 32], last=i + 32 == len(images))
+    assert tower.floating_rows == report.int8_checked == 16 * fidelity.CHECKED_PER_BATCH

@@ -34,7 +34,10 @@ INT8_MIN_COSINE = 0.995
 
 @runtime("openvino", needs=("openvino", "nncf"), preferred=True, cpu=("int8",))
 class Int8ImageTower(OpenVinoImageTower):
-    """The OpenVINO tower, quantized once calibrated (see the module's docstring)."""
+    """The OpenVINO tower, quantized once calibrated (see the module's docstring). Compiled for
+    throughput: its batches split among the CPU's streams (openvino_float.Requests)."""
+
+    STREAMS = True
 
     def __init__(self, clip: ClipModel):
         super().__init__(clip)
@@ -62,7 +65,7 @@ class Int8ImageTower(OpenVinoImageTower):
                 return self.infer(pixels)
             if self._float_request is None:
                 self._float_request = self.compile(self.float_xml)
-            return self._float_request.infer({0: pixels})[0].copy()
+            return self._float_request.infer(pixels)
 
     def fall_back(self, why: str) -> None:
         """Run in floating point from now on, in this process and (remembered on disk) in later ones."""
@@ -91,7 +94,7 @@ class Int8ImageTower(OpenVinoImageTower):
                 log.warning("cannot calibrate the int8 image tower (%s): it stays in floating point", why)
                 return self.quantized
             quantized = self.compile(Path(tmp) / "model.xml")
-            cosine = float(cosines(quantized.infer({0: pixels})[0], self.floating(pixels)).min())
+            cosine = float(cosines(quantized.infer(pixels), self.floating(pixels)).min())
             if cosine < INT8_MIN_COSINE:
                 log.warning("the int8 image tower is not faithful on these images (cosine %.4f to floating point, "
                             "under %.3f): it stays in floating point", cosine, INT8_MIN_COSINE)

@@ -388,9 +388,11 @@ async def run(args: argparse.Namespace) -> int:
                          saving=anything_to_save)
     try:
         db = await open_database(args, settings, stop)
-    except BaseException:
+    except BaseException as e:
         stop.restore()
         if stop.received:  # stopped while it opened: nothing to save
+            if isinstance(e, Exception):  # what the stop cut short (joining a Ray cluster names its address)
+                print(f"nanodb: {e}", file=sys.stderr)
             return stop.exit_status
         raise
     uploads = contextlib.ExitStack()

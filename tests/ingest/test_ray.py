@@ -304,10 +304,14 @@ def test_sigterm_to_a_ray_server_saves_and_exits_0(cluster, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ray
 def test_a_shard_folder_removed_under_a_ray_server_is_one_line_at_shutdown_never_an_abort(cluster, tmp_path):
+    from nanodb.media.record import content_hash
+    from nanodb.search.shard import shard_of
+
     c, _ = cluster
     folder = tmp_path / "photos"
     folder.mkdir()
-    for p in coco_photos(3):
+    by_shard = [[p for p in coco_photos(16) if shard_of(bytes(content_hash(p.read_bytes())), 2) == n] for n in (0, 1)]
+    for p in by_shard[0][:2] + by_shard[1][:1]:  # unsaved items on the shard whose folder goes
         shutil.copy(p, folder)
     status, stderr = serve_then_sigterm(tmp_path / "db", c.address, folder,
                                         lambda: shutil.rmtree(tmp_path / "db" / "shard-001"))

@@ -384,8 +384,9 @@ async def run(args: argparse.Namespace) -> int:
             return False
         return db.cluster is not None or db.unsaved > 0 or (service is not None and service.scanning)
 
-    stop = StopOnSignals(asyncio.current_task(), busy=lambda: service is None or service.scanning,
-                         saving=anything_to_save)
+    starting = True  # until the --scan scans are under way: a stop meanwhile cuts the start short
+    stop = StopOnSignals(asyncio.current_task(), busy=lambda: starting or service.scanning,
+                         saving=lambda: anything_to_save() or (starting and db is not None and bool(args.scan)))
     try:
         db = await open_database(args, settings, stop)
     except BaseException as e:
@@ -410,6 +411,7 @@ async def run(args: argparse.Namespace) -> int:
         show = lambda report: print(report.summary(), file=sys.stderr)  # noqa: E731
         for folder in args.scan:
             service.scan(folder, on_done=show)
+        starting = False
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             await service.wait_scans()  # a script's commands expect the --scan results (`scan` does not wait)
         if args.watch:

@@ -5,6 +5,7 @@ validates, reopens and survives lost nodes exactly as one local store would."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -407,7 +408,16 @@ def test_a_restarted_shard_with_more_unsaved_items_than_kept_is_a_one_line_error
         db.add(random_vectors(40, 7), paths=[f"/k/{i}.jpg" for i in range(40)])
         db.save()
         db.add(random_vectors(60, 8), paths=[f"/u/{i}.jpg" for i in range(60)])  # more than it keeps
-        ray.kill(db.store.actors[0], no_restart=False)
+        actor = db.store.actors[0]
+        before = ray.get(actor.call.remote(None, "info"))[0]
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + 120
+        while True:  # the kill is asynchronous: the next write must reach the restarted instance
+            with contextlib.suppress(ray.exceptions.RayActorError):
+                if ray.get(actor.call.remote(None, "info"), timeout=30)[0] != before:
+                    break
+            assert time.monotonic() < deadline, "the shard actor was not restarted"
+            time.sleep(0.2)
         with pytest.raises(DatabaseError, match="shard 0 .*restarted and lost") as lost:
             db.add(random_vectors(1, 9), paths=["/after.jpg"])
         assert "\n" not in str(lost.value)

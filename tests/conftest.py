@@ -34,6 +34,18 @@ def scanned_db(tmp_path_factory, photo_tree):
     return path, report
 
 
+@pytest.fixture
+def query_image(tmp_path) -> Path:
+    """A photo-sized image that no database holds (an image query the model must embed)."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "query.jpg"
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 255, (300, 420, 3), np.uint8)).resize((840, 600)).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def empty_db_path(tmp_path_factory) -> Path:
     """An empty database (ViT-S-32, random weights) to copy."""

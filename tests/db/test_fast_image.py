@@ -21,17 +21,6 @@ from nanodb.model.image_export import ExportedImageTower
 from nanodb.model.runtimes.openvino_float import cache_dir
 
 
-@pytest.fixture
-def query_image(tmp_path):
-    """A photo-sized image that no database holds."""
-    from PIL import Image
-
-    path = tmp_path / "query.jpg"
-    rng = np.random.default_rng(7)
-    Image.fromarray(rng.integers(0, 255, (300, 420, 3), np.uint8)).resize((840, 600)).save(path)
-    return path
-
-
 def test_a_query_image_gets_the_models_vector_without_the_model(scanned_db, query_image):
     path, _ = scanned_db
     with NanoDB(path, read_only=True) as fast:

@@ -11,19 +11,7 @@ import sys
 import time
 
 import numpy as np
-import pytest
 from helpers import REPO
-
-
-@pytest.fixture
-def query_image(tmp_path):
-    """A photo-sized image that no database holds."""
-    from PIL import Image
-
-    path = tmp_path / "query.jpg"
-    rng = np.random.default_rng(11)
-    Image.fromarray(rng.integers(0, 255, (300, 420, 3), np.uint8)).resize((840, 600)).save(path)
-    return path
 
 
 def wait_freed(db, seconds: float = 60) -> None:
